@@ -1,0 +1,429 @@
+"""Matplotlib figures of a loaded study (Agg backend; nothing is shown on screen).
+
+Each function takes the rows of one group of runs (one data set, model, attack
+and hyper-parameter setting, sometimes one training mode) and returns a
+`matplotlib.figure.Figure`, or None when there is nothing to draw. Lines are
+means over trials; bands are ±1 sample standard deviation (ddof=1).
+"""
+
+import os
+import re
+from typing import Dict, List, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib import colors as mcolors
+from matplotlib import lines as mlines
+from matplotlib import pyplot as plt
+from matplotlib import ticker
+import numpy as np
+import pandas as pd
+
+from analysis import metrics
+
+EXPERIMENT_LABELS = {
+    "reinit_orig": "original init (ticket)",
+    "reinit_rand": "random reinit",
+    "reinit_none": "continued training",
+    "rewind": "rewind",
+    "no_pruning": "no pruning",
+}
+# The seed's line styles: orig solid, rand dotted (1,1), none dashed (2,2).
+EXPERIMENT_DASHES = {
+    "reinit_orig": (None, None),
+    "reinit_rand": (0, (1, 1)),
+    "reinit_none": (0, (2, 2)),
+    "rewind": (0, (5, 1, 1, 1)),
+    "no_pruning": (0, (4, 1)),
+}
+EXPERIMENT_COLOURS = {
+    "reinit_orig": "tab:blue",
+    "reinit_rand": "tab:orange",
+    "reinit_none": "tab:green",
+    "rewind": "tab:red",
+    "no_pruning": "tab:gray",
+}
+EXPERIMENT_MARKERS = {
+    "reinit_orig": "o", "reinit_rand": "s", "reinit_none": "^",
+    "rewind": "D", "no_pruning": "*",
+}
+EXPERIMENT_ORDER = metrics.EXPERIMENT_ORDER
+TRAINING_MODES = ("natural", "adversarial")
+CURVE_METRICS = {
+    "acc": "Test accuracy (%)",
+    "adv_acc": "Adversarial test accuracy (%)",
+    "loss": "Test loss (training objective, nats)",
+}
+PERCENT_AXIS_LABEL = "Weights remaining (%, log scale)"
+BAND_ALPHA = 0.18
+
+
+def experiment_label(experiment: str) -> str:
+  return EXPERIMENT_LABELS.get(experiment, experiment)
+
+
+def _style(experiment: str) -> dict:
+  dashes = EXPERIMENT_DASHES.get(experiment, (None, None))
+  return {} if dashes[0] is None else {"linestyle": dashes}
+
+
+def title(dataset: str, model: str, attack: str,
+          mode: Optional[str] = None, setting: str = "") -> str:
+  """Names the data set, model, attack and (if given) the training mode."""
+  parts = [dataset, model, f"attack: {attack.upper()}"]
+  if mode is not None:
+    parts.append(f"{mode} training")
+  text = " | ".join(parts)
+  return f"{text}\n[{setting}]" if setting else text
+
+
+def slug(text: str) -> str:
+  """Makes a file-name-safe version of `text`."""
+  return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+def save(figure, out_dir: str, stem: str, formats: Sequence[str]) -> List[str]:
+  """Saves `figure` once per format, closes it, returns the paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for fmt in formats:
+    path = os.path.join(out_dir, f"{stem}.{fmt}")
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    paths.append(path)
+  plt.close(figure)
+  return paths
+
+
+def _level_colours(levels: Sequence[float]) -> Dict[float, tuple]:
+  palette = plt.cm.viridis(np.linspace(0.0, 0.88, max(len(levels), 1)))
+  return {level: tuple(palette[i]) for i, level in enumerate(levels)}
+
+
+def _mean_std_band(axis, x, mean, std, colour, **line_kwargs):
+  axis.plot(x, mean, color=colour, **line_kwargs)
+  std = np.nan_to_num(np.asarray(std, dtype=float))
+  axis.fill_between(x, mean - std, mean + std, color=colour, alpha=BAND_ALPHA,
+                    linewidth=0)
+
+
+def _empty_panel(axis, message: str):
+  axis.text(0.5, 0.5, message, transform=axis.transAxes, ha="center",
+            va="center", fontsize=10, color="0.35", wrap=True)
+  axis.set_xticks([])
+  axis.set_yticks([])
+
+
+def plot_training_curves(test_rows: pd.DataFrame, metric: str,
+                         targets: Sequence[float] = metrics.SEED_PERCENT_LEVELS
+                        ) -> Optional[plt.Figure]:
+  """The seed's 1x3 figure of a test metric against training iteration.
+
+  Left: the ticket (reinit_orig) at every chosen sparsity level. Middle: the
+  ticket vs random reinitialisation; right: vs continued training (the dense
+  level, the same training in every experiment, is left out of these two).
+
+  Args:
+    test_rows: test-split evaluations of one data set, model, attack, training
+      mode and setting.
+    metric: "acc", "adv_acc" or "loss".
+    targets: wanted sparsity levels; the nearest present ones are drawn.
+
+  Returns:
+    The figure, or None if none of the three experiments is present.
+  """
+  experiments = set(test_rows["experiment"])
+  if not experiments & {"reinit_orig", "reinit_rand", "reinit_none"}:
+    return None
+  first = test_rows.iloc[0]
+  scale = 1.0 if metric == "loss" else 100.0
+  curves = metrics.summarize(
+      test_rows.assign(value=scale * test_rows[metric]),
+      ["experiment", "prune_iteration", "iteration"], ["value"])
+  levels_by_iteration = curves.groupby("prune_iteration")[
+      "percent_weights_remaining"].mean()
+  reference = curves[curves["experiment"] == "reinit_orig"]
+  if reference.empty:
+    reference = curves
+  chosen_levels = metrics.nearest_levels(
+      reference["percent_weights_remaining"], targets)
+  chosen = {}  # prune iteration -> level
+  for level in chosen_levels:
+    prune_iteration = int((levels_by_iteration - level).abs().idxmin())
+    chosen[prune_iteration] = level
+  colours = _level_colours(chosen_levels)
+
+  figure, axes = plt.subplots(1, 3, figsize=(17, 5.2), sharey=True,
+                             layout="constrained")
+  panels = (
+      ("reinit_orig", None, "Ticket (original init)"),
+      ("reinit_orig", "reinit_rand", "Ticket vs random reinit"),
+      ("reinit_orig", "reinit_none", "Ticket vs continued training"),
+  )
+  for axis, (base, other, panel_title) in zip(axes, panels):
+    axis.set_title(panel_title, fontsize=11)
+    shown = [e for e in (base, other) if e is not None]
+    missing = [e for e in shown if e not in experiments]
+    if len(missing) == len(shown):
+      _empty_panel(axis, "no " + " / ".join(missing) + " runs")
+      continue
+    for experiment in shown:
+      for prune_iteration, level in chosen.items():
+        if other is not None and prune_iteration == 0:
+          continue
+        curve = curves[(curves["experiment"] == experiment)
+                       & (curves["prune_iteration"] == prune_iteration)]
+        if curve.empty:
+          continue
+        _mean_std_band(axis, curve["iteration"], curve["value_mean"],
+                       curve["value_std"], colours[level], linewidth=1.6,
+                       **_style(experiment))
+    if missing:
+      axis.text(0.02, 0.02, f"no {missing[0]} runs", transform=axis.transAxes,
+                fontsize=9, color="0.35")
+    axis.set_xlabel("Training iteration")
+    axis.grid(alpha=0.3)
+    axis.xaxis.set_major_formatter(ticker.FuncFormatter(
+        lambda x, _: f"{x:,.0f}"))
+  axes[0].set_ylabel(CURVE_METRICS[metric])
+  if metric == "loss":
+    axes[0].set_ylim(bottom=0)
+
+  handles = [mlines.Line2D([], [], color=colours[level], linewidth=2.5,
+                           label=f"{metrics.level_label(level)}% weights")
+             for level in chosen_levels]
+  handles += [mlines.Line2D([], [], color="black", linewidth=1.6,
+                            label=EXPERIMENT_LABELS[e], **_style(e))
+              for e in ("reinit_orig", "reinit_rand", "reinit_none")]
+  figure.legend(handles=handles, loc="outside lower center",
+                ncol=len(handles), frameon=False, fontsize=9.5)
+  figure.suptitle(title(first["dataset"], first["model"], first["attack"],
+                        first["training_mode"], first["setting"]) +
+                  f"\n{CURVE_METRICS[metric].split(' (')[0]} during training "
+                  "(mean ± 1 std over trials)", fontsize=12)
+  return figure
+
+
+def _percent_text(percent: float) -> str:
+  text = metrics.level_label(percent)
+  return text[:-2] if text.endswith(".0") else text
+
+
+def _percent_ticks(levels: Sequence[float]) -> List[float]:
+  """Every level when there are few, else the seed's levels (nearest)."""
+  distinct = sorted(set(round(float(l), 6) for l in levels), reverse=True)
+  if len(distinct) <= 7:
+    return distinct
+  return metrics.nearest_levels(distinct, metrics.SEED_PERCENT_LEVELS)
+
+
+def _percent_axis(axis, levels: Sequence[float]):
+  """Log-scaled x axis of weights remaining; sparser to the right."""
+  axis.set_xscale("log")
+  low, high = min(levels), max(levels)
+  axis.set_xlim(high * 1.15, low / 1.15)
+  ticks = _percent_ticks(levels)
+  axis.xaxis.set_major_locator(ticker.FixedLocator(ticks))
+  axis.xaxis.set_minor_locator(ticker.NullLocator())
+  axis.xaxis.set_major_formatter(ticker.FuncFormatter(
+      lambda x, _: _percent_text(x)))
+  axis.set_xlabel(PERCENT_AXIS_LABEL)
+  axis.grid(alpha=0.3, which="major")
+
+
+def _series_lines(axis, summary: pd.DataFrame, value: str, scale: float):
+  """One mean line (with a ±1 std band) per experiment."""
+  drawn = []
+  for experiment, series in summary.groupby("experiment", sort=False):
+    series = series.sort_values("percent_weights_remaining", ascending=False)
+    colour = EXPERIMENT_COLOURS.get(experiment, "black")
+    _mean_std_band(axis, series["percent_weights_remaining"],
+                   scale * series[f"{value}_mean"],
+                   scale * series[f"{value}_std"], colour, linewidth=1.6,
+                   marker=EXPERIMENT_MARKERS.get(experiment, "o"),
+                   markersize=4, label=experiment_label(experiment),
+                   **_style(experiment))
+    drawn.append(experiment)
+  return drawn
+
+
+def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
+  order = {e: i for i, e in enumerate(EXPERIMENT_ORDER)}
+  return frame.sort_values(
+      "experiment", key=lambda c: c.map(order).fillna(len(order)),
+      kind="stable")
+
+
+def _by_mode_figure(n_rows: int, height: float):
+  figure, axes = plt.subplots(n_rows, 2, figsize=(12, height * n_rows),
+                              sharex=True, sharey="row", squeeze=False,
+                              layout="constrained")
+  return figure, axes
+
+
+def _shared_legend(figure, axes):
+  handles, labels = {}, []
+  for axis in axes.flat:
+    for handle, label in zip(*axis.get_legend_handles_labels()):
+      if label not in handles:
+        handles[label] = handle
+        labels.append(label)
+  if handles:
+    figure.legend([handles[l] for l in labels], labels,
+                  loc="outside lower center", ncol=min(len(labels), 4),
+                  frameon=False, fontsize=9.5)
+
+
+def plot_accuracy_vs_sparsity(end_points: pd.DataFrame, when: str
+                             ) -> Optional[plt.Figure]:
+  """Test and adversarial test accuracy against weights remaining.
+
+  Args:
+    end_points: one row per network (`metrics.final_evaluations` or
+      `metrics.early_stop_evaluations`) of one data set, model and attack.
+    when: "end of training" or "early stopping", for the title.
+
+  Returns:
+    A 2x2 figure: rows = accuracy, adversarial accuracy; columns = natural,
+    adversarial training. None if `end_points` is empty.
+  """
+  if end_points.empty:
+    return None
+  first = end_points.iloc[0]
+  summary = _ordered(metrics.summarize(
+      end_points, ["training_mode", "experiment", "prune_iteration"],
+      ["acc", "adv_acc"]))
+  levels = summary["percent_weights_remaining"].tolist()
+  figure, axes = _by_mode_figure(2, 3.6)
+  for column, mode in enumerate(TRAINING_MODES):
+    rows = summary[summary["training_mode"] == mode]
+    for row, value in enumerate(("acc", "adv_acc")):
+      axis = axes[row, column]
+      _percent_axis(axis, levels)
+      if rows.empty:
+        _empty_panel(axis, f"no runs with {mode} training")
+        continue
+      _series_lines(axis, rows, value, 100.0)
+    axes[0, column].set_title(f"{mode} training", fontsize=11)
+  axes[0, 0].set_ylabel(f"Test accuracy (%)\nat {when}")
+  axes[1, 0].set_ylabel(f"Adversarial test accuracy (%)\nat {when}")
+  for axis in axes[0]:
+    axis.set_xlabel("")
+  _shared_legend(figure, axes)
+  figure.suptitle(title(first["dataset"], first["model"], first["attack"],
+                        setting=first["setting"]) +
+                  f"\nAccuracy at {when} vs sparsity (mean ± 1 std over "
+                  "trials)", fontsize=12)
+  return figure
+
+
+def plot_early_stop_iteration(early_stops: pd.DataFrame
+                             ) -> Optional[plt.Figure]:
+  """Iteration of minimum validation loss against weights remaining.
+
+  Args:
+    early_stops: `metrics.early_stop_evaluations` rows of one data set, model
+      and attack.
+
+  Returns:
+    A 1x2 figure (natural, adversarial training), or None if empty.
+  """
+  if early_stops.empty:
+    return None
+  first = early_stops.iloc[0]
+  summary = _ordered(metrics.summarize(
+      early_stops, ["training_mode", "experiment", "prune_iteration"],
+      ["early_stop_iteration"]))
+  levels = summary["percent_weights_remaining"].tolist()
+  figure, axes = _by_mode_figure(1, 4.2)
+  for column, mode in enumerate(TRAINING_MODES):
+    axis = axes[0, column]
+    _percent_axis(axis, levels)
+    axis.set_title(f"{mode} training", fontsize=11)
+    rows = summary[summary["training_mode"] == mode]
+    if rows.empty:
+      _empty_panel(axis, f"no runs with {mode} training")
+      continue
+    _series_lines(axis, rows, "early_stop_iteration", 1.0)
+  axes[0, 0].set_ylabel("Early-stop iteration\n(min. validation loss)")
+  axes[0, 0].set_ylim(bottom=0)
+  axes[0, 0].yaxis.set_major_formatter(ticker.FuncFormatter(
+      lambda y, _: f"{y:,.0f}"))
+  _shared_legend(figure, axes)
+  figure.suptitle(title(first["dataset"], first["model"], first["attack"],
+                        setting=first["setting"]) +
+                  "\nEarly-stop iteration vs sparsity (mean ± 1 std over "
+                  "trials)", fontsize=12)
+  return figure
+
+
+def plot_tradeoff(final: pd.DataFrame) -> Optional[plt.Figure]:
+  """Adversarial vs natural test accuracy at the end of training.
+
+  One line per experiment runs through its sparsity levels; the points are
+  coloured by percent of weights remaining (log colour scale) and the dense
+  and sparsest levels are annotated.
+
+  Args:
+    final: `metrics.final_evaluations` rows of one data set, model and attack.
+
+  Returns:
+    A 1x2 figure (natural, adversarial training), or None if empty.
+  """
+  if final.empty:
+    return None
+  first = final.iloc[0]
+  summary = _ordered(metrics.summarize(
+      final, ["training_mode", "experiment", "prune_iteration"],
+      ["acc", "adv_acc"]))
+  percents = summary["percent_weights_remaining"]
+  norm = mcolors.LogNorm(vmin=percents.min(),
+                         vmax=max(percents.max(), percents.min() * 1.01))
+  colour_map = plt.cm.viridis
+  figure, axes = plt.subplots(1, 2, figsize=(12.5, 5.2), squeeze=False,
+                           layout="constrained")
+  axes = axes[0]
+  scatter = None
+  for axis, mode in zip(axes, TRAINING_MODES):
+    axis.set_title(f"{mode} training", fontsize=11)
+    rows = summary[summary["training_mode"] == mode]
+    if rows.empty:
+      _empty_panel(axis, f"no runs with {mode} training")
+      continue
+    for experiment, series in rows.groupby("experiment", sort=False):
+      series = series.sort_values("percent_weights_remaining",
+                                  ascending=False)
+      x, y = 100 * series["acc_mean"], 100 * series["adv_acc_mean"]
+      axis.plot(x, y, color=EXPERIMENT_COLOURS.get(experiment, "black"),
+                linewidth=1.2, alpha=0.8, zorder=1,
+                label=experiment_label(experiment),
+                **_style(experiment))
+      scatter = axis.scatter(
+          x, y, c=series["percent_weights_remaining"], cmap=colour_map,
+          norm=norm, marker=EXPERIMENT_MARKERS.get(experiment, "o"), s=36,
+          edgecolors="black", linewidths=0.4, zorder=2)
+      if experiment == "reinit_orig":
+        for index in (0, len(series) - 1):
+          level = series["percent_weights_remaining"].iloc[index]
+          axis.annotate(f"{metrics.level_label(level)}%",
+                        (x.iloc[index], y.iloc[index]),
+                        textcoords="offset points", xytext=(6, 4),
+                        fontsize=8, color="0.25")
+    axis.set_xlabel("Test accuracy (%)")
+    axis.set_ylabel("Adversarial test accuracy (%)")
+    axis.grid(alpha=0.3)
+    axis.margins(0.12)
+  _shared_legend(figure, axes[np.newaxis, :])
+  if scatter is not None:
+    colour_bar = figure.colorbar(scatter, ax=list(axes))
+    colour_bar.set_label("Weights remaining (%)")
+    colour_bar.set_ticks(_percent_ticks(percents))
+    colour_bar.ax.yaxis.set_minor_locator(ticker.NullLocator())
+    colour_bar.ax.yaxis.set_major_formatter(ticker.FuncFormatter(
+        lambda v, _: _percent_text(v)))
+  figure.suptitle(title(first["dataset"], first["model"], first["attack"],
+                        setting=first["setting"]) +
+                  "\nAdversarial vs natural test accuracy at the end of "
+                  "training, across sparsity", fontsize=12)
+  return figure

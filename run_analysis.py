@@ -1,0 +1,72 @@
+"""Analyses the runs written by `run_experiments`: figures, tables and a report.
+
+Example:
+  python -m run_analysis --base_dir=output
+  python -m run_analysis --base_dir=output --attack=pgd --noadv_train \
+      --format=png,pdf --out_dir=/tmp/pgd_natural
+
+Every folder under --base_dir holding `hparams.json` is a run. The output
+(default `<base_dir>/analysis`) holds `report.md`, which shows every figure and
+table. Bad input (a missing or empty folder, no run, filters that match
+nothing) ends with a one-line message on stderr and exit status 1.
+"""
+
+import shlex
+import sys
+
+from absl import app
+from absl import flags
+
+from analysis import load
+from analysis import report
+
+FIGURE_FORMATS = ("png", "svg", "pdf")
+
+_BASE_DIR = flags.DEFINE_string(
+    "base_dir", None, "Folder searched recursively for runs (hparams.json).")
+_OUT_DIR = flags.DEFINE_string(
+    "out_dir", None, "Where figures, tables and report.md go; default "
+    "<base_dir>/analysis.")
+_DATASET = flags.DEFINE_list(
+    "dataset", None, "Only these data sets (comma list); default all.")
+_MODEL = flags.DEFINE_list(
+    "model", None, "Only these models (comma list); default all.")
+_ATTACK = flags.DEFINE_list(
+    "attack", None, "Only these attacks, e.g. fgsm,pgd; default all.")
+_EXPERIMENT = flags.DEFINE_list(
+    "experiment", None, "Only these experiments, e.g. reinit_orig,"
+    "reinit_rand; default all.")
+_ADV_TRAIN = flags.DEFINE_boolean(
+    "adv_train", None, "--adv_train: only adversarially trained runs; "
+    "--noadv_train: only naturally trained runs; unset: both.")
+_FORMAT = flags.DEFINE_list(
+    "format", ["png"], f"Figure formats, a comma list of {FIGURE_FORMATS}.")
+
+flags.mark_flag_as_required("base_dir")
+flags.register_validator(
+    "format", lambda formats: bool(formats) and all(
+        f in FIGURE_FORMATS for f in formats),
+    message=f"--format must be a non-empty comma list of {FIGURE_FORMATS}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  base_dir = _BASE_DIR.value
+  out_dir = _OUT_DIR.value or f"{base_dir.rstrip('/')}/analysis"
+  try:
+    study = load.load_study(
+        base_dir, datasets=_DATASET.value, models=_MODEL.value,
+        attacks=_ATTACK.value, experiments=_EXPERIMENT.value,
+        adv_train=_ADV_TRAIN.value)
+  except load.AnalysisError as error:
+    sys.exit(f"run_analysis: error: {error}")
+  command = "python -m run_analysis " + " ".join(
+      shlex.quote(a) for a in sys.argv[1:])
+  path = report.write_analysis(study, out_dir, _FORMAT.value, base_dir,
+                               command)
+  print(f"Analysed {len(study.runs)} runs; report: {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

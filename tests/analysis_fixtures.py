@@ -1,0 +1,138 @@
+"""Writes synthetic run folders, in the format of `run_experiments`, with known numbers.
+
+The numbers follow closed forms so tests can state the expected table values:
+  final test acc  = ACC_BASE[attack] - 0.05*adv_train - ACC_DROP[exp]*k + 0.01*t
+  final test adv  = ADV_BASE[attack] + 0.40*adv_train - 0.01*k + 0.01*t
+for trial t and prune iteration k. Accuracy rises linearly to that value over
+training; the validation loss is a parabola whose minimum sits at iteration
+`early_stop_iteration(k)`.
+"""
+
+import json
+import os
+from typing import Iterable, Optional, Tuple
+
+import numpy as np
+
+# Remaining weights of dense-300-100 under 20%/20%/10% layer-wise pruning.
+WEIGHTS_REMAINING = (266200, 213057, 170532, 136503, 109272, 87480, 70040)
+WEIGHTS_TOTAL = 266200
+ACC_BASE = {"fgsm": 0.95, "pgd": 0.90}
+ADV_BASE = {"fgsm": 0.30, "pgd": 0.10}
+ACC_DROP = {"reinit_orig": 0.004, "reinit_rand": 0.02, "reinit_none": 0.006,
+            "no_pruning": 0.0}
+TRAIN_ITERS = 300
+EVAL_EVERY = 100
+
+
+def percent_weights_remaining(prune_iteration: int) -> float:
+  return 100 * WEIGHTS_REMAINING[prune_iteration] / WEIGHTS_TOTAL
+
+
+def final_acc(attack, adv_train, experiment, trial, prune_iteration):
+  return (ACC_BASE[attack] - 0.05 * adv_train
+          - ACC_DROP[experiment] * prune_iteration + 0.01 * trial)
+
+
+def final_adv_acc(attack, adv_train, trial, prune_iteration):
+  return ADV_BASE[attack] + 0.40 * adv_train - 0.01 * prune_iteration + (
+      0.01 * trial)
+
+
+def early_stop_iteration(prune_iteration: int) -> int:
+  return EVAL_EVERY * (1 + prune_iteration % 3)
+
+
+def _write_csv(path, rows):
+  with open(path, "w") as f:
+    f.write("iteration,loss,acc,adv_acc,nat_loss,adv_loss\n")
+    for row in rows:
+      f.write(",".join(repr(float(v)) if i else str(int(v))
+                       for i, v in enumerate(row)) + "\n")
+
+
+def write_prune_iteration(folder, attack, adv_train, experiment, trial,
+                          prune_iteration, completed=True):
+  """Writes one `prune_iter_<k>` folder (CSVs, npy files, metadata)."""
+  os.makedirs(folder, exist_ok=True)
+  acc = final_acc(attack, adv_train, experiment, trial, prune_iteration)
+  adv_acc = final_adv_acc(attack, adv_train, trial, prune_iteration)
+  stop = early_stop_iteration(prune_iteration)
+  iterations = range(0, TRAIN_ITERS + 1, EVAL_EVERY)
+  for split in ("train", "valid", "test"):
+    rows = []
+    for iteration in iterations:
+      if split == "train" and iteration == 0:
+        continue  # Running means: no row before the first batch.
+      progress = iteration / TRAIN_ITERS
+      loss = 0.5 + 0.1 * ((iteration - stop) / EVAL_EVERY)**2
+      rows.append((iteration, loss, acc - 0.1 * (1 - progress),
+                   adv_acc - 0.1 * (1 - progress), loss - 0.1, loss + 0.1))
+    if not completed:
+      rows = rows[:2]
+    _write_csv(os.path.join(folder, f"{split}.csv"), rows)
+  for kind in ("masks", "init_kernels", "post_kernels"):
+    os.makedirs(os.path.join(folder, kind), exist_ok=True)
+    np.save(os.path.join(folder, kind, "output.npy"), np.ones((2, 2)))
+  if completed:
+    with open(os.path.join(folder, "metadata.json"), "w") as f:
+      json.dump({
+          "trial": trial,
+          "prune_iteration": prune_iteration,
+          "percent_weights_remaining": percent_weights_remaining(
+              prune_iteration),
+          "weights_remaining": WEIGHTS_REMAINING[prune_iteration],
+          "weights_total": WEIGHTS_TOTAL,
+          "completed": True,
+          "final_iteration": TRAIN_ITERS,
+      }, f)
+
+
+def write_run(base_dir, experiment="reinit_orig", attack="fgsm",
+              adv_train=False, dataset="digits", model="dense-300-100",
+              trials=3, prune_iters=3, unfinished: Iterable[Tuple[int, int]] = (),
+              skip_trials: Iterable[int] = (), **extra_hparams) -> str:
+  """Writes one run folder; returns its path.
+
+  Args:
+    unfinished: (trial, prune_iteration) pairs left without metadata.json and
+      with partial CSVs, as a killed run leaves them.
+    skip_trials: trials whose folder is not written at all.
+    extra_hparams: more hparams.json keys (they may tell settings apart).
+  """
+  mode = "adv" if adv_train else "natural"
+  suffix = "_".join(f"{k}{v}" for k, v in sorted(extra_hparams.items()))
+  run_dir = os.path.join(base_dir, dataset, model, experiment, attack,
+                         f"{mode}_{suffix or 'abc123'}")
+  os.makedirs(run_dir, exist_ok=True)
+  hparams = dict(dataset=dataset, model=model, experiment=experiment,
+                 attack=attack, adv_train=adv_train, trials=trials,
+                 prune_iters=prune_iters, train_iters=TRAIN_ITERS,
+                 eval_every=EVAL_EVERY, learning_rate=0.0012, l1_reg=0.0,
+                 seed=1234, batch_size=60)
+  hparams.update(extra_hparams)
+  with open(os.path.join(run_dir, "hparams.json"), "w") as f:
+    json.dump(hparams, f)
+  unfinished = set(unfinished)
+  iterations = 1 if experiment == "no_pruning" else prune_iters + 1
+  for trial in range(trials):
+    if trial in skip_trials:
+      continue
+    for k in range(iterations):
+      write_prune_iteration(
+          os.path.join(run_dir, f"trial_{trial}", f"prune_iter_{k}"),
+          attack, adv_train, experiment, trial, k,
+          completed=(trial, k) not in unfinished)
+  return run_dir
+
+
+def write_study(base_dir, experiments=("reinit_orig", "reinit_rand"),
+                attacks=("fgsm", "pgd"), adv_trains=(False, True),
+                **kwargs) -> Optional[str]:
+  """Writes every combination of experiment x attack x adv_train."""
+  for experiment in experiments:
+    for attack in attacks:
+      for adv_train in adv_trains:
+        write_run(base_dir, experiment=experiment, attack=attack,
+                  adv_train=adv_train, **kwargs)
+  return base_dir
