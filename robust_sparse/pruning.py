@@ -1,0 +1,77 @@
+"""Magnitude pruning of the weights that are still unpruned.
+
+Masks and kernels are plain dicts `{layer_name: np.ndarray}` so the functions
+work on saved `.npy` files as well as on live models.
+"""
+
+from typing import Dict, Mapping
+
+import numpy as np
+
+SCOPES = ("layer", "global")
+
+
+def _smallest_active(magnitudes: np.ndarray, count: int) -> np.ndarray:
+  """Flat indices of the `count` smallest of `magnitudes` (ties: lowest index first)."""
+  order = np.argsort(magnitudes, kind="stable")
+  return order[:count]
+
+
+def prune(kernels: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray],
+          rates: Mapping[str, float], scope: str = "layer") -> Dict[str, np.ndarray]:
+  """Removes the smallest-magnitude active weights.
+
+  With `scope="layer"`, each layer loses `round(rates[layer] * n_active)` of its
+  `n_active` unpruned weights. With `scope="global"`, all layers' active weights
+  are ranked together and `round(rate * n_active_total)` are removed, where
+  `rate` must be the same for every layer.
+
+  Args:
+    kernels: layer name -> kernel values (any shape).
+    masks: layer name -> 0/1 mask of the kernel's shape.
+    rates: layer name -> fraction in [0, 1] of the active weights to remove.
+    scope: "layer" or "global".
+
+  Returns:
+    layer name -> new 0/1 float32 mask. Pruned weights stay pruned.
+  """
+  if scope not in SCOPES:
+    raise ValueError(f"unknown prune scope {scope!r}; known: {', '.join(SCOPES)}")
+  for name, rate in rates.items():
+    if not 0.0 <= rate <= 1.0:
+      raise ValueError(f"prune rate for {name} must be in [0, 1], got {rate}")
+  new_masks = {name: np.array(masks[name], dtype=np.float32, copy=True) for name in masks}
+  if scope == "layer":
+    for name, rate in rates.items():
+      mask = new_masks[name].reshape(-1)
+      active = np.flatnonzero(mask)
+      count = int(round(rate * active.size))
+      magnitudes = np.abs(np.asarray(kernels[name]).reshape(-1)[active])
+      mask[active[_smallest_active(magnitudes, count)]] = 0.0
+    return new_masks
+  distinct = set(rates.values())
+  if len(distinct) != 1:
+    raise ValueError("global pruning needs one rate for all layers, got "
+                     f"{sorted(distinct)}")
+  rate = distinct.pop()
+  names = list(rates)
+  actives = [np.flatnonzero(new_masks[n].reshape(-1)) for n in names]
+  magnitudes = np.concatenate([np.abs(np.asarray(kernels[n]).reshape(-1)[a])
+                               for n, a in zip(names, actives)])
+  owners = np.concatenate([np.full(a.size, i) for i, a in enumerate(actives)])
+  positions = np.concatenate(actives)
+  chosen = _smallest_active(magnitudes, int(round(rate * magnitudes.size)))
+  for i, name in enumerate(names):
+    new_masks[name].reshape(-1)[positions[chosen[owners[chosen] == i]]] = 0.0
+  return new_masks
+
+
+def layer_rates(layer_names, rate: float, output_rate: float) -> Dict[str, float]:
+  """The seed's schedule: `rate` for every layer but the last, `output_rate` for it."""
+  names = list(layer_names)
+  return {name: (output_rate if i == len(names) - 1 else rate) for i, name in enumerate(names)}
+
+
+def percent_remaining(masks: Mapping[str, np.ndarray]) -> float:
+  total = sum(m.size for m in masks.values())
+  return 100.0 * sum(float(m.sum()) for m in masks.values()) / total
