@@ -90,7 +90,7 @@ def save(figure, out_dir: str, stem: str, formats: Sequence[str]) -> List[str]:
   paths = []
   for fmt in formats:
     path = os.path.join(out_dir, f"{stem}.{fmt}")
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    figure.savefig(path, dpi=110)
     paths.append(path)
   plt.close(figure)
   return paths
@@ -269,10 +269,11 @@ def _shared_legend(figure, axes):
       if label not in handles:
         handles[label] = handle
         labels.append(label)
-  if handles:
-    figure.legend([handles[l] for l in labels], labels,
-                  loc="outside lower center", ncol=min(len(labels), 4),
-                  frameon=False, fontsize=9.5)
+  if not handles:
+    return None
+  return figure.legend([handles[l] for l in labels], labels,
+                       loc="outside lower center", ncol=min(len(labels), 4),
+                       frameon=False, fontsize=9.5)
 
 
 def plot_accuracy_vs_sparsity(end_points: pd.DataFrame, when: str
@@ -397,24 +398,35 @@ def plot_tradeoff(final: pd.DataFrame) -> Optional[plt.Figure]:
       x, y = 100 * series["acc_mean"], 100 * series["adv_acc_mean"]
       axis.plot(x, y, color=EXPERIMENT_COLOURS.get(experiment, "black"),
                 linewidth=1.2, alpha=0.8, zorder=1,
-                label=experiment_label(experiment),
+                marker=EXPERIMENT_MARKERS.get(experiment, "o"),
+                markersize=0, markerfacecolor="white",
+                markeredgecolor="black", label=experiment_label(experiment),
                 **_style(experiment))
       scatter = axis.scatter(
           x, y, c=series["percent_weights_remaining"], cmap=colour_map,
           norm=norm, marker=EXPERIMENT_MARKERS.get(experiment, "o"), s=36,
           edgecolors="black", linewidths=0.4, zorder=2)
       if experiment == "reinit_orig":
-        for index in (0, len(series) - 1):
+        # Name the two ends of the ticket's path, outside the point cloud.
+        for index, offset, align in ((0, (8, 6), "left"),
+                                     (len(series) - 1, (-10, -14), "right")):
           level = series["percent_weights_remaining"].iloc[index]
-          axis.annotate(f"{metrics.level_label(level)}%",
-                        (x.iloc[index], y.iloc[index]),
-                        textcoords="offset points", xytext=(6, 4),
-                        fontsize=8, color="0.25")
+          axis.annotate(
+              f"{metrics.level_label(level)}% weights",
+              (x.iloc[index], y.iloc[index]), textcoords="offset points",
+              xytext=offset, ha=align, fontsize=8, color="0.2", zorder=3,
+              bbox={"boxstyle": "round,pad=0.2", "facecolor": "white",
+                    "edgecolor": "0.7", "alpha": 0.85},
+              arrowprops={"arrowstyle": "-", "color": "0.5",
+                          "linewidth": 0.6})
     axis.set_xlabel("Test accuracy (%)")
     axis.set_ylabel("Adversarial test accuracy (%)")
     axis.grid(alpha=0.3)
     axis.margins(0.12)
-  _shared_legend(figure, axes[np.newaxis, :])
+  legend = _shared_legend(figure, axes[np.newaxis, :])
+  if legend is not None:
+    for handle in legend.legend_handles:  # The lines carry no markers.
+      handle.set_markersize(6)
   if scatter is not None:
     colour_bar = figure.colorbar(scatter, ax=list(axes))
     colour_bar.set_label("Weights remaining (%)")

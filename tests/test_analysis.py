@@ -1,0 +1,320 @@
+"""Tests of the analysis on synthetic run folders with known numbers.
+
+The fixture (`tests/analysis_fixtures.py`) writes 8 runs: reinit_orig and
+reinit_rand x fgsm and pgd x natural and adversarial training, 3 trials,
+prune iterations 0..3. Final test accuracies of trials 0, 1, 2 differ by one
+point, so every mean is the middle trial and every sample std (ddof=1) is
+exactly 1.00 point (the population std, ddof=0, would be 0.82).
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import figures
+from analysis import load
+from analysis import metrics
+from analysis import report
+from analysis import tables
+from tests import analysis_fixtures as fixtures
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED_COUNTS = (266200, 213057, 170532, 136503, 109272, 87480, 70040, 56081,
+               44909, 35967, 28809, 23079, 18490, 14816, 11874, 9518, 7631,
+               6119, 4908, 3938, 3160)
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+  return fixtures.write_study(str(tmp_path_factory.mktemp("study")))
+
+
+@pytest.fixture(scope="module")
+def study(study_dir):
+  return load.load_study(study_dir)
+
+
+@pytest.fixture(scope="module")
+def final(study):
+  return metrics.final_evaluations(study.evaluations, "test")
+
+
+def run_cli(*args):
+  return subprocess.run(
+      [sys.executable, "-m", "run_analysis", *args], cwd=REPO_ROOT,
+      capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_loads_one_row_per_run_trial_prune_iteration_split_evaluation(study):
+  evaluations = study.evaluations
+  assert study.problems == []
+  assert len(study.runs) == 8
+  assert list(evaluations.columns) == list(load.EVALUATION_COLUMNS)
+  # 8 runs x 3 trials x 4 prune iterations x (3 train + 4 valid + 4 test rows).
+  assert len(evaluations) == 8 * 3 * 4 * 11
+  assert sorted(evaluations["iteration"].unique()) == [0, 100, 200, 300]
+  assert not ((evaluations["split"] == "train")
+              & (evaluations["iteration"] == 0)).any()
+  levels = evaluations.groupby("prune_iteration")[
+      "percent_weights_remaining"].unique()
+  assert levels[3][0] == pytest.approx(100 * 136503 / 266200)
+  assert set(evaluations["training_mode"]) == {"natural", "adversarial"}
+  assert (evaluations["setting"] == "").all()
+
+
+def test_filters_select_runs(study_dir):
+  natural_pgd = load.load_study(study_dir, attacks=["pgd"], adv_train=False)
+  assert set(natural_pgd.runs["attack"]) == {"pgd"}
+  assert not natural_pgd.runs["adv_train"].any()
+  assert len(natural_pgd.runs) == 2
+  both_modes = load.load_study(study_dir, experiments=["reinit_rand"])
+  assert set(both_modes.runs["adv_train"]) == {False, True}
+
+
+def test_seed_table_mean_sample_std_and_count(final):
+  table = tables.seed_table(final[final["dataset"] == "digits"])
+  dense_fgsm_natural = table[
+      (table["prune_iteration"] == 0) & (table["attack"] == "fgsm")
+      & (table["measure"] == "natural")
+      & (table["training_mode"] == "natural")].iloc[0]
+  assert dense_fgsm_natural["mean"] == pytest.approx(96.0)
+  assert dense_fgsm_natural["std"] == pytest.approx(1.0)  # ddof=1
+  assert dense_fgsm_natural["n"] == 3
+  # PGD attack accuracy with adversarial training at prune iteration 3:
+  # 0.10 + 0.40 - 0.03 + 0.01 (mean trial offset) = 48 %.
+  sparse_pgd_attack = table[
+      (table["prune_iteration"] == 3) & (table["attack"] == "pgd")
+      & (table["measure"] == "attack")
+      & (table["training_mode"] == "adversarial")].iloc[0]
+  assert sparse_pgd_attack["mean"] == pytest.approx(48.0)
+  assert sparse_pgd_attack["std"] == pytest.approx(1.0)
+  # Only reinit_orig is tabulated: 4 levels x 2 attacks x 2 measures x 2 modes.
+  assert len(table) == 32
+  assert table["percent_weights_remaining"].is_monotonic_decreasing
+
+  cells = tables.seed_table_cells(table)
+  assert list(cells.index) == ["100.0", "80.0", "64.1", "51.3"]
+  assert list(cells.columns) == ["FGSM Natural", "FGSM Attack", "PGD Natural",
+                                 "PGD Attack"]
+  assert cells.loc["100.0", "FGSM Natural"] == (
+      "96.00 ± 1.00 (3) / 91.00 ± 1.00 (3)")
+  assert cells.loc["51.3", "PGD Attack"] == (
+      "8.00 ± 1.00 (3) / 48.00 ± 1.00 (3)")
+  latex = tables.seed_table_latex(cells, "caption")
+  assert r"\multicolumn{2}{c|}{FGSM}" in latex
+  assert r"96.00 $\pm$ 1.00 (3) / 91.00 $\pm$ 1.00 (3)" in latex
+
+
+def test_format_cell_single_trial_has_no_std():
+  assert tables.format_cell(95.0, float("nan"), 1) == "95.00 ± n/a (1)"
+
+
+def test_final_evaluation_is_last_iteration(final):
+  assert (final["iteration"] == fixtures.TRAIN_ITERS).all()
+  row = final[(final["experiment"] == "reinit_rand")
+              & (final["attack"] == "fgsm") & (~final["adv_train"])
+              & (final["trial"] == 2) & (final["prune_iteration"] == 1)]
+  assert row["acc"].item() == pytest.approx(0.95 - 0.02 + 0.02)
+
+
+def test_early_stop_iteration_is_argmin_of_validation_loss(study):
+  early = metrics.early_stop_evaluations(study.evaluations)
+  assert len(early) == 8 * 3 * 4
+  for prune_iteration, group in early.groupby("prune_iteration"):
+    expected = fixtures.early_stop_iteration(prune_iteration)
+    assert (group["early_stop_iteration"] == expected).all()
+    assert (group["iteration"] == expected).all()  # test row at that point
+  row = early[(early["experiment"] == "reinit_orig")
+              & (early["attack"] == "fgsm") & (~early["adv_train"])
+              & (early["trial"] == 0) & (early["prune_iteration"] == 0)]
+  # Accuracy rises by 0.1 over 300 iterations; stop at 100 -> final - 0.0667.
+  assert row["acc"].item() == pytest.approx(0.95 - 0.1 * 2 / 3)
+
+
+def test_best_sparsity_within_one_point_of_dense(study):
+  summary = metrics.best_sparsity_summary(study.evaluations)
+  assert len(summary) == 8
+  orig = summary[summary["experiment"] == "reinit_orig"]
+  rand = summary[summary["experiment"] == "reinit_rand"]
+  # reinit_orig loses 0.4 points per prune iteration: iteration 2 (-0.8) is the
+  # last within one point; reinit_rand loses 2 points, so only dense qualifies.
+  assert (orig["best_prune_iteration"] == 2).all()
+  assert orig["best_percent_weights_remaining"].to_numpy() == pytest.approx(
+      100 * 170532 / 266200)
+  assert (rand["best_prune_iteration"] == 0).all()
+  assert (rand["best_percent_weights_remaining"] == 100).all()
+  natural_fgsm = orig[(orig["attack"] == "fgsm")
+                      & (orig["training_mode"] == "natural")].iloc[0]
+  assert natural_fgsm["dense_test_acc"] == pytest.approx(96.0)
+  assert natural_fgsm["best_test_acc"] == pytest.approx(95.2)
+  assert natural_fgsm["trials"] == 3
+
+
+def test_nearest_levels_of_the_seed_pruning_schedule():
+  available = [100 * c / SEED_COUNTS[0] for c in SEED_COUNTS]
+  chosen = metrics.nearest_levels(available)
+  assert [metrics.level_label(l) for l in chosen] == [
+      "100.0", "51.3", "16.9", "8.7", "3.6", "1.8"]
+  # A short run draws the levels it has, once each.
+  assert metrics.nearest_levels(available[:3]) == pytest.approx(
+      [100.0, 100 * 170532 / 266200])
+
+
+def test_unfinished_and_missing_work_is_warned_and_left_out(tmp_path):
+  run_dir = fixtures.write_run(str(tmp_path), unfinished=[(1, 2)],
+                               skip_trials=[2])
+  study = load.load_study(str(tmp_path))
+  assert study.problems == [
+      f"{run_dir}: trial 1, prune iteration 2: unfinished (no completed "
+      "metadata.json); left out",
+      f"{run_dir}: trial 2: missing (expected 3 trials)",
+  ]
+  loaded = study.evaluations.groupby("trial")["prune_iteration"].unique()
+  assert sorted(loaded[0]) == [0, 1, 2, 3]
+  assert sorted(loaded[1]) == [0, 1, 3]
+  assert 2 not in loaded.index
+
+
+def test_no_pruning_expects_a_single_prune_iteration(tmp_path):
+  fixtures.write_run(str(tmp_path), experiment="no_pruning", prune_iters=20)
+  study = load.load_study(str(tmp_path))
+  assert study.problems == []
+  assert set(study.evaluations["prune_iteration"]) == {0}
+
+
+def test_corrupt_files_skip_only_their_run(tmp_path):
+  bad_csv_run = fixtures.write_run(str(tmp_path), experiment="reinit_orig")
+  bad_json_run = fixtures.write_run(str(tmp_path), experiment="reinit_rand")
+  good_run = fixtures.write_run(str(tmp_path), experiment="reinit_none")
+  bad_csv = os.path.join(bad_csv_run, "trial_1", "prune_iter_2", "test.csv")
+  with open(bad_csv, "w") as f:
+    f.write("iteration,loss,acc\n0,zero,one\n")
+  bad_json = os.path.join(bad_json_run, "trial_0", "prune_iter_1",
+                          "metadata.json")
+  with open(bad_json, "w") as f:
+    f.write("{not json")
+  study = load.load_study(str(tmp_path))
+  assert list(study.runs["run_dir"]) == [good_run]
+  assert len(study.problems) == 2
+  assert any(p.startswith(bad_csv) and "skipped" in p for p in study.problems)
+  assert any(p.startswith(bad_json) and "skipped" in p
+             for p in study.problems)
+
+
+def test_setting_tells_apart_runs_of_one_experiment(tmp_path):
+  fixtures.write_run(str(tmp_path), learning_rate=0.001)
+  fixtures.write_run(str(tmp_path), learning_rate=0.01)
+  # A key that differs only between experiments does not split the study.
+  fixtures.write_run(str(tmp_path), experiment="reinit_rand",
+                     learning_rate=0.001, rewind_iteration=0)
+  study = load.load_study(str(tmp_path))
+  assert set(study.runs["setting"]) == {"learning_rate=0.001",
+                                        "learning_rate=0.01"}
+
+
+def test_missing_experiment_panel_says_so(final, study):
+  test_rows = study.evaluations[
+      (study.evaluations["split"] == "test")
+      & (study.evaluations["attack"] == "fgsm")
+      & (study.evaluations["training_mode"] == "natural")]
+  figure = figures.plot_training_curves(test_rows, "acc")
+  panel_texts = [t.get_text() for t in figure.axes[2].texts]
+  assert panel_texts == ["no reinit_none runs"]
+  assert figure.axes[0].get_xlabel() == "Training iteration"
+  assert figure.axes[0].get_ylabel() == "Test accuracy (%)"
+  assert "digits | dense-300-100 | attack: FGSM | natural training" in (
+      figure._suptitle.get_text())  # pylint: disable=protected-access
+  figures.plt.close(figure)
+
+
+def test_write_analysis_produces_every_figure_table_and_report(
+    study_dir, tmp_path):
+  # One attack keeps the test fast; the CLI test below draws PGD.
+  fgsm_study = load.load_study(study_dir, attacks=["fgsm"])
+  out_dir = str(tmp_path / "analysis")
+  path = report.write_analysis(fgsm_study, out_dir, ["png"],
+                               source=study_dir)
+  stem = "digits_dense-300-100"
+  expected_figures = []
+  for attack in ("fgsm",):
+    for mode in ("natural", "adversarial"):
+      for metric in ("acc", "adv_acc", "loss"):
+        expected_figures.append(f"{stem}_{attack}_{mode}_test_{metric}.png")
+    for name in ("accuracy_vs_sparsity_final",
+                 "accuracy_vs_sparsity_early_stop", "early_stop_iteration",
+                 "tradeoff"):
+      expected_figures.append(f"{stem}_{attack}_{name}.png")
+  assert sorted(os.listdir(os.path.join(out_dir, "figures"))) == sorted(
+      expected_figures)
+  assert sorted(os.listdir(os.path.join(out_dir, "tables"))) == sorted([
+      f"{stem}_accuracy_table.csv", f"{stem}_accuracy_table.md",
+      f"{stem}_accuracy_table.tex", "best_sparsity.csv", "best_sparsity.md",
+      "summary_by_level.csv"])
+  with open(path) as f:
+    text = f.read()
+  links = re.findall(r"\]\(([^)]+)\)", text)
+  for link in links:
+    assert not os.path.isabs(link)
+    assert os.path.exists(os.path.join(out_dir, link)), link
+  for name in expected_figures:
+    assert f"(figures/{name})" in text
+  assert "| 100.0 | 96.00 ± 1.00 (3) / 91.00 ± 1.00 (3) |" in text
+
+  numbers = pd.read_csv(os.path.join(out_dir, "tables",
+                                     f"{stem}_accuracy_table.csv"))
+  assert list(numbers.columns) == [
+      "prune_iteration", "percent_weights_remaining", "attack", "measure",
+      "training_mode", "mean", "std", "n"]
+  assert np.allclose(numbers["std"], 1.0)
+  assert (numbers["n"] == 3).all()
+  assert len(numbers) == 4 * 2 * 2  # levels x measures x training modes
+
+
+def test_cli_writes_filtered_analysis_and_warns(tmp_path):
+  base_dir = str(tmp_path / "runs")
+  run_dir = fixtures.write_run(base_dir, attack="pgd", trials=2,
+                               prune_iters=1, unfinished=[(1, 1)])
+  fixtures.write_run(base_dir, attack="fgsm", trials=2, prune_iters=1)
+  result = run_cli(f"--base_dir={base_dir}", "--attack=pgd", "--noadv_train",
+                   "--format=png,svg")
+  assert result.returncode == 0, result.stderr
+  assert f"{run_dir}: trial 1, prune iteration 1: unfinished" in result.stderr
+  out_dir = os.path.join(base_dir, "analysis")
+  produced = os.listdir(os.path.join(out_dir, "figures"))
+  assert "digits_dense-300-100_pgd_tradeoff.png" in produced
+  assert "digits_dense-300-100_pgd_tradeoff.svg" in produced
+  assert not any("fgsm" in name for name in produced)
+  with open(os.path.join(out_dir, "report.md")) as f:
+    assert "unfinished" in f.read()
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "foreign", "no_match"])
+def test_cli_bad_input_is_one_line_and_exit_1(tmp_path, case):
+  base_dir = tmp_path / "base"
+  expected = {
+      "missing": "does not exist",
+      "empty": "no runs under",
+      "foreign": "no runs under",
+      "no_match": "match the filters",
+  }[case]
+  args = [f"--base_dir={base_dir}"]
+  if case != "missing":
+    base_dir.mkdir()
+  if case == "foreign":
+    (base_dir / "notes").mkdir()
+    (base_dir / "notes" / "results.csv").write_text("a,b\n1,2\n")
+  if case == "no_match":
+    fixtures.write_run(str(base_dir), trials=1, prune_iters=0)
+    args.append("--dataset=fashion")
+  result = run_cli(*args)
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith("run_analysis: error: ")
+  assert expected in lines[0]
+  assert "Traceback" not in result.stderr
