@@ -32,12 +32,18 @@ class _MaskedKernelMixin:
     """The stored kernel variable, not multiplied by the mask."""
     return self._kernel
 
-  # The base layers save their variables by position and leave out ours, so the
-  # mask is stored under a key of its own.
+  # The base layers save `self.kernel` (masked here) by position and leave out
+  # the mask. We save the raw kernel, so that a reload restores every value, and
+  # the mask under a key of its own. LoRA / quantized layers keep Keras' format.
   def save_own_variables(self, store):
-    super().save_own_variables(store)
-    if self.built:
-      store["mask"] = self.mask
+    if not self.built:
+      return
+    if self.lora_enabled or getattr(self, "quantization_mode", None):
+      super().save_own_variables(store)
+    else:
+      for i, variable in enumerate([self._kernel] + ([self.bias] if self.use_bias else [])):
+        store[str(i)] = variable
+    store["mask"] = self.mask
 
   def load_own_variables(self, store):
     super().load_own_variables(store)
