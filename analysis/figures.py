@@ -81,7 +81,7 @@ def title(dataset: str, model: str, attack: str,
 
 def slug(text: str) -> str:
   """Makes a file-name-safe version of `text`."""
-  return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+  return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
 def save(figure, out_dir: str, stem: str, formats: Sequence[str]) -> List[str]:
@@ -111,8 +111,10 @@ def _mean_std_band(axis, x, mean, std, colour, **line_kwargs):
 def _empty_panel(axis, message: str):
   axis.text(0.5, 0.5, message, transform=axis.transAxes, ha="center",
             va="center", fontsize=10, color="0.35", wrap=True)
-  axis.set_xticks([])
-  axis.set_yticks([])
+  # Shared axes share their locators: hide this panel's ticks, keep theirs.
+  axis.tick_params(left=False, bottom=False, labelleft=False,
+                   labelbottom=False, which="both")
+  axis.grid(False)
 
 
 def plot_training_curves(test_rows: pd.DataFrame, metric: str,

@@ -32,8 +32,8 @@ CSV_COLUMNS = ("iteration",) + METRIC_COLUMNS
 # organised by them), and bookkeeping ones that never distinguish two settings.
 AXIS_KEYS = ("dataset", "model", "experiment", "attack", "adv_train")
 BOOKKEEPING_KEYS = frozenset(
-    ("trials", "prune_iters", "force", "base_dir", "devices", "output_dir",
-     "run_dir"))
+    ("trials", "prune_iters", "force", "base_dir", "data_dir", "devices",
+     "output_dir", "run_dir"))
 
 _TRIAL_DIR = re.compile(r"^trial_(\d+)$")
 _PRUNE_ITER_DIR = re.compile(r"^prune_iter_(\d+)$")

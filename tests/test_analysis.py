@@ -231,6 +231,16 @@ def test_missing_experiment_panel_says_so(final, study):
       figure._suptitle.get_text())  # pylint: disable=protected-access
   figures.plt.close(figure)
 
+  natural_only = final[~final["adv_train"] & (final["attack"] == "fgsm")]
+  figure = figures.plot_accuracy_vs_sparsity(natural_only, "end of training")
+  axes = figure.axes
+  assert [t.get_text() for t in axes[1].texts] == [
+      "no runs with adversarial training"]
+  assert axes[0].get_xscale() == "log"
+  assert axes[0].get_xlim()[0] > axes[0].get_xlim()[1]  # sparser to the right
+  assert len(axes[0].get_yticks()) > 0  # the empty panel kept shared ticks
+  figures.plt.close(figure)
+
 
 def test_write_analysis_produces_every_figure_table_and_report(
     study_dir, tmp_path):
