@@ -24,7 +24,8 @@ def pgd(model, x, y=None, *, eps, step_size, steps, random_start=True,
     clip_min: smallest valid input value.
     clip_max: largest valid input value.
     seed: None for stateful randomness, or a shape-[2] integer tensor for
-      stateless (reproducible, resumable) randomness.
+      stateless (reproducible, resumable) randomness. The same seed gives the
+      same start within one compile mode; XLA draws other numbers than eager.
 
   Returns:
     The adversarial batch, same shape and dtype as `x`.

@@ -1,0 +1,118 @@
+"""Attack properties on tiny closed-form models (cleverhans-style seeded tests)."""
+
+import numpy as np
+import keras
+import pytest
+import tensorflow as tf
+
+from attacks import AttackConfig, fgsm, make_attack, pgd
+
+EPS = 0.1
+
+
+def _linear_model(w):
+  """Two-class logistic model: logits [0, w.x], so CE(y=0) grows along +w."""
+  w = np.asarray(w, np.float32)
+  layer = keras.layers.Dense(2, use_bias=False)
+  layer.build((None, w.size))
+  layer.set_weights([np.stack([np.zeros_like(w), w], axis=1)])
+  return keras.Sequential([keras.Input((w.size,)), layer])
+
+
+def _small_classifier():
+  keras.utils.set_random_seed(3)
+  model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(16, activation="tanh"),
+                            keras.layers.Dense(3)])
+  rng = np.random.default_rng(3)
+  x = rng.random((64, 10)).astype(np.float32)
+  return model, x
+
+
+@pytest.fixture
+def batch():
+  return np.random.default_rng(0).random((32, 10)).astype(np.float32)
+
+
+def test_eps_zero_returns_x(batch):
+  model, _ = _small_classifier()
+  np.testing.assert_array_equal(fgsm(model, batch, eps=0.0).numpy(), batch)
+  np.testing.assert_array_equal(
+      pgd(model, batch, eps=0.0, step_size=0.05, steps=5, seed=tf.constant([1, 2])).numpy(),
+      batch)
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+def test_linf_bound_and_clip_range(attack, batch):
+  model, _ = _small_classifier()
+  fn = make_attack(AttackConfig(attack, eps=0.3, step_size=0.1, steps=7, clip_min=0.2,
+                                clip_max=0.9))
+  x = np.clip(batch, 0.2, 0.9)
+  x_adv = fn(model, x, None, tf.constant([0, 1])).numpy()
+  assert np.all(np.abs(x_adv - x) <= 0.3 + 1e-6)
+  assert x_adv.min() >= 0.2 and x_adv.max() <= 0.9
+  assert np.any(x_adv != x)
+
+
+def test_fgsm_on_linear_model_is_x_plus_eps_sign_w():
+  w = np.array([0.5, -1.0, 2.0, -0.25, 1.5], np.float32)
+  model = _linear_model(w)
+  x = np.full((4, 5), 0.5, np.float32)
+  y = np.zeros(4, np.int64)
+  np.testing.assert_allclose(fgsm(model, x, y, eps=EPS).numpy(), x + EPS * np.sign(w),
+                             rtol=1e-6)
+
+
+def test_pgd_at_least_as_strong_as_fgsm():
+  model, x = _small_classifier()
+  y = tf.argmax(model(x), -1)
+
+  def loss(x_adv):
+    return keras.losses.sparse_categorical_crossentropy(y, model(x_adv), from_logits=True)
+
+  fgsm_loss = loss(fgsm(model, x, eps=EPS)).numpy().mean()
+  pgd_loss = loss(pgd(model, x, eps=EPS, step_size=EPS / 4, steps=20,
+                      seed=tf.constant([4, 5]))).numpy().mean()
+  assert pgd_loss >= fgsm_loss - 1e-6
+
+
+def test_pgd_stateless_seed_is_reproducible(batch):
+  model, _ = _small_classifier()
+  kwargs = dict(eps=EPS, step_size=0.02, steps=3)
+  a = pgd(model, batch, seed=tf.constant([7, 8]), **kwargs).numpy()
+  b = pgd(model, batch, seed=tf.constant([7, 8]), **kwargs).numpy()
+  c = pgd(model, batch, seed=tf.constant([7, 9]), **kwargs).numpy()
+  np.testing.assert_array_equal(a, b)
+  assert np.any(a != c)
+
+
+def test_agrees_with_cleverhans():
+  model, x = _small_classifier()
+  ours = make_attack(AttackConfig("fgsm", eps=EPS))(model, x)
+  theirs = make_attack(AttackConfig("fgsm", eps=EPS, impl="cleverhans"))(model, x)
+  np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-6)
+  # Without the random start PGD is deterministic, so the two must agree too.
+  config = dict(eps=EPS, step_size=0.02, steps=10, random_start=False)
+  ours = make_attack(AttackConfig("pgd", **config))(model, x)
+  theirs = make_attack(AttackConfig("pgd", impl="cleverhans", **config))(model, x)
+  np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-5)
+
+
+def test_compiles_inside_tf_function(batch):
+  model, _ = _small_classifier()
+  attack = make_attack(AttackConfig("pgd", eps=EPS, step_size=0.03, steps=4,
+                                    random_start=False))
+  compiled = tf.function(lambda x, s: attack(model, x, None, s), jit_compile=True)
+  eager = attack(model, batch, None, tf.constant([1, 1]))
+  np.testing.assert_allclose(compiled(batch, tf.constant([1, 1])).numpy(), eager.numpy(),
+                             atol=1e-5)
+  random = make_attack(AttackConfig("pgd", eps=EPS, step_size=0.03, steps=4))
+  compiled = tf.function(lambda x, s: random(model, x, None, s), jit_compile=True)
+  np.testing.assert_array_equal(compiled(batch, tf.constant([1, 1])).numpy(),
+                                compiled(batch, tf.constant([1, 1])).numpy())
+
+
+def test_bad_budgets_raise():
+  with pytest.raises(ValueError, match="unknown attack"):
+    AttackConfig("cw")
+  with pytest.raises(ValueError, match="eps"):
+    AttackConfig("fgsm", eps=-1.0)
