@@ -13,13 +13,15 @@ partial, so "the end of training" would be wrong), but the rest of their run
 is kept; a run with a corrupt CSV or JSON file is skipped as a whole.
 """
 
+import csv
 import dataclasses
 import json
 import os
 import re
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from absl import logging
+import numpy as np
 import pandas as pd
 
 HPARAMS_FILE = "hparams.json"
@@ -124,18 +126,31 @@ def expected_prune_iterations(hparams: dict) -> int:
   return int(hparams.get("prune_iters", 0)) + 1
 
 
-def _read_csv(path: str) -> pd.DataFrame:
-  frame = pd.read_csv(path)
-  missing = [c for c in CSV_COLUMNS if c not in frame.columns]
-  if missing:
-    raise ValueError(f"missing columns {missing}")
-  frame = frame.loc[:, list(CSV_COLUMNS)]
-  if frame.empty:
-    return frame
-  for column in CSV_COLUMNS:
-    frame[column] = pd.to_numeric(frame[column], errors="raise")
-  frame["iteration"] = frame["iteration"].astype(int)
-  return frame
+def _read_csv(path: str) -> np.ndarray:
+  """Returns the `CSV_COLUMNS` of a log as an (evaluations, 6) float array.
+
+  The csv module is several times faster than `pandas.read_csv` on thousands
+  of small files, which is what a 20-level, 5-trial study is.
+  """
+  with open(path, newline="") as f:
+    reader = csv.reader(f)
+    header = next(reader, None)
+    if header is None:
+      raise ValueError("empty file (no header)")
+    missing = [c for c in CSV_COLUMNS if c not in header]
+    if missing:
+      raise ValueError(f"missing columns {missing}")
+    positions = [header.index(c) for c in CSV_COLUMNS]
+    rows = []
+    for line_number, row in enumerate(reader, start=2):
+      if not row:
+        continue
+      try:
+        rows.append([float(row[i]) for i in positions])
+      except (IndexError, ValueError):
+        raise ValueError(f"line {line_number} is not numeric: "
+                         f"{','.join(row)[:60]!r}") from None
+  return np.asarray(rows, dtype=float).reshape(-1, len(CSV_COLUMNS))
 
 
 class _CorruptFile(Exception):
@@ -147,8 +162,9 @@ class _CorruptFile(Exception):
     self.reason = reason
 
 
-def _load_prune_iteration(folder: str) -> Optional[List[pd.DataFrame]]:
-  """Returns one frame per split, or None when the iteration is unfinished."""
+def _load_prune_iteration(folder: str) -> Optional[Tuple[dict, Dict[str,
+                                                                     np.ndarray]]]:
+  """Returns (metadata, {split: log array}), or None when unfinished."""
   metadata_path = os.path.join(folder, METADATA_FILE)
   if not os.path.exists(metadata_path):
     return None
@@ -159,24 +175,22 @@ def _load_prune_iteration(folder: str) -> Optional[List[pd.DataFrame]]:
   if not metadata.get("completed", False):
     return None
   try:
-    percent = float(metadata["percent_weights_remaining"])
-    remaining = int(metadata.get("weights_remaining", -1))
-    total = int(metadata.get("weights_total", -1))
+    level = {
+        "percent_weights_remaining": float(
+            metadata["percent_weights_remaining"]),
+        "weights_remaining": int(metadata.get("weights_remaining", -1)),
+        "weights_total": int(metadata.get("weights_total", -1)),
+    }
   except (KeyError, TypeError, ValueError) as error:
     raise _CorruptFile(metadata_path, f"bad or missing field {error}") from None
-  frames = []
+  logs = {}
   for split in SPLITS:
     path = os.path.join(folder, f"{split}.csv")
     try:
-      frame = _read_csv(path)
-    except (ValueError, OSError, pd.errors.ParserError) as error:
-      raise _CorruptFile(path, str(error).splitlines()[0]) from None
-    frame.insert(0, "split", split)
-    frame.insert(0, "weights_total", total)
-    frame.insert(0, "weights_remaining", remaining)
-    frame.insert(0, "percent_weights_remaining", percent)
-    frames.append(frame)
-  return frames
+      logs[split] = _read_csv(path)
+    except (ValueError, OSError) as error:
+      raise _CorruptFile(path, str(error)) from None
+  return level, logs
 
 
 def _load_run(run_dir: str, hparams: dict,
@@ -185,7 +199,7 @@ def _load_run(run_dir: str, hparams: dict,
   trials = int(hparams.get("trials", 1))
   prune_iterations = expected_prune_iterations(hparams)
   trial_dirs = _numbered_subdirs(run_dir, _TRIAL_DIR)
-  frames = []
+  blocks, labels = [], []
   for trial in range(max(trials, max(trial_dirs, default=-1) + 1)):
     if trial not in trial_dirs:
       problems.append(f"{run_dir}: trial {trial}: missing (expected "
@@ -198,24 +212,46 @@ def _load_run(run_dir: str, hparams: dict,
         problems.append(f"{run_dir}: trial {trial}, prune iteration "
                         f"{prune_iteration}: missing")
         continue
-      split_frames = _load_prune_iteration(iteration_dirs[prune_iteration])
-      if split_frames is None:
+      loaded = _load_prune_iteration(iteration_dirs[prune_iteration])
+      if loaded is None:
         problems.append(f"{run_dir}: trial {trial}, prune iteration "
                         f"{prune_iteration}: unfinished (no completed "
                         f"{METADATA_FILE}); left out")
         continue
-      for frame in split_frames:
-        frame.insert(0, "prune_iteration", prune_iteration)
-        frame.insert(0, "trial", trial)
-        frames.append(frame)
-  if not frames:
+      level, logs = loaded
+      for split in SPLITS:
+        blocks.append(logs[split])
+        labels.append((trial, prune_iteration, level, split,
+                       len(logs[split])))
+  if not blocks:
     problems.append(f"{run_dir}: no finished prune iteration; run skipped")
     return None
-  run = pd.concat(frames, ignore_index=True)
-  run.insert(0, "run_dir", run_dir)
-  for key in ("dataset", "model", "experiment", "attack"):
-    run.insert(1, key, str(hparams.get(key, "?")))
-  run.insert(1, "adv_train", bool(hparams.get("adv_train", False)))
+
+  def repeated(get):
+    return np.repeat([get(label) for label in labels],
+                     [label[-1] for label in labels])
+
+  values = np.concatenate(blocks)
+  run = pd.DataFrame({
+      "run_dir": run_dir,
+      "dataset": str(hparams.get("dataset", "?")),
+      "model": str(hparams.get("model", "?")),
+      "experiment": str(hparams.get("experiment", "?")),
+      "attack": str(hparams.get("attack", "?")),
+      "adv_train": bool(hparams.get("adv_train", False)),
+      "trial": repeated(lambda label: label[0]).astype(int),
+      "prune_iteration": repeated(lambda label: label[1]).astype(int),
+      "percent_weights_remaining": repeated(
+          lambda label: label[2]["percent_weights_remaining"]).astype(float),
+      "weights_remaining": repeated(
+          lambda label: label[2]["weights_remaining"]).astype(int),
+      "weights_total": repeated(
+          lambda label: label[2]["weights_total"]).astype(int),
+      "split": repeated(lambda label: label[3]).astype(str),
+      "iteration": values[:, 0].astype(int),
+  })
+  for position, column in enumerate(METRIC_COLUMNS, start=1):
+    run[column] = values[:, position]
   return run
 
 
@@ -295,9 +331,14 @@ def load_study(base_dir: str,
       matching.append((run_dir, hparams))
   if not matching:
     _log(problems)
+    readable = len(run_dirs) - len(problems)
+    if not readable:
+      raise AnalysisError(
+          f"no readable runs under {base_dir!r}: every one of the "
+          f"{len(run_dirs)} {HPARAMS_FILE} files is corrupt")
     active = {k: v for k, v in filters.items() if v is not None}
     raise AnalysisError(
-        f"none of the {len(run_dirs)} runs under {base_dir!r} match the "
+        f"none of the {readable} runs under {base_dir!r} match the "
         f"filters {active}")
 
   run_frames, run_rows = [], []

@@ -206,6 +206,14 @@ def test_corrupt_files_skip_only_their_run(tmp_path):
              for p in study.problems)
 
 
+def test_only_corrupt_hparams_is_an_error(tmp_path):
+  run_dir = fixtures.write_run(str(tmp_path), trials=1, prune_iters=0)
+  with open(os.path.join(run_dir, "hparams.json"), "w") as f:
+    f.write("[1, 2")
+  with pytest.raises(load.AnalysisError, match="no readable runs"):
+    load.load_study(str(tmp_path))
+
+
 def test_setting_tells_apart_runs_of_one_experiment(tmp_path):
   fixtures.write_run(str(tmp_path), learning_rate=0.001)
   fixtures.write_run(str(tmp_path), learning_rate=0.01)
