@@ -377,6 +377,10 @@ class _Nested(_Activation):
     # top-level layers only).
     self.supports_jit = getattr(self.inner, "supports_jit", True)
 
+  def build(self, input_shape):
+    # The inner layer sees tensors of the same shape.
+    self.inner.build(input_shape)
+
 
 @keras.saving.register_keras_serializable(package="robust_sparse")
 class Shift(_Nested):
@@ -408,9 +412,10 @@ class Shift(_Nested):
                    for low, high in habitat["y"]),
     }
 
-  def call(self, inputs):
+  def call(self, inputs, training=None):
     p = self._params
-    return p["ay"] * self.inner(p["ax"] * (inputs - p["sx"])) + p["sy"]
+    inner = self.inner(p["ax"] * (inputs - p["sx"]), training=training)
+    return p["ay"] * inner + p["sy"]
 
 
 @keras.saving.register_keras_serializable(package="robust_sparse")
@@ -436,9 +441,12 @@ class SShaped(_Nested):
     y_regions += [(-high, -low) for low, high in y_regions]
     return {"x": ((-width, width),), "y": tuple(dict.fromkeys(y_regions))}
 
-  def call(self, inputs):
+  def call(self, inputs, training=None):
     h = self._params["h"]
-    return self.inner(inputs - h) - self.inner(-inputs - h)
+    # The second call runs in inference mode so that a stepping inner
+    # (`mixed`) advances once per training call, not twice.
+    return (self.inner(inputs - h, training=training)
+            - self.inner(-inputs - h, training=False))
 
 
 @keras.saving.register_keras_serializable(package="robust_sparse")
@@ -462,8 +470,8 @@ class MixedActivation(_Activation):
       raise ValueError(f"steps must be a positive integer, got {steps!r}")
     self._params = {"steps": int(steps)}
     self.supports_jit = False  # The compiled jsrelu op has no XLA kernel.
-
-  def build(self, input_shape):
+    # Created here, not in build(): it does not depend on the input shape, and
+    # `portion_of_jsrelu` is then readable before the first call.
     self.step = self.add_weight(name="step", shape=(), initializer="zeros",
                                 dtype="int64", trainable=False)
 
