@@ -109,6 +109,9 @@ class LotteryRunner:
         steps=hparams.pgd_steps, impl=hparams.attack_impl))
     if force and os.path.isdir(self.run_dir):
       shutil.rmtree(self.run_dir)
+    # One model and trainer serve every level, so each compiles only once.
+    self._model = None
+    self._trainer = None
 
   def run(self):
     """Runs (or finishes) every trial; returns the run folder."""
@@ -153,24 +156,29 @@ class LotteryRunner:
     if is_finished(directory):
       return
     began = time.time()
-    model = self._build(trial, level)
+    fresh = self._build(trial, level)
+    if self._model is None:
+      self._model = fresh
+      self._trainer = Trainer(
+          fresh, self.attack, self.dataset.x_train, self.dataset.y_train,
+          num_classes=self.dataset.num_classes, learning_rate=hp.learning_rate,
+          batch_size=hp.batch_size, adv_train=hp.adv_train, adv_mix=hp.adv_mix,
+          label_smoothing=hp.label_smoothing)
+    model, trainer = self._model, self._trainer
+    weights, start = self.experiment.start(level, LevelHistory(self.run_dir, trial))
+    # Non-trainable state (masks, activation step counters) starts fresh too.
+    fresh_variables = {v.path: v for v in fresh.variables}
+    weights = weights if weights is not None else {}
+    for variable in model.variables:
+      variable.assign(weights.get(variable.path, fresh_variables[variable.path]))
     layers = masked_layers(model)
     masks = self._masks(trial, level, layers)
-    weights, start = self.experiment.start(level, LevelHistory(self.run_dir, trial))
-    if weights is not None:
-      for variable in model.trainable_variables:
-        variable.assign(weights[variable.path])
     for layer in layers:
       layer.mask.assign(masks[layer.name])
       # Zero the pruned weights so that nothing (an L1 penalty, say) sees them.
       layer.raw_kernel.assign(layer.raw_kernel * masks[layer.name])
 
-    trainer = Trainer(model, self.attack, self.dataset.x_train, self.dataset.y_train,
-                      num_classes=self.dataset.num_classes,
-                      learning_rate=hp.learning_rate, batch_size=hp.batch_size,
-                      adv_train=hp.adv_train, adv_mix=hp.adv_mix,
-                      label_smoothing=hp.label_smoothing,
-                      seed=derived_seed(hp.seed, trial, level, "attack"))
+    trainer.reset(derived_seed(hp.seed, trial, level, "attack"), start)
     checkpoint = os.path.join(directory, "checkpoint.npz")
     logs = {split: [] for split in SPLITS}
     if os.path.exists(checkpoint):
@@ -182,7 +190,6 @@ class LotteryRunner:
       _save_layer_arrays(directory, "masks", masks)
       _save_layer_arrays(directory, "init_kernels", _kernels(layers))
       files.save_arrays(os.path.join(directory, "weights_init.npz"), _weights(model))
-      trainer.iteration.assign(start)
       self._evaluate(trainer, logs, start)
       self._checkpoint(directory, trainer, logs)
 

@@ -63,19 +63,28 @@ class Trainer:
     self.adv_train = adv_train
     self.adv_mix = adv_mix
     self.label_smoothing = label_smoothing
-    self.seed = seed
+    # A variable, not a constant, so that one compiled trainer serves many runs.
+    self.seed = tf.Variable(seed, dtype=tf.int64, trainable=False)
     self.eval_batch_size = eval_batch_size
     self.x_train = tf.constant(x_train)
     self.y_train = tf.constant(y_train, dtype=tf.int32)
     self.optimizer = keras.optimizers.Adam(learning_rate)
     self.optimizer.build(model.trainable_variables)
     self.iteration = tf.Variable(0, dtype=tf.int64, trainable=False)
+    self._fresh_optimizer = [np.asarray(v.numpy()) for v in self.optimizer.variables]
     if jit_compile is None:
       jit_compile = supports_xla(model)
     self._train_step = tf.function(self._train_step_fn, jit_compile=jit_compile)
     self._eval_batch = tf.function(self._eval_batch_fn, jit_compile=jit_compile)
     self._train_chunk = tf.function(self._train_chunk_fn)
     self._eval_dataset = tf.function(self._eval_dataset_fn)
+
+  def reset(self, seed: int, iteration: int = 0):
+    """Starts a new run with the same compiled functions: a fresh optimiser state."""
+    for variable, value in zip(self.optimizer.variables, self._fresh_optimizer):
+      variable.assign(value)
+    self.seed.assign(seed)
+    self.iteration.assign(iteration)
 
   # ---- state, for checkpoints ---------------------------------------------
   def state(self):
@@ -101,7 +110,7 @@ class Trainer:
                                                    logits=tf.cast(logits, tf.float32))
 
   def _attack_seed(self, stream, index):
-    return tf.stack([tf.cast(self.seed, tf.int64) * 4 + stream,
+    return tf.stack([self.seed * 4 + stream,
                      self.iteration * 100003 + tf.cast(index, tf.int64)])
 
   # ---- training ---------------------------------------------------------------
