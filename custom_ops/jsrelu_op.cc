@@ -5,20 +5,14 @@
 //
 // The composite TensorFlow expression needs several passes over memory (square,
 // scale, add, compare, select); these kernels read each input once and write
-// once, on all intra-op threads, which is what makes them faster.
+// once, with SIMD, on all intra-op threads.
 //
 // Half-precision inputs (float16, bfloat16) are computed in float32 and rounded
-// once at the end; the pure-TensorFlow reference in jsrelu.py does the same, so
-// both give bit-identical results for every dtype.
+// once at the end; the pure-TensorFlow reference in jsrelu_op.py does the same,
+// so both give bit-identical results for every dtype.
 
 #define EIGEN_USE_THREADS
 
-#include "tensorflow/core/framework/common_shape_fns.h"
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/register_types.h"
-#include "tensorflow/core/framework/shape_inference.h"
-#include "tensorflow/core/framework/tensor.h"
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -27,6 +21,12 @@
 #include <emmintrin.h>
 #endif
 
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/register_types.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/framework/tensor.h"
 #include "unsupported/Eigen/CXX11/Tensor"
 
 namespace robust_sparse {
