@@ -1,0 +1,161 @@
+"""The runner end to end: the run folder, resuming after a kill, and bad input."""
+
+import glob
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, run_module
+
+SMALL = ["--dataset=sklearn_digits", "--experiment=reinit_orig", "--attack=pgd", "--adv_train",
+         "--trials=1", "--prune_iters=2", "--train_iters=60", "--eval_every=20",
+         "--batch_size=32", "--pgd_steps=3", "--noprogress"]
+
+
+def _run_dir(base):
+  [hparams] = glob.glob(os.path.join(base, "**", "hparams.json"), recursive=True)
+  return os.path.dirname(hparams)
+
+
+def _tree(run_dir):
+  """Every result file of a run (not timings) as comparable values."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(run_dir, "**", "*"), recursive=True)):
+    rel = os.path.relpath(path, run_dir)
+    if path.endswith(".csv"):
+      out[rel] = open(path).read()
+    elif path.endswith(".npy"):
+      out[rel] = np.load(path).tobytes()
+    elif path.endswith("metadata.json"):
+      meta = json.load(open(path))
+      meta.pop("seconds")
+      out[rel] = meta
+  return out
+
+
+def test_small_run_writes_the_tree(tmp_path):
+  result = run_module("run_experiments", *SMALL, f"--base_dir={tmp_path}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  run_dir = _run_dir(tmp_path)
+  hparams = json.load(open(os.path.join(run_dir, "hparams.json")))
+  assert hparams["attack"] == "pgd" and hparams["adv_train"] is True
+  for level in range(3):
+    level_dir = os.path.join(run_dir, "trial_0", f"prune_iter_{level}")
+    for split in ("train", "valid", "test"):
+      rows = np.genfromtxt(os.path.join(level_dir, f"{split}.csv"), delimiter=",", names=True)
+      assert rows.dtype.names[:4] == ("iteration", "loss", "acc", "adv_acc")
+      expected = [20, 40, 60] if split == "train" else [0, 20, 40, 60]
+      np.testing.assert_array_equal(rows["iteration"], expected)
+      assert np.all((rows["acc"] >= 0) & (rows["acc"] <= 1))
+    for layer in ("hidden_1", "hidden_2", "output"):
+      for sub in ("masks", "init_kernels", "post_kernels"):
+        assert os.path.exists(os.path.join(level_dir, sub, f"{layer}.npy"))
+    mask = np.load(os.path.join(level_dir, "masks", "hidden_1.npy"))
+    assert set(np.unique(mask)) <= {0.0, 1.0}
+    meta = json.load(open(os.path.join(level_dir, "metadata.json")))
+    assert meta["completed"] and meta["prune_iteration"] == level
+    assert not os.path.exists(os.path.join(level_dir, "checkpoint.npz"))
+  # Re-running a finished command changes nothing.
+  before = _tree(run_dir)
+  again = run_module("run_experiments", *SMALL, f"--base_dir={tmp_path}")
+  assert again.returncode == 0 and _tree(run_dir) == before
+
+
+def test_real_mnist_weights_remaining(tmp_path, data_dir):
+  result = run_module("run_experiments", "--dataset=digits", f"--data_dir={data_dir}",
+                      "--experiment=reinit_orig", "--attack=fgsm", "--trials=1",
+                      "--train_iters=2", "--prune_iters=2", "--eval_every=2", "--noprogress",
+                      f"--base_dir={tmp_path}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  run_dir = _run_dir(tmp_path)
+  percents = [json.load(open(os.path.join(run_dir, "trial_0", f"prune_iter_{k}",
+                                          "metadata.json")))["percent_weights_remaining"]
+              for k in range(3)]
+  np.testing.assert_allclose(percents, [100.0, 80.04, 64.06], atol=0.05)
+
+
+def test_killed_run_resumes_to_the_same_results(tmp_path):
+  args = [*SMALL, "--train_iters=400", "--eval_every=20", "--prune_iters=1"]
+  reference = run_module("run_experiments", *args, f"--base_dir={tmp_path / 'a'}")
+  assert reference.returncode == 0, reference.stderr[-2000:]
+
+  base = tmp_path / "b"
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+  for kill_at in ("prune_iter_0", "prune_iter_1"):
+    process = subprocess.Popen([sys.executable, "-m", "run_experiments", *args,
+                                f"--base_dir={base}"], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not glob.glob(str(base / "**" / kill_at / "checkpoint.npz"), recursive=True):
+      assert process.poll() is None, "run finished before it could be killed"
+      assert time.time() < deadline
+      time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+  resumed = run_module("run_experiments", *args, f"--base_dir={base}")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  expected, actual = _tree(_run_dir(tmp_path / "a")), _tree(_run_dir(base))
+  assert expected.keys() == actual.keys()
+  for key in expected:
+    assert actual[key] == expected[key], key
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset=imagenet"], "dataset"),
+    (["--model=resnet9000"], "model"),
+    (["--experiment=reinit_sideways"], "experiment"),
+    (["--attack=cw"], "attack"),
+    (["--trials=0"], "trials"),
+    (["--eps=-0.1"], "eps"),
+    (["--prune_rate=1.5"], "prune_rate"),
+    (["--activation=sigmoidish"], "activation"),
+    (["--valid_size=5000"], "valid_size"),
+    (["--rewind_iteration=100", "--train_iters=50"], "rewind_iteration"),
+])
+def test_bad_flags_fail_in_one_line(tmp_path, args, message):
+  result = run_module("run_experiments", "--dataset=sklearn_digits", *args,
+                      f"--base_dir={tmp_path}")
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr
+  errors = [line for line in result.stderr.splitlines()
+            if line.startswith(("error:", "FATAL Flags parsing error"))]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-1000:]
+
+
+def _data_dir_error(tmp_path, dataset="digits"):
+  result = run_module("run_experiments", f"--dataset={dataset}", f"--data_dir={tmp_path}",
+                      f"--base_dir={tmp_path / 'out'}", "--noprogress")
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1, result.stderr[-1000:]
+  return lines[0]
+
+
+def test_missing_data_files(tmp_path):
+  assert "mnist" in _data_dir_error(tmp_path)
+  (tmp_path / "mnist").mkdir()
+  assert "train-images-idx3-ubyte.gz" in _data_dir_error(tmp_path)
+  assert "cifar-10" in _data_dir_error(tmp_path, "cifar10")
+
+
+def test_corrupt_data_files(tmp_path, data_dir):
+  folder = tmp_path / "mnist"
+  folder.mkdir()
+  for name in os.listdir(os.path.join(data_dir, "mnist")):
+    os.symlink(os.path.join(data_dir, "mnist", name), folder / name)
+  os.remove(folder / "train-labels-idx1-ubyte.gz")
+  with gzip.open(folder / "train-labels-idx1-ubyte.gz", "wb") as f:
+    f.write(b"\x00\x00\x08\x01\x00\x00\xea\x60" + b"\x01" * 100)  # truncated
+  assert "corrupt" in _data_dir_error(tmp_path) and "train-labels" in _data_dir_error(tmp_path)
+  os.remove(folder / "train-labels-idx1-ubyte.gz")
+  (folder / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+  assert "corrupt" in _data_dir_error(tmp_path)
