@@ -8,15 +8,16 @@ Contract used by `models/`:
 A spec is a registered name, optionally with keyword parameters; a parameter
 may itself be a spec (the `inner` of `shift` and `sshaped`):
 
-  relu                      relu(grad_at_zero=0)       relu2
+  relu                      relu(grad_at_zero=1)       relu2
   jsrelu                    srelu(h=0.5)               symmetric_relu(h=1)
   dense_relu(h=1)           weird_leaky_relu(positive_slope=1,negative_slope=0.001)
   shift(inner=relu2,sx=1.6,sy=-1.6,ax=1,ay=1)          sshaped(inner=relu2,h=1.5)
   mixed(steps=1000)
   shift(inner=sshaped(inner=relu2,h=1.5),sx=1.6,sy=1.6)   # the seed's weird_relu2
 
-Derivative conventions at the kinks (spec 2.1): relu' = 1[x >= 0] (so 1 at 0,
-like J-SquaredReLU; `relu(grad_at_zero=0)` gives TensorFlow's 0), relu2' =
+Derivative conventions at the kinks: `relu` is tf.nn.relu (derivative 0 at 0,
+as in the lottery-ticket seeds and PyTorch); `relu(grad_at_zero=1)` is spec
+2.1's CustomizedReLU, 1[x >= 0], like J-SquaredReLU. relu2' =
 2x*1[x >= 0], jsrelu' = (x+1)*1[x >= 0]. Composites (srelu, symmetric_relu,
 dense_relu, shift, sshaped) are built from these, so autodiff gives their
 stated derivatives, e.g. sshaped' = inner'(x-h) + inner'(-x-h).
@@ -275,14 +276,14 @@ def _check_non_negative(name: str, value: float) -> float:
 
 @keras.saving.register_keras_serializable(package="robust_sparse")
 class ReLU(_Activation):
-  """relu(x) with derivative 1[x >= 0], or 1[x > 0] with grad_at_zero=0."""
+  """relu(x) with derivative 1[x > 0] (tf.nn.relu), or 1[x >= 0] with grad_at_zero=1."""
 
   habitat = _RELU_HABITAT
 
-  def __init__(self, grad_at_zero: float = 1.0, **kwargs):
+  def __init__(self, grad_at_zero: float = 0.0, **kwargs):
     """Args:
-      grad_at_zero: derivative at x = 0; 1 (spec 2.1, default) or 0 (what
-        tf.nn.relu and torch.relu do).
+      grad_at_zero: derivative at x = 0; 0 (default: what tf.nn.relu and
+        torch.relu do) or 1 (spec 2.1's CustomizedReLU).
     """
     super().__init__(**kwargs)
     if grad_at_zero not in (0, 1):
@@ -490,7 +491,7 @@ class MixedActivation(_Activation):
     return outputs
 
 
-_register("relu", ReLU, grad_at_zero=1.0)
+_register("relu", ReLU, grad_at_zero=0.0)
 _register("relu2", SquaredReLU)
 _register("jsrelu", JSquaredReLU)
 _register("srelu", SReLU, h=0.5)

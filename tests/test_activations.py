@@ -45,8 +45,8 @@ def sshaped(inner, inner_grad, h):
 
 # spec -> (f, f'), written from spec 2.1.
 FORMULAS = {
-    "relu": (relu, relu_grad),
-    "relu(grad_at_zero=0)": (relu, lambda x: (x > 0).astype(float)),
+    "relu": (relu, lambda x: (x > 0).astype(float)),
+    "relu(grad_at_zero=1)": (relu, relu_grad),
     "relu2": (relu2, relu2_grad),
     "jsrelu": (jsrelu, jsrelu_grad),
     "srelu(h=0.5)": (lambda x: relu(x - 0.5) - relu(-x - 0.5),
@@ -94,8 +94,8 @@ def test_formula_and_derivative(spec):
 
 
 @pytest.mark.parametrize("spec, x, expected", [
-    ("relu", 0.0, 1.0),
-    ("relu(grad_at_zero=0)", 0.0, 0.0),
+    ("relu", 0.0, 0.0),
+    ("relu(grad_at_zero=1)", 0.0, 1.0),
     ("relu2", 0.0, 0.0),
     ("jsrelu", 0.0, 1.0),
     ("jsrelu", -0.0, 1.0),
