@@ -1,0 +1,41 @@
+"""The README's commands work as written (after the install step, which CI runs)."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def _block_after(marker):
+  text = open(os.path.join(REPO, "README.md")).read()
+  match = re.search(re.escape(marker) + r"\s*```bash\n(.*?)```", text, re.S)
+  assert match, f"README has no bash block after {marker}"
+  return match.group(1).strip()
+
+
+def test_test_command_is_what_ci_runs():
+  text = open(os.path.join(REPO, "README.md")).read()
+  assert "python -m pytest -q tests" in text
+  assert "python -m pytest -q tests" in open(os.path.join(REPO, ".ci", "run")).read()
+
+
+def test_quickstart_runs_as_written(tmp_path):
+  command = _block_after("<!-- readme-test: quickstart -->")
+  parts = [p.strip() for p in command.split("&&")]
+  assert parts[0] == "pip install -r requirements.txt"
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  for part in parts[1:]:
+    argv = shlex.split(part)
+    assert argv[0] == "python"
+    result = subprocess.run([sys.executable, *argv[1:], "--noprogress"]
+                            if "run_experiments" in part else [sys.executable, *argv[1:]],
+                            cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+  report = tmp_path / "output" / "analysis" / "report.md"
+  assert report.exists()
+  figures = list((tmp_path / "output" / "analysis").rglob("*.png"))
+  assert figures, "the analysis drew no figures"
