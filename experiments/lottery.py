@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from attacks import AttackConfig, make_attack
+from attacks import make_attack
 from experiments.registry import EXPERIMENTS
 from models import build_model
 from robust_sparse import files, pruning
@@ -104,9 +104,7 @@ class LotteryRunner:
     self.run_dir = hparams.run_dir(base_dir)
     self.progress = progress
     self.experiment = EXPERIMENTS.get(hparams.experiment)(hparams)
-    self.attack = make_attack(AttackConfig(
-        name=hparams.attack, eps=hparams.eps, step_size=hparams.pgd_step_size,
-        steps=hparams.pgd_steps, impl=hparams.attack_impl))
+    self.attack = make_attack(hparams.attack_config())
     if force and os.path.isdir(self.run_dir):
       shutil.rmtree(self.run_dir)
     # One model and trainer serve every level, so each compiles only once.

@@ -12,6 +12,10 @@ import json
 import os
 from typing import Optional
 
+from attacks.registry import AttackConfig
+
+_ATTACK = AttackConfig()
+
 # Fields that do not change the numbers of a trial.
 _NOT_HASHED = ("trials", "data_dir")
 
@@ -37,15 +41,19 @@ class Hparams:
   prune_scope: str = "layer"
   rewind_to: str = "init"
   rewind_iteration: int = 0
-  attack: str = "fgsm"
-  attack_impl: str = "native"
-  eps: float = 0.3
-  pgd_step_size: float = 0.05
-  pgd_steps: int = 10
+  attack: str = _ATTACK.name
+  attack_impl: str = _ATTACK.impl
+  eps: float = _ATTACK.eps
+  pgd_step_size: float = _ATTACK.step_size
+  pgd_steps: int = _ATTACK.steps
   adv_train: bool = False
   adv_mix: float = 0.5
   seed: int = 0
   data_dir: Optional[str] = None
+
+  def attack_config(self) -> AttackConfig:
+    return AttackConfig(name=self.attack, eps=self.eps, step_size=self.pgd_step_size,
+                        steps=self.pgd_steps, impl=self.attack_impl)
 
   def to_dict(self):
     return dataclasses.asdict(self)
