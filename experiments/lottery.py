@@ -193,7 +193,8 @@ class LotteryRunner:
 
     iteration = int(trainer.iteration.numpy())
     record_rewind = (level == 0 and hp.experiment == "rewind")
-    stops = self._eval_points(start)
+    eval_points = self._eval_points(start)
+    stops = eval_points
     if record_rewind:
       stops = sorted(set(stops) | {hp.rewind_iteration})
       if hp.rewind_iteration == 0 and iteration == 0:
@@ -215,7 +216,7 @@ class LotteryRunner:
       iteration = stop
       if record_rewind and stop == hp.rewind_iteration:
         files.save_arrays(os.path.join(directory, "weights_rewind.npz"), _weights(model))
-      if stop in self._eval_points(start):
+      if stop in eval_points:
         row = {"iteration": stop}
         row.update({m: float(s) / (stop - chunk_start) for m, s in zip(METRICS, train_sums)})
         logs["train"].append(row)
