@@ -2,8 +2,10 @@
 
 An experiment is a class constructed from the `Hparams` with two methods:
 `levels()` (how many training runs a trial has: prune iterations + 1) and
-`start(level, history)`, which returns the weights a level starts from (None:
-the fresh random initialisation built for it) and the iteration it starts at.
+`start(level, history)`, which returns the weights a level starts from (every
+model variable by path; None: the fresh random initialisation built for it)
+and the iteration it starts at (a rewound level resumes the data order and
+the learning-rate schedule there).
 `history` gives the saved weights of earlier levels (see `LevelHistory`).
 """
 
@@ -29,6 +31,20 @@ class Experiment:
 @EXPERIMENTS.register("no_pruning")
 class NoPruning(Experiment):
   """Trains the dense network once (prune iteration 0 only)."""
+
+  def levels(self):
+    return 1
+
+  def start(self, level, history):
+    return None, 0
+
+
+@EXPERIMENTS.register("train")
+class Train(Experiment):
+  """Plain training: one level, no pruning (the CIFAR protocols' baselines).
+
+  The same as `no_pruning`; the name says what the non-lottery studies do.
+  """
 
   def levels(self):
     return 1

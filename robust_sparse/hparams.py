@@ -1,69 +1,301 @@
-"""The hyper-parameters of an experiment and the run folder derived from them.
+"""The hyper-parameters of an experiment, the flags generated from them, and the run folder.
+
+Hyper-parameters are written once: grouped dataclasses (data, model, training,
+pruning, attack, run) whose fields carry their help text and bounds in
+`dataclasses.field(metadata=...)`. `define_flags` turns every field into an
+absl flag (OpenLTH's habit), so a new option is one new field. `Hparams`
+inherits every group, so its fields are flat (`hparams.learning_rate`) and
+`hparams.json` stays a flat dict.
 
 As in OpenLTH, a run's folder is a pure function of its hyper-parameters: a
-readable prefix plus a hash of every field that changes results. Fields that
-only say where or how much to run (`trials`, the data folder) are left out of
-the hash, so adding trials to a finished run extends it.
+readable prefix plus a hash of the fields that differ from their defaults
+(plus the fields that name the folder), so adding a field with a default
+leaves every existing folder where it is. Fields that only say where or how
+much to run (`trials`, the data folder) are left out, so adding trials to a
+finished run extends it.
 """
 
 import dataclasses
 import hashlib
 import json
+import math
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 from attacks.registry import AttackConfig
 
 _ATTACK = AttackConfig()
 
 # Fields that do not change the numbers of a trial.
-_NOT_HASHED = ("trials", "data_dir")
+NOT_HASHED = ("trials", "data_dir")
+# Always hashed, default or not: they name the folder, and hashing them keeps
+# folders of different studies distinct when moved under one base folder.
+REQUIRED = ("dataset", "model", "experiment", "attack", "adv_train")
+
+
+def _field(default, help, **flag):  # pylint: disable=redefined-builtin
+  """A dataclass field whose metadata generates its flag.
+
+  Args:
+    default: the default value (immutable).
+    help: the flag's help text.
+    **flag: `short_name`, `lower_bound`, `upper_bound`, `choices` (a callable
+      returning the allowed names: an enum flag), `flag_default` (shown and used
+      by the flag when it differs from the dataclass default, e.g. None = auto).
+  """
+  return dataclasses.field(default=default, metadata=dict(help=help, **flag))
+
+
+def _names(registry_path):
+  """Lazily lists a registry's names (registries import TensorFlow)."""
+
+  def names():
+    module_name, attribute = registry_path.rsplit(".", 1)
+    import importlib
+    return importlib.import_module(module_name).__dict__[attribute].names()
+
+  return names
 
 
 @dataclasses.dataclass(frozen=True)
-class Hparams:
-  """Everything that defines a lottery-ticket experiment (seed defaults)."""
-  dataset: str = "digits"
-  model: str = "dense-300-100"
-  experiment: str = "reinit_orig"
-  activation: str = "relu"
-  trials: int = 10
-  train_iters: int = 50000
-  prune_iters: int = 20
-  eval_every: int = 500
-  batch_size: int = 60
-  valid_size: int = 10000
-  learning_rate: float = 0.0012
-  l1_reg: float = 0.0
-  label_smoothing: float = 0.1
-  prune_rate: float = 0.2
-  prune_rate_output: float = 0.1
-  prune_scope: str = "layer"
-  rewind_to: str = "init"
-  rewind_iteration: int = 0
-  attack: str = _ATTACK.name
-  attack_impl: str = _ATTACK.impl
-  eps: float = _ATTACK.eps
-  pgd_step_size: float = _ATTACK.step_size
-  pgd_steps: int = _ATTACK.steps
-  adv_train: bool = False
-  adv_mix: float = 0.5
-  seed: int = 0
-  data_dir: Optional[str] = None
+class DataHparams:
+  """Which data, how much of it, in which batches."""
+  dataset: str = _field("digits", "source data set", choices=_names("data.DATASETS"))
+  data_dir: Optional[str] = _field(
+      None, "folder with the official raw files (mnist/, fashion-mnist/, "
+      "cifar-10/cifar-10-batches-bin/); unset: tensorflow-datasets")
+  valid_size: int = _field(
+      10000, "validation set size: the first training images (10000; 300 for "
+      "sklearn_digits)", lower_bound=1, flag_default=None)
+  train_examples: Optional[int] = _field(
+      None, "use only the first N training images (after the validation split; "
+      "quick runs and tests); unset: all", lower_bound=1)
+  batch_size: int = _field(60, "batch size", lower_bound=1)
+  augment: str = _field("none", "training-data augmentation",
+                        choices=_names("data.augment.AUGMENTATIONS"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelHparams:
+  """The network."""
+  model: str = _field("dense-300-100", "model architecture", choices=_names("models.MODELS"))
+  activation: str = _field("relu", "hidden activation spec (see README)")
+  l1_reg: float = _field(0.0, "L1 kernel penalty", short_name="l1", lower_bound=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingHparams:
+  """How each level trains: length, optimizer, schedule, loss."""
+  train_iters: int = _field(50000, "training iterations per prune iteration", lower_bound=1)
+  epochs: Optional[float] = _field(
+      None, "train for this many epochs instead of --train_iters (an epoch is "
+      "ceil(training images / batch size) iterations)", lower_bound=0.0)
+  eval_every: Optional[int] = _field(
+      None, "evaluate on the full validation and test sets every this many "
+      "iterations (default: 500, or once per epoch with --epochs)", lower_bound=1)
+  optimizer: str = _field("adam", "optimizer: sgd | adam | adamw",
+                          choices=_names("robust_sparse.optimizers.OPTIMIZERS"))
+  learning_rate: float = _field(0.0012, "learning rate", short_name="lr", lower_bound=0.0)
+  momentum: float = _field(0.0, "SGD momentum", lower_bound=0.0)
+  nesterov: bool = _field(False, "SGD with Nesterov momentum")
+  weight_decay: float = _field(
+      0.0, "weight decay as PyTorch applies it: added to the gradient for sgd/adam, "
+      "decoupled for adamw", lower_bound=0.0)
+  lr_schedule: str = _field("constant", "learning-rate schedule",
+                            choices=_names("robust_sparse.schedules.SCHEDULES"))
+  schedule_per: str = _field("epoch", "step the schedule once per epoch or every iteration",
+                             choices=lambda: ["epoch", "iteration"])
+  eta_min: float = _field(0.0, "cosine: final learning rate", lower_bound=0.0)
+  milestones: Tuple[float, ...] = _field((), "multistep: epochs at which the rate is "
+                                         "multiplied by --gamma, e.g. 100,150")
+  gamma: float = _field(0.1, "multistep / step: decay factor", lower_bound=0.0)
+  lr_step_epochs: Optional[float] = _field(None, "step: decay every this many epochs",
+                                           lower_bound=0.0)
+  warmup_epochs: float = _field(0.0, "linear warm-up length in epochs", lower_bound=0.0)
+  warmup_init_lr: float = _field(0.0, "learning rate at the start of the warm-up",
+                                 lower_bound=0.0)
+  label_smoothing: float = _field(0.1, "label smoothing of the training loss (the seed "
+                                  "uses 0.1)", lower_bound=0.0, upper_bound=1.0)
+  grad_clip_norm: Optional[float] = _field(None, "clip gradients to this global norm",
+                                           lower_bound=0.0)
+  mixed_precision: bool = _field(False, "mixed_float16 compute with dynamic loss scaling")
+  teacher_dir: Optional[str] = _field(
+      None, "knowledge distillation from the finished run folder DIR (its trial 0, "
+      "level 0): loss = CE + T^2 KL(teacher || student) at temperature T")
+  distill_temperature: float = _field(4.0, "distillation temperature T", lower_bound=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningHparams:
+  """The experiment and its pruning levels."""
+  experiment: str = _field("reinit_orig", "the experiment to run",
+                           choices=_names("experiments.EXPERIMENTS"))
+  prune_iters: int = _field(20, "number of pruning iterations", lower_bound=0)
+  prune_rate: float = _field(0.2, "fraction of the active weights pruned per iteration "
+                             "(hidden layers; all layers with --prune_scope=global)",
+                             lower_bound=0.0, upper_bound=1.0)
+  prune_rate_output: float = _field(0.1, "prune rate of the output layer (layer scope)",
+                                    lower_bound=0.0, upper_bound=1.0)
+  prune_scope: str = _field("layer", "rank weights within each layer or across all layers",
+                            choices=lambda: ["layer", "global"])
+  rewind_to: str = _field("init", "reinit_orig: reset to the random init (the lottery "
+                          "ticket), or to the trained dense weights as the seed's released "
+                          "code does", choices=lambda: ["init", "trained_dense"])
+  rewind_iteration: int = _field(0, "rewind: iteration of the dense run whose weights "
+                                 "pruned runs start from", lower_bound=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackHparams:
+  """The attack used for adversarial training and evaluation."""
+  attack: str = _field(_ATTACK.name, "adversarial attack used for training and evaluation",
+                       choices=_names("attacks.ATTACKS"))
+  attack_impl: str = _field(_ATTACK.impl, "native compiled attacks, or cleverhans' "
+                            "functions as the seed used",
+                            choices=lambda: ["native", "cleverhans"])
+  eps: float = _field(_ATTACK.eps, "L-infinity attack budget", lower_bound=0.0)
+  pgd_step_size: float = _field(_ATTACK.step_size, "PGD step size", lower_bound=0.0)
+  pgd_steps: int = _field(_ATTACK.steps, "PGD steps", lower_bound=0)
+  adv_train: bool = _field(False, "use adversarial training for the given attack")
+  adv_mix: float = _field(0.5, "weight of the adversarial loss in adversarial training",
+                          lower_bound=0.0, upper_bound=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunHparams:
+  """Repetitions and randomness."""
+  trials: int = _field(10, "number of trials per experiment", lower_bound=1)
+  seed: int = _field(0, "random seed; fixed seeds give identical results", lower_bound=0)
+  deterministic: bool = _field(False, "TensorFlow op determinism, so GPU runs repeat "
+                               "exactly too (slower on GPU)")
+
+
+GROUPS = (DataHparams, ModelHparams, TrainingHparams, PruningHparams, AttackHparams,
+          RunHparams)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hparams(RunHparams, AttackHparams, PruningHparams, TrainingHparams, ModelHparams,
+              DataHparams):
+  """Everything that defines an experiment (defaults: the lottery-ticket seed's)."""
+
+  def __post_init__(self):
+    # JSON gives lists; keep the dataclass hashable and comparable.
+    object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
 
   def attack_config(self) -> AttackConfig:
     return AttackConfig(name=self.attack, eps=self.eps, step_size=self.pgd_step_size,
                         steps=self.pgd_steps, impl=self.attack_impl)
 
   def to_dict(self):
-    return dataclasses.asdict(self)
+    values = dataclasses.asdict(self)
+    values["milestones"] = list(values["milestones"])
+    return values
+
+  @classmethod
+  def from_dict(cls, values):
+    """Builds from a (possibly older) `hparams.json`: missing fields take their defaults.
+
+    Raises:
+      ValueError: a key that is not a field.
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown hyper-parameters: {', '.join(unknown)}")
+    return cls(**values)
+
+  # ---- length ----------------------------------------------------------------
+  def steps_per_epoch(self, num_train: int) -> int:
+    return max(1, math.ceil(num_train / self.batch_size))
+
+  def total_iterations(self, num_train: int) -> int:
+    """Iterations per level: `train_iters`, or `epochs` epochs of `num_train` images."""
+    if self.epochs is None:
+      return self.train_iters
+    return max(1, int(round(self.epochs * self.steps_per_epoch(num_train))))
+
+  def eval_interval(self, num_train: int) -> int:
+    if self.eval_every is not None:
+      return self.eval_every
+    return self.steps_per_epoch(num_train) if self.epochs is not None else 500
+
+  # ---- the run folder ----------------------------------------------------------
+  def hashed_fields(self):
+    """The fields the folder's hash covers: those off their default, plus `REQUIRED`."""
+    defaults = Hparams().to_dict()
+    return {k: v for k, v in self.to_dict().items()
+            if k not in NOT_HASHED and (k in REQUIRED or v != defaults[k])}
 
   def digest(self) -> str:
-    fields = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    payload = json.dumps(self.hashed_fields(), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:10]
 
   def run_dir(self, base_dir: str) -> str:
     """`{base_dir}/{dataset}/{model}/{experiment}/{attack}/{natural|adv}_{hash}`."""
     mode = "adv" if self.adv_train else "natural"
     return os.path.join(base_dir, self.dataset, self.model, self.experiment, self.attack,
                         f"{mode}_{self.digest()}")
+
+
+# ---- flags ---------------------------------------------------------------------
+def _flag_kind(field):
+  kind = field.type
+  if isinstance(kind, str):
+    kind = eval(kind)  # pylint: disable=eval-used
+  optional = getattr(kind, "__origin__", None) is not None and type(None) in kind.__args__
+  if optional:
+    kind = [a for a in kind.__args__ if a is not type(None)][0]
+  if getattr(kind, "__origin__", None) in (tuple, Tuple):
+    return "list"
+  return {bool: "bool", int: "integer", float: "float", str: "string"}[kind]
+
+
+def define_flags(flags_module, flag_values):
+  """Defines one absl flag per `Hparams` field on `flag_values`.
+
+  Args:
+    flags_module: `absl.flags`.
+    flag_values: the `FlagValues` to define them on (the entry point's FLAGS).
+  """
+  for group in GROUPS:
+    for field in dataclasses.fields(group):
+      meta = field.metadata
+      default = meta.get("flag_default", field.default)
+      kwargs = dict(flag_values=flag_values)
+      if "short_name" in meta:
+        kwargs["short_name"] = meta["short_name"]
+      kind = _flag_kind(field)
+      help_text = f"{meta['help']} [{group.__name__}]"
+      if "choices" in meta:
+        flags_module.DEFINE_enum(field.name, default, meta["choices"](), help_text, **kwargs)
+      elif kind == "bool":
+        flags_module.DEFINE_bool(field.name, default, help_text, **kwargs)
+      elif kind == "list":
+        flags_module.DEFINE_list(field.name, list(map(str, default)), help_text, **kwargs)
+      else:
+        define = getattr(flags_module, f"DEFINE_{kind}")
+        if kind in ("integer", "float"):
+          for bound in ("lower_bound", "upper_bound"):
+            if bound in meta:
+              kwargs[bound] = meta[bound]
+        define(field.name, default, help_text, **kwargs)
+
+
+def from_flags(flag_values, **overrides) -> Hparams:
+  """The `Hparams` of parsed flags (`overrides` replace resolved values).
+
+  Raises:
+    ValueError: an unparsable list value, naming its flag.
+  """
+  values = {}
+  for field in dataclasses.fields(Hparams):
+    value = flag_values[field.name].value
+    if _flag_kind(field) == "list":
+      try:
+        value = tuple(float(v) for v in value)
+      except ValueError:
+        raise ValueError(f"--{field.name}={','.join(value)}: expected numbers") from None
+    values[field.name] = value
+  values.update(overrides)
+  return Hparams(**values)

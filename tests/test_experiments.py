@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data import load_dataset
-from experiments.lottery import LotteryRunner, level_dir
+from experiments.runner import Runner, level_dir
 from robust_sparse import files
 from robust_sparse.hparams import Hparams
 
@@ -21,7 +21,7 @@ def digits():
 
 def _run(tmp_path, digits, **overrides):
   hparams = Hparams(**{**TINY, **overrides})
-  run_dir = LotteryRunner(hparams, digits, str(tmp_path), progress=False).run()
+  run_dir = Runner(hparams, digits, str(tmp_path), progress=False).run()
   return run_dir, lambda level, name: files.load_arrays(
       os.path.join(level_dir(run_dir, 0, level), name))
 

@@ -1,0 +1,468 @@
+"""Runs an experiment's trials and pruning levels on the engine, writing the run folder.
+
+Layout (`run_dir = hparams.run_dir(base_dir)`):
+
+  hparams.json
+  trial_<t>/prune_iter_<k>/
+    train.csv valid.csv test.csv   iteration,loss,acc,adv_acc,nat_loss,adv_loss,epoch,lr[,top5]
+    masks/<layer>.npy              0/1 masks the level trained with
+    init_kernels/<layer>.npy       kernels at the start of the level
+    post_kernels/<layer>.npy       kernels at the end of the level
+    weights_init.npz weights_final.npz [weights_rewind.npz]
+                                   every model variable by path (trainable or
+                                   not: batch-norm statistics, masks, counters)
+    metadata.json                  written last: the level is finished (or diverged)
+
+Each stage checks for its own output first: finished levels are skipped, and an
+interrupted level resumes from `checkpoint.npz` (every variable of the model,
+the optimizers and the engine, written atomically after every evaluation), so
+re-running a killed command finishes it with the same numbers. A level whose
+loss becomes NaN or infinite stops at once, keeps its CSVs and says `diverged`
+in `metadata.json`; re-running it is refused until `--force`.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Optional, Sequence
+
+import keras
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from attacks import make_attack
+from data import augment as augment_lib
+from experiments.registry import EXPERIMENTS
+from models import build_model
+from robust_sparse import files, pruning
+from robust_sparse.engine import Diverged, Engine, index_stream
+from robust_sparse.hparams import Hparams
+from robust_sparse.layers import masked_layers
+from robust_sparse.optimizers import make_optimizer
+from robust_sparse.schedules import make_schedule
+from robust_sparse.steps import METRICS, LossScale, OptimizerGroup, standard_loss_grad_fn
+
+SPLITS = ("train", "valid", "test")
+
+
+class DivergedError(RuntimeError):
+  """A level's loss became NaN or infinite (now or in an earlier run of the command)."""
+
+
+def columns(top5: bool):
+  """CSV columns: the seed's first, then the engine's additions."""
+  return (("iteration",) + tuple(m for m in METRICS if m != "top5") + ("epoch", "lr")
+          + (("top5",) if top5 else ()))
+
+
+def derived_seed(*parts) -> int:
+  """A 31-bit seed that is a pure function of `parts`."""
+  digest = hashlib.sha256(json.dumps(parts).encode()).digest()
+  return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def level_dir(run_dir, trial, level):
+  return os.path.join(run_dir, f"trial_{trial}", f"prune_iter_{level}")
+
+
+def read_metadata(directory) -> dict:
+  path = os.path.join(directory, "metadata.json")
+  if not os.path.exists(path):
+    return {}
+  try:
+    return files.read_json(path)
+  except (OSError, ValueError):
+    return {}
+
+
+def is_finished(directory) -> bool:
+  return bool(read_metadata(directory).get("completed"))
+
+
+class LevelHistory:
+  """The saved weights of a trial's earlier levels, read when an experiment asks."""
+
+  def __init__(self, run_dir, trial):
+    self._run_dir = run_dir
+    self._trial = trial
+
+  def _load(self, level, name):
+    return files.load_arrays(os.path.join(level_dir(self._run_dir, self._trial, level), name))
+
+  def initial_weights(self, level):
+    return self._load(level, "weights_init.npz")
+
+  def final_weights(self, level):
+    return self._load(level, "weights_final.npz")
+
+  def rewind_weights(self, level):
+    return self._load(level, "weights_rewind.npz")
+
+
+def _kernels(layers):
+  return {layer.name: np.asarray(layer.raw_kernel.numpy()) for layer in layers}
+
+
+def model_weights(model):
+  """Every model variable (trainable or not) by path."""
+  return {v.path: np.asarray(v.numpy()) for v in model.variables}
+
+
+def assign_weights(model, weights, source="weights"):
+  """Assigns `weights` (by path) to every variable of `model`.
+
+  Raises:
+    ValueError: a model variable missing from `weights`: never a silent fresh value.
+  """
+  missing = [v.path for v in model.variables if v.path not in weights]
+  if missing:
+    raise ValueError(f"{source} has no value for {', '.join(missing[:5])}"
+                     f"{' ...' if len(missing) > 5 else ''}")
+  for variable in model.variables:
+    variable.assign(weights[variable.path])
+
+
+def _save_layer_arrays(directory, sub, arrays):
+  for name, array in arrays.items():
+    files.save_npy(os.path.join(directory, sub, f"{name}.npy"), array)
+
+
+def _load_layer_arrays(directory, sub, names):
+  return {name: np.load(os.path.join(directory, sub, f"{name}.npy")) for name in names}
+
+
+def set_precision(mixed_precision: bool):
+  keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
+
+
+def load_teacher(run_dir: str, input_shape, num_classes) -> keras.Model:
+  """The final model of trial 0, level 0 of the finished run folder `run_dir`.
+
+  Raises:
+    ValueError: not a run folder, or its level 0 is unfinished or does not fit.
+  """
+  try:
+    teacher_hp = Hparams.from_dict(files.read_json(os.path.join(run_dir, "hparams.json")))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"--teacher_dir={run_dir}: not a readable run folder ({e})") from None
+  directory = level_dir(run_dir, 0, 0)
+  if not is_finished(directory):
+    raise ValueError(f"--teacher_dir={run_dir}: trial_0/prune_iter_0 is not finished")
+  model = build_model(teacher_hp.model, input_shape, num_classes,
+                      activation=teacher_hp.activation)
+  assign_weights(model, files.load_arrays(os.path.join(directory, "weights_final.npz")),
+                 f"--teacher_dir={run_dir}")
+  model.trainable = False
+  return model
+
+
+def optimizer_groups(hp: Hparams, num_train: int):
+  """The weights' optimizer group from the hyper-parameters (one group, "weights")."""
+  optimizer = make_optimizer(hp.optimizer, hp.learning_rate, momentum=hp.momentum,
+                             nesterov=hp.nesterov, weight_decay=hp.weight_decay)
+  schedule = make_schedule(
+      hp.lr_schedule, hp.learning_rate, total_iterations=hp.total_iterations(num_train),
+      steps_per_epoch=hp.steps_per_epoch(num_train), per=hp.schedule_per,
+      eta_min=hp.eta_min, milestones=hp.milestones, gamma=hp.gamma,
+      lr_step_epochs=hp.lr_step_epochs, warmup_epochs=hp.warmup_epochs,
+      warmup_init_lr=hp.warmup_init_lr)
+  return [OptimizerGroup("weights", optimizer, schedule)]
+
+
+def check_hparams(hp: Hparams, num_train: int):
+  """Checks what the flags alone cannot; errors name the flag.
+
+  Raises:
+    ValueError: bad combinations (e.g. a schedule longer than training).
+  """
+  if hp.batch_size > num_train:
+    raise ValueError(f"--batch_size={hp.batch_size} is larger than the {num_train} "
+                     "training images")
+  if hp.epochs is not None and hp.epochs <= 0:
+    raise ValueError(f"--epochs must be > 0, got {hp.epochs}")
+  total = hp.total_iterations(num_train)
+  if hp.rewind_iteration >= total:
+    raise ValueError(f"--rewind_iteration={hp.rewind_iteration} must be smaller than the "
+                     f"{total} training iterations")
+  optimizer_groups(hp, num_train)  # Raises on bad optimizer / schedule settings.
+
+
+class Runner:
+  """Runs every trial and level of one experiment (see the module docstring).
+
+  Args:
+    hparams: the experiment.
+    dataset: a loaded `data.Dataset`.
+    base_dir: the folder under which the run folder is derived.
+    force: delete the run folder first.
+    progress: show a progress bar.
+    callbacks: Keras callbacks; they see one "epoch" per evaluation period
+      (logs: the training means and `val_*` / `test_*` metrics), and one batch
+      per compiled chunk of steps. `model.stop_training = True` ends the level.
+  """
+
+  def __init__(self, hparams: Hparams, dataset, base_dir: str, *, force: bool = False,
+               progress: bool = True, callbacks: Optional[Sequence] = None):
+    self.hparams = hparams
+    if hparams.train_examples is not None:
+      dataset = _first_train_examples(dataset, hparams.train_examples)
+    self.dataset = dataset
+    self.num_train = len(dataset.x_train)
+    check_hparams(hparams, self.num_train)
+    self.run_dir = hparams.run_dir(base_dir)
+    self.progress = progress
+    self.callbacks = list(callbacks or [])
+    self.experiment = EXPERIMENTS.get(hparams.experiment)(hparams)
+    self.attack = make_attack(hparams.attack_config())
+    self.top5 = dataset.num_classes > 10
+    self.columns = columns(self.top5)
+    if force and os.path.isdir(self.run_dir):
+      shutil.rmtree(self.run_dir)
+    # One model and engine serve every level, so each compiles only once.
+    self._model = None
+    self._engine = None
+
+  def run(self):
+    """Runs (or finishes) every trial; returns the run folder.
+
+    Raises:
+      DivergedError: a level's loss became NaN or infinite.
+    """
+    os.makedirs(self.run_dir, exist_ok=True)
+    files.write_json(os.path.join(self.run_dir, "hparams.json"), self.hparams.to_dict())
+    for trial in range(self.hparams.trials):
+      for level in range(self.experiment.levels()):
+        self.run_level(trial, level)
+    return self.run_dir
+
+  # ---- one level -----------------------------------------------------------
+  def _build(self, trial, level):
+    hp = self.hparams
+    set_precision(hp.mixed_precision)
+    keras.utils.set_random_seed(derived_seed(hp.seed, trial, level, "init"))
+    return build_model(hp.model, self.dataset.input_shape, self.dataset.num_classes,
+                       activation=hp.activation, l1_reg=hp.l1_reg)
+
+  def _make_engine(self, model):
+    hp = self.hparams
+    loss_scale = LossScale() if hp.mixed_precision else None
+    teacher = None
+    if hp.teacher_dir:
+      teacher = load_teacher(hp.teacher_dir, self.dataset.input_shape,
+                             self.dataset.num_classes)
+    loss_grad_fn = standard_loss_grad_fn(
+        model, num_classes=self.dataset.num_classes, label_smoothing=hp.label_smoothing,
+        attack=self.attack if hp.adv_train else None, adv_mix=hp.adv_mix, teacher=teacher,
+        distill_temperature=hp.distill_temperature, loss_scale=loss_scale)
+    augment = None
+    if hp.augment != "none":
+      augment = lambda x, seed: augment_lib.augment(hp.augment, x, seed)  # noqa: E731
+    return Engine(model, loss_grad_fn, optimizer_groups(hp, self.num_train),
+                  x_train=self.dataset.x_train, y_train=self.dataset.y_train,
+                  batch_size=hp.batch_size, attack=self.attack, adv_train=hp.adv_train,
+                  adv_mix=hp.adv_mix, augment=augment, grad_clip_norm=hp.grad_clip_norm,
+                  loss_scale=loss_scale, top5=self.top5)
+
+  def _masks(self, trial, level, layers):
+    if level == 0:
+      return {layer.name: np.ones(layer.mask.shape, np.float32) for layer in layers}
+    previous = level_dir(self.run_dir, trial, level - 1)
+    names = [layer.name for layer in layers]
+    hp = self.hparams
+    if hp.prune_scope == "global":
+      rates = {name: hp.prune_rate for name in names}
+    else:
+      rates = pruning.layer_rates(names, hp.prune_rate, hp.prune_rate_output)
+    return pruning.prune(_load_layer_arrays(previous, "post_kernels", names),
+                         _load_layer_arrays(previous, "masks", names), rates, hp.prune_scope)
+
+  def _eval_points(self, start, total, every):
+    points = {start, total}
+    points.update(range(every * (start // every + 1), total, every))
+    return sorted(p for p in points if p >= start)
+
+  def run_level(self, trial, level):
+    """Trains one pruning level unless its folder says it is finished.
+
+    Raises:
+      DivergedError: the level diverged, now or in an earlier run.
+    """
+    hp = self.hparams
+    directory = level_dir(self.run_dir, trial, level)
+    metadata = read_metadata(directory)
+    if metadata.get("completed"):
+      return
+    if metadata.get("diverged"):
+      raise DivergedError(self._diverged_message(trial, level,
+                                                 metadata.get("diverged_iteration")))
+    began = time.time()
+    fresh = self._build(trial, level)
+    if self._model is None:
+      self._model = fresh
+      self._engine = self._make_engine(fresh)
+    model, engine = self._model, self._engine
+    weights, start = self.experiment.start(level, LevelHistory(self.run_dir, trial))
+    # A level starts from every variable of its source, non-trainable ones too
+    # (batch-norm statistics of the rewind point); fresh ones for a fresh start.
+    assign_weights(model, model_weights(fresh) if weights is None else weights,
+                   f"{directory}: starting weights")
+    layers = masked_layers(model)
+    masks = self._masks(trial, level, layers)
+    for layer in layers:
+      layer.mask.assign(masks[layer.name])
+      # Zero the pruned weights so that nothing (an L1 penalty, say) sees them.
+      layer.raw_kernel.assign(layer.raw_kernel * masks[layer.name])
+
+    engine.reset(derived_seed(hp.seed, trial, level, "attack"), start)
+    checkpoint = os.path.join(directory, "checkpoint.npz")
+    logs = {split: [] for split in SPLITS}
+    if os.path.exists(checkpoint):
+      state = files.load_arrays(checkpoint)
+      logs = json.loads(state.pop("logs").tobytes().decode())
+      engine.set_state(state)
+      logging.info("resuming %s at iteration %d", directory, int(engine.iteration.numpy()))
+    else:
+      _save_layer_arrays(directory, "masks", masks)
+      _save_layer_arrays(directory, "init_kernels", _kernels(layers))
+      files.save_arrays(os.path.join(directory, "weights_init.npz"), model_weights(model))
+      self._evaluate(engine, logs, start)
+      self._checkpoint(directory, engine, logs)
+
+    total = hp.total_iterations(self.num_train)
+    iteration = int(engine.iteration.numpy())
+    record_rewind = (level == 0 and hp.experiment == "rewind")
+    eval_points = self._eval_points(start, total, hp.eval_interval(self.num_train))
+    stops = eval_points
+    if record_rewind:
+      stops = sorted(set(stops) | {hp.rewind_iteration})
+      if hp.rewind_iteration == 0 and iteration == 0:
+        files.save_arrays(os.path.join(directory, "weights_rewind.npz"), model_weights(model))
+    stream = iter(index_stream(self.num_train, hp.batch_size,
+                               derived_seed(hp.seed, trial, "data"), iteration))
+    percent = pruning.percent_remaining(masks)
+    bar = tqdm(total=total - start, initial=iteration - start,
+               desc=f"trial {trial} prune_iter {level} ({percent:.1f}%)",
+               disable=not self.progress, leave=False, dynamic_ncols=True)
+    callbacks = keras.callbacks.CallbackList(self.callbacks, model=model)
+    model.stop_training = False
+    callbacks.on_train_begin()
+    chunk_start = iteration
+    train_sums = np.zeros(len(METRICS))
+    period = len(logs["train"])
+    callbacks.on_epoch_begin(period)
+    for stop in stops:
+      if stop <= iteration:
+        continue
+      callbacks.on_train_batch_begin(iteration)
+      try:
+        means = engine.train(stream, stop - iteration)
+      except Diverged as e:
+        bar.close()
+        self._diverged(directory, trial, level, logs, e.iteration)
+      train_sums += np.array([means[m] for m in METRICS]) * (stop - iteration)
+      callbacks.on_train_batch_end(stop - 1, means)
+      bar.update(stop - iteration)
+      iteration = stop
+      if record_rewind and stop == hp.rewind_iteration:
+        files.save_arrays(os.path.join(directory, "weights_rewind.npz"), model_weights(model))
+      if stop in eval_points:
+        row = self._row(engine, stop, {m: float(s) / (stop - chunk_start)
+                                       for m, s in zip(METRICS, train_sums)})
+        logs["train"].append(row)
+        chunk_start, train_sums = stop, np.zeros(len(METRICS))
+        results = self._evaluate(engine, logs, stop)
+        bar.set_postfix(acc=f"{results['test']['acc']:.4f}",
+                        adv_acc=f"{results['test']['adv_acc']:.4f}")
+        self._checkpoint(directory, engine, logs)
+        epoch_logs = {m: row[m] for m in METRICS if m in row}
+        for split, prefix in (("valid", "val_"), ("test", "test_")):
+          epoch_logs.update({prefix + m: results[split][m] for m in METRICS
+                             if m in results[split]})
+        callbacks.on_epoch_end(period, epoch_logs)
+        period += 1
+        if model.stop_training:
+          break
+        if stop != stops[-1]:
+          callbacks.on_epoch_begin(period)
+    callbacks.on_train_end()
+    bar.close()
+    self._finish(directory, trial, level, layers, model, masks, logs, began, iteration)
+
+  # ---- logs --------------------------------------------------------------------
+  def _row(self, engine, iteration, metrics):
+    row = {"iteration": iteration, **metrics,
+           "epoch": round(iteration / self.hparams.steps_per_epoch(self.num_train), 6)}
+    rates = engine.learning_rates(max(iteration - 1, 0))
+    row["lr"] = rates.get("weights", next(iter(rates.values())))
+    return {c: row[c] for c in self.columns}
+
+  def _evaluate(self, engine, logs, iteration):
+    results = {}
+    for split, stream in (("valid", 1), ("test", 2)):
+      x = getattr(self.dataset, f"x_{split}")
+      y = getattr(self.dataset, f"y_{split}")
+      results[split] = self._row(engine, iteration, engine.evaluate(x, y, stream))
+      logs[split].append(results[split])
+    return results
+
+  def _checkpoint(self, directory, engine, logs):
+    state = engine.get_state()
+    state["logs"] = np.frombuffer(json.dumps(logs).encode(), np.uint8)
+    files.save_arrays(os.path.join(directory, "checkpoint.npz"), state)
+    self._write_csvs(directory, logs)
+
+  def _write_csvs(self, directory, logs):
+    for split in SPLITS:
+      files.write_csv(os.path.join(directory, f"{split}.csv"), self.columns, logs[split])
+
+  def _diverged_message(self, trial, level, iteration):
+    return (f"training diverged (non-finite loss) in {self.run_dir}, trial {trial}, "
+            f"prune_iter {level}, at iteration {iteration}; lower the learning rate, or "
+            "re-run with --force to start over")
+
+  def _diverged(self, directory, trial, level, logs, iteration):
+    """Keeps the logs up to the last finite evaluation, marks the level, raises."""
+    self._write_csvs(directory, logs)
+    files.write_json(os.path.join(directory, "metadata.json"), {
+        "trial": trial, "prune_iteration": level, "completed": False, "diverged": True,
+        "diverged_iteration": iteration})
+    checkpoint = os.path.join(directory, "checkpoint.npz")
+    if os.path.exists(checkpoint):
+      os.remove(checkpoint)
+    raise DivergedError(self._diverged_message(trial, level, iteration))
+
+  def _finish(self, directory, trial, level, layers, model, masks, logs, began, iteration):
+    self._write_csvs(directory, logs)
+    _save_layer_arrays(directory, "post_kernels", _kernels(layers))
+    files.save_arrays(os.path.join(directory, "weights_final.npz"), model_weights(model))
+    remaining = int(sum(m.sum() for m in masks.values()))
+    total = int(sum(m.size for m in masks.values()))
+    files.write_json(os.path.join(directory, "metadata.json"), {
+        "trial": trial,
+        "prune_iteration": level,
+        "percent_weights_remaining": 100.0 * remaining / total,
+        "weights_remaining": remaining,
+        "weights_total": total,
+        "layer_weights_remaining": {name: int(m.sum()) for name, m in masks.items()},
+        "final_iteration": iteration,
+        "completed": True,
+        "seconds": time.time() - began,
+    })
+    os.remove(os.path.join(directory, "checkpoint.npz"))
+
+
+def _first_train_examples(dataset, count):
+  """`dataset` with only its first `count` training images.
+
+  Raises:
+    ValueError: more than the data set has.
+  """
+  import dataclasses
+  if count > len(dataset.x_train):
+    raise ValueError(f"--train_examples={count} is more than the {len(dataset.x_train)} "
+                     "training images")
+  return dataclasses.replace(dataset, x_train=dataset.x_train[:count],
+                             y_train=dataset.y_train[:count])

@@ -1,0 +1,228 @@
+"""The compiled training loop and evaluation that the runner drives.
+
+`Engine` runs k training steps per call inside one `tf.function` (a
+`tf.range` loop around the step of `robust_sparse.steps`, XLA-compiled when
+every layer supports it), drawing batch indices from a `tf.data` stream whose
+order is a pure function of the seed and the iteration. Attack and
+augmentation randomness are stateless functions of (seed, iteration) too, so
+restoring every variable at iteration `i` (`state()`) and continuing gives the
+same numbers as never stopping. A non-finite loss stops the loop at once.
+"""
+
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+from robust_sparse import steps as steps_lib
+from robust_sparse.steps import METRICS, OptimizerGroup
+
+
+def index_stream(num_examples: int, batch_size: int, seed: int, start_iteration: int = 0):
+  """Batches of training indices: epoch e is a permutation seeded by (seed, e).
+
+  Epochs are concatenated and cut into full batches, so batch `i` always holds
+  the same indices however the stream was started; `start_iteration` skips to it.
+  """
+  start = start_iteration * batch_size
+  first_epoch, offset = divmod(start, num_examples)
+
+  def permutation(epoch):
+    return tf.random.experimental.stateless_shuffle(
+        tf.range(num_examples, dtype=tf.int32),
+        seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
+
+  return (tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
+          .map(permutation).unbatch().skip(offset)
+          .batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+
+
+def supports_xla(model) -> bool:
+  """False when any layer says it has no XLA kernel (e.g. the compiled JSReLU op)."""
+  return all(getattr(layer, "supports_jit", True)
+             for layer in model._flatten_layers(include_self=True))
+
+
+class Diverged(Exception):
+  """The training loss became NaN or infinite at `iteration`."""
+
+  def __init__(self, iteration):
+    super().__init__(f"non-finite loss at iteration {iteration}")
+    self.iteration = iteration
+
+
+class Engine:
+  """Trains `model` on in-memory data with a composed step, and evaluates it.
+
+  Args:
+    model: a built Keras model (logits out).
+    loss_grad_fn: a `LossGradFn` of `robust_sparse.steps` (e.g.
+      `standard_loss_grad_fn`).
+    groups: the optimizer groups.
+    x_train, y_train: the training data (float32 images, int labels).
+    batch_size: training batch size.
+    attack: `attack(model, x, y, seed)` used for evaluation.
+    adv_train, adv_mix: only to report the evaluation `loss` as the training
+      objective (the mixed loss with adversarial training).
+    augment: `augment(x, seed) -> x` applied to training batches, or None.
+    grad_clip_norm, loss_scale: see `make_train_step`.
+    top5: also report top-5 accuracy.
+    jit_compile: XLA for the step and evaluation; None: when the layers allow.
+  """
+
+  def __init__(self, model: keras.Model, loss_grad_fn, groups: Sequence[OptimizerGroup], *,
+               x_train: np.ndarray, y_train: np.ndarray, batch_size: int, attack: Callable,
+               adv_train: bool = False, adv_mix: float = 0.5,
+               augment: Optional[Callable] = None, grad_clip_norm: Optional[float] = None,
+               loss_scale: Optional[steps_lib.LossScale] = None, top5: bool = False,
+               jit_compile: Optional[bool] = None, eval_batch_size: int = 1000):
+    self.model = model
+    self.groups = list(groups)
+    self.attack = attack
+    self.batch_size = batch_size
+    self.adv_train = adv_train
+    self.adv_mix = adv_mix
+    self.top5 = top5
+    self.loss_scale = loss_scale
+    self.eval_batch_size = eval_batch_size
+    # Variables, not constants, so that one compiled engine serves many runs.
+    self.seed = tf.Variable(0, dtype=tf.int64, trainable=False, name="seed")
+    self.iteration = tf.Variable(0, dtype=tf.int64, trainable=False, name="iteration")
+    self.x_train = tf.constant(x_train)
+    self.y_train = tf.constant(y_train, dtype=tf.int32)
+    self._step = steps_lib.make_train_step(
+        model, loss_grad_fn, self.groups, grad_clip_norm=grad_clip_norm,
+        loss_scale=loss_scale, augment=augment, top5=top5)
+    self._fresh = [np.asarray(v.numpy()) for v in self._resettable()]
+    if jit_compile is None:
+      jit_compile = supports_xla(model)
+    self.jit_compile = jit_compile
+    self._train_step = tf.function(self._train_step_fn, jit_compile=jit_compile)
+    self._eval_batch = tf.function(self._eval_batch_fn, jit_compile=jit_compile)
+    self._train_chunk = tf.function(self._train_chunk_fn)
+    self._eval_dataset = tf.function(self._eval_dataset_fn)
+
+  # ---- state ------------------------------------------------------------------
+  def _resettable(self):
+    variables = [v for group in self.groups for v in group.optimizer.variables]
+    if self.loss_scale is not None:
+      variables += self.loss_scale.variables
+    return variables
+
+  def reset(self, seed: int, iteration: int = 0):
+    """Starts a new run with the same compiled functions: fresh optimizer state."""
+    for variable, value in zip(self._resettable(), self._fresh):
+      variable.assign(value)
+    self.seed.assign(seed)
+    self.iteration.assign(iteration)
+
+  def state(self) -> Dict[str, tf.Variable]:
+    """Every variable a resumed run needs, by a stable name.
+
+    Model variables (trainable or not: batch-norm statistics, masks, counters)
+    by path, each group's optimizer variables (slots, iteration, learning rate)
+    by group and position, the loss scale, and the engine's iteration and seed.
+    """
+    state = {f"model/{v.path}": v for v in self.model.variables}
+    if len(state) != len(self.model.variables):
+      raise ValueError("model variables have duplicate paths; name every layer")
+    for group in self.groups:
+      for i, v in enumerate(group.optimizer.variables):
+        state[f"optimizer/{group.name}/{i}"] = v
+    if self.loss_scale is not None:
+      for v in self.loss_scale.variables:
+        state[f"engine/{v.name.split(':')[0]}"] = v
+    state["engine/iteration"] = self.iteration
+    state["engine/seed"] = self.seed
+    return state
+
+  def get_state(self) -> Dict[str, np.ndarray]:
+    return {name: np.asarray(v.numpy()) for name, v in self.state().items()}
+
+  def set_state(self, values: Dict[str, np.ndarray]):
+    """Restores `get_state()` output.
+
+    Raises:
+      ValueError: a variable missing from `values` (never a silent fresh value),
+        or an extra or misshapen one.
+    """
+    state = self.state()
+    missing = sorted(set(state) - set(values))
+    extra = sorted(set(values) - set(state))
+    if missing or extra:
+      raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                       f"unexpected {extra[:5]}")
+    for name, variable in state.items():
+      if tuple(values[name].shape) != tuple(variable.shape):
+        raise ValueError(f"checkpoint {name} has shape {values[name].shape}, expected "
+                         f"{tuple(variable.shape)}")
+      variable.assign(values[name])
+
+  def learning_rates(self, iteration: Optional[int] = None) -> Dict[str, float]:
+    """Each group's learning rate at `iteration` (default: the last step taken)."""
+    if iteration is None:
+      iteration = max(int(self.iteration.numpy()) - 1, 0)
+    rates = steps_lib.learning_rates(self.groups, tf.constant(iteration, tf.int64))
+    return {name: float(rate.numpy()) for name, rate in rates.items()}
+
+  # ---- training --------------------------------------------------------------------
+  def _train_step_fn(self, indices):
+    x = tf.gather(self.x_train, indices)
+    y = tf.gather(self.y_train, indices)
+    stats = self._step(x, y, self.seed, self.iteration)
+    self.iteration.assign_add(1)
+    return tf.stack([tf.cast(stats[m], tf.float32) for m in METRICS])
+
+  def _train_chunk_fn(self, iterator, steps):
+    sums = tf.zeros([len(METRICS)])
+    done = tf.constant(0, tf.int64)
+    finite = tf.constant(True)
+    for _ in tf.range(steps):
+      values = self._train_step(next(iterator))
+      done += 1
+      if not tf.math.is_finite(values[0]):
+        finite = tf.constant(False)
+        break
+      sums += values
+    return sums, done, finite
+
+  def train(self, iterator, steps: int) -> Dict[str, float]:
+    """Runs `steps` iterations from `iterator`; returns the mean training metrics.
+
+    Raises:
+      Diverged: the loss became NaN or infinite; training stopped at that step.
+    """
+    sums, done, finite = self._train_chunk(iterator, tf.constant(steps, tf.int64))
+    if not bool(finite):
+      raise Diverged(int(self.iteration.numpy()) - 1)
+    return {name: float(v) / int(done) for name, v in zip(METRICS, sums.numpy())}
+
+  # ---- evaluation -----------------------------------------------------------------
+  def _eval_batch_fn(self, x, y, index, stream):
+    return steps_lib.evaluation_sums(
+        self.model, self.attack, x, y,
+        steps_lib.stream_seed(self.seed, self.iteration, stream, index), self.top5)
+
+  def _eval_dataset_fn(self, dataset, stream):
+    sums = tf.zeros([5])
+    for index, (x, y) in dataset.enumerate():
+      sums += self._eval_batch(x, y, index, stream)
+    return sums
+
+  def evaluate(self, x: np.ndarray, y: np.ndarray, stream: int = 1) -> Dict[str, float]:
+    """Natural and adversarial loss and accuracy on all of (x, y).
+
+    Args:
+      x, y: the evaluation set.
+      stream: distinguishes the attack randomness of different sets (1 valid, 2 test).
+    """
+    dataset = tf.data.Dataset.from_tensor_slices((x, tf.cast(y, tf.int32))).batch(
+        self.eval_batch_size)
+    nat_loss, correct, adv_correct, adv_loss, top5 = (
+        self._eval_dataset(dataset, tf.constant(stream, tf.int64)).numpy() / len(x))
+    loss = ((1 - self.adv_mix) * nat_loss + self.adv_mix * adv_loss if self.adv_train
+            else nat_loss)
+    return {"loss": float(loss), "acc": float(correct), "adv_acc": float(adv_correct),
+            "nat_loss": float(nat_loss), "adv_loss": float(adv_loss),
+            "top5": float(top5) if self.top5 else float("nan")}

@@ -1,0 +1,334 @@
+"""The step library: training steps composed from small functions over tensors.
+
+A training step is built in layers, each adding one idea (google-research/sam's
+functional steps, in Keras 3 terms):
+
+1. a per-example loss, `loss(x, y, logits) -> [N]`: `cross_entropy`, optionally
+   wrapped by `distillation`;
+2. a loss-and-gradients function, `LossGradFn(trainable, non_trainable, batch)
+   -> (grads, new_non_trainable, aux)`, computed with `model.stateless_call` on
+   tensors, so that a wrapper can evaluate the model at other weights (SAM's
+   `w + e`) or throw a pass's batch-norm statistics away without touching the
+   variables. `loss_and_gradients` is the base; `adversarial` wraps one (crafts
+   `x_adv` once and trains on both halves in one pass); the sharpness wrappers
+   (SAM, SSAM) wrap one too;
+3. `make_train_step`, which applies the gradients through optimizer groups
+   (each a set of variables with its own optimizer and learning-rate schedule),
+   after clipping and, under mixed precision, dynamic loss scaling.
+
+A `batch` is a dict: `x`, `y`, `weight` (per example; the objective is
+`sum(weight * loss)`, so mixing losses is re-weighting examples) and `seed`
+(a `[2]` stateless seed for the attack). Masks hold in every piece: masked
+layers compute with `kernel * mask`, so a pruned weight contributes nothing and
+gets a zero gradient, and the masked layers' kernel constraint re-zeroes it
+after every optimizer update (weight decay, momentum).
+"""
+
+import dataclasses
+from typing import Callable, Dict, List, Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+METRICS = ("loss", "acc", "adv_acc", "nat_loss", "adv_loss", "top5")
+
+
+def stream_seed(seed, iteration, stream, index=0):
+  """A stateless seed, a pure function of (run seed, iteration, stream, index).
+
+  Streams: 0 training attack, 1 validation attack, 2 test attack, 3 augmentation.
+  """
+  return tf.stack([tf.cast(seed, tf.int64) * 4 + stream,
+                   tf.cast(iteration, tf.int64) * 100003 + tf.cast(index, tf.int64)])
+
+
+# ---- per-example losses ------------------------------------------------------------
+def cross_entropy(num_classes: int, label_smoothing: float = 0.0):
+  """Softmax cross-entropy per example, with optional label smoothing (float32)."""
+
+  def loss(x, y, logits):
+    del x
+    labels = tf.one_hot(y, num_classes)
+    if label_smoothing:
+      labels = labels * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return tf.nn.softmax_cross_entropy_with_logits(labels=labels,
+                                                   logits=tf.cast(logits, tf.float32))
+
+  return loss
+
+
+def distillation(loss, teacher: keras.Model, temperature: float):
+  """Wraps `loss` with knowledge distillation from `teacher` (AutoReP's `--distil`).
+
+  `loss + T^2 * KL(softmax(t/T) || softmax(s/T))`, the teacher evaluated in
+  inference mode on the same inputs (both halves under adversarial training).
+  """
+
+  def wrapped(x, y, logits):
+    teacher_logits = tf.stop_gradient(tf.cast(teacher(x, training=False), tf.float32))
+    t = tf.nn.log_softmax(teacher_logits / temperature)
+    s = tf.nn.log_softmax(tf.cast(logits, tf.float32) / temperature)
+    kl = tf.reduce_sum(tf.exp(t) * (t - s), axis=-1)
+    return loss(x, y, logits) + temperature ** 2 * kl
+
+  return wrapped
+
+
+# ---- loss scaling --------------------------------------------------------------------
+class LossScale:
+  """Dynamic loss scaling for float16 compute (as Keras' LossScaleOptimizer).
+
+  The objective is multiplied by `scale` before differentiation and the
+  gradients divided by it, so small float16 gradients do not underflow. A step
+  whose gradients are not finite is skipped and halves the scale; after
+  `growth_interval` finite steps in a row the scale doubles.
+  """
+
+  def __init__(self, initial_scale: float = 2.0 ** 15, growth_interval: int = 2000):
+    self.scale = tf.Variable(initial_scale, dtype=tf.float32, trainable=False,
+                             name="loss_scale")
+    self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                  name="loss_scale_good_steps")
+    self.growth_interval = growth_interval
+
+  @property
+  def variables(self):
+    return [self.scale, self.good_steps]
+
+  def update(self, finite):
+    grow = tf.logical_and(finite, self.good_steps + 1 >= self.growth_interval)
+    self.scale.assign(tf.where(finite, tf.where(grow, self.scale * 2.0, self.scale),
+                               self.scale / 2.0))
+    self.good_steps.assign(tf.where(tf.logical_and(finite, tf.logical_not(grow)),
+                                    self.good_steps + 1, tf.zeros_like(self.good_steps)))
+
+
+# ---- loss-and-gradients functions ---------------------------------------------------
+def loss_and_gradients(model: keras.Model, loss, loss_scale: Optional[LossScale] = None):
+  """The base `LossGradFn`: one forward pass on `batch["x"]` at the given weights.
+
+  The objective is `sum(batch["weight"] * loss) + sum(model losses)` (e.g. the
+  L1 penalty). `aux` holds `logits`, `per_example` losses and `objective`
+  (without the regularisation).
+  """
+
+  def fn(trainable, non_trainable, batch):
+    with tf.GradientTape() as tape:
+      tape.watch(trainable)
+      logits, new_non_trainable, losses = model.stateless_call(
+          trainable, non_trainable, batch["x"], training=True, return_losses=True)
+      per_example = loss(batch["x"], batch["y"], logits)
+      objective = tf.reduce_sum(batch["weight"] * per_example)
+      total = objective + tf.add_n([tf.constant(0.0)] +
+                                   [tf.cast(l, tf.float32) for l in losses])
+      if loss_scale is not None:
+        total = total * loss_scale.scale
+    grads = tape.gradient(total, trainable)
+    if loss_scale is not None:
+      grads = [None if g is None else g / tf.cast(loss_scale.scale, g.dtype) for g in grads]
+    return grads, new_non_trainable, dict(logits=logits, per_example=per_example,
+                                          objective=objective)
+
+  return fn
+
+
+def adversarial(inner, model: keras.Model, attack: Callable, mix: float):
+  """Adversarial training: `(1 - mix) * loss(x) + mix * loss(x_adv)`.
+
+  `x_adv = attack(model, x, None, seed)` is crafted once, at the current
+  weights, with the model in inference mode; then `inner` runs one pass over
+  `[x; x_adv]` (faster, and stateful layers see one training step, not two).
+  Wrapping a sharpness wrapper keeps both of its passes on the same `x_adv`.
+  """
+
+  def fn(trainable, non_trainable, batch):
+    x_adv = tf.stop_gradient(attack(model, batch["x"], None, batch["seed"]))
+    doubled = dict(batch, x=tf.concat([batch["x"], x_adv], 0),
+                   y=tf.concat([batch["y"], batch["y"]], 0),
+                   weight=tf.concat([(1.0 - mix) * batch["weight"],
+                                     mix * batch["weight"]], 0))
+    grads, new_non_trainable, aux = inner(trainable, non_trainable, doubled)
+    nat_logits, adv_logits = tf.split(aux["logits"], 2)
+    nat_losses, adv_losses = tf.split(aux["per_example"], 2)
+    aux = dict(aux, logits=nat_logits, adv_logits=adv_logits,
+               per_example=nat_losses, adv_per_example=adv_losses)
+    return grads, new_non_trainable, aux
+
+  return fn
+
+
+# ---- the update ------------------------------------------------------------------------
+@dataclasses.dataclass
+class OptimizerGroup:
+  """Variables selected by `predicate`, updated by `optimizer` at `schedule(iteration)`.
+
+  Attributes:
+    name: names the group in logs (`lr_<name>`) and checkpoints.
+    optimizer: a Keras optimizer whose `learning_rate` is a variable.
+    schedule: `iteration -> learning rate`, or None to keep the optimizer's rate.
+    predicate: `variable -> bool`; every trainable variable must belong to
+      exactly one group, or to none (then it is frozen).
+  """
+  name: str
+  optimizer: keras.optimizers.Optimizer
+  schedule: Optional[Callable] = None
+  predicate: Callable = lambda variable: True
+
+
+def partition(groups: Sequence[OptimizerGroup], variables) -> List[List[int]]:
+  """Indices of `variables` per group, checking that no variable is in two groups.
+
+  Raises:
+    ValueError: a variable selected by two groups.
+  """
+  owners = {}
+  indices = []
+  for group in groups:
+    mine = []
+    for i, variable in enumerate(variables):
+      if group.predicate(variable):
+        if i in owners:
+          raise ValueError(f"variable {variable.path} is in optimizer groups "
+                           f"{owners[i]!r} and {group.name!r}")
+        owners[i] = group.name
+        mine.append(i)
+    indices.append(mine)
+  return indices
+
+
+def build_groups(groups: Sequence[OptimizerGroup], variables):
+  """Builds each group's optimizer on its variables (creates the slots)."""
+  for group, mine in zip(groups, partition(groups, variables)):
+    group.optimizer.build([variables[i] for i in mine])
+
+
+def learning_rates(groups: Sequence[OptimizerGroup], iteration) -> Dict[str, tf.Tensor]:
+  """Each group's learning rate at `iteration` (its schedule, else its optimizer's)."""
+  rates = {}
+  for group in groups:
+    if group.schedule is not None:
+      rates[group.name] = tf.cast(group.schedule(iteration), tf.float32)
+    else:
+      rates[group.name] = tf.cast(tf.convert_to_tensor(group.optimizer.learning_rate),
+                                  tf.float32)
+  return rates
+
+
+def global_norm_clip(grads, clip_norm: Optional[float]):
+  if not clip_norm:
+    return grads
+  clipped, _ = tf.clip_by_global_norm(grads, clip_norm)
+  return clipped
+
+
+def _correct(logits, y):
+  return tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.float32)
+
+
+def _top5(logits, y):
+  return tf.cast(tf.math.in_top_k(y, tf.cast(logits, tf.float32), 5), tf.float32)
+
+
+def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[OptimizerGroup], *,
+                    grad_clip_norm: Optional[float] = None,
+                    loss_scale: Optional[LossScale] = None,
+                    augment: Optional[Callable] = None, top5: bool = False):
+  """One training step: `step(x, y, seed, iteration) -> {metric: scalar}`.
+
+  Augments `x` (stream 3), calls `loss_grad_fn` on the model's current values
+  (attack seed: stream 0), writes the new non-trainable values (batch-norm
+  statistics) back, clips, and applies each group's gradients at its
+  scheduled learning rate. Metrics are `METRICS`: `loss` is the training
+  objective without regularisation, `acc`/`nat_loss` on the natural half,
+  `adv_acc`/`adv_loss` on the adversarial half (NaN without one), `top5` (NaN
+  unless `top5`).
+  """
+  trainable = model.trainable_variables
+  non_trainable = model.non_trainable_variables
+  indices = partition(groups, trainable)
+  build_groups(groups, trainable)
+
+  def step(x, y, seed, iteration):
+    if augment is not None:
+      x = augment(x, stream_seed(seed, iteration, 3))
+    batch_size = tf.shape(y)[0]
+    weight = tf.fill([batch_size], 1.0 / tf.cast(batch_size, tf.float32))
+    batch = dict(x=x, y=y, weight=weight, seed=stream_seed(seed, iteration, 0))
+    grads, new_non_trainable, aux = loss_grad_fn(
+        [tf.convert_to_tensor(v.value) for v in trainable],
+        [tf.convert_to_tensor(v.value) for v in non_trainable], batch)
+    for variable, value in zip(non_trainable, new_non_trainable):
+      variable.assign(value)
+    grads = global_norm_clip(grads, grad_clip_norm)
+    rates = learning_rates(groups, iteration)
+
+    def apply():
+      for group, mine in zip(groups, indices):
+        if group.schedule is not None:
+          group.optimizer.learning_rate.assign(rates[group.name])
+        pairs = [(grads[i], trainable[i]) for i in mine if grads[i] is not None]
+        if pairs:
+          group.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
+      return tf.constant(True)
+
+    if loss_scale is None:
+      apply()
+    else:
+      finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
+                              for g in grads if g is not None])
+      tf.cond(finite, apply, lambda: tf.constant(False))
+      loss_scale.update(finite)
+
+    nan = tf.constant(np.nan, tf.float32)
+    nat_loss = tf.reduce_mean(aux["per_example"])
+    stats = dict(loss=aux["objective"], acc=tf.reduce_mean(_correct(aux["logits"], y)),
+                 adv_acc=nan, nat_loss=nat_loss, adv_loss=nan, top5=nan)
+    if "adv_logits" in aux:
+      stats["adv_acc"] = tf.reduce_mean(_correct(aux["adv_logits"], y))
+      stats["adv_loss"] = tf.reduce_mean(aux["adv_per_example"])
+    if top5:
+      stats["top5"] = tf.reduce_mean(_top5(aux["logits"], y))
+    for name, rate in rates.items():
+      stats[f"lr/{name}"] = rate
+    return stats
+
+  return step
+
+
+def evaluation_sums(model: keras.Model, attack: Callable, x, y, seed, top5: bool = False):
+  """Sums over one evaluation batch: natural and adversarial loss, correct, top-5.
+
+  Evaluation losses use plain labels; the attack runs at `seed`.
+  """
+  logits = tf.cast(model(x, training=False), tf.float32)
+  x_adv = attack(model, x, None, seed)
+  adv_logits = tf.cast(model(x_adv, training=False), tf.float32)
+  num_classes = tf.shape(logits)[-1]
+  labels = tf.one_hot(y, num_classes)
+  nat = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+  adv = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=adv_logits)
+  sums = [tf.reduce_sum(nat), tf.reduce_sum(_correct(logits, y)),
+          tf.reduce_sum(_correct(adv_logits, y)), tf.reduce_sum(adv)]
+  sums.append(tf.reduce_sum(_top5(logits, y)) if top5 else tf.constant(0.0))
+  return tf.stack(sums)
+
+
+def standard_loss_grad_fn(model: keras.Model, *, num_classes: int,
+                          label_smoothing: float = 0.0, attack: Optional[Callable] = None,
+                          adv_mix: float = 0.5, teacher: Optional[keras.Model] = None,
+                          distill_temperature: float = 4.0,
+                          loss_scale: Optional[LossScale] = None):
+  """The toolkit's usual composition: cross-entropy [+ distillation] [+ adversarial].
+
+  Args:
+    attack: `attack(model, x, y, seed)`; adversarial training when given.
+    teacher: a model to distil from, evaluated in inference mode.
+  """
+  loss = cross_entropy(num_classes, label_smoothing)
+  if teacher is not None:
+    loss = distillation(loss, teacher, distill_temperature)
+  fn = loss_and_gradients(model, loss, loss_scale)
+  if attack is not None:
+    fn = adversarial(fn, model, attack, adv_mix)
+  return fn
