@@ -1,0 +1,266 @@
+"""The engine: BN models through pruning levels, fit/runner agreement, exact resume, divergence."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from attacks import AttackConfig, make_attack
+from data import augment as augment_lib
+from data import load_dataset
+from experiments.runner import DivergedError, Runner, level_dir
+from models import build_model
+from robust_sparse import files
+from robust_sparse.engine import Engine, index_stream
+from robust_sparse.hparams import Hparams
+from robust_sparse.keras_model import RobustModel
+from robust_sparse.optimizers import make_optimizer
+from robust_sparse.schedules import make_schedule
+from robust_sparse.steps import LossScale, OptimizerGroup, standard_loss_grad_fn
+from tests.conftest import REPO, run_module
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return load_dataset("sklearn_digits", None, 300)
+
+
+def test_bn_lottery_run_on_cifar_rewinds_bn_statistics(tmp_path, data_dir):
+  """A 2-level rewind run of a BN convnet on 2000 CIFAR-10 images."""
+  dataset = load_dataset("cifar10", data_dir, 500)
+  hparams = Hparams(dataset="cifar10", model="conv-bn", experiment="rewind",
+                    rewind_iteration=10, prune_iters=1, trials=1, train_examples=2000,
+                    valid_size=500, batch_size=100, epochs=2, optimizer="sgd",
+                    learning_rate=0.05, momentum=0.9, augment="crop_flip", data_dir=data_dir)
+  run_dir = Runner(hparams, dataset, str(tmp_path), progress=False).run()
+  load = lambda level, name: files.load_arrays(os.path.join(level_dir(run_dir, 0, level), name))
+  rewind, level1 = load(0, "weights_rewind.npz"), load(1, "weights_init.npz")
+  fresh, final = load(0, "weights_init.npz"), load(0, "weights_final.npz")
+  statistics = [k for k in rewind if "moving_" in k]
+  assert statistics, sorted(rewind)
+  for key in statistics:
+    # Level 1 starts from the rewind point's statistics: neither fresh nor final ones.
+    np.testing.assert_array_equal(level1[key], rewind[key], err_msg=key)
+    assert not np.array_equal(rewind[key], fresh[key]), key
+    assert not np.array_equal(rewind[key], final[key]), key
+  meta = json.load(open(os.path.join(level_dir(run_dir, 0, 1), "metadata.json")))
+  assert meta["completed"] and meta["percent_weights_remaining"] < 100
+  test = np.genfromtxt(os.path.join(level_dir(run_dir, 0, 1), "test.csv"), delimiter=",",
+                       names=True)
+  np.testing.assert_array_equal(test["iteration"], [10, 20, 40])  # 20 iterations per epoch
+  np.testing.assert_array_equal(test["epoch"], [0.5, 1.0, 2.0])
+
+
+def _engine_and_fit_models(digits):
+  keras.utils.set_random_seed(3)
+  a = build_model("conv-bn", digits.input_shape, digits.num_classes)
+  b = build_model("conv-bn", digits.input_shape, digits.num_classes)
+  b.set_weights(a.get_weights())
+  return a, b
+
+
+def _groups():
+  schedule = make_schedule("cosine", 0.05, total_iterations=30, steps_per_epoch=10,
+                           per="iteration", warmup_epochs=1)
+  return [OptimizerGroup("weights", make_optimizer("sgd", 0.05, momentum=0.9,
+                                                   weight_decay=5e-4), schedule)]
+
+
+def test_fit_and_runner_engine_give_the_same_weights(digits):
+  attack = make_attack(AttackConfig("pgd", eps=0.1, step_size=0.05, steps=2))
+  augment = lambda x, seed: augment_lib.augment("crop_flip", x, seed)  # noqa: E731
+  engine_model, fit_model = _engine_and_fit_models(digits)
+  steps, seed, data_seed = 30, 11, 7
+
+  engine = Engine(engine_model, standard_loss_grad_fn(
+      engine_model, num_classes=10, label_smoothing=0.1, attack=attack), _groups(),
+      x_train=digits.x_train, y_train=digits.y_train, batch_size=32, attack=attack,
+      adv_train=True, augment=augment)
+  engine.reset(seed)
+  engine.train(iter(index_stream(len(digits.x_train), 32, data_seed)), steps)
+
+  x, y = tf.constant(digits.x_train), tf.constant(digits.y_train, tf.int32)
+  batches = index_stream(len(digits.x_train), 32, data_seed).take(steps).map(
+      lambda i: (tf.gather(x, i), tf.gather(y, i)))
+  robust = RobustModel(fit_model, label_smoothing=0.1, attack=attack, augment=augment,
+                       seed=seed)
+  robust.compile(groups=_groups(), steps_per_execution=5)
+  history = robust.fit(batches, epochs=1, verbose=0)
+  assert np.isfinite(history.history["loss"][0])
+
+  assert int(robust.step_iteration.numpy()) == int(engine.iteration.numpy()) == steps
+  for a, b in zip(engine_model.variables, fit_model.variables):
+    assert a.path == b.path
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, err_msg=a.path)
+  # And training moved them: the comparison is not between untouched weights.
+  fresh, _ = _engine_and_fit_models(digits)
+  assert not np.allclose(fresh.variables[0].numpy(), engine_model.variables[0].numpy())
+
+
+def test_fit_runs_keras_callbacks_and_evaluates_robust_accuracy(tmp_path, digits):
+  keras.utils.set_random_seed(0)
+  network = build_model("lenet5", digits.input_shape, digits.num_classes)
+  robust = RobustModel(network, attack=make_attack(AttackConfig("fgsm", eps=0.1)))
+  robust.compile(optimizer=make_optimizer("adam", 1e-3))
+  data = tf.data.Dataset.from_tensor_slices(
+      (digits.x_train, digits.y_train)).batch(64)
+  log = str(tmp_path / "log.csv")
+  robust.fit(data, epochs=2, validation_data=data.take(2), verbose=0,
+             callbacks=[keras.callbacks.CSVLogger(log)])
+  rows = open(log).read().splitlines()
+  assert rows[0].split(",")[:1] == ["epoch"] and "val_adv_acc" in rows[0] and len(rows) == 3
+  results = robust.evaluate(data, return_dict=True, verbose=0)
+  assert 0.0 <= results["adv_acc"] <= results["acc"] <= 1.0
+
+
+def test_mixed_precision_loss_scaling_keeps_small_gradients(digits):
+  """Under mixed_float16 tiny gradients underflow unless the loss is scaled."""
+  from robust_sparse.steps import cross_entropy, loss_and_gradients
+  keras.utils.set_random_seed(0)
+  reference = build_model("dense-300-100", digits.input_shape, digits.num_classes)
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    model = build_model("dense-300-100", digits.input_shape, digits.num_classes)
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+  model.set_weights(reference.get_weights())
+  x = tf.constant(digits.x_train[:32])
+  y = tf.constant(digits.y_train[:32], tf.int32)
+  # A tiny objective weight: float16 gradients of ~1e-9 underflow to zero.
+  batch = dict(x=x, y=y, weight=tf.fill([32], 1e-7 / 32), seed=tf.constant([0, 0], tf.int64))
+
+  def gradients(net, loss_scale=None):
+    values = [[tf.convert_to_tensor(v) for v in vs]
+              for vs in (net.trainable_variables, net.non_trainable_variables)]
+    grads, _, _ = loss_and_gradients(net, cross_entropy(10), loss_scale)(*values, batch)
+    return tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads], 0).numpy()
+
+  exact, unscaled, scaled = gradients(reference), gradients(model), gradients(model,
+                                                                             LossScale())
+  assert np.abs(exact).max() > 0
+  assert np.all(unscaled == 0)
+  # float16 compute: close to the float32 gradients as a whole, not elementwise.
+  assert np.linalg.norm(scaled - exact) < 0.05 * np.linalg.norm(exact)
+
+
+def test_mixed_precision_run_trains(tmp_path, digits):
+  hparams = Hparams(dataset="sklearn_digits", experiment="train", trials=1, train_iters=40,
+                    eval_every=20, valid_size=300, batch_size=32, mixed_precision=True)
+  try:
+    run_dir = Runner(hparams, digits, str(tmp_path), progress=False).run()
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+  test = np.genfromtxt(os.path.join(level_dir(run_dir, 0, 0), "test.csv"), delimiter=",",
+                       names=True)
+  assert np.all(np.isfinite(test["loss"])) and test["acc"][-1] > 0.5
+
+
+def test_diverging_level_stops_and_is_not_retrained(tmp_path, digits):
+  hparams = Hparams(dataset="sklearn_digits", experiment="train", trials=1, train_iters=60,
+                    eval_every=20, valid_size=300, batch_size=32, optimizer="sgd",
+                    learning_rate=1e38)
+  with pytest.raises(DivergedError, match="trial 0, prune_iter 0, at iteration"):
+    Runner(hparams, digits, str(tmp_path), progress=False).run()
+  run_dir = hparams.run_dir(str(tmp_path))
+  meta = json.load(open(os.path.join(level_dir(run_dir, 0, 0), "metadata.json")))
+  assert meta["diverged"] and not meta["completed"]
+  test = np.genfromtxt(os.path.join(level_dir(run_dir, 0, 0), "test.csv"), delimiter=",",
+                       names=True)
+  assert np.all(np.isfinite(np.atleast_1d(test["loss"])))
+  with pytest.raises(DivergedError):
+    Runner(hparams, digits, str(tmp_path), progress=False).run()
+
+
+def test_diverging_run_cli_one_line_error_and_force(tmp_path):
+  args = ["--dataset=sklearn_digits", "--experiment=train", "--trials=1", "--train_iters=40",
+          "--eval_every=20", "--optimizer=sgd", "-lr=1e38", "--noprogress",
+          f"--base_dir={tmp_path}"]
+  for extra in ([], [], ["--force"]):
+    result = run_module("run_experiments", *args, *extra)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "diverged" in errors[0] and "prune_iter 0" in errors[0]
+
+
+def _tree(run_dir):
+  out = {}
+  for path in sorted(glob.glob(os.path.join(run_dir, "**", "*"), recursive=True)):
+    rel = os.path.relpath(path, run_dir)
+    if path.endswith((".csv", ".json")) and not path.endswith("metadata.json"):
+      out[rel] = open(path).read()
+    elif path.endswith(".npy"):
+      out[rel] = np.load(path)
+    elif path.endswith(".npz"):
+      out.update({f"{rel}:{k}": v for k, v in files.load_arrays(path).items()})
+  return out
+
+
+def test_kill_9_anywhere_resumes_exactly_bn_augment_sgd_cosine(tmp_path):
+  args = ["--dataset=sklearn_digits", "--model=conv-bn", "--experiment=train", "--trials=1",
+          "--epochs=8", "--batch_size=32", "--optimizer=sgd", "--momentum=0.9",
+          "--weight_decay=5e-4", "-lr=0.05", "--lr_schedule=cosine", "--warmup_epochs=1",
+          "--augment=crop_flip", "--attack=pgd", "--pgd_steps=2", "--adv_train",
+          "--noprogress"]
+  reference = run_module("run_experiments", *args, f"--base_dir={tmp_path / 'a'}")
+  assert reference.returncode == 0, reference.stderr[-2000:]
+  base = tmp_path / "b"
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+  rng = np.random.default_rng(0)
+  kills = 0
+  for _ in range(3):
+    process = subprocess.Popen([sys.executable, "-m", "run_experiments", *args,
+                                f"--base_dir={base}"], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not glob.glob(str(base / "**" / "checkpoint.npz"), recursive=True):
+      if process.poll() is not None or time.time() > deadline:
+        break
+      time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 1.5))  # Anywhere: mid-chunk, mid-evaluation, mid-write.
+    if process.poll() is None:
+      process.send_signal(signal.SIGKILL)
+      kills += 1
+    process.wait()
+  assert kills >= 1
+  resumed = run_module("run_experiments", *args, f"--base_dir={base}")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  expected = _tree(os.path.dirname(glob.glob(str(tmp_path / "a" / "**" / "hparams.json"),
+                                             recursive=True)[0]))
+  actual = _tree(os.path.dirname(glob.glob(str(base / "**" / "hparams.json"),
+                                           recursive=True)[0]))
+  assert expected.keys() == actual.keys()
+  for key in expected:
+    if isinstance(expected[key], str):
+      assert actual[key] == expected[key], key
+    else:
+      assert np.max(np.abs(actual[key] - expected[key]), initial=0) == 0, key
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--optimizer=rmsprop"], "optimizer"),
+    (["--lr_schedule=linear"], "lr_schedule"),
+    (["--momentum=-0.1"], "momentum"),
+    (["--weight_decay=-1"], "weight_decay"),
+    (["--lr_schedule=multistep", "--milestones=30,10", "--epochs=40"], "milestones"),
+    (["--lr_schedule=multistep", "--milestones=a,b"], "milestones"),
+    (["--warmup_epochs=5", "--epochs=3"], "warmup_epochs"),
+    (["--epochs=3", "--train_iters=100"], "--epochs"),
+    (["--optimizer=sgd", "--nesterov"], "nesterov"),
+    (["--train_examples=100000"], "train_examples"),
+])
+def test_bad_engine_flags_fail_in_one_line(tmp_path, args, message):
+  result = run_module("run_experiments", "--dataset=sklearn_digits", "--noprogress", *args,
+                      f"--base_dir={tmp_path}")
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr
+  errors = [line for line in result.stderr.splitlines()
+            if line.startswith(("error:", "FATAL Flags parsing error"))]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-1000:]
