@@ -5,10 +5,16 @@ Example:
   python -m run_analysis --base_dir=output --attack=pgd --noadv_train \
       --format=png,pdf --out_dir=/tmp/pgd_natural
 
-Every folder under --base_dir holding `hparams.json` is a run. The output
-(default `<base_dir>/analysis`) holds `report.md`, which shows every figure and
-table. Bad input (a missing or empty folder, no run, filters that match
-nothing) ends with a one-line message on stderr and exit status 1.
+Every folder under --base_dir holding `hparams.json` is a run. Runs are
+pooled only when their hyper-parameters are equal (a field an older run lacks
+counts as its default); settings that share a data set, model, experiment,
+attack and training mode are labelled by the fields that differ
+("prune_iters=3"). Lottery-ticket runs get the sparsity figures and tables;
+runs without pruning levels (`--experiment=train`, `no_pruning`) get learning
+curves and a final table; diverged levels are listed, never plotted. The
+output (default `<base_dir>/analysis`) holds `report.md`, which shows every
+figure and table. Bad input (a missing or empty folder, no run, filters that
+match nothing) ends with a one-line message on stderr and exit status 1.
 """
 
 import shlex
@@ -35,7 +41,7 @@ _ATTACK = flags.DEFINE_list(
     "attack", None, "Only these attacks, e.g. fgsm,pgd; default all.")
 _EXPERIMENT = flags.DEFINE_list(
     "experiment", None, "Only these experiments, e.g. reinit_orig,"
-    "reinit_rand; default all.")
+    "reinit_rand or train; default all.")
 _ADV_TRAIN = flags.DEFINE_boolean(
     "adv_train", None, "--adv_train: only adversarially trained runs; "
     "--noadv_train: only naturally trained runs; unset: both.")

@@ -29,6 +29,7 @@ EXPERIMENT_LABELS = {
     "reinit_none": "continued training",
     "rewind": "rewind",
     "no_pruning": "no pruning",
+    "train": "plain training",
 }
 # The seed's line styles: orig solid, rand dotted (1,1), none dashed (2,2).
 EXPERIMENT_DASHES = {
@@ -37,6 +38,7 @@ EXPERIMENT_DASHES = {
     "reinit_none": (0, (2, 2)),
     "rewind": (0, (5, 1, 1, 1)),
     "no_pruning": (0, (4, 1)),
+    "train": (0, (4, 1)),
 }
 EXPERIMENT_COLOURS = {
     "reinit_orig": "tab:blue",
@@ -44,10 +46,11 @@ EXPERIMENT_COLOURS = {
     "reinit_none": "tab:green",
     "rewind": "tab:red",
     "no_pruning": "tab:gray",
+    "train": "tab:brown",
 }
 EXPERIMENT_MARKERS = {
     "reinit_orig": "o", "reinit_rand": "s", "reinit_none": "^",
-    "rewind": "D", "no_pruning": "*",
+    "rewind": "D", "no_pruning": "*", "train": "P",
 }
 EXPERIMENT_ORDER = metrics.EXPERIMENT_ORDER
 TRAINING_MODES = ("natural", "adversarial")
@@ -440,4 +443,115 @@ def plot_tradeoff(final: pd.DataFrame) -> Optional[plt.Figure]:
                         setting=first["setting"]) +
                   "\nAdversarial vs natural test accuracy at the end of "
                   "training, across sparsity", fontsize=12)
+  return figure
+
+
+# Learning curves of studies without pruning levels: one row per metric.
+LEARNING_CURVE_METRICS = {
+    "loss": ("Loss (training objective)", 1.0),
+    "acc": ("Accuracy (%)", 100.0),
+    "adv_acc": ("Adversarial accuracy (%)", 100.0),
+    "top5": ("Top-5 accuracy (%)", 100.0),
+}
+LEARNING_CURVE_SPLITS = ("train", "valid", "test")
+SPLIT_TITLES = {
+    "train": "train (running mean since the last evaluation)",
+    "valid": "validation",
+    "test": "test",
+}
+SETTINGS_PER_FIGURE = 10
+
+
+def learning_curve_axis(rows: pd.DataFrame) -> str:
+  """"epoch" when every drawn row logged one, else "iteration"."""
+  if "epoch" in rows.columns and rows["epoch"].notna().all():
+    return "epoch"
+  return "iteration"
+
+
+def plot_learning_curves(rows: pd.DataFrame, labels: Sequence[str],
+                         heading: str) -> Optional[plt.Figure]:
+  """Loss, accuracy, adversarial (and top-5) accuracy during training.
+
+  Rows of the figure are metrics (those with at least one finite value),
+  columns are the splits; one colour per setting. Lines are means over the
+  trials of a setting, bands ±1 sample std. The x axis is the epoch when every
+  row logged one, else the training iteration.
+
+  Args:
+    rows: evaluations (every split) with a `label` column naming each run's
+      setting; runs that share a label have equal hyper-parameters.
+    labels: the labels to draw, in legend order (at most `len(tab10)` read
+      well; the caller splits longer lists).
+    heading: first line of the title (data set and model).
+
+  Returns:
+    The figure, or None when `rows` holds none of `labels`.
+  """
+  rows = rows[rows["label"].isin(labels)]
+  if rows.empty:
+    return None
+  x_column = learning_curve_axis(rows)
+  metric_names = [m for m in LEARNING_CURVE_METRICS
+                  if m in rows.columns and np.isfinite(rows[m]).any()]
+  splits = [s for s in LEARNING_CURVE_SPLITS if (rows["split"] == s).any()]
+  # Trials of one setting share their evaluation iterations; the epoch of an
+  # iteration is averaged (it is the same up to rounding).
+  summary = metrics.summarize(
+      rows.assign(x=rows[x_column].astype(float)),
+      ["label", "split", "iteration"], ["x"] + metric_names)
+  palette = plt.cm.tab10(np.arange(10)) if len(labels) <= 10 else (
+      plt.cm.tab20(np.arange(20)))
+  colours = {label: tuple(palette[i % len(palette)])
+             for i, label in enumerate(labels)}
+
+  figure, axes = plt.subplots(
+      len(metric_names), len(splits),
+      figsize=(4.6 * len(splits) + 1, 2.9 * len(metric_names) + 1.4),
+      sharex=True, sharey="row", squeeze=False, layout="constrained")
+  for row, metric in enumerate(metric_names):
+    axis_label, scale = LEARNING_CURVE_METRICS[metric]
+    for column, split in enumerate(splits):
+      axis = axes[row, column]
+      drawn = False
+      for label in labels:
+        curve = summary[(summary["label"] == label)
+                        & (summary["split"] == split)
+                        & np.isfinite(summary[f"{metric}_mean"])]
+        if curve.empty:
+          continue
+        curve = curve.sort_values("iteration")
+        _mean_std_band(axis, curve["x_mean"].to_numpy(),
+                       scale * curve[f"{metric}_mean"].to_numpy(),
+                       scale * curve[f"{metric}_std"].to_numpy(),
+                       colours[label], linewidth=1.5, marker="o",
+                       markersize=2.5, label=label)
+        drawn = True
+      axis.grid(alpha=0.3)
+      if not drawn:
+        # Only a note: hiding this panel's ticks would hide the whole row's
+        # and column's (the axes are shared, labelled on the outer panels).
+        axis.text(0.5, 0.5, f"{metric} not logged on {split}",
+                  transform=axis.transAxes, ha="center", va="center",
+                  fontsize=10, color="0.35")
+      if row == 0:
+        axis.set_title(SPLIT_TITLES[split], fontsize=11)
+      if row == len(metric_names) - 1:
+        axis.set_xlabel("Epoch" if x_column == "epoch"
+                        else "Training iteration")
+      if column == 0:
+        axis.set_ylabel(axis_label)
+    if metric == "loss":
+      axes[row, 0].set_ylim(bottom=0)
+  if x_column == "iteration":
+    axes[-1, 0].xaxis.set_major_formatter(ticker.FuncFormatter(
+        lambda x, _: f"{x:,.0f}"))
+  handles = [mlines.Line2D([], [], color=colours[label], linewidth=2.5,
+                           label=label) for label in labels]
+  longest = max(len(label) for label in labels)
+  columns = 4 if longest <= 25 else 2 if longest <= 50 else 1
+  figure.legend(handles=handles, loc="outside lower center",
+                ncol=min(columns, len(labels)), frameon=False, fontsize=9.5)
+  figure.suptitle(f"{heading}\nLearning curves (mean ± 1 std over trials)",
+                  fontsize=12)
   return figure

@@ -2,23 +2,39 @@
 
 A run is any folder under the base directory that holds `hparams.json`; the
 depth is not assumed. Inside a run, `trial_<t>/prune_iter_<k>/` holds
-`train.csv`, `valid.csv`, `test.csv` and `metadata.json`. A prune iteration is
-finished iff its `metadata.json` says `"completed": true`.
+`train.csv`, `valid.csv`, `test.csv` and `metadata.json`. A prune iteration
+(level) is finished iff its `metadata.json` says `"completed": true`; a level
+whose loss became NaN or infinite says `"diverged": true` instead.
 
 `load_study` returns a `Study`: `evaluations`, a tidy `pandas.DataFrame` with
-one row per (run, trial, prune iteration, split, evaluation), and `problems`,
-one line per missing trial, missing or unfinished prune iteration, or skipped
-run. Unfinished prune iterations are left out of `evaluations` (their CSVs are
-partial, so "the end of training" would be wrong), but the rest of their run
-is kept; a run with a corrupt CSV or JSON file is skipped as a whole.
+one row per (run, trial, prune iteration, split, evaluation); `runs`, one row
+per run with its full hyper-parameters; `diverged`, one row per diverged
+level; and `problems`, one line per missing trial, missing, unfinished or
+diverged level, or skipped run. Unfinished and diverged levels are left out of
+`evaluations` (their CSVs are partial, so "the end of training" would be
+wrong), but the rest of their run is kept; a run with a corrupt CSV or JSON
+file is skipped as a whole.
+
+Settings. Runs are told apart by their full hyper-parameters: a field missing
+from an older `hparams.json` takes its default from
+`robust_sparse.hparams.Hparams`, and only fields that say where or how much to
+run (`NOT_DISTINGUISHING_KEYS`) are ignored. Figures and tables are organised
+along `AXIS_KEYS`; runs that share an axis cell but differ in any other field
+get different `setting` labels ("prune_iters=3"), so they are never pooled.
 """
 
+import contextlib
 import csv
 import dataclasses
+import functools
+import hashlib
 import json
+import math
 import os
 import re
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+import types
+from typing import (Callable, Dict, Iterable, List, Mapping, Optional,
+                    Sequence, Tuple)
 
 from absl import logging
 import numpy as np
@@ -31,11 +47,19 @@ METRIC_COLUMNS = ("loss", "acc", "adv_acc", "nat_loss", "adv_loss")
 CSV_COLUMNS = ("iteration",) + METRIC_COLUMNS
 
 # Hyper-parameters that define the axes of the study (figures and tables are
-# organised by them), and bookkeeping ones that never distinguish two settings.
+# organised by them).
 AXIS_KEYS = ("dataset", "model", "experiment", "attack", "adv_train")
-BOOKKEEPING_KEYS = frozenset(
-    ("trials", "prune_iters", "force", "base_dir", "data_dir", "devices",
-     "output_dir", "run_dir"))
+# Fields that say where or how much to run, never what a trial computes: the
+# engine's hash leaves out `trials` and `data_dir` (more trials extend a run),
+# and output locations or a "start over" switch cannot change a number. Any
+# other field, known to `Hparams` or not, tells runs apart.
+NOT_DISTINGUISHING_KEYS = frozenset(
+    ("trials", "data_dir", "base_dir", "out_dir", "output_dir", "run_dir",
+     "force"))
+# Experiments that train once, without pruning levels.
+SINGLE_LEVEL_EXPERIMENTS = ("no_pruning", "train")
+# How a setting label shows a field that a run lacks and that has no default.
+UNSET = "unset"
 
 _TRIAL_DIR = re.compile(r"^trial_(\d+)$")
 _PRUNE_ITER_DIR = re.compile(r"^prune_iter_(\d+)$")
@@ -45,20 +69,37 @@ class AnalysisError(ValueError):
   """Bad input for the analysis (missing folder, no runs, no match)."""
 
 
+DIVERGED_COLUMNS = ("run_dir", "trial", "prune_iteration",
+                    "diverged_iteration", "last_logged_iteration")
+
+
+def _no_divergence() -> pd.DataFrame:
+  return pd.DataFrame(columns=list(DIVERGED_COLUMNS))
+
+
 @dataclasses.dataclass
 class Study:
   """Everything loaded from one base directory.
 
   Attributes:
     evaluations: one row per (run, trial, prune iteration, split, evaluation);
-      see `EVALUATION_COLUMNS`.
-    runs: one row per loaded run: `run_dir` plus its hyper-parameters.
-    problems: human-readable warnings (missing or unfinished work, skipped
-      runs), each naming the path concerned.
+      see `EVALUATION_COLUMNS`, followed by any further numeric CSV columns
+      (`epoch`, `lr`, `top5`, ...), NaN where a run did not log them.
+    runs: one row per loaded run: `run_dir`, its hyper-parameters (missing
+      fields filled with their defaults), `setting`, `config_id` (a hash of
+      the distinguishing hyper-parameters) and `expected_levels`.
+    problems: human-readable warnings (missing, unfinished or diverged work,
+      skipped runs), each naming the path concerned.
+    diverged: one row per diverged level; see `DIVERGED_COLUMNS`. The run
+      need not be in `runs` (a run whose every level diverged is skipped).
+    configs: `distinguishing_hparams` of each loaded run, by `run_dir`.
   """
   evaluations: pd.DataFrame
   runs: pd.DataFrame
   problems: List[str]
+  diverged: pd.DataFrame = dataclasses.field(default_factory=_no_divergence)
+  configs: Dict[str, Dict[str, object]] = dataclasses.field(
+      default_factory=dict)
 
 
 EVALUATION_COLUMNS = (
@@ -71,6 +112,63 @@ EVALUATION_COLUMNS = (
 def training_mode(adv_train: bool) -> str:
   """Returns "adversarial" or "natural", the label used in figures."""
   return "adversarial" if adv_train else "natural"
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+  """Silences file descriptor 2, where TensorFlow's C++ start-up logs go.
+
+  Those lines would turn `run_analysis`'s one-line error into several; Python
+  errors of the import are caught and reported by the caller instead.
+  """
+  try:
+    saved = os.dup(2)
+  except OSError:  # No usable stderr (embedded interpreter): nothing to hide.
+    yield
+    return
+  try:
+    with open(os.devnull, "w") as devnull:
+      os.dup2(devnull.fileno(), 2)
+      yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+@functools.lru_cache(maxsize=None)
+def _engine_defaults() -> Tuple[Tuple[Tuple[str, object], ...],
+                                Tuple[str, ...], str]:
+  """Reads (defaults, fields left out of the run hash, error) from the engine.
+
+  Imported lazily: `robust_sparse.hparams` pulls in TensorFlow (seconds), and
+  bad input should fail before paying for it. Returns no defaults and the
+  reason when the engine cannot be imported (analysing on a machine without
+  TensorFlow), so the analysis still runs, keeping runs apart rather than
+  pooling them.
+  """
+  try:
+    with _quiet_stderr():
+      # pylint: disable=g-import-not-at-top,import-outside-toplevel
+      from robust_sparse import hparams as hparams_module
+    defaults = hparams_module.Hparams().to_dict()
+    not_hashed = tuple(getattr(hparams_module, "NOT_HASHED", ()))
+  except Exception as error:  # pylint: disable=broad-except
+    return (), (), f"{type(error).__name__}: {error}"
+  return tuple(defaults.items()), not_hashed, ""
+
+
+def hparam_defaults() -> Dict[str, object]:
+  """The default of every hyper-parameter, from `robust_sparse.hparams.Hparams`.
+
+  Returns:
+    A flat dict; empty when the engine cannot be imported.
+  """
+  return dict(_engine_defaults()[0])
+
+
+def not_distinguishing_keys() -> frozenset:
+  """Fields that never tell runs apart: ours and the engine's `NOT_HASHED`."""
+  return NOT_DISTINGUISHING_KEYS | frozenset(_engine_defaults()[1])
 
 
 def find_run_dirs(base_dir: str) -> List[str]:
@@ -101,11 +199,13 @@ def _read_json(path: str) -> dict:
   return value
 
 
-def _matches(hparams: dict, filters: Dict[str, Optional[Sequence]]) -> bool:
+def _matches(hparams: dict, filters: Dict[str, Optional[Sequence]],
+             defaults: Callable[[], Mapping]) -> bool:
   for key, allowed in filters.items():
     if allowed is None:
       continue
-    if hparams.get(key) not in allowed:
+    value = hparams[key] if key in hparams else defaults().get(key)
+    if value not in allowed:
       return False
   return True
 
@@ -120,37 +220,73 @@ def _numbered_subdirs(folder: str, pattern: re.Pattern) -> Dict[int, str]:
 
 
 def expected_prune_iterations(hparams: dict) -> int:
-  """Returns how many prune iterations a finished run has per trial."""
-  if hparams.get("experiment") == "no_pruning":
+  """Returns how many prune iterations (levels) a finished run has per trial.
+
+  Asks the experiment registry (`levels()`), which knows every experiment;
+  an experiment it does not know (a run from another version) has
+  `prune_iters + 1` levels unless it is one of `SINGLE_LEVEL_EXPERIMENTS`.
+  """
+  try:
+    # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    from experiments.registry import EXPERIMENTS
+    experiment = EXPERIMENTS.get(hparams.get("experiment"))
+    return int(experiment(types.SimpleNamespace(**hparams)).levels())
+  except Exception:  # pylint: disable=broad-except
+    pass
+  if hparams.get("experiment") in SINGLE_LEVEL_EXPERIMENTS:
     return 1
   return int(hparams.get("prune_iters", 0)) + 1
 
 
-def _read_csv(path: str) -> np.ndarray:
-  """Returns the `CSV_COLUMNS` of a log as an (evaluations, 6) float array.
+def _number(text: str) -> float:
+  # An empty cell is a value the engine did not measure at that evaluation.
+  return float(text) if text.strip() else math.nan
 
+
+def _read_csv(path: str) -> Dict[str, np.ndarray]:
+  """Returns every numeric column of a log, by name, as float arrays.
+
+  `iteration` is required; the `METRIC_COLUMNS` must be numeric where present
+  and are NaN where absent (older or newer engines log different columns);
+  any other column is kept if all its cells are numbers and dropped otherwise.
   The csv module is several times faster than `pandas.read_csv` on thousands
   of small files, which is what a 20-level, 5-trial study is.
+
+  Raises:
+    ValueError: the header is missing, lacks `iteration`, or a required
+      column holds a value that is not a number.
   """
   with open(path, newline="") as f:
     reader = csv.reader(f)
     header = next(reader, None)
     if header is None:
       raise ValueError("empty file (no header)")
-    missing = [c for c in CSV_COLUMNS if c not in header]
-    if missing:
-      raise ValueError(f"missing columns {missing}")
-    positions = [header.index(c) for c in CSV_COLUMNS]
-    rows = []
-    for line_number, row in enumerate(reader, start=2):
-      if not row:
-        continue
+    rows = [(line_number, row)
+            for line_number, row in enumerate(reader, start=2) if row]
+  header = [name.strip() for name in header]
+  if "iteration" not in header:
+    raise ValueError("missing column 'iteration'")
+  columns = {}
+  for position, name in enumerate(header):
+    if not name or name in columns:
+      continue
+    values = []
+    for line_number, row in rows:
       try:
-        rows.append([float(row[i]) for i in positions])
+        values.append(_number(row[position]))
       except (IndexError, ValueError):
+        if name not in CSV_COLUMNS:
+          break  # Not a numeric column (a note, a phase name): skipped.
         raise ValueError(f"line {line_number} is not numeric: "
                          f"{','.join(row)[:60]!r}") from None
-  return np.asarray(rows, dtype=float).reshape(-1, len(CSV_COLUMNS))
+    else:
+      columns[name] = np.asarray(values, dtype=float)
+  if not np.isfinite(columns["iteration"]).all():
+    raise ValueError("column 'iteration' has an empty or non-finite value")
+  for name in METRIC_COLUMNS:
+    if name not in columns:
+      columns[name] = np.full(len(rows), np.nan)
+  return columns
 
 
 class _CorruptFile(Exception):
@@ -162,26 +298,42 @@ class _CorruptFile(Exception):
     self.reason = reason
 
 
-def _load_prune_iteration(folder: str) -> Optional[Tuple[dict, Dict[str,
-                                                                     np.ndarray]]]:
-  """Returns (metadata, {split: log array}), or None when unfinished."""
+@dataclasses.dataclass
+class _Level:
+  """What one `prune_iter_<k>` folder holds.
+
+  `status` is "finished", "unfinished" or "diverged"; `level` and `logs` are
+  set for finished levels, `metadata` for diverged ones.
+  """
+  status: str
+  level: Optional[dict] = None
+  logs: Optional[Dict[str, Dict[str, np.ndarray]]] = None
+  metadata: Optional[dict] = None
+
+
+def _load_prune_iteration(folder: str, prune_iteration: int) -> _Level:
   metadata_path = os.path.join(folder, METADATA_FILE)
   if not os.path.exists(metadata_path):
-    return None
+    return _Level("unfinished")
   try:
     metadata = _read_json(metadata_path)
   except (ValueError, OSError) as error:
     raise _CorruptFile(metadata_path, str(error)) from None
+  # A diverged level may also say completed; its numbers are still not final.
+  if metadata.get("diverged", False):
+    return _Level("diverged", metadata=metadata)
   if not metadata.get("completed", False):
-    return None
+    return _Level("unfinished")
+  # The first level is dense; an engine that does not prune may not say so.
+  default_percent = 100.0 if prune_iteration == 0 else None
   try:
     level = {
-        "percent_weights_remaining": float(
-            metadata["percent_weights_remaining"]),
+        "percent_weights_remaining": float(metadata.get(
+            "percent_weights_remaining", default_percent)),
         "weights_remaining": int(metadata.get("weights_remaining", -1)),
         "weights_total": int(metadata.get("weights_total", -1)),
     }
-  except (KeyError, TypeError, ValueError) as error:
+  except (TypeError, ValueError) as error:
     raise _CorruptFile(metadata_path, f"bad or missing field {error}") from None
   logs = {}
   for split in SPLITS:
@@ -190,12 +342,36 @@ def _load_prune_iteration(folder: str) -> Optional[Tuple[dict, Dict[str,
       logs[split] = _read_csv(path)
     except (ValueError, OSError) as error:
       raise _CorruptFile(path, str(error)) from None
-  return level, logs
+  return _Level("finished", level=level, logs=logs)
 
 
-def _load_run(run_dir: str, hparams: dict,
-              problems: List[str]) -> Optional[pd.DataFrame]:
-  """Loads one run; appends its problems; returns None if it is skipped."""
+def _last_logged_iteration(folder: str) -> float:
+  """The last evaluation a diverged level logged (NaN if unreadable)."""
+  try:
+    iterations = _read_csv(os.path.join(folder, "test.csv"))["iteration"]
+  except (ValueError, OSError):
+    return math.nan
+  return float(iterations.max()) if iterations.size else math.nan
+
+
+def _iteration_text(value) -> str:
+  try:
+    return f"iteration {int(value)}"
+  except (TypeError, ValueError):
+    return "an unknown iteration"
+
+
+# Columns of the evaluations that a CSV column may not overwrite.
+_RESERVED_COLUMNS = frozenset(EVALUATION_COLUMNS) - frozenset(CSV_COLUMNS)
+
+
+def _load_run(run_dir: str, hparams: dict, problems: List[str],
+              diverged: List[dict]) -> Optional[pd.DataFrame]:
+  """Loads one run; appends its problems and diverged levels.
+
+  Returns:
+    The run's evaluations, or None if it has no finished level (skipped).
+  """
   trials = int(hparams.get("trials", 1))
   prune_iterations = expected_prune_iterations(hparams)
   trial_dirs = _numbered_subdirs(run_dir, _TRIAL_DIR)
@@ -206,23 +382,47 @@ def _load_run(run_dir: str, hparams: dict,
                       f"{trials} trials)")
       continue
     iteration_dirs = _numbered_subdirs(trial_dirs[trial], _PRUNE_ITER_DIR)
-    for prune_iteration in range(
-        max(prune_iterations, max(iteration_dirs, default=-1) + 1)):
+    levels = max(prune_iterations, max(iteration_dirs, default=-1) + 1)
+    diverged_at = None  # The level of this trial that diverged, if any.
+    for prune_iteration in range(levels):
       if prune_iteration not in iteration_dirs:
-        problems.append(f"{run_dir}: trial {trial}, prune iteration "
-                        f"{prune_iteration}: missing")
+        if diverged_at is None:
+          problems.append(f"{run_dir}: trial {trial}, prune iteration "
+                          f"{prune_iteration}: missing")
         continue
-      loaded = _load_prune_iteration(iteration_dirs[prune_iteration])
-      if loaded is None:
+      folder = iteration_dirs[prune_iteration]
+      loaded = _load_prune_iteration(folder, prune_iteration)
+      if loaded.status == "unfinished":
         problems.append(f"{run_dir}: trial {trial}, prune iteration "
                         f"{prune_iteration}: unfinished (no completed "
                         f"{METADATA_FILE}); left out")
         continue
-      level, logs = loaded
+      if loaded.status == "diverged":
+        at = loaded.metadata.get("diverged_iteration")
+        problems.append(f"{run_dir}: trial {trial}, prune iteration "
+                        f"{prune_iteration}: diverged (loss not finite) at "
+                        f"{_iteration_text(at)}; left out")
+        diverged.append({
+            "run_dir": run_dir, "trial": trial,
+            "prune_iteration": prune_iteration,
+            "diverged_iteration": at if isinstance(
+                at, (int, float)) and not isinstance(at, bool) else math.nan,
+            "last_logged_iteration": _last_logged_iteration(folder)})
+        diverged_at = prune_iteration
+        continue
       for split in SPLITS:
-        blocks.append(logs[split])
-        labels.append((trial, prune_iteration, level, split,
-                       len(logs[split])))
+        blocks.append(loaded.logs[split])
+        labels.append((trial, prune_iteration, loaded.level, split,
+                       len(loaded.logs[split]["iteration"])))
+    # The levels after a diverged one cannot be trained: one line says so.
+    not_run = [k for k in range(levels)
+               if diverged_at is not None and k > diverged_at
+               and k not in iteration_dirs]
+    if not_run:
+      span = (f"{not_run[0]}" if len(not_run) == 1
+              else f"{not_run[0]}-{not_run[-1]}")
+      problems.append(f"{run_dir}: trial {trial}, prune iteration(s) {span}: "
+                      f"not run (prune iteration {diverged_at} diverged)")
   if not blocks:
     problems.append(f"{run_dir}: no finished prune iteration; run skipped")
     return None
@@ -231,7 +431,6 @@ def _load_run(run_dir: str, hparams: dict,
     return np.repeat([get(label) for label in labels],
                      [label[-1] for label in labels])
 
-  values = np.concatenate(blocks)
   run = pd.DataFrame({
       "run_dir": run_dir,
       "dataset": str(hparams.get("dataset", "?")),
@@ -248,42 +447,166 @@ def _load_run(run_dir: str, hparams: dict,
       "weights_total": repeated(
           lambda label: label[2]["weights_total"]).astype(int),
       "split": repeated(lambda label: label[3]).astype(str),
-      "iteration": values[:, 0].astype(int),
+      "iteration": np.concatenate(
+          [block["iteration"] for block in blocks]).astype(int),
   })
-  for position, column in enumerate(METRIC_COLUMNS, start=1):
-    run[column] = values[:, position]
+  extras = sorted({name for block in blocks for name in block}
+                  - set(CSV_COLUMNS) - _RESERVED_COLUMNS)
+  for column in list(METRIC_COLUMNS) + extras:
+    run[column] = np.concatenate([
+        block.get(column, np.full(len(block["iteration"]), np.nan))
+        for block in blocks])
   return run
 
 
-def setting_keys(runs: pd.DataFrame) -> List[str]:
-  """Returns the hyper-parameters that tell apart runs of one experiment.
+def _canonical(value):
+  """A JSON-able form in which equal hyper-parameters are equal.
 
-  A key counts if every run has it, it is neither an axis of the study nor
-  bookkeeping, and it takes more than one value among the runs of one
-  (dataset, model, experiment). Keys that only differ between experiments (a
-  rewind point that only `rewind` sets) therefore do not split the study.
+  JSON writes 0.0 as 0 in some writers and tuples as lists; both must match
+  the dataclass default.
   """
-  keys = []
-  for key in runs.columns:
-    if key in AXIS_KEYS or key in BOOKKEEPING_KEYS or key == "run_dir":
-      continue
-    values = runs[key]
-    if values.isna().any():
-      continue
-    as_text = values.map(lambda v: json.dumps(v, sort_keys=True))
-    varies = as_text.groupby(
-        [runs["dataset"], runs["model"], runs["experiment"]]).nunique()
-    if (varies > 1).any():
-      keys.append(key)
-  return sorted(keys)
+  if isinstance(value, bool) or value is None or isinstance(value, str):
+    return value
+  if isinstance(value, float) and value.is_integer():
+    return int(value)
+  if isinstance(value, (int, float)):
+    return value
+  if isinstance(value, (list, tuple)):
+    return [_canonical(v) for v in value]
+  if isinstance(value, dict):
+    return {str(k): _canonical(v) for k, v in value.items()}
+  return str(value)
 
 
-def _setting_labels(runs: pd.DataFrame) -> pd.Series:
-  keys = setting_keys(runs)
-  if not keys:
-    return pd.Series("", index=runs.index)
-  return runs.apply(
-      lambda row: ", ".join(f"{k}={row[k]}" for k in keys), axis=1)
+def _text(value) -> str:
+  return json.dumps(value, sort_keys=True)
+
+
+def distinguishing_hparams(hparams: Mapping, defaults: Mapping,
+                           ignored: Iterable[str]) -> Dict[str, object]:
+  """The fields that define what a run computes, missing ones at their default.
+
+  Args:
+    hparams: a run's `hparams.json`.
+    defaults: `hparam_defaults()`; a field neither in `hparams` nor here is
+      left out (and reads as `UNSET` when another run has it).
+    ignored: fields that never tell runs apart (`not_distinguishing_keys()`).
+
+  Returns:
+    {field: canonical value}, sorted by field.
+  """
+  ignored = set(ignored)
+  filled = {**defaults, **hparams}
+  return {key: _canonical(filled[key]) for key in sorted(filled)
+          if key not in ignored}
+
+
+def config_id(config: Mapping) -> str:
+  """A short hash of `distinguishing_hparams`: equal iff the settings are."""
+  return hashlib.sha256(_text(dict(config)).encode()).hexdigest()[:10]
+
+
+class _Unset:
+  """The value of a field that a run lacks and that has no default."""
+
+  def __repr__(self):
+    return UNSET
+
+
+UNSET_VALUE = _Unset()
+
+
+def format_value(value) -> str:
+  """How a setting label shows a value: `0.001`, `sgd`, `True`, `[1, 2]`."""
+  if value is UNSET_VALUE:
+    return UNSET
+  if isinstance(value, str):
+    # Quoted when the bare text would read as another type or as unset.
+    try:
+      json.loads(value)
+    except ValueError:
+      return _text(value) if value == UNSET else value
+    return _text(value)
+  if isinstance(value, bool) or value is None:
+    return str(value)
+  if isinstance(value, (int, float)):
+    return repr(value)
+  return _text(value)
+
+
+def differing_keys(configs: Sequence[Mapping],
+                   cells: Optional[Sequence[tuple]] = None,
+                   exclude: Iterable[str] = AXIS_KEYS) -> List[str]:
+  """The fields whose value differs between configurations of one cell.
+
+  Args:
+    configs: `distinguishing_hparams` of each run.
+    cells: the cell of each run (runs are compared within a cell only); None
+      compares all runs with each other.
+    exclude: fields never returned (the axes, shown elsewhere).
+
+  Returns:
+    The differing fields, sorted. A field that one run lacks and another has
+    differs.
+  """
+  if cells is None:
+    cells = [()] * len(configs)
+  exclude = set(exclude)
+  keys = sorted({key for config in configs for key in config} - exclude)
+  differing = []
+  for key in keys:
+    seen = {}
+    for config, cell in zip(configs, cells):
+      seen.setdefault(cell, set()).add(
+          _text(config[key]) if key in config else UNSET)
+    if any(len(values) > 1 for values in seen.values()):
+      differing.append(key)
+  return differing
+
+
+def setting_label(config: Mapping, keys: Sequence[str]) -> str:
+  """`"k1=v1, k2=v2"` for the given fields of one configuration."""
+  return ", ".join(
+      f"{key}={format_value(config.get(key, UNSET_VALUE))}" for key in keys)
+
+
+def setting_labels(configs: Sequence[Mapping], cells: Sequence[tuple],
+                   exclude: Iterable[str] = AXIS_KEYS,
+                   groups: Optional[Sequence] = None) -> List[str]:
+  """One label per run naming the fields that differ within its cell.
+
+  The fields are those that differ within any cell of the run's group, shown
+  for every run of the group, so runs of different cells with equal settings
+  share a label (a figure may compare them). Labels are unique per
+  configuration within a cell; should two different values print alike, the
+  configuration's hash is appended.
+
+  Args:
+    configs: `distinguishing_hparams` of each run.
+    cells: the axis cell of each run.
+    exclude: fields never named (the axes).
+    groups: the group of each run (runs of different groups are never shown
+      together, so each group names its own fields); None: one group.
+  """
+  if groups is None:
+    groups = [()] * len(configs)
+  labels = [""] * len(configs)
+  members = {}
+  for index, group in enumerate(groups):
+    members.setdefault(group, []).append(index)
+  for indices in members.values():
+    keys = differing_keys([configs[i] for i in indices],
+                          [cells[i] for i in indices], exclude)
+    for i in indices:
+      labels[i] = setting_label(configs[i], keys)
+  ids = [config_id(config) for config in configs]
+  by_cell_label = {}
+  for cell, label, identity in zip(cells, labels, ids):
+    by_cell_label.setdefault((cell, label), set()).add(identity)
+  return [
+      label if len(by_cell_label[(cell, label)]) == 1
+      else f"{label} #{identity}".strip()
+      for cell, label, identity in zip(cells, labels, ids)]
 
 
 def load_study(base_dir: str,
@@ -291,7 +614,8 @@ def load_study(base_dir: str,
                models: Optional[Iterable[str]] = None,
                attacks: Optional[Iterable[str]] = None,
                experiments: Optional[Iterable[str]] = None,
-               adv_train: Optional[bool] = None) -> Study:
+               adv_train: Optional[bool] = None,
+               defaults: Optional[Mapping] = None) -> Study:
   """Loads every run under `base_dir` that matches the filters.
 
   Args:
@@ -299,6 +623,9 @@ def load_study(base_dir: str,
     datasets, models, attacks, experiments: keep only runs whose hyper-parameter
       is one of these; None keeps all.
     adv_train: keep only runs with this `adv_train`; None keeps both.
+    defaults: the value of each hyper-parameter that a run's `hparams.json`
+      lacks; None reads them from `robust_sparse.hparams.Hparams` (and adds a
+      problem if that cannot be imported).
 
   Returns:
     A `Study`. Problems are also logged as warnings.
@@ -311,6 +638,22 @@ def load_study(base_dir: str,
   if not run_dirs:
     raise AnalysisError(
         f"no runs under {base_dir!r} (no {HPARAMS_FILE} found in any folder)")
+  problems: List[str] = []
+  ignored = set(NOT_DISTINGUISHING_KEYS)
+
+  def get_defaults() -> Mapping:
+    nonlocal defaults
+    if defaults is None:
+      defaults = hparam_defaults()
+      ignored.update(not_distinguishing_keys())
+      error = _engine_defaults()[2]
+      if error:
+        problems.append(
+            "could not read the hyper-parameter defaults from "
+            f"robust_sparse.hparams ({error}); runs whose hparams.json lacks "
+            "a field are kept apart from runs that set it")
+    return defaults
+
   filters = {
       "dataset": None if datasets is None else list(datasets),
       "model": None if models is None else list(models),
@@ -318,20 +661,21 @@ def load_study(base_dir: str,
       "experiment": None if experiments is None else list(experiments),
       "adv_train": None if adv_train is None else [bool(adv_train)],
   }
-  problems: List[str] = []
   matching = []
+  corrupt = 0
   for run_dir in run_dirs:
     path = os.path.join(run_dir, HPARAMS_FILE)
     try:
       hparams = _read_json(path)
     except (ValueError, OSError) as error:
       problems.append(f"{path}: corrupt ({error}); run skipped")
+      corrupt += 1
       continue
-    if _matches(hparams, filters):
+    if _matches(hparams, filters, get_defaults):
       matching.append((run_dir, hparams))
   if not matching:
     _log(problems)
-    readable = len(run_dirs) - len(problems)
+    readable = len(run_dirs) - corrupt
     if not readable:
       raise AnalysisError(
           f"no readable runs under {base_dir!r}: every one of the "
@@ -341,31 +685,49 @@ def load_study(base_dir: str,
         f"none of the {readable} runs under {base_dir!r} match the "
         f"filters {active}")
 
-  run_frames, run_rows = [], []
+  run_frames, run_rows, configs = [], [], []
+  diverged: List[dict] = []
   for run_dir, hparams in matching:
+    filled = {**get_defaults(), **hparams}
     try:
-      frame = _load_run(run_dir, hparams, problems)
+      frame = _load_run(run_dir, filled, problems, diverged)
     except _CorruptFile as error:
       problems.append(f"{error.path}: corrupt ({error.reason}); run "
                       f"{run_dir} skipped")
       continue
     if frame is not None:
+      config = distinguishing_hparams(hparams, get_defaults(), ignored)
       run_frames.append(frame)
-      run_rows.append({"run_dir": run_dir, **hparams})
+      configs.append(config)
+      row = {key: value for key, value in filled.items() if key != "run_dir"}
+      run_rows.append({"run_dir": run_dir, **row,
+                       "config_id": config_id(config),
+                       "expected_levels": expected_prune_iterations(filled)})
   _log(problems)
+  diverged_frame = pd.DataFrame(diverged, columns=list(DIVERGED_COLUMNS))
   if not run_frames:
+    reason = (f" ({len(diverged)} level{'s' if len(diverged) > 1 else ''} "
+              "diverged)" if diverged else "")
     raise AnalysisError(
         f"none of the {len(matching)} matching runs under {base_dir!r} has a "
-        "readable, finished prune iteration")
+        f"readable, finished prune iteration{reason}")
 
   runs = pd.DataFrame(run_rows)
   runs["adv_train"] = runs["adv_train"].astype(bool)
-  runs["setting"] = _setting_labels(runs)
+  cells = [tuple(_text(_canonical(row.get(key))) for key in AXIS_KEYS)
+           for row in run_rows]
+  # Figures and tables never mix data sets or models: a field that only
+  # varies in another (data set, model) does not lengthen these labels.
+  runs["setting"] = setting_labels(
+      configs, cells, groups=list(zip(runs["dataset"], runs["model"])))
   evaluations = pd.concat(run_frames, ignore_index=True)
   evaluations = evaluations.merge(runs[["run_dir", "setting"]], on="run_dir")
   evaluations["training_mode"] = evaluations["adv_train"].map(training_mode)
-  evaluations = evaluations.loc[:, list(EVALUATION_COLUMNS)]
-  return Study(evaluations=evaluations, runs=runs, problems=problems)
+  extras = [c for c in evaluations.columns if c not in EVALUATION_COLUMNS]
+  evaluations = evaluations.loc[:, list(EVALUATION_COLUMNS) + sorted(extras)]
+  return Study(evaluations=evaluations, runs=runs, problems=problems,
+               diverged=diverged_frame,
+               configs=dict(zip(runs["run_dir"], configs)))
 
 
 def _log(problems: List[str]) -> None:

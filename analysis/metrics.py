@@ -20,7 +20,7 @@ SERIES_KEYS = ("dataset", "model", "attack", "training_mode", "experiment",
 NETWORK_KEYS = ("run_dir", "trial", "prune_iteration")
 # The order in which experiments are listed and drawn.
 EXPERIMENT_ORDER = ("reinit_orig", "reinit_rand", "reinit_none", "rewind",
-                    "no_pruning")
+                    "no_pruning", "train")
 DENSE_TOLERANCE_POINTS = 1.0
 
 
@@ -52,6 +52,8 @@ def early_stop_evaluations(evaluations: pd.DataFrame) -> pd.DataFrame:
     `evaluations` for the test split, plus `early_stop_iteration`.
   """
   valid = evaluations[evaluations["split"] == "valid"]
+  # A NaN loss is no minimum; a network without a finite one has no stop.
+  valid = valid[np.isfinite(valid["loss"])]
   valid = valid.sort_values(list(NETWORK_KEYS) + ["iteration"], kind="stable")
   best = valid.loc[valid.groupby(list(NETWORK_KEYS))["loss"].idxmin().values]
   best = best.loc[:, list(NETWORK_KEYS) + ["iteration"]].rename(

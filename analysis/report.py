@@ -1,16 +1,25 @@
 """Writes every figure and table of a study, and `report.md` that shows them all.
 
+Lottery-ticket sections cover each (data set, model, setting) holding a run
+with pruning levels. Runs without pruning levels (`train`, `no_pruning`, or
+`prune_iters=0`) also get learning curves and a final table per (data set,
+model), each setting labelled by the hyper-parameters that differ between
+those runs; a `no_pruning` baseline beside a lottery study appears in both.
+
 Layout of `out_dir`:
   report.md                      open this one file to see the whole study
   figures/<dataset>_<model>_<attack>[_<setting>]_<figure>.<format>
+  figures/<dataset>_<model>_learning_curves[_part<n>].<format>
   tables/<dataset>_<model>[_<setting>]_accuracy_table.{csv,md,tex}
+  tables/<dataset>_<model>_final_table.{csv,md}   runs without pruning levels
   tables/best_sparsity.{csv,md}
   tables/summary_by_level.csv    every level of every series, in numbers
+  tables/diverged.csv            levels whose loss became NaN or infinite
 """
 
 import dataclasses
 import os
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
@@ -23,6 +32,8 @@ REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
 TABLES_DIR = "tables"
 IMAGE_FORMATS = ("png", "svg", "jpg", "jpeg")
+# A lottery section: the runs one seed table and its figures cover.
+_SECTION_KEYS = ("dataset", "model", "setting")
 
 
 @dataclasses.dataclass
@@ -39,6 +50,17 @@ class Section:
   table_markdown: str
   table_paths: List[str]
   figures_by_attack: dict  # attack -> list of Figure
+
+
+@dataclasses.dataclass
+class TrainingSection:
+  """Learning curves and final table of the unpruned runs of one model."""
+  heading: str
+  label_keys: List[str]
+  settings: int
+  table_markdown: str
+  table_paths: List[str]
+  figures: List[Figure]
 
 
 def _group_stem(*parts: str) -> str:
@@ -95,28 +117,17 @@ def level_summary(final: pd.DataFrame, early: pd.DataFrame) -> pd.DataFrame:
                       on=keys, how="outer")
 
 
-def write_analysis(study: load.Study, out_dir: str,
-                   formats: Sequence[str] = ("png",),
-                   source: str = "", command: Optional[str] = None) -> str:
-  """Writes all figures, tables and the report of `study` into `out_dir`.
+def _lottery_mask(frame: pd.DataFrame, cells: set) -> pd.Series:
+  keys = frame[list(_SECTION_KEYS)].itertuples(index=False, name=None)
+  return pd.Series([key in cells for key in keys], index=frame.index,
+                   dtype=bool)
 
-  Args:
-    study: from `load.load_study`.
-    out_dir: output folder (created).
-    formats: figure formats, e.g. ("png", "svg", "pdf").
-    source: the base directory, named in the report.
-    command: the command line that produced the analysis, for the report.
 
-  Returns:
-    The path of the report.
-  """
-  os.makedirs(os.path.join(out_dir, TABLES_DIR), exist_ok=True)
-  evaluations = study.evaluations
-  final = metrics.final_evaluations(evaluations, "test")
-  early = metrics.early_stop_evaluations(evaluations)
-
+def _lottery_sections(evaluations: pd.DataFrame, final: pd.DataFrame,
+                      early: pd.DataFrame, out_dir: str,
+                      formats: Sequence[str]) -> List[Section]:
   sections = []
-  groups = final.groupby(["dataset", "model", "setting"], sort=True)
+  groups = final.groupby(list(_SECTION_KEYS), sort=True)
   for (dataset, model, setting), group_final in groups:
     in_group = ((evaluations["dataset"] == dataset)
                 & (evaluations["model"] == model)
@@ -146,21 +157,124 @@ def write_analysis(study: load.Study, out_dir: str,
                 & (early["attack"] == attack)],
           out_dir, stem, formats)
     sections.append(Section(heading, table_markdown, table_paths, by_attack))
+  return sections
 
-  best = metrics.best_sparsity_summary(evaluations)
-  best_stem = os.path.join(out_dir, TABLES_DIR, "best_sparsity")
-  best.to_csv(best_stem + ".csv", index=False, float_format="%.6g")
-  best_markdown = tables.best_sparsity_markdown(best)
-  with open(best_stem + ".md", "w") as f:
-    f.write(best_markdown)
-  level_summary(final, early).to_csv(
-      os.path.join(out_dir, TABLES_DIR, "summary_by_level.csv"), index=False,
-      float_format="%.6g")
+
+def training_labels(study: load.Study, run_dirs: Sequence[str]
+                   ) -> Tuple[Dict[str, str], List[str]]:
+  """Labels runs without pruning levels by the fields that differ between them.
+
+  Args:
+    study: the loaded study (its `configs`).
+    run_dirs: runs of one data set and model.
+
+  Returns:
+    ({run_dir: label}, the fields named). Runs with equal labels have equal
+    hyper-parameters. When all runs share one setting, the label names the
+    experiment, attack and training mode instead.
+  """
+  configs = [study.configs[run_dir] for run_dir in run_dirs]
+  keys = load.differing_keys(configs, exclude=("dataset", "model"))
+  if not keys:
+    keys = ["experiment", "attack", "adv_train"]
+  labels = [load.setting_label(config, keys) for config in configs]
+  # Different configurations that print alike get their hash appended.
+  ids = [load.config_id(config) for config in configs]
+  per_label = {}
+  for label, identity in zip(labels, ids):
+    per_label.setdefault(label, set()).add(identity)
+  labels = [label if len(per_label[label]) == 1 else f"{label} #{identity}"
+            for label, identity in zip(labels, ids)]
+  return dict(zip(run_dirs, labels)), keys
+
+
+def _training_sections(study: load.Study, out_dir: str,
+                       formats: Sequence[str]) -> List[TrainingSection]:
+  runs = study.runs[study.runs["expected_levels"] == 1]
+  evaluations = study.evaluations[
+      study.evaluations["run_dir"].isin(runs["run_dir"])]
+  sections = []
+  for (dataset, model), group in runs.groupby(["dataset", "model"],
+                                              sort=True):
+    label_of, keys = training_labels(study, list(group["run_dir"]))
+    rows = evaluations[evaluations["run_dir"].isin(label_of)]
+    rows = rows.assign(label=rows["run_dir"].map(label_of))
+    final = metrics.final_evaluations(rows, "test")
+    stem = _group_stem(dataset, model)
+    table = tables.final_table(final)
+    table_path = os.path.join(out_dir, TABLES_DIR, f"{stem}_final_table")
+    table.to_csv(table_path + ".csv", index=False, float_format="%.6g")
+    table_markdown = tables.to_markdown(tables.final_table_cells(table),
+                                        index=False)
+    with open(table_path + ".md", "w") as f:
+      f.write(table_markdown)
+    labels = sorted(set(label_of.values()))
+    chunks = [labels[i:i + figures.SETTINGS_PER_FIGURE]
+              for i in range(0, len(labels), figures.SETTINGS_PER_FIGURE)]
+    saved: List[Figure] = []
+    for part, chunk in enumerate(chunks, start=1):
+      suffix = f"_part{part}" if len(chunks) > 1 else ""
+      caption = ("Loss, accuracy and adversarial accuracy during training, "
+                 "one colour per setting"
+                 + (f" (settings {part} of {len(chunks)})" if suffix else ""))
+      _save(figures.plot_learning_curves(rows, chunk, f"{dataset} | {model}"),
+            out_dir, f"{stem}_learning_curves{suffix}", formats, caption,
+            saved)
+    sections.append(TrainingSection(
+        f"{dataset} / {model}: runs without pruning levels", keys,
+        len(labels), table_markdown,
+        [table_path + ".csv", table_path + ".md"], saved))
+  return sections
+
+
+def write_analysis(study: load.Study, out_dir: str,
+                   formats: Sequence[str] = ("png",),
+                   source: str = "", command: Optional[str] = None) -> str:
+  """Writes all figures, tables and the report of `study` into `out_dir`.
+
+  Args:
+    study: from `load.load_study`.
+    out_dir: output folder (created).
+    formats: figure formats, e.g. ("png", "svg", "pdf").
+    source: the base directory, named in the report.
+    command: the command line that produced the analysis, for the report.
+
+  Returns:
+    The path of the report.
+  """
+  os.makedirs(os.path.join(out_dir, TABLES_DIR), exist_ok=True)
+  pruned_runs = study.runs.loc[study.runs["expected_levels"] > 1, "run_dir"]
+  everything = study.evaluations
+  # Sections holding a run with pruning levels are lottery sections; their
+  # single-level runs (no_pruning baselines) are drawn beside the tickets.
+  lottery_cells = set(
+      everything.loc[everything["run_dir"].isin(pruned_runs),
+                     list(_SECTION_KEYS)].itertuples(index=False, name=None))
+  evaluations = everything[_lottery_mask(everything, lottery_cells)]
+
+  sections, best_markdown = [], None
+  if not evaluations.empty:
+    final = metrics.final_evaluations(evaluations, "test")
+    early = metrics.early_stop_evaluations(evaluations)
+    sections = _lottery_sections(evaluations, final, early, out_dir, formats)
+    best = metrics.best_sparsity_summary(evaluations)
+    best_stem = os.path.join(out_dir, TABLES_DIR, "best_sparsity")
+    best.to_csv(best_stem + ".csv", index=False, float_format="%.6g")
+    best_markdown = tables.best_sparsity_markdown(best)
+    with open(best_stem + ".md", "w") as f:
+      f.write(best_markdown)
+    level_summary(final, early).to_csv(
+        os.path.join(out_dir, TABLES_DIR, "summary_by_level.csv"),
+        index=False, float_format="%.6g")
+  training = _training_sections(study, out_dir, formats)
+  if not study.diverged.empty:
+    study.diverged.to_csv(os.path.join(out_dir, TABLES_DIR, "diverged.csv"),
+                          index=False)
 
   path = os.path.join(out_dir, REPORT_FILE)
   with open(path, "w") as f:
     f.write(render_report(study, sections, best_markdown, out_dir, source,
-                          command))
+                          command, training))
   return path
 
 
@@ -181,10 +295,71 @@ def _figure_markdown(figure: Figure, out_dir: str) -> str:
   return text + "\n"
 
 
+def _relative(run_dir: str, source: str) -> str:
+  return os.path.relpath(run_dir, source or ".")
+
+
+def _diverged_lines(diverged: pd.DataFrame, source: str) -> List[str]:
+  def number(value):
+    return "?" if pd.isna(value) else f"{int(value):,}"
+
+  lines = [
+      "## Diverged runs", "",
+      "Levels whose loss became NaN or infinite. They are left out of every "
+      "figure and table (a diverged trial counts as missing there); the "
+      f"training logs up to the last finite evaluation stay in the run "
+      f"folder. ([csv]({TABLES_DIR}/diverged.csv))", "",
+      "| Run | Trial | Level (prune iteration) | Diverged at iteration | "
+      "Last finite evaluation (iteration) |",
+      "|---|---|---|---|---|"]
+  for row in diverged.sort_values(["run_dir", "trial",
+                                   "prune_iteration"]).itertuples():
+    lines.append(
+        f"| `{_relative(row.run_dir, source)}` | {row.trial} | "
+        f"{row.prune_iteration} | {number(row.diverged_iteration)} | "
+        f"{number(row.last_logged_iteration)} |")
+  return lines + [""]
+
+
+def _training_lines(section: TrainingSection, out_dir: str) -> List[str]:
+  named = ", ".join(f"`{key}`" for key in section.label_keys)
+  if section.settings == 1:
+    about = (f"These runs share one setting (labelled by {named}); their "
+             "trials are pooled.")
+  else:
+    about = (f"{section.settings} settings, each labelled by {named}: the "
+             "hyper-parameters that differ between these runs. Runs that "
+             "share a label have equal hyper-parameters and are pooled; runs "
+             "that differ in any field are not.")
+  lines = [
+      f"## {section.heading}", "", about, "",
+      "### Final evaluation", "",
+      "The last test evaluation of each trial; cells: mean ± std (n) over "
+      "trials, in percent."
+      + "".join(f" [{p.rsplit('.', 1)[-1]}]({_link(p, out_dir)})"
+                for p in section.table_paths), "",
+      section.table_markdown,
+      "### Learning curves", ""]
+  for figure in section.figures:
+    lines.append(_figure_markdown(figure, out_dir))
+  return lines
+
+
 def render_report(study: load.Study, sections: Sequence[Section],
-                  best_markdown: str, out_dir: str, source: str = "",
-                  command: Optional[str] = None) -> str:
-  """Returns the Markdown of the report (links relative to `out_dir`)."""
+                  best_markdown: Optional[str], out_dir: str,
+                  source: str = "", command: Optional[str] = None,
+                  training: Sequence[TrainingSection] = ()) -> str:
+  """Returns the Markdown of the report (links relative to `out_dir`).
+
+  Args:
+    study: the loaded study.
+    sections: lottery-ticket sections.
+    best_markdown: the best-sparsity table; None when no run was pruned.
+    out_dir: where the report goes (links are relative to it).
+    source: the base directory, named in the report.
+    command: the command line, for the report.
+    training: sections of runs without pruning levels.
+  """
   runs = study.runs
   trials = study.evaluations.groupby("run_dir")["trial"].nunique()
   lines = [
@@ -196,26 +371,30 @@ def render_report(study: load.Study, sections: Sequence[Section],
       "Every statistic is over trials: mean ± sample standard deviation "
       "(ddof=1) with the number of trials n. *End of training* is the last "
       "evaluation; *early stopping* is the evaluation with the smallest "
-      "validation loss (the training objective). Sparsity levels are the "
-      "percent of weights remaining.",
+      "validation loss (the training objective)."
+      + (" Sparsity levels are the percent of weights remaining."
+         if sections else ""),
       "",
   ]
   if study.problems:
     lines += ["## Warnings", "",
-              "Missing or unfinished work (left out of every number below):",
-              ""]
+              "Missing, unfinished or diverged work (left out of every "
+              "number below):", ""]
     lines += [f"- {problem}" for problem in study.problems]
     lines.append("")
-  lines += [
-      "## Sparsest level within one point of dense",
-      "",
-      "Per run: the smallest percent of weights remaining whose mean final "
-      "test accuracy is at most 1 percentage point below the dense (100 %) "
-      f"level. ([csv]({TABLES_DIR}/best_sparsity.csv); all levels in "
-      f"[summary_by_level.csv]({TABLES_DIR}/summary_by_level.csv))",
-      "",
-      best_markdown,
-  ]
+  if not study.diverged.empty:
+    lines += _diverged_lines(study.diverged, source)
+  if best_markdown is not None:
+    lines += [
+        "## Sparsest level within one point of dense",
+        "",
+        "Per run: the smallest percent of weights remaining whose mean final "
+        "test accuracy is at most 1 percentage point below the dense (100 %) "
+        f"level. ([csv]({TABLES_DIR}/best_sparsity.csv); all levels in "
+        f"[summary_by_level.csv]({TABLES_DIR}/summary_by_level.csv))",
+        "",
+        best_markdown,
+    ]
   for section in sections:
     lines += [f"## {section.heading}", "",
               "### Test accuracy of the ticket (reinit_orig) at the final "
@@ -229,13 +408,18 @@ def render_report(study: load.Study, sections: Sequence[Section],
       lines += [f"### Attack: {attack.upper()}", ""]
       for figure in saved:
         lines += [_figure_markdown(figure, out_dir)]
+  for section in training:
+    lines += _training_lines(section, out_dir)
+  with_setting = (runs["setting"] != "").any()
   lines += ["## Runs", "",
-            "| Run | Experiment | Attack | Training | Trials loaded |",
-            "|---|---|---|---|---|"]
+            "| Run | Experiment | Attack | Training |"
+            + (" Setting |" if with_setting else "") + " Trials loaded |",
+            "|---|---|---|---|" + ("---|" if with_setting else "") + "---|"]
   for _, run in runs.iterrows():
+    setting = f" {run['setting'] or tables.MISSING} |" if with_setting else ""
     lines.append(
-        f"| `{os.path.relpath(run['run_dir'], source or '.')}` | "
+        f"| `{_relative(run['run_dir'], source)}` | "
         f"{run['experiment']} | {run['attack']} | "
-        f"{load.training_mode(run['adv_train'])} | "
+        f"{load.training_mode(run['adv_train'])} |{setting} "
         f"{trials.get(run['run_dir'], 0)} of {run.get('trials', '?')} |")
   return "\n".join(lines) + "\n"

@@ -183,3 +183,57 @@ def write_seed_table(table: pd.DataFrame, cells: pd.DataFrame, caption: str,
   with open(paths[2], "w") as f:
     f.write(seed_table_latex(cells, caption))
   return paths
+
+
+# The final table of runs without pruning levels: measure -> column heading.
+FINAL_MEASURES = {
+    "acc": "Test acc. (%)",
+    "adv_acc": "Adv. test acc. (%)",
+    "top5": "Top-5 test acc. (%)",
+}
+
+
+def final_table(final: pd.DataFrame) -> pd.DataFrame:
+  """Numbers of the final table: the last test evaluation of each setting.
+
+  Args:
+    final: `metrics.final_evaluations` rows (one per trial) with a `label`
+      column; runs that share a label have equal hyper-parameters.
+
+  Returns:
+    One row per label with `experiment`, `attack`, `training_mode`, `trials`,
+    the final `iteration` (and `epoch` where logged) and
+    `<measure>_mean`, `<measure>_std` (ddof=1), `<measure>_n` in percent for
+    each of `FINAL_MEASURES` that some run logged.
+  """
+  measures = [m for m in FINAL_MEASURES
+              if m in final.columns and final[m].notna().any()]
+  keys = ["label", "experiment", "attack", "training_mode"]
+  scaled = final.assign(**{m: 100 * final[m] for m in measures})
+  table = metrics.summarize(scaled, keys, measures)
+  grouped = final.groupby(keys, sort=True)
+  table["trials"] = grouped["trial"].count().to_numpy()
+  table["iteration"] = grouped["iteration"].max().to_numpy()
+  if "epoch" in final.columns and final["epoch"].notna().any():
+    table["epoch"] = grouped["epoch"].max().to_numpy()
+  table = table.drop(columns="percent_weights_remaining", errors="ignore")
+  return table.sort_values("label", kind="stable").reset_index(drop=True)
+
+
+def final_table_cells(table: pd.DataFrame) -> pd.DataFrame:
+  """Formats `final_table` as text cells `mean ± std (n)`, a row a setting."""
+  shown = pd.DataFrame({"Setting": table["label"],
+                        "Attack": table["attack"].str.upper(),
+                        "Training": table["training_mode"]})
+  if "epoch" in table.columns:
+    shown["Final epoch"] = table["epoch"].map(
+        lambda v: MISSING if pd.isna(v) else f"{v:.4g}")
+  shown["Final iteration"] = table["iteration"].map(lambda v: f"{int(v):,}")
+  for measure, heading in FINAL_MEASURES.items():
+    if f"{measure}_mean" not in table.columns:
+      continue
+    shown[heading] = [
+        format_cell(mean, std, n) for mean, std, n in zip(
+            table[f"{measure}_mean"], table[f"{measure}_std"],
+            table[f"{measure}_n"])]
+  return shown

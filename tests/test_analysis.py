@@ -4,7 +4,11 @@ The fixture (`tests/analysis_fixtures.py`) writes 8 runs: reinit_orig and
 reinit_rand x fgsm and pgd x natural and adversarial training, 3 trials,
 prune iterations 0..3. Final test accuracies of trials 0, 1, 2 differ by one
 point, so every mean is the middle trial and every sample std (ddof=1) is
-exactly 1.00 point (the population std, ddof=0, would be 0.82).
+exactly 1.00 point (the population std, ddof=0, would be 0.82). Pooling two
+such runs by mistake shows as n=6 and std 0.89.
+
+Further tests write studies of one kind each: runs that differ in one field,
+`train` studies (one level, new log columns) and diverged levels.
 """
 
 import os
@@ -15,6 +19,8 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+
+from matplotlib import pyplot as plt
 
 from analysis import figures
 from analysis import load
@@ -298,14 +304,21 @@ def test_cli_writes_filtered_analysis_and_warns(tmp_path):
   run_dir = fixtures.write_run(base_dir, attack="pgd", trials=2,
                                prune_iters=1, unfinished=[(1, 1)])
   fixtures.write_run(base_dir, attack="fgsm", trials=2, prune_iters=1)
+  # A mixed base folder: a `train` study beside the lottery runs.
+  fixtures.write_run(base_dir, experiment="train", attack="pgd",
+                     dataset="cifar10", trials=2, new_columns=True)
   result = run_cli(f"--base_dir={base_dir}", "--attack=pgd", "--noadv_train",
                    "--format=png,svg")
   assert result.returncode == 0, result.stderr
   assert f"{run_dir}: trial 1, prune iteration 1: unfinished" in result.stderr
+  # Reading the defaults imports TensorFlow; its C++ start-up lines are hidden.
+  assert "cudart" not in result.stderr
+  assert "InitializeLog" not in result.stderr
   out_dir = os.path.join(base_dir, "analysis")
   produced = os.listdir(os.path.join(out_dir, "figures"))
   assert "digits_dense-300-100_pgd_tradeoff.png" in produced
   assert "digits_dense-300-100_pgd_tradeoff.svg" in produced
+  assert "cifar10_dense-300-100_learning_curves.svg" in produced
   assert not any("fgsm" in name for name in produced)
   with open(os.path.join(out_dir, "report.md")) as f:
     assert "unfinished" in f.read()
@@ -336,3 +349,235 @@ def test_cli_bad_input_is_one_line_and_exit_1(tmp_path, case):
   assert lines[0].startswith("run_analysis: error: ")
   assert expected in lines[0]
   assert "Traceback" not in result.stderr
+
+
+# Defaults for tests that must not depend on the engine's current fields.
+DEFAULTS = {"weight_decay": 0.0, "optimizer": "sgd", "prune_iters": 20,
+            "label_smoothing": 0.1, "trials": 10, "data_dir": None}
+
+
+def dense_level(final, **where):
+  """n, mean and sample std (in %) of final test acc at prune iteration 0."""
+  rows = final[final["prune_iteration"] == 0]
+  for key, value in where.items():
+    rows = rows[rows[key] == value]
+  acc = 100 * rows["acc"]
+  return len(acc), acc.mean(), acc.std(ddof=1)
+
+
+def test_runs_differing_only_in_prune_iters_are_kept_apart(tmp_path):
+  fixtures.write_run(str(tmp_path), prune_iters=3)
+  fixtures.write_run(str(tmp_path), prune_iters=5)
+  study = load.load_study(str(tmp_path))  # Defaults from the engine.
+  assert study.problems == []
+  assert sorted(study.runs["setting"]) == ["prune_iters=3", "prune_iters=5"]
+  final = metrics.final_evaluations(study.evaluations)
+  for setting in ("prune_iters=3", "prune_iters=5"):
+    n, mean, std = dense_level(final, setting=setting)
+    assert (n, mean, std) == (3, pytest.approx(96.0), pytest.approx(1.0))
+  # The seed table of one setting has its own levels only.
+  table = tables.seed_table(final[final["setting"] == "prune_iters=3"])
+  assert table["prune_iteration"].max() == 3
+  assert (table["n"] == 3).all() and np.allclose(table["std"], 1.0)
+  summary = report.level_summary(
+      final, metrics.early_stop_evaluations(study.evaluations))
+  assert (summary["acc_n"] == 3).all()
+
+
+def test_field_absent_from_an_older_run_counts_as_its_default(tmp_path):
+  older = fixtures.write_run(str(tmp_path))  # No weight_decay at all.
+  explicit = fixtures.write_run(str(tmp_path), weight_decay=0.0)
+  changed = fixtures.write_run(str(tmp_path), weight_decay=0.0005)
+  study = load.load_study(str(tmp_path), defaults=DEFAULTS)
+  setting = dict(zip(study.runs["run_dir"], study.runs["setting"]))
+  assert setting[older] == setting[explicit] == "weight_decay=0"
+  assert setting[changed] == "weight_decay=0.0005"
+  config = dict(zip(study.runs["run_dir"], study.runs["config_id"]))
+  assert config[older] == config[explicit] != config[changed]
+  final = metrics.final_evaluations(study.evaluations)
+  assert dense_level(final, setting="weight_decay=0")[0] == 6  # pooled
+  n, _, std = dense_level(final, setting="weight_decay=0.0005")
+  assert (n, std) == (3, pytest.approx(1.0))
+
+
+def test_missing_field_uses_the_engine_default(tmp_path):
+  defaults = load.hparam_defaults()
+  assert defaults, "robust_sparse.hparams.Hparams could not be read"
+  field = "weight_decay" if "weight_decay" in defaults else "label_smoothing"
+  default = defaults[field]
+  older = fixtures.write_run(str(tmp_path))
+  explicit = fixtures.write_run(str(tmp_path), **{field: default})
+  changed = fixtures.write_run(str(tmp_path), **{field: default + 0.25})
+  study = load.load_study(str(tmp_path))
+  assert study.problems == []
+  setting = dict(zip(study.runs["run_dir"], study.runs["setting"]))
+  assert setting[older] == setting[explicit] != setting[changed]
+  assert setting[changed] == f"{field}={default + 0.25!r}"
+
+
+def test_field_unknown_to_the_engine_tells_runs_apart(tmp_path):
+  with_knob = fixtures.write_run(str(tmp_path), new_knob=2)
+  without = fixtures.write_run(str(tmp_path))
+  study = load.load_study(str(tmp_path), defaults=DEFAULTS)
+  setting = dict(zip(study.runs["run_dir"], study.runs["setting"]))
+  assert setting == {with_knob: "new_knob=2", without: "new_knob=unset"}
+  # Output locations and the trial count never tell runs apart.
+  assert load.differing_keys(
+      [{"a": 1}, {"a": 1}]) == []
+  config = load.distinguishing_hparams(
+      {"trials": 3, "data_dir": "/x", "base_dir": "/y", "seed": 1}, DEFAULTS,
+      load.NOT_DISTINGUISHING_KEYS)
+  assert "trials" not in config and "data_dir" not in config
+  assert "base_dir" not in config and config["seed"] == 1
+
+
+def test_csvs_with_extra_columns_in_any_order_load(tmp_path):
+  old = fixtures.write_run(str(tmp_path), experiment="train", trials=2)
+  new = fixtures.write_run(str(tmp_path), experiment="train", trials=2,
+                           new_columns=True, seed=7)
+  log = os.path.join(new, "trial_0", "prune_iter_0", "test.csv")
+  with open(log) as f:
+    header, *rows = f.read().splitlines()
+  assert header.split(",") == list(fixtures.NEW_COLUMNS)
+  # A text column (a future engine's note) is dropped, not an error.
+  with open(log, "w") as f:
+    f.write(header + ",phase\n" + "\n".join(r + ",warmup" for r in rows)
+            + "\n")
+  study = load.load_study(str(tmp_path), defaults=DEFAULTS)
+  assert study.problems == []
+  evaluations = study.evaluations
+  assert list(evaluations.columns) == list(load.EVALUATION_COLUMNS) + [
+      "epoch", "lr", "top5"]
+  old_rows = evaluations[evaluations["run_dir"] == old]
+  new_rows = evaluations[evaluations["run_dir"] == new]
+  assert old_rows[["epoch", "lr", "top5"]].isna().all().all()
+  last = new_rows[(new_rows["split"] == "test") & (new_rows["trial"] == 1)
+                  & (new_rows["iteration"] == fixtures.TRAIN_ITERS)].iloc[0]
+  assert last["epoch"] == fixtures.TRAIN_ITERS / fixtures.ITERATIONS_PER_EPOCH
+  assert last["acc"] == pytest.approx(0.96)  # Read by name, not position.
+  assert last["top5"] == pytest.approx(1.0)
+  assert (new_rows["percent_weights_remaining"] == 100.0).all()
+
+
+@pytest.fixture(scope="module")
+def train_study_dir(tmp_path_factory):
+  """A `train` study: weight decay 0 and 5e-4 (one trial of it diverged)."""
+  base_dir = str(tmp_path_factory.mktemp("train_study"))
+  fixtures.write_run(base_dir, experiment="train", dataset="cifar100",
+                     model="resnet20", new_columns=True)
+  fixtures.write_run(base_dir, experiment="train", dataset="cifar100",
+                     model="resnet20", new_columns=True, weight_decay=0.0005,
+                     acc_offset=-0.05, diverged=[(1, 0)])
+  return base_dir
+
+
+def test_diverged_level_is_warned_and_left_out(train_study_dir):
+  study = load.load_study(train_study_dir, defaults=DEFAULTS)
+  run_dir = study.runs.loc[study.runs["setting"] == "weight_decay=0.0005",
+                           "run_dir"].item()
+  assert study.problems == [
+      f"{run_dir}: trial 1, prune iteration 0: diverged (loss not finite) at "
+      f"iteration {fixtures.DIVERGED_ITERATION}; left out"]
+  assert study.diverged.to_dict("records") == [{
+      "run_dir": run_dir, "trial": 1, "prune_iteration": 0,
+      "diverged_iteration": fixtures.DIVERGED_ITERATION,
+      "last_logged_iteration": fixtures.DIVERGED_ITERATION - 100}]
+  rows = study.evaluations[study.evaluations["run_dir"] == run_dir]
+  assert sorted(rows["trial"].unique()) == [0, 2]
+
+
+def test_diverged_lottery_level_says_later_levels_were_not_run(tmp_path):
+  run_dir = fixtures.write_run(str(tmp_path), diverged=[(1, 1)])
+  study = load.load_study(str(tmp_path), defaults=DEFAULTS)
+  assert study.problems == [
+      f"{run_dir}: trial 1, prune iteration 1: diverged (loss not finite) at "
+      f"iteration {fixtures.DIVERGED_ITERATION}; left out",
+      f"{run_dir}: trial 1, prune iteration(s) 2-3: not run (prune iteration "
+      "1 diverged)"]
+  loaded = study.evaluations.groupby("trial")["prune_iteration"].unique()
+  assert sorted(loaded[1]) == [0]
+  early = metrics.early_stop_evaluations(study.evaluations)
+  assert np.isfinite(early["acc"]).all()
+
+
+def test_nothing_finished_is_an_error_that_counts_divergence(tmp_path):
+  fixtures.write_run(str(tmp_path), experiment="train", trials=1,
+                     diverged=[(0, 0)])
+  with pytest.raises(load.AnalysisError,
+                     match=r"finished prune iteration \(1 level diverged\)"):
+    load.load_study(str(tmp_path), defaults=DEFAULTS)
+
+
+def test_train_study_draws_learning_curves_and_final_table(
+    train_study_dir, tmp_path):
+  study = load.load_study(train_study_dir, defaults=DEFAULTS)
+  out_dir = str(tmp_path / "analysis")
+  path = report.write_analysis(study, out_dir, ["png"],
+                               source=train_study_dir)
+  # No sparsity figure, table or best-sparsity summary without pruning.
+  assert os.listdir(os.path.join(out_dir, "figures")) == [
+      "cifar100_resnet20_learning_curves.png"]
+  assert sorted(os.listdir(os.path.join(out_dir, "tables"))) == [
+      "cifar100_resnet20_final_table.csv", "cifar100_resnet20_final_table.md",
+      "diverged.csv"]
+
+  table = pd.read_csv(os.path.join(out_dir, "tables",
+                                   "cifar100_resnet20_final_table.csv"))
+  assert list(table["label"]) == ["weight_decay=0", "weight_decay=0.0005"]
+  assert list(table["trials"]) == [3, 2]  # The diverged trial is left out.
+  # Trials 0 and 2 of the second setting: 90 and 92 %.
+  assert table["acc_mean"].to_numpy() == pytest.approx([96.0, 91.0])
+  assert table["acc_std"].iloc[0] == pytest.approx(1.0)
+  assert table["epoch"].to_numpy() == pytest.approx([6.0, 6.0])
+  assert "top5_mean" in table.columns
+
+  with open(path) as f:
+    text = f.read()
+  assert "## Diverged runs" in text
+  run_dir = study.diverged["run_dir"].item()
+  relative = os.path.relpath(run_dir, train_study_dir)
+  assert (f"| `{relative}` | 1 | 0 | {fixtures.DIVERGED_ITERATION} | "
+          f"{fixtures.DIVERGED_ITERATION - 100} |") in text
+  assert "## cifar100 / resnet20: runs without pruning levels" in text
+  assert ("| weight_decay=0.0005 | FGSM | natural | 6 | 300 | "
+          "91.00 ± 1.41 (2)") in text
+  assert "(figures/cifar100_resnet20_learning_curves.png)" in text
+  for link in re.findall(r"\]\(([^)]+)\)", text):
+    assert os.path.exists(os.path.join(out_dir, link)), link
+
+
+def test_learning_curves_plot_finite_values_against_epoch(train_study_dir):
+  study = load.load_study(train_study_dir, defaults=DEFAULTS)
+  label_of, keys = report.training_labels(study, list(study.runs["run_dir"]))
+  assert keys == ["weight_decay"]
+  rows = study.evaluations.assign(
+      label=study.evaluations["run_dir"].map(label_of))
+  labels = sorted(set(label_of.values()))
+  figure = figures.plot_learning_curves(rows, labels, "cifar100 | resnet20")
+  axes = np.array(figure.axes).reshape(4, 3)
+  assert [a.get_ylabel() for a in axes[:, 0]] == [
+      "Loss (training objective)", "Accuracy (%)",
+      "Adversarial accuracy (%)", "Top-5 accuracy (%)"]
+  assert axes[-1, 0].get_xlabel() == "Epoch"
+  for axis in axes.flat:
+    lines = axis.get_lines()
+    assert len(lines) == 2  # One per setting; no empty panel.
+    for line in lines:
+      assert np.isfinite(line.get_ydata()).all()
+  legend = [t.get_text() for t in figure.legends[0].get_texts()]
+  assert legend == ["weight_decay=0", "weight_decay=0.0005"]
+  plt.close(figure)
+
+
+def test_without_the_engine_runs_lacking_a_field_are_kept_apart(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(load, "_engine_defaults",
+                      lambda: ((), (), "ModuleNotFoundError: tensorflow"))
+  older = fixtures.write_run(str(tmp_path))
+  explicit = fixtures.write_run(str(tmp_path), weight_decay=0.0)
+  study = load.load_study(str(tmp_path))
+  assert len(study.problems) == 1
+  assert "could not read the hyper-parameter defaults" in study.problems[0]
+  assert "ModuleNotFoundError: tensorflow" in study.problems[0]
+  setting = dict(zip(study.runs["run_dir"], study.runs["setting"]))
+  assert setting == {older: "weight_decay=unset", explicit: "weight_decay=0"}
