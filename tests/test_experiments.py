@@ -30,7 +30,9 @@ def _assert_masked_equal(actual, expected, masks_dir):
   for path, value in actual.items():
     layer = path.split("/")[0]
     mask_file = os.path.join(masks_dir, "masks", f"{layer}.npy")
-    if path.endswith("kernel") and os.path.exists(mask_file):
+    if path.endswith("/mask"):
+      value_expected = np.load(mask_file)  # Each level trains with its own mask.
+    elif path.endswith("kernel") and os.path.exists(mask_file):
       value_expected = expected[path] * np.load(mask_file)
     else:
       value_expected = expected[path]
