@@ -180,8 +180,14 @@ class Hparams(RunHparams, AttackHparams, PruningHparams, TrainingHparams, ModelH
   """Everything that defines an experiment (defaults: the lottery-ticket seed's)."""
 
   def __post_init__(self):
-    # JSON gives lists; keep the dataclass hashable and comparable.
+    # JSON gives lists and notebooks give ints for floats: normalise, so that
+    # `epochs=200` and `epochs=200.0` name the same run folder.
     object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if (_flag_kind(field) == "float" and isinstance(value, int)
+          and not isinstance(value, bool)):
+        object.__setattr__(self, field.name, float(value))
 
   def attack_config(self) -> AttackConfig:
     return AttackConfig(name=self.attack, eps=self.eps, step_size=self.pgd_step_size,
@@ -223,7 +229,7 @@ class Hparams(RunHparams, AttackHparams, PruningHparams, TrainingHparams, ModelH
   # ---- the run folder ----------------------------------------------------------
   def hashed_fields(self):
     """The fields the folder's hash covers: those off their default, plus `REQUIRED`."""
-    defaults = Hparams().to_dict()
+    defaults = type(self)().to_dict()
     return {k: v for k, v in self.to_dict().items()
             if k not in NOT_HASHED and (k in REQUIRED or v != defaults[k])}
 
