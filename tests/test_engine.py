@@ -39,7 +39,8 @@ def test_bn_lottery_run_on_cifar_rewinds_bn_statistics(tmp_path, data_dir):
   hparams = Hparams(dataset="cifar10", model="conv-bn", experiment="rewind",
                     rewind_iteration=10, prune_iters=1, trials=1, train_examples=2000,
                     valid_size=500, batch_size=100, epochs=2, optimizer="sgd",
-                    learning_rate=0.05, momentum=0.9, augment="crop_flip", data_dir=data_dir)
+                    learning_rate=0.05, momentum=0.9, augment="crop_flip", data_dir=data_dir,
+                    lr_schedule="cosine", schedule_per="iteration")
   run_dir = Runner(hparams, dataset, str(tmp_path), progress=False).run()
   load = lambda level, name: files.load_arrays(os.path.join(level_dir(run_dir, 0, level), name))
   rewind, level1 = load(0, "weights_rewind.npz"), load(1, "weights_init.npz")
@@ -57,6 +58,11 @@ def test_bn_lottery_run_on_cifar_rewinds_bn_statistics(tmp_path, data_dir):
                        names=True)
   np.testing.assert_array_equal(test["iteration"], [10, 20, 40])  # 20 iterations per epoch
   np.testing.assert_array_equal(test["epoch"], [0.5, 1.0, 2.0])
+  # The rewound level resumes the schedule at the rewind point (lr of the last step).
+  schedule = make_schedule("cosine", 0.05, total_iterations=40, steps_per_epoch=20,
+                           per="iteration")
+  np.testing.assert_allclose(test["lr"], [float(schedule(i - 1)) for i in (10, 20, 40)],
+                             rtol=1e-6)
 
 
 def _engine_and_fit_models(digits):
