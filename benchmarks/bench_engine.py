@@ -1,0 +1,83 @@
+"""Benchmark: the engine's compiled loop against Keras' own `model.fit`.
+
+For each model, the same network (same initial weights) trains on the same
+batches (the runner's index stream over MNIST or CIFAR-10) with the same
+optimizer, once through `robust_sparse.engine.Engine.train` (k steps per call)
+and once through `model.fit(steps_per_execution=50)` with XLA, Keras' fastest
+configuration. The ratio is engine steps/s over fit steps/s; target >= 1.0.
+
+  python -m benchmarks.bench_engine --data_dir=DIR [--repeats=3]
+
+Not a test: timings depend on the machine; only the ratio is meaningful.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from attacks import AttackConfig, make_attack  # noqa: E402
+from benchmarks.timing import median_seconds  # noqa: E402
+from data import load_dataset  # noqa: E402
+from models import build_model  # noqa: E402
+from robust_sparse.engine import Engine, index_stream  # noqa: E402
+from robust_sparse.optimizers import make_optimizer  # noqa: E402
+from robust_sparse.steps import OptimizerGroup, standard_loss_grad_fn  # noqa: E402
+
+flags.DEFINE_string("data_dir", None, "folder with mnist/ and cifar-10/ (else tensorflow-"
+                    "datasets)")
+flags.DEFINE_integer("repeats", 3, "timed repeats per front-end")
+flags.DEFINE_integer("dense_steps", 1000, "dense-300-100 steps per repeat (batch 60)")
+flags.DEFINE_integer("resnet_steps", 50, "resnet18 steps per repeat")
+flags.DEFINE_integer("resnet_batch", 8, "resnet18 batch size (small: CPU)")
+FLAGS = flags.FLAGS
+STEPS_PER_EXECUTION = 50
+
+
+def ratio(model_name, dataset, steps, batch_size, optimizer):
+  """Engine steps/s divided by `fit` steps/s for one model."""
+  keras.utils.set_random_seed(0)
+  engine_model = build_model(model_name, dataset.input_shape, dataset.num_classes)
+  fit_model = build_model(model_name, dataset.input_shape, dataset.num_classes)
+  fit_model.set_weights(engine_model.get_weights())
+  attack = make_attack(AttackConfig("fgsm"))
+  engine = Engine(engine_model,
+                  standard_loss_grad_fn(engine_model, num_classes=dataset.num_classes),
+                  [OptimizerGroup("weights", make_optimizer(optimizer, 1e-3))],
+                  x_train=dataset.x_train, y_train=dataset.y_train, batch_size=batch_size,
+                  attack=attack)
+  engine_batches = iter(index_stream(len(dataset.x_train), batch_size, seed=0))
+
+  fit_model.compile(optimizer=make_optimizer(optimizer, 1e-3),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    jit_compile=True, steps_per_execution=min(STEPS_PER_EXECUTION, steps))
+  x, y = tf.constant(dataset.x_train), tf.constant(dataset.y_train, tf.int32)
+  fit_batches = index_stream(len(dataset.x_train), batch_size, seed=0).map(
+      lambda i: (tf.gather(x, i), tf.gather(y, i)), num_parallel_calls=tf.data.AUTOTUNE)
+  fit_batches = fit_batches.prefetch(tf.data.AUTOTUNE)
+  fit_iterator = fit_batches.repeat()
+
+  runs = {
+      "engine": lambda: engine.train(engine_batches, steps),
+      "fit": lambda: fit_model.fit(fit_iterator, steps_per_epoch=steps, epochs=1, verbose=0,
+                                   shuffle=False),
+  }
+  seconds = median_seconds(runs, warmup=1, repeats=FLAGS.repeats)
+  for name, s in seconds.items():
+    print(f"{model_name:>14} {name:>6}: {steps / s:8.1f} steps/s")
+  return seconds["fit"] / seconds["engine"]
+
+
+def main(_):
+  mnist = load_dataset("digits", FLAGS.data_dir)
+  dense = ratio("dense-300-100", mnist, FLAGS.dense_steps, 60, "adam")
+  cifar = load_dataset("cifar10", FLAGS.data_dir, 500)
+  resnet = ratio("resnet18", cifar, FLAGS.resnet_steps, FLAGS.resnet_batch, "sgd")
+  print(f"engine vs keras fit steps/s: dense-300-100 {dense:.2f}, resnet18 {resnet:.2f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
