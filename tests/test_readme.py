@@ -39,3 +39,16 @@ def test_quickstart_runs_as_written(tmp_path):
   assert report.exists()
   figures = list((tmp_path / "output" / "analysis").rglob("*.png"))
   assert figures, "the analysis drew no figures"
+
+
+def test_fit_example_runs_as_written(tmp_path):
+  text = open(os.path.join(REPO, "README.md")).read()
+  match = re.search(r"<!-- readme-test: fit -->\s*```python\n(.*?)```", text, re.S)
+  assert match, "README has no fit example"
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  result = subprocess.run([sys.executable, "-c", match.group(1)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  natural, robust = map(float, result.stdout.strip().splitlines()[-1].split(":")[1].split())
+  assert natural > 0.5 and 0.0 <= robust <= natural
+  assert len((tmp_path / "log.csv").read_text().splitlines()) == 6
