@@ -373,7 +373,9 @@ class _Nested(_Activation):
     if not isinstance(inner, str):
       raise ValueError(f"inner must be an activation spec string, got "
                        f"{inner!r}")
-    self.inner = build(inner, name="inner")
+    # A name of its own: variables are matched by path across levels and
+    # checkpoints, so two nested activations must not both own "inner/step".
+    self.inner = build(inner, name=f"{self.name}_inner")
     # The inner op's XLA support is this layer's (the trainer looks at
     # top-level layers only).
     self.supports_jit = getattr(self.inner, "supports_jit", True)

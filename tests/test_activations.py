@@ -222,3 +222,12 @@ def test_bad_specs_raise_one_line_value_errors(spec, message):
   text = str(raised.value)
   assert message in text
   assert "\n" not in text
+
+
+def test_nested_stateful_activations_have_unique_variable_paths():
+  from models import build_model
+  model = build_model("lenet5", (8, 8, 1), 10,
+                      activation="shift(inner=sshaped(inner=mixed(steps=10),h=1),sx=1)")
+  paths = [v.path for v in model.variables]
+  assert len(paths) == len(set(paths))
+  assert sum("step" in p for p in paths) == 4  # One counter per activation site.
