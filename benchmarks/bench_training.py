@@ -1,7 +1,16 @@
 """Benchmark: training throughput of the masked dense-300-100 against plain Keras Dense.
 
 Both networks train with the same compiled `Trainer` on the same data, so the
-ratio isolates the cost of the masks. Target: ratio >= 0.95.
+ratio isolates the cost of the masks. Target: ratio >= 0.97.
+
+What the masks cost (read in the XLA HLO of one training step): the forward
+pass computes `kernel * mask` (one elementwise pass per kernel, which the dot
+then reads instead of the kernel), the backward pass multiplies the kernel
+gradient by the mask (XLA fuses it into Adam's moment updates, one extra read
+of the mask in each), and the kernel constraint `* mask` fuses into Adam's
+final update (one more read). No casts remain. At batch 60 these passes over
+the 784x300 kernel are memory-bound and not small next to the matmuls, so on
+a small CPU the ratio sits near 0.9; the constraint alone costs about 1%.
 
   python -m benchmarks.bench_training --data_dir=DIR [--steps=2000] [--adv_train]
 
@@ -53,7 +62,7 @@ def main(_):
   for name, s in seconds.items():
     print(f"{name:>7}: {FLAGS.steps / s:9.0f} iterations/s")
   print(f"masked / plain throughput ratio: {seconds['plain'] / seconds['masked']:.3f} "
-        "(target >= 0.95)")
+        "(target >= 0.97)")
 
 
 if __name__ == "__main__":

@@ -1,49 +1,196 @@
-"""Masked Keras layers: the kernel is multiplied by a 0/1 mask in every call.
+"""Masked Keras layers: drop-in `Dense` / `Conv2D` whose pruned weights are inert.
 
 `MaskedDense` and `MaskedConv2D` take exactly the constructor arguments of
-`keras.layers.Dense` and `keras.layers.Conv2D`. The mask is a non-trainable
-weight of the kernel's shape (as in tensorflow/model-optimization), so it is
-saved with the model; because the layer computes with `kernel * mask`, a pruned
-weight contributes nothing to the outputs and receives a zero gradient.
+`keras.layers.Dense` and `keras.layers.Conv2D`, report the same `get_config()`,
+and keep Keras' attributes: `layer.kernel` is the kernel variable itself
+(assignable, differentiable, with the user's `kernel_constraint`), so code
+written for the Keras layers works unchanged. On top of that each layer owns a
+`mask`, a non-trainable float 0/1 weight of the kernel's shape (as in
+tensorflow/model-optimization), saved with the model.
+
+How the mask holds everywhere:
+  * `call` computes with `kernel * mask`: a pruned weight contributes nothing to
+    the outputs and receives an exactly zero gradient, whatever value the
+    variable holds (also for `tf.SparseTensor` inputs, whose kernel gradient
+    stays a sparse `tf.IndexedSlices` as in `Dense`).
+  * The kernel variable's constraint is the user's `kernel_constraint` (if any)
+    followed by the mask. Keras optimizers apply `variable.constraint` after
+    every update, so pruned weights are exact zeros after each step of a user's
+    own `model.fit`, even with momentum or decoupled weight decay (AdamW) that
+    would otherwise move them. `get_config()` still reports only the user's
+    constraint.
+  * The kernel regulariser sees the masked kernel, so the regularisation loss
+    gives pruned weights no gradient either.
+  * LoRA (`lora_rank=r` or `layer.enable_lora(r)`): the effective kernel is
+    `(kernel + lora_alpha / r * lora_kernel_a @ lora_kernel_b) * mask`, so the
+    low-rank delta cannot revive pruned weights. As in Keras, `layer.kernel` is
+    then that effective (merged) tensor, and a save stores it merged (a reload
+    computes the same outputs, with zeroed LoRA weights). A constructor
+    `lora_alpha` is honoured (Keras 3.15's `Dense.build` drops it).
+  * Quantization is refused. Keras' quantized kernels (int8, int4, float8,
+    gptq, awq) compute without the mask: the LoRA delta and float8 training
+    would revive pruned weights, and the int4 / gptq / awq call paths are Keras
+    internals that change between releases. `layer.quantize(...)`,
+    `model.quantize(...)` and quantized dtype policies such as
+    "int8_from_float32" raise a `ValueError` instead. To quantize a pruned
+    model, `strip_masks(model)` returns the same network with plain Keras layers
+    whose kernels are `kernel * mask` (pruned weights exact zeros, which
+    symmetric int8 / per-channel int4 quantization keeps at zero); quantize
+    that. (Keras 3.15 quantizes no `Conv2D` at all.)
+  * A `.keras` file or weights file stores Keras' own entries ("0": kernel,
+    "1": bias) plus the mask under the key "mask", as earlier versions did.
+
+Cost: per training step, one elementwise pass `kernel * mask` in the forward
+pass, and the mask read where XLA fuses the gradient's and the constraint's
+`* mask` into the optimizer update (see benchmarks/bench_training.py).
 """
 
 import keras
+import tensorflow as tf
 from keras import ops
+
+_QUANTIZATION_REFUSED = (
+    "{cls} '{name}' cannot be quantized (received: {received}): Keras' quantized "
+    "layers compute without the pruning mask, so pruned weights would come back "
+    "into the outputs. To quantize a pruned model, call "
+    "`robust_sparse.layers.strip_masks(model)`, which returns the same network with "
+    "plain Keras layers whose kernels are `kernel * mask`, and quantize that.")
+
+
+class _MaskedKernelConstraint(keras.constraints.Constraint):
+  """The user's kernel constraint, then the mask: what the optimizer applies.
+
+  Not serialized: the layer re-creates it in `build`, and `get_config()`
+  reports the user's constraint alone, as Keras' own layer does.
+  """
+
+  def __init__(self, mask, constraint=None):
+    self.mask = mask
+    self.constraint = constraint
+
+  def __call__(self, w):
+    if self.constraint is not None:
+      w = self.constraint(w)
+    return ops.multiply(w, ops.cast(self.mask, w.dtype))
+
+
+class _MaskedKernelRegularizer(keras.regularizers.Regularizer):
+  """The user's kernel regulariser applied to `kernel * mask`."""
+
+  def __init__(self, mask, regularizer):
+    self.mask = mask
+    self.regularizer = regularizer
+
+  def __call__(self, w):
+    return self.regularizer(ops.multiply(w, ops.cast(self.mask, w.dtype)))
+
+
+@tf.custom_gradient
+def _mask_keeping_sparse_gradient(kernel, mask):
+  """`kernel * mask`, passing an `IndexedSlices` gradient through as one.
+
+  With a `tf.SparseTensor` input, `Dense` gets a sparse kernel gradient (only
+  the rows the batch touches); the multiply's own gradient would densify it.
+  """
+
+  def grad(upstream):
+    if isinstance(upstream, tf.IndexedSlices):
+      return tf.IndexedSlices(upstream.values * tf.gather(mask, upstream.indices),
+                              upstream.indices, upstream.dense_shape), None
+    return upstream * mask, None
+
+  return kernel * mask, grad
 
 
 class _MaskedKernelMixin:
-  """Adds the `mask` weight and masks the kernel the base layer computes with."""
+  """What `MaskedDense` and `MaskedConv2D` share: the mask and its plumbing."""
 
-  def _build_mask(self):
-    self.mask = self.add_weight(
-        name="mask", shape=tuple(self._kernel.shape), initializer="ones",
-        trainable=False, dtype=self.variable_dtype)
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._refuse_quantized_policy()
+
+  # ---- quantization is refused (see the module docstring) ----------------------
+  def _refuse_quantized_policy(self, policy=None):
+    """Raises if `policy` (default: this layer's, resolved by path) quantizes."""
+    if policy is None:
+      policy = self.dtype_policy
+      if isinstance(policy, keras.dtype_policies.DTypePolicyMap) and self.path:
+        policy = policy[self.path]
+    if policy.quantization_mode is not None:
+      raise ValueError(_QUANTIZATION_REFUSED.format(
+          cls=type(self).__name__, name=self.name, received=f"dtype policy {policy.name!r}"))
+
+  def quantize(self, mode=None, type_check=True, config=None):
+    raise ValueError(_QUANTIZATION_REFUSED.format(
+        cls=type(self).__name__, name=self.name, received=f"mode={mode!r}"))
+
+  def quantized_call(self, *args, **kwargs):
+    # Unreachable through the checks above; should a policy map still route a
+    # call here, refuse rather than compute without the mask.
+    raise ValueError(_QUANTIZATION_REFUSED.format(
+        cls=type(self).__name__, name=self.name, received=f"mode={self.quantization_mode!r}"))
 
   @property
+  def dtype_policy(self):
+    return super().dtype_policy
+
+  @dtype_policy.setter
+  def dtype_policy(self, value):
+    # Keras' setter stores the policy before quantizing; check first, so that a
+    # refused policy leaves the layer as it was.
+    self._refuse_quantized_policy(keras.dtype_policies.get(value))
+    keras.layers.Layer.dtype_policy.fset(self, value)
+
+  # ---- build --------------------------------------------------------------------
+  def build(self, input_shape):
+    # A policy map keyed by layer path resolves only now that the path is known.
+    self._refuse_quantized_policy()
+    # Keras enables LoRA at the end of its build and locks the layer's state
+    # there; the mask must exist first, and LoRA's effective kernel uses it.
+    lora_rank, self.lora_rank = self.lora_rank, None
+    try:
+      super().build(input_shape)
+    finally:
+      self.lora_rank = lora_rank
+    kernel = self._kernel
+    self.mask = self.add_weight(
+        name="mask", shape=tuple(kernel.shape), initializer="ones", trainable=False,
+        dtype=self.variable_dtype)
+    kernel.constraint = _MaskedKernelConstraint(self.mask, self.kernel_constraint)
+    if self.kernel_regularizer is not None:
+      kernel.regularizer = _MaskedKernelRegularizer(self.mask, self.kernel_regularizer)
+    if lora_rank:
+      # With the constructor's alpha, which `Dense.build` would drop.
+      self.enable_lora(lora_rank, lora_alpha=self.lora_alpha)
+
+  # ---- kernels --------------------------------------------------------------------
+  @property
   def kernel(self):
+    """The kernel variable; with LoRA enabled, the masked effective kernel tensor."""
     kernel = super().kernel
-    mask = getattr(self, "mask", None)
-    if mask is None:  # Only while building.
-      return kernel
-    return ops.multiply(kernel, ops.cast(mask, kernel.dtype))
+    if self.lora_enabled:
+      kernel = ops.multiply(kernel, ops.cast(self.mask, kernel.dtype))
+    return kernel
 
   @property
   def raw_kernel(self):
-    """The stored kernel variable, not multiplied by the mask."""
+    """The kernel variable (the same object as `kernel` without LoRA)."""
     return self._kernel
 
-  # The base layers save `self.kernel` (masked here) by position and leave out
-  # the mask. We save the raw kernel, so that a reload restores every value, and
-  # the mask under a key of its own. LoRA / quantized layers keep Keras' format.
+  @property
+  def masked_kernel(self):
+    """The kernel `call` computes with: `kernel * mask` (LoRA delta included)."""
+    if self.lora_enabled:
+      return self.kernel
+    return ops.multiply(self._kernel, self.mask)
+
+  # ---- saving ---------------------------------------------------------------------
+  # Keras' entries, then the mask under a key of its own (the format earlier
+  # versions wrote, so their files still load).
   def save_own_variables(self, store):
-    if not self.built:
-      return
-    if self.lora_enabled or getattr(self, "quantization_mode", None):
-      super().save_own_variables(store)
-    else:
-      for i, variable in enumerate([self._kernel] + ([self.bias] if self.use_bias else [])):
-        store[str(i)] = variable
-    store["mask"] = self.mask
+    super().save_own_variables(store)
+    if self.built:
+      store["mask"] = self.mask
 
   def load_own_variables(self, store):
     super().load_own_variables(store)
@@ -53,20 +200,55 @@ class _MaskedKernelMixin:
 
 @keras.saving.register_keras_serializable(package="robust_sparse")
 class MaskedDense(_MaskedKernelMixin, keras.layers.Dense):
-  """`keras.layers.Dense` computing `activation(x @ (kernel * mask) + bias)`."""
+  """`keras.layers.Dense` computing `activation(x @ (kernel * mask) + bias)`.
 
-  def build(self, input_shape):
-    super().build(input_shape)
-    self._build_mask()
+  Takes `keras.layers.Dense`'s arguments (LoRA included); see the module
+  docstring for how the mask composes with constraints, regularisers, LoRA,
+  saving, and why quantization raises a `ValueError`.
+
+  Input shape: `(batch_size, ..., input_dim)`, dense or a `tf.SparseTensor`.
+  Output shape: `(batch_size, ..., units)`.
+  """
+
+  def call(self, inputs, training=None):
+    if isinstance(inputs, tf.SparseTensor) and not self.lora_enabled:
+      # Tensors, not variables: `tf.custom_gradient` differentiates through
+      # the reads, so the variable still gets the gradient.
+      kernel = _mask_keeping_sparse_gradient(tf.convert_to_tensor(self._kernel),
+                                             tf.convert_to_tensor(self.mask))
+    else:
+      kernel = self.masked_kernel
+    x = ops.matmul(inputs, kernel)
+    if self.bias is not None:
+      x = ops.add(x, self.bias)
+    if self.activation is not None:
+      x = self.activation(x)
+    return x
 
 
 @keras.saving.register_keras_serializable(package="robust_sparse")
 class MaskedConv2D(_MaskedKernelMixin, keras.layers.Conv2D):
-  """`keras.layers.Conv2D` convolving with `kernel * mask`."""
+  """`keras.layers.Conv2D` convolving with `kernel * mask`.
 
-  def build(self, input_shape):
-    super().build(input_shape)
-    self._build_mask()
+  Takes `keras.layers.Conv2D`'s arguments (LoRA included); see the module
+  docstring for how the mask composes with constraints, regularisers, LoRA,
+  saving, and why quantization raises a `ValueError`.
+
+  Input shape: `(batch_size, height, width, channels)` ("channels_last") or
+  `(batch_size, channels, height, width)`. Output shape: as `Conv2D`'s.
+  """
+
+  def call(self, inputs):
+    outputs = self.convolution_op(inputs, self.masked_kernel)
+    if self.use_bias:
+      if self.data_format == "channels_last":
+        bias_shape = (1,) * (self.rank + 1) + (self.filters,)
+      else:
+        bias_shape = (1, self.filters) + (1,) * self.rank
+      outputs = ops.add(outputs, ops.reshape(self.bias, bias_shape))
+    if self.activation is not None:
+      return self.activation(outputs)
+    return outputs
 
 
 MASKED_LAYER_TYPES = (MaskedDense, MaskedConv2D)
@@ -76,3 +258,60 @@ def masked_layers(model):
   """The masked layers of `model`, in the order they compute."""
   return [layer for layer in model._flatten_layers(include_self=False)
           if isinstance(layer, MASKED_LAYER_TYPES)]
+
+
+def _plain_layer_type(layer):
+  return keras.layers.Dense if isinstance(layer, MaskedDense) else keras.layers.Conv2D
+
+
+def strip_masks(model):
+  """A copy of `model` whose masked layers are plain Keras layers with `kernel * mask`.
+
+  The counterpart of tensorflow/model-optimization's `strip_pruning`, for export
+  and for quantization (which masked layers refuse): each `MaskedDense` /
+  `MaskedConv2D` becomes a `keras.layers.Dense` / `Conv2D` with the same config
+  whose kernel is the masked kernel, LoRA delta merged in (the copy has no
+  LoRA weights); every other layer is cloned with its weights. The copy
+  computes the same outputs, and pruned weights are exact zeros of its kernels.
+
+  Args:
+    model: a Sequential or functional `keras.Model` (nested ones included).
+
+  Returns:
+    The new model; `model` is left unchanged.
+
+  Raises:
+    ValueError: if `model` is subclassed (Keras cannot clone those).
+  """
+
+  def clone(layer):
+    config = layer.get_config()
+    if isinstance(layer, MASKED_LAYER_TYPES):
+      # The merged kernel below replaces the LoRA weights.
+      config.pop("lora_rank", None)
+      config.pop("lora_alpha", None)
+      return _plain_layer_type(layer).from_config(config)
+    return layer.__class__.from_config(config)
+
+  stripped = keras.models.clone_model(model, clone_function=clone, recursive=True)
+
+  def weighted_layers(m):
+    # Input layers hold no weights, and the clone renames them.
+    return [layer for layer in m._flatten_layers(include_self=False)
+            if not isinstance(layer, keras.layers.InputLayer)]
+
+  old_layers, new_layers = weighted_layers(model), weighted_layers(stripped)
+  if [layer.name for layer in old_layers] != [layer.name for layer in new_layers]:
+    raise ValueError(f"strip_masks: the clone of model '{model.name}' does not list the "
+                     "same layers; only Sequential and functional models are supported.")
+  for old, new in zip(old_layers, new_layers):
+    if list(old._flatten_layers(include_self=False)):
+      continue  # A nested model: its own layers are copied one by one.
+    if isinstance(old, MASKED_LAYER_TYPES):
+      weights = [ops.convert_to_numpy(old.masked_kernel)]
+      if old.use_bias:
+        weights.append(old.bias.numpy())
+      new.set_weights(weights)
+    else:
+      new.set_weights(old.get_weights())
+  return stripped
