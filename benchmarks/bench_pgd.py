@@ -25,7 +25,7 @@ from attacks import pgd  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from data import load_dataset  # noqa: E402
 from models import build_model  # noqa: E402
-from robust_sparse.training import supports_xla  # noqa: E402
+from robust_sparse.engine import supports_xla  # noqa: E402
 
 flags.DEFINE_string("data_dir", None, "folder with mnist/ (else tensorflow-datasets)")
 flags.DEFINE_integer("batch_size", 256, "examples per attack call")

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from robust_sparse import layers as layers_lib
 from robust_sparse import steps as steps_lib
 from robust_sparse.steps import METRICS, OptimizerGroup
 
@@ -93,7 +94,7 @@ class Engine:
     self.y_train = tf.constant(y_train, dtype=tf.int32)
     self._step = steps_lib.make_train_step(
         model, loss_grad_fn, self.groups, grad_clip_norm=grad_clip_norm,
-        loss_scale=loss_scale, augment=augment, top5=top5)
+        loss_scale=loss_scale, augment=augment, top5=top5, masks_hold=True)
     self._fresh = [np.asarray(v.numpy()) for v in self._resettable()]
     if jit_compile is None:
       jit_compile = supports_xla(model)
@@ -101,6 +102,7 @@ class Engine:
     self._train_step = tf.function(self._train_step_fn, jit_compile=jit_compile)
     self._eval_batch = tf.function(self._eval_batch_fn, jit_compile=jit_compile)
     self._train_chunk = tf.function(self._train_chunk_fn)
+    self._enforce_masks = tf.function(lambda: layers_lib.enforce_masks(model))
     self._eval_dataset = tf.function(self._eval_dataset_fn)
 
   # ---- state ------------------------------------------------------------------
@@ -193,6 +195,9 @@ class Engine:
     Raises:
       Diverged: the loss became NaN or infinite; training stopped at that step.
     """
+    # The promise the step is traced under (`layers.masks_hold`): kernels zero
+    # where masked, whatever was assigned since the last chunk.
+    self._enforce_masks()
     sums, done, finite = self._train_chunk(iterator, tf.constant(steps, tf.int64))
     if not bool(finite):
       raise Diverged(int(self.iteration.numpy()) - 1)
@@ -200,9 +205,10 @@ class Engine:
 
   # ---- evaluation -----------------------------------------------------------------
   def _eval_batch_fn(self, x, y, index, stream):
-    return steps_lib.evaluation_sums(
-        self.model, self.attack, x, y,
-        steps_lib.stream_seed(self.seed, self.iteration, stream, index), self.top5)
+    with layers_lib.masks_hold():
+      return steps_lib.evaluation_sums(
+          self.model, self.attack, x, y,
+          steps_lib.stream_seed(self.seed, self.iteration, stream, index), self.top5)
 
   def _eval_dataset_fn(self, dataset, stream):
     sums = tf.zeros([5])
@@ -219,6 +225,7 @@ class Engine:
     """
     dataset = tf.data.Dataset.from_tensor_slices((x, tf.cast(y, tf.int32))).batch(
         self.eval_batch_size)
+    self._enforce_masks()
     nat_loss, correct, adv_correct, adv_loss, top5 = (
         self._eval_dataset(dataset, tf.constant(stream, tf.int64)).numpy() / len(x))
     loss = ((1 - self.adv_mix) * nat_loss + self.adv_mix * adv_loss if self.adv_train

@@ -40,10 +40,23 @@ How the mask holds everywhere:
   * A `.keras` file or weights file stores Keras' own entries ("0": kernel,
     "1": bias) plus the mask under the key "mask", as earlier versions did.
 
-Cost: per training step, one elementwise pass `kernel * mask` in the forward
-pass, and the mask read where XLA fuses the gradient's and the constraint's
-`* mask` into the optimizer update (see benchmarks/bench_training.py).
+Cost, and the engine's fast path: computing `kernel * mask` in every forward
+pass and `grad * mask` in every backward pass are two elementwise passes over
+each kernel per step, memory-bound and about 10 % of a small dense network's
+step on a CPU. Both are redundant while the invariant "every kernel is already
+zero where its mask is" holds, which the constraint restores after every
+update. Code that guarantees the invariant (the training engine: it applies
+`enforce_masks` before each compiled chunk) traces its step inside
+`masks_hold()`, where `call` uses the kernel variable directly. The gradient
+then also reaches pruned weights; an element-wise optimizer's update there is
+wiped by the constraint, so the weights are exactly those of the masked
+computation, and `mask_gradients` masks them where the value matters (global
+clipping norms, loss-scale checks, SAM perturbations). See
+benchmarks/bench_training.py for the measured ratio.
 """
+
+import contextlib
+import threading
 
 import keras
 import tensorflow as tf
@@ -55,6 +68,41 @@ _QUANTIZATION_REFUSED = (
     "into the outputs. To quantize a pruned model, call "
     "`robust_sparse.layers.strip_masks(model)`, which returns the same network with "
     "plain Keras layers whose kernels are `kernel * mask`, and quantize that.")
+
+
+_HOLD = threading.local()
+
+
+@contextlib.contextmanager
+def masks_hold():
+  """Traces masked layers inside as computing with the kernel variable directly.
+
+  A promise by the caller, read when a function is traced: every masked kernel
+  is zero wherever its mask is (`enforce_masks` makes it so, each optimizer
+  update's constraint keeps it so). Under the promise `kernel == kernel * mask`,
+  so the forward pass is unchanged and one elementwise pass per kernel is saved;
+  the kernel gradient is no longer masked (see `mask_gradients`). LoRA layers
+  keep their masked effective kernel.
+  """
+  previous = getattr(_HOLD, "active", False)
+  _HOLD.active = True
+  try:
+    yield
+  finally:
+    _HOLD.active = previous
+
+
+def enforce_masks(model):
+  """Zeroes every masked kernel of `model` where its mask is 0 (the constraint)."""
+  for layer in masked_layers(model):
+    layer.raw_kernel.assign(layer.raw_kernel * ops.cast(layer.mask, layer.raw_kernel.dtype))
+
+
+def mask_gradients(model, variables, grads):
+  """`grads` of `variables` with each masked kernel's gradient times its mask."""
+  masks = {id(layer.raw_kernel): layer.mask for layer in masked_layers(model)}
+  return [g if g is None or id(v) not in masks else g * ops.cast(masks[id(v)], g.dtype)
+          for v, g in zip(variables, grads)]
 
 
 class _MaskedKernelConstraint(keras.constraints.Constraint):
@@ -179,9 +227,14 @@ class _MaskedKernelMixin:
 
   @property
   def masked_kernel(self):
-    """The kernel `call` computes with: `kernel * mask` (LoRA delta included)."""
+    """The kernel `call` computes with: `kernel * mask` (LoRA delta included).
+
+    Inside `masks_hold()`, the kernel variable itself (equal by the promise).
+    """
     if self.lora_enabled:
       return self.kernel
+    if getattr(_HOLD, "active", False):
+      return self._kernel
     return ops.multiply(self._kernel, self.mask)
 
   # ---- saving ---------------------------------------------------------------------
@@ -211,7 +264,8 @@ class MaskedDense(_MaskedKernelMixin, keras.layers.Dense):
   """
 
   def call(self, inputs, training=None):
-    if isinstance(inputs, tf.SparseTensor) and not self.lora_enabled:
+    if (isinstance(inputs, tf.SparseTensor) and not self.lora_enabled
+        and not getattr(_HOLD, "active", False)):
       # Tensors, not variables: `tf.custom_gradient` differentiates through
       # the reads, so the variable still gets the gradient.
       kernel = _mask_keeping_sparse_gradient(tf.convert_to_tensor(self._kernel),

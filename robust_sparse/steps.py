@@ -21,15 +21,23 @@ A `batch` is a dict: `x`, `y`, `weight` (per example; the objective is
 (a `[2]` stateless seed for the attack). Masks hold in every piece: masked
 layers compute with `kernel * mask`, so a pruned weight contributes nothing and
 gets a zero gradient, and the masked layers' kernel constraint re-zeroes it
-after every optimizer update (weight decay, momentum).
+after every optimizer update (weight decay, momentum). A step built with
+`masks_hold=True` skips both masking passes (see `robust_sparse.layers.
+masks_hold`); a wrapper that uses gradient values across weights (a norm, as
+SAM's perturbation does) must then mask them itself with
+`layers.mask_gradients`.
 """
 
+import contextlib
 import dataclasses
 from typing import Callable, Dict, List, Optional, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from robust_sparse import layers as layers_lib
+from robust_sparse.optimizers import AdamL2, TorchSGD
 
 METRICS = ("loss", "acc", "adv_acc", "nat_loss", "adv_loss", "top5")
 
@@ -230,10 +238,26 @@ def _top5(logits, y):
   return tf.cast(tf.math.in_top_k(y, tf.cast(logits, tf.float32), 5), tf.float32)
 
 
+# Optimizers whose update of a weight reads only that weight's own gradient and
+# slots, so an update that the mask constraint then wipes changes nothing else.
+ELEMENTWISE_OPTIMIZERS = (
+    TorchSGD, AdamL2, keras.optimizers.SGD, keras.optimizers.Adam, keras.optimizers.AdamW,
+    keras.optimizers.Adamax, keras.optimizers.Nadam, keras.optimizers.RMSprop,
+    keras.optimizers.Adagrad, keras.optimizers.Adadelta, keras.optimizers.Lion,
+    keras.optimizers.Ftrl)
+
+
+def is_elementwise(optimizer) -> bool:
+  """True when `optimizer` updates each weight from its own gradient alone."""
+  return (type(optimizer) in ELEMENTWISE_OPTIMIZERS and optimizer.clipnorm is None
+          and optimizer.global_clipnorm is None)
+
+
 def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[OptimizerGroup], *,
                     grad_clip_norm: Optional[float] = None,
                     loss_scale: Optional[LossScale] = None,
-                    augment: Optional[Callable] = None, top5: bool = False):
+                    augment: Optional[Callable] = None, top5: bool = False,
+                    masks_hold: bool = False):
   """One training step: `step(x, y, seed, iteration) -> {metric: scalar}`.
 
   Augments `x` (stream 3), calls `loss_grad_fn` on the model's current values
@@ -243,11 +267,21 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
   objective without regularisation, `acc`/`nat_loss` on the natural half,
   `adv_acc`/`adv_loss` on the adversarial half (NaN without one), `top5` (NaN
   unless `top5`).
+
+  `masks_hold=True` is the caller's promise that every masked kernel is zero
+  where its mask is when the step starts (the engine calls
+  `layers.enforce_masks` before each chunk; the constraint keeps it after each
+  update). The step then traces the model inside `layers.masks_hold()`, and
+  masks the kernel gradients only where their values reach other weights:
+  global-norm clipping, the loss-scale finiteness check, or an optimizer that
+  is not element-wise. The weights are the same as without the promise.
   """
   trainable = model.trainable_variables
   non_trainable = model.non_trainable_variables
   indices = partition(groups, trainable)
   build_groups(groups, trainable)
+  mask_grads = masks_hold and (grad_clip_norm is not None or loss_scale is not None or
+                               not all(is_elementwise(g.optimizer) for g in groups))
 
   def step(x, y, seed, iteration):
     if augment is not None:
@@ -255,9 +289,12 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
     batch_size = tf.shape(y)[0]
     weight = tf.fill([batch_size], 1.0 / tf.cast(batch_size, tf.float32))
     batch = dict(x=x, y=y, weight=weight, seed=stream_seed(seed, iteration, 0))
-    grads, new_non_trainable, aux = loss_grad_fn(
-        [tf.convert_to_tensor(v.value) for v in trainable],
-        [tf.convert_to_tensor(v.value) for v in non_trainable], batch)
+    with layers_lib.masks_hold() if masks_hold else contextlib.nullcontext():
+      grads, new_non_trainable, aux = loss_grad_fn(
+          [tf.convert_to_tensor(v.value) for v in trainable],
+          [tf.convert_to_tensor(v.value) for v in non_trainable], batch)
+    if mask_grads:
+      grads = layers_lib.mask_gradients(model, trainable, grads)
     for variable, value in zip(non_trainable, new_non_trainable):
       variable.assign(value)
     grads = global_norm_clip(grads, grad_clip_norm)

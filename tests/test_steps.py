@@ -11,6 +11,7 @@ from attacks import AttackConfig, make_attack
 from data import load_dataset
 from experiments.runner import Runner, level_dir
 from models import build_model
+from robust_sparse.engine import Engine, index_stream
 from robust_sparse.hparams import Hparams
 from robust_sparse.layers import masked_layers
 from robust_sparse.optimizers import make_optimizer
@@ -95,6 +96,58 @@ def test_pruned_weights_stay_exactly_zero_with_momentum_and_decay(optimizer):
     pruned = layer.mask.numpy() == 0
     assert np.all(layer.kernel.numpy()[pruned] == 0), layer.name
     assert np.any(layer.kernel.numpy()[~pruned] != 0), layer.name
+
+
+def _pruned_model(seed=0):
+  model = _model(seed)
+  rng = np.random.default_rng(seed)
+  for layer in masked_layers(model):
+    layer.mask.assign((rng.random(layer.mask.shape) > 0.5).astype("float32"))
+    layer.kernel.assign(layer.kernel * layer.mask)
+  return model
+
+
+@pytest.mark.parametrize("optimizer,clip", [("adam", None), ("sgd", 0.01), ("lamb", None)])
+def test_masks_hold_fast_path_trains_the_same_weights(optimizer, clip):
+  # The engine's promise (kernels zero where masked) lets the step skip the
+  # `kernel * mask` and `grad * mask` passes; the weights must not change.
+  # Clipping and a non-element-wise optimizer (LAMB's trust ratio) need masked
+  # gradients, which the step then computes.
+  trained = []
+  for hold in (False, True):
+    model = _pruned_model()
+    if optimizer == "lamb":
+      opt = keras.optimizers.Lamb(0.01)
+    else:
+      opt = make_optimizer(optimizer, 0.01, momentum=0.9, weight_decay=0.01)
+    fn = standard_loss_grad_fn(model, num_classes=10,
+                               attack=make_attack(AttackConfig("fgsm", eps=0.1)))
+    step = tf.function(make_train_step(model, fn, [OptimizerGroup("w", opt)],
+                                       grad_clip_norm=clip, masks_hold=hold),
+                       jit_compile=True)
+    for i in range(5):
+      step(*_batch(seed=i), tf.constant(0, tf.int64), tf.constant(i, tf.int64))
+    trained.append([v.numpy() for v in model.trainable_variables])
+  for exact, fast in zip(*trained):
+    np.testing.assert_allclose(fast, exact, rtol=1e-6, atol=1e-7)
+
+
+def test_engine_restores_the_mask_promise_before_training_and_evaluation():
+  model = _pruned_model()
+  layer = masked_layers(model)[0]
+  dense = np.ones(layer.kernel.shape, np.float32)
+  layer.kernel.assign(dense)   # breaks the promise: pruned weights nonzero
+  masked_outputs = model(_batch()[0]).numpy()   # outside the engine: kernel * mask
+  x, y = (t.numpy() for t in _batch(32))
+  engine = Engine(model, standard_loss_grad_fn(model, num_classes=10),
+                  [OptimizerGroup("w", make_optimizer("sgd", 0.0))], x_train=x, y_train=y,
+                  batch_size=16, attack=make_attack(AttackConfig("fgsm", eps=0.1)))
+  engine.evaluate(x, y)
+  np.testing.assert_array_equal(layer.kernel.numpy(), dense * layer.mask.numpy())
+  np.testing.assert_allclose(model(_batch()[0]).numpy(), masked_outputs, rtol=1e-6)
+  layer.kernel.assign(dense)
+  engine.train(iter(index_stream(32, 16, seed=0)), 1)
+  np.testing.assert_array_equal(layer.kernel.numpy(), dense * layer.mask.numpy())
 
 
 def test_global_norm_clipping_bounds_the_update():
