@@ -1,7 +1,17 @@
-"""Model registry: dense-300-100, LeNet-5, the lottery-ticket Conv-2/4/6, conv-bn, ResNet-18."""
+"""Model registry: the lottery-ticket models, conv-bn, and the ResNet, WideResNet and VGG zoo.
+
+`build_model(name, input_shape, num_classes, activation="relu", l1_reg=0.0,
+normalize="none", dropout=0.0)` builds any of `MODELS.names()` or any
+`wideresnet{depth}x{k}`; `NORMALIZATIONS` maps each `normalize` name to its
+per-channel (mean, std) in [0, 1] pixels.
+"""
 
 # Importing a model family's module registers its models in MODELS.
 import models.resnet  # noqa: F401
-from models.registry import MODELS, build_model
+import models.vgg  # noqa: F401
+import models.wideresnet  # noqa: F401
+from models.registry import (AFTER_BN, AFTER_DENSE, AFTER_RESIDUAL, MODELS, NORMALIZATIONS,
+                             build_model)
 
-__all__ = ["MODELS", "build_model"]
+__all__ = ["AFTER_BN", "AFTER_DENSE", "AFTER_RESIDUAL", "MODELS", "NORMALIZATIONS",
+           "build_model"]
