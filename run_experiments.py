@@ -40,6 +40,43 @@ def _valid_activation(spec):
 
 flags.register_validator("activation", _valid_activation,
                          message="unknown or malformed --activation")
+
+
+def _valid_model(name):
+  from models import MODELS
+  if name not in MODELS:
+    try:
+      MODELS.get(name)
+    except ValueError as e:
+      raise flags.ValidationError(f"--model={name}: {e}") from None
+  return True
+
+
+flags.register_validator("model", _valid_model, message="unknown --model")
+
+
+def _valid_augment(spec):
+  from data import augment
+  try:
+    augment.validate(spec)
+  except ValueError as e:
+    raise flags.ValidationError(str(e)) from None
+  return True
+
+
+flags.register_validator("augment", _valid_augment, message="unknown --augment")
+
+
+def _valid_optimizer(name):
+  from robust_sparse.optimizers import split_optimizer
+  try:
+    split_optimizer(name)
+  except ValueError as e:
+    raise flags.ValidationError(str(e)) from None
+  return True
+
+
+flags.register_validator("optimizer", _valid_optimizer, message="unknown --optimizer")
 flags.register_multi_flags_validator(
     ["rewind_iteration", "train_iters"],
     lambda f: f["rewind_iteration"] < f["train_iters"],
@@ -67,7 +104,8 @@ def hparams_from_flags() -> hparams_lib.Hparams:
   if FLAGS.epochs is not None and FLAGS["train_iters"].present:
     raise ValueError("--epochs and --train_iters both set the training length; give one")
   return hparams_lib.from_flags(
-      FLAGS, valid_size=FLAGS.valid_size or default_valid_size(FLAGS.dataset))
+      FLAGS, valid_size=(default_valid_size(FLAGS.dataset) if FLAGS.valid_size is None
+                         else FLAGS.valid_size))
 
 
 def main(argv):
@@ -80,7 +118,8 @@ def main(argv):
     if hparams.deterministic:
       import tensorflow as tf
       tf.config.experimental.enable_op_determinism()
-    dataset = load_dataset(hparams.dataset, hparams.data_dir, hparams.valid_size)
+    dataset = load_dataset(hparams.dataset, hparams.data_dir, hparams.valid_size,
+                           resolution=hparams.resolution)
     runner = Runner(hparams, dataset, FLAGS.base_dir, force=FLAGS.force,
                     progress=FLAGS.progress)
     run_dir = runner.run()

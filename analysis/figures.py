@@ -452,6 +452,11 @@ LEARNING_CURVE_METRICS = {
     "acc": ("Accuracy (%)", 100.0),
     "adv_acc": ("Adversarial accuracy (%)", 100.0),
     "top5": ("Top-5 accuracy (%)", 100.0),
+    # Training-set measurements (train.csv only): flatness for SGD vs SAM vs
+    # SSAM, and the fraction SSAM perturbs.
+    "sharpness": ("Sharpness L(w+e) - L(w)", 1.0),
+    "m_sharpness": ("m-sharpness", 1.0),
+    "mask_lived_weight": ("Perturbed weights (%)", 100.0),
 }
 LEARNING_CURVE_SPLITS = ("train", "valid", "test")
 SPLIT_TITLES = {
@@ -494,7 +499,10 @@ def plot_learning_curves(rows: pd.DataFrame, labels: Sequence[str],
   x_column = learning_curve_axis(rows)
   metric_names = [m for m in LEARNING_CURVE_METRICS
                   if m in rows.columns and np.isfinite(rows[m]).any()]
-  splits = [s for s in LEARNING_CURVE_SPLITS if (rows["split"] == s).any()]
+  # A split with no finite value (no validation set: --valid_size=0) gets no
+  # column.
+  splits = [s for s in LEARNING_CURVE_SPLITS
+            if np.isfinite(rows.loc[rows["split"] == s, metric_names].to_numpy(float)).any()]
   # Trials of one setting share their evaluation iterations; the epoch of an
   # iteration is averaged (it is the same up to rounding).
   summary = metrics.summarize(

@@ -82,6 +82,17 @@ def _pgd(config: AttackConfig):
   return attack
 
 
+@ATTACKS.register("none")
+def _no_attack(config: AttackConfig):
+  """No attack: natural training and evaluation only (adversarial metrics are NaN).
+
+  Long CIFAR protocols use it to skip the per-evaluation attack, which costs
+  (steps + 1) forward-backward passes over the evaluation sets.
+  """
+  del config
+  return None
+
+
 def make_attack(config: AttackConfig):
-  """Returns `attack(model, x, y=None, seed=None) -> x_adv` for `config`."""
+  """Returns `attack(model, x, y=None, seed=None) -> x_adv` for `config` (None: "none")."""
   return ATTACKS.get(config.name)(config)

@@ -1,6 +1,8 @@
-"""Data sets: raw-file readers, tensorflow-datasets fallback, train/valid/test splits."""
+"""Data sets: raw-file readers, image folders, per-batch preparation, train/valid/test splits."""
 
 from data.files import DataError
-from data.registry import DATASETS, Dataset, default_valid_size, load_dataset
+from data.folders import decoded_batches, decoded_index_batches
+from data.registry import DATASETS, Dataset, Source, default_valid_size, load_dataset
 
-__all__ = ["DATASETS", "DataError", "Dataset", "default_valid_size", "load_dataset"]
+__all__ = ["DATASETS", "DataError", "Dataset", "Source", "decoded_batches",
+           "decoded_index_batches", "default_valid_size", "load_dataset"]

@@ -1,4 +1,4 @@
-"""Readers for the official raw files: MNIST-style IDX (.gz) and CIFAR-10 binary batches.
+"""Readers for the official raw files: MNIST-style IDX (.gz), CIFAR-10 and CIFAR-100 binaries.
 
 Every reader checks what it reads and raises `DataError` with a message naming
 the file and the problem, so a corrupt download is a one-line error.
@@ -75,3 +75,36 @@ def read_cifar_batch(path: str):
     raise DataError(f"corrupt data file {path}: labels outside 0-9")
   images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
   return images, labels
+
+
+_CIFAR100_RECORD = 2 + 32 * 32 * 3
+
+
+def read_cifar100_binary(path: str):
+  """Reads a CIFAR-100 binary file (`train.bin` / `test.bin` of `cifar-100-binary/`).
+
+  A record is the coarse label byte (0-19), the fine label byte (0-99), then
+  the R, G, B planes of a 32x32 image. Files with fewer than the official
+  50000 / 10000 records are accepted.
+
+  Returns:
+    `(images, fine_labels, coarse_labels)`: uint8 [n, 32, 32, 3], int64 [n], int64 [n].
+
+  Raises:
+    DataError: the file is missing, is not a whole number of records, or holds
+      a label out of range; the message names the file.
+  """
+  if not os.path.isfile(path):
+    raise DataError(f"missing data file {path}")
+  raw = np.fromfile(path, dtype=np.uint8)
+  if raw.size == 0 or raw.size % _CIFAR100_RECORD:
+    raise DataError(f"corrupt data file {path}: {raw.size} bytes is not a whole number "
+                    f"of {_CIFAR100_RECORD}-byte records")
+  records = raw.reshape(-1, _CIFAR100_RECORD)
+  coarse = records[:, 0].astype(np.int64)
+  fine = records[:, 1].astype(np.int64)
+  if coarse.max() > 19 or fine.max() > 99:
+    raise DataError(f"corrupt data file {path}: coarse labels outside 0-19 or fine labels "
+                    "outside 0-99")
+  images = records[:, 2:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  return images, fine, coarse

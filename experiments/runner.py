@@ -5,6 +5,7 @@ Layout (`run_dir = hparams.run_dir(base_dir)`):
   hparams.json
   trial_<t>/prune_iter_<k>/
     train.csv valid.csv test.csv   iteration,loss,acc,adv_acc,nat_loss,adv_loss,epoch,lr[,top5]
+                                   (train.csv also sharpness,m_sharpness)
     masks/<layer>.npy              0/1 masks the level trained with
     init_kernels/<layer>.npy       kernels at the start of the level
     post_kernels/<layer>.npy       kernels at the end of the level
@@ -30,20 +31,24 @@ from typing import Optional, Sequence
 
 import keras
 import numpy as np
+import tensorflow as tf
 from absl import logging
 from tqdm import tqdm
 
 from attacks import make_attack
 from data import augment as augment_lib
 from experiments.registry import EXPERIMENTS
-from models import build_model
-from robust_sparse import files, pruning
+from models import NORMALIZATIONS, build_model
+from robust_sparse import files, pruning, ssam
 from robust_sparse.engine import Diverged, Engine, index_stream
 from robust_sparse.hparams import Hparams
 from robust_sparse.layers import masked_layers
-from robust_sparse.optimizers import make_optimizer
+from robust_sparse.optimizers import make_optimizer, split_optimizer
+from robust_sparse.sharpness import sharpness_aware
+from robust_sparse.sparse_perturbation import DynamicMasks, FisherMasks
 from robust_sparse.schedules import make_schedule
-from robust_sparse.steps import METRICS, LossScale, OptimizerGroup, standard_loss_grad_fn
+from robust_sparse.steps import (METRICS, LossScale, OptimizerGroup, cross_entropy,
+                                 loss_and_gradients, standard_loss_grad_fn)
 
 SPLITS = ("train", "valid", "test")
 
@@ -52,10 +57,13 @@ class DivergedError(RuntimeError):
   """A level's loss became NaN or infinite (now or in an earlier run of the command)."""
 
 
-def columns(top5: bool):
-  """CSV columns: the seed's first, then the engine's additions."""
+SHARPNESS = ("sharpness", "m_sharpness")
+
+
+def columns(top5: bool, sharpness: bool = False):
+  """CSV columns: the seed's first, then the engine's additions (train: sharpness)."""
   return (("iteration",) + tuple(m for m in METRICS if m != "top5") + ("epoch", "lr")
-          + (("top5",) if top5 else ()))
+          + (("top5",) if top5 else ()) + (SHARPNESS if sharpness else ()))
 
 
 def derived_seed(*parts) -> int:
@@ -152,16 +160,29 @@ def load_teacher(run_dir: str, input_shape, num_classes) -> keras.Model:
   if not is_finished(directory):
     raise ValueError(f"--teacher_dir={run_dir}: trial_0/prune_iter_0 is not finished")
   model = build_model(teacher_hp.model, input_shape, num_classes,
-                      activation=teacher_hp.activation)
+                      activation=teacher_hp.activation, normalize=teacher_hp.normalize,
+                      dropout=teacher_hp.dropout)
   assign_weights(model, files.load_arrays(os.path.join(directory, "weights_final.npz")),
                  f"--teacher_dir={run_dir}")
   model.trainable = False
   return model
 
 
+def normalization_mean(name: str):
+  """The pixel-space mean of the `--normalize` statistics (black for none).
+
+  Cutout fills with it: the seeds cut out after normalising, with zeros,
+  which is this mean in the [0, 1] pixels the toolkit augments.
+  """
+  if name == "none":
+    return (0.0, 0.0, 0.0)
+  return tuple(float(m) for m in NORMALIZATIONS[name][0])
+
+
 def optimizer_groups(hp: Hparams, num_train: int):
   """The weights' optimizer group from the hyper-parameters (one group, "weights")."""
-  optimizer = make_optimizer(hp.optimizer, hp.learning_rate, momentum=hp.momentum,
+  _, base = split_optimizer(hp.optimizer)
+  optimizer = make_optimizer(base, hp.learning_rate, momentum=hp.momentum,
                              nesterov=hp.nesterov, weight_decay=hp.weight_decay)
   schedule = make_schedule(
       hp.lr_schedule, hp.learning_rate, total_iterations=hp.total_iterations(num_train),
@@ -172,12 +193,57 @@ def optimizer_groups(hp: Hparams, num_train: int):
   return [OptimizerGroup("weights", optimizer, schedule)]
 
 
+def sharpness_wrapper(hp: Hparams, model, masks=None):
+  """`LossGradFn -> LossGradFn` for `--optimizer=<perturbation>-<base>`, else None.
+
+  Args:
+    masks: SSAM's `PerturbationMasks` (their current values restrict `e`).
+  """
+  perturbation, _ = split_optimizer(hp.optimizer)
+  if perturbation is None:
+    return None
+  values = masks.values if masks is not None else None
+  return lambda inner: sharpness_aware(
+      inner, model, rho=hp.rho, adaptive=perturbation == "asam", eta=hp.asam_eta,
+      bn_stats=hp.sam_bn_stats, batch_splits=hp.sam_batch_splits,
+      mask_fn=None if hp.implicit else values,
+      implicit_mask_fn=values if hp.implicit else None)
+
+
+def perturbation_masks(hp: Hparams, model, num_classes, augment, num_train):
+  """SSAM-F / SSAM-D masks for `--optimizer=ssamf-*` / `ssamd-*`, else None."""
+  perturbation, _ = split_optimizer(hp.optimizer)
+  if perturbation == "ssamf" or hp.implicit:
+    return FisherMasks(model, cross_entropy(num_classes, hp.label_smoothing), augment=augment,
+                       num_samples=hp.num_samples, sparsity=hp.sparsity, pattern=hp.pattern,
+                       n=hp.n_structured, m=hp.m_structured,
+                       nm_conv_layout=hp.nm_conv_layout, update_freq=hp.update_freq)
+  if perturbation == "ssamd":
+    base = loss_and_gradients(model, cross_entropy(num_classes, hp.label_smoothing))
+
+    @tf.function
+    def clean_grads(x, y):
+      weight = tf.fill([tf.shape(y)[0]], 1.0 / tf.cast(tf.shape(y)[0], tf.float32))
+      grads, _, _ = base([tf.convert_to_tensor(v.value) for v in model.trainable_variables],
+                         [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables],
+                         dict(x=x, y=y, weight=weight, seed=tf.zeros([2], tf.int64)))
+      return grads
+
+    epochs = hp.total_iterations(num_train) / hp.steps_per_epoch(num_train)
+    return DynamicMasks(model, clean_grads, sparsity=hp.sparsity, epochs=epochs,
+                        drop_rate=hp.drop_rate, drop_strategy=hp.drop_strategy,
+                        growth_strategy=hp.growth_strategy, update_freq=hp.update_freq)
+  return None
+
+
 def check_hparams(hp: Hparams, num_train: int):
   """Checks what the flags alone cannot; errors name the flag.
 
   Raises:
     ValueError: bad combinations (e.g. a schedule longer than training).
   """
+  if hp.adv_train and hp.attack == "none":
+    raise ValueError("--adv_train needs an --attack (fgsm or pgd), got --attack=none")
   if hp.batch_size > num_train:
     raise ValueError(f"--batch_size={hp.batch_size} is larger than the {num_train} "
                      "training images")
@@ -188,6 +254,26 @@ def check_hparams(hp: Hparams, num_train: int):
     raise ValueError(f"--rewind_iteration={hp.rewind_iteration} must be smaller than the "
                      f"{total} training iterations")
   optimizer_groups(hp, num_train)  # Raises on bad optimizer / schedule settings.
+  perturbation = split_optimizer(hp.optimizer)[0]
+  if hp.implicit:
+    if perturbation not in ("sam", "asam"):
+      raise ValueError(f"--implicit needs --optimizer=sam-<base> or asam-<base>, got "
+                       f"--optimizer={hp.optimizer}")
+    if hp.pattern not in ("structured", "nm"):
+      raise ValueError(f"--implicit needs a mask: --pattern=structured or nm, got "
+                       f"--pattern={hp.pattern}")
+    if hp.pattern == "nm":
+      ssam.check_nm(hp.n_structured, hp.m_structured)
+  if perturbation in ("ssamf", "ssamd"):
+    ssam.check_sparsity(hp.sparsity)
+    if perturbation == "ssamf" and hp.pattern == "nm":
+      ssam.check_nm(hp.n_structured, hp.m_structured)
+  if perturbation is not None:
+    if not hp.rho > 0:
+      raise ValueError(f"--rho must be > 0, got {hp.rho}")
+    if hp.batch_size % hp.sam_batch_splits:
+      raise ValueError(f"--sam_batch_splits={hp.sam_batch_splits} must divide "
+                       f"--batch_size={hp.batch_size}")
 
 
 class Runner:
@@ -219,11 +305,16 @@ class Runner:
     self.attack = make_attack(hparams.attack_config())
     self.top5 = dataset.num_classes > 10
     self.columns = columns(self.top5)
+    self.train_columns = columns(self.top5, sharpness=hparams.sharpness_examples > 0)
+    if split_optimizer(hparams.optimizer)[0] in ("ssamf", "ssamd") or hparams.implicit:
+      self.train_columns += ("mask_lived_weight",)
+    self._sharpness_set = None
     if force and os.path.isdir(self.run_dir):
       shutil.rmtree(self.run_dir)
     # One model and engine serve every level, so each compiles only once.
     self._model = None
     self._engine = None
+    self._perturbation_masks = None
 
   def run(self):
     """Runs (or finishes) every trial; returns the run folder.
@@ -244,7 +335,8 @@ class Runner:
     set_precision(hp.mixed_precision)
     keras.utils.set_random_seed(derived_seed(hp.seed, trial, level, "init"))
     return build_model(hp.model, self.dataset.input_shape, self.dataset.num_classes,
-                       activation=hp.activation, l1_reg=hp.l1_reg)
+                       activation=hp.activation, l1_reg=hp.l1_reg, normalize=hp.normalize,
+                       dropout=hp.dropout)
 
   def _make_engine(self, model):
     hp = self.hparams
@@ -253,18 +345,23 @@ class Runner:
     if hp.teacher_dir:
       teacher = load_teacher(hp.teacher_dir, self.dataset.input_shape,
                              self.dataset.num_classes)
+    augment = augment_lib.build(hp.augment, num_classes=self.dataset.num_classes,
+                                fill=normalization_mean(hp.normalize))
+    self._perturbation_masks = perturbation_masks(hp, model, self.dataset.num_classes,
+                                                  augment, self.num_train)
     loss_grad_fn = standard_loss_grad_fn(
         model, num_classes=self.dataset.num_classes, label_smoothing=hp.label_smoothing,
         attack=self.attack if hp.adv_train else None, adv_mix=hp.adv_mix, teacher=teacher,
-        distill_temperature=hp.distill_temperature, loss_scale=loss_scale)
-    augment = None
-    if hp.augment != "none":
-      augment = lambda x, seed: augment_lib.augment(hp.augment, x, seed)  # noqa: E731
+        distill_temperature=hp.distill_temperature, loss_scale=loss_scale,
+        sharpness=sharpness_wrapper(hp, model, self._perturbation_masks))
     return Engine(model, loss_grad_fn, optimizer_groups(hp, self.num_train),
                   x_train=self.dataset.x_train, y_train=self.dataset.y_train,
                   batch_size=hp.batch_size, attack=self.attack, adv_train=hp.adv_train,
-                  adv_mix=hp.adv_mix, augment=augment, grad_clip_norm=hp.grad_clip_norm,
-                  loss_scale=loss_scale, top5=self.top5)
+                  adv_mix=hp.adv_mix, augment=augment, prepare=self.dataset.prepare,
+                  decode=self.dataset.decode, decode_eval=self.dataset.decode_eval,
+                  grad_clip_norm=hp.grad_clip_norm, loss_scale=loss_scale, top5=self.top5,
+                  extra_state=(self._perturbation_masks.variables
+                               if self._perturbation_masks else None))
 
   def _masks(self, trial, level, layers):
     if level == 0:
@@ -325,6 +422,8 @@ class Runner:
       engine.set_state(state)
       logging.info("resuming %s at iteration %d", directory, int(engine.iteration.numpy()))
     else:
+      if self._perturbation_masks is not None:
+        self._perturbation_masks.initialize(derived_seed(hp.seed, trial, level, "perturb"))
       _save_layer_arrays(directory, "masks", masks)
       _save_layer_arrays(directory, "init_kernels", _kernels(layers))
       files.save_arrays(os.path.join(directory, "weights_init.npz"), model_weights(model))
@@ -340,8 +439,13 @@ class Runner:
       stops = sorted(set(stops) | {hp.rewind_iteration})
       if hp.rewind_iteration == 0 and iteration == 0:
         files.save_arrays(os.path.join(directory, "weights_rewind.npz"), model_weights(model))
-    stream = iter(index_stream(self.num_train, hp.batch_size,
-                               derived_seed(hp.seed, trial, "data"), iteration))
+    data_seed = derived_seed(hp.seed, trial, "data")
+    refresh_points = []
+    if self._perturbation_masks is not None:
+      refresh_points = self._perturbation_masks.refresh_points(
+          total, hp.steps_per_epoch(self.num_train))
+      stops = sorted(set(stops) | set(refresh_points))
+    stream = engine.batches(data_seed, iteration)
     percent = pruning.percent_remaining(masks)
     bar = tqdm(total=total - start, initial=iteration - start,
                desc=f"trial {trial} prune_iter {level} ({percent:.1f}%)",
@@ -368,9 +472,16 @@ class Runner:
       iteration = stop
       if record_rewind and stop == hp.rewind_iteration:
         files.save_arrays(os.path.join(directory, "weights_rewind.npz"), model_weights(model))
+      if stop in refresh_points:
+        self._refresh_perturbation_masks(engine, stop, data_seed,
+                                         derived_seed(hp.seed, trial, level, "perturb"))
       if stop in eval_points:
         row = self._row(engine, stop, {m: float(s) / (stop - chunk_start)
-                                       for m, s in zip(METRICS, train_sums)})
+                                       for m, s in zip(METRICS, train_sums)},
+                        self.train_columns)
+        row.update(self._sharpness(engine))
+        if self._perturbation_masks is not None:
+          row["mask_lived_weight"] = self._perturbation_masks.lived_weight()
         logs["train"].append(row)
         chunk_start, train_sums = stop, np.zeros(len(METRICS))
         results = self._evaluate(engine, logs, stop)
@@ -392,12 +503,44 @@ class Runner:
     self._finish(directory, trial, level, layers, model, masks, logs, began, iteration)
 
   # ---- logs --------------------------------------------------------------------
-  def _row(self, engine, iteration, metrics):
+  def _row(self, engine, iteration, metrics, names=None):
     row = {"iteration": iteration, **metrics,
            "epoch": round(iteration / self.hparams.steps_per_epoch(self.num_train), 6)}
     rates = engine.learning_rates(max(iteration - 1, 0))
     row["lr"] = rates.get("weights", next(iter(rates.values())))
-    return {c: row[c] for c in self.columns}
+    return {c: row[c] for c in (names or self.columns) if c in row}
+
+  def _refresh_perturbation_masks(self, engine, iteration, data_seed, seed):
+    """SSAM's mask refresh after the first batch of an epoch (`sparse_perturbation`)."""
+    hp = self.hparams
+    steps_per_epoch = hp.steps_per_epoch(self.num_train)
+    epoch = (iteration - 1) // steps_per_epoch
+
+    def batch_fn(kind, count, epoch):
+      if kind == "sample":  # Without replacement, a pure function of (seed, epoch).
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(self.num_train), seed=tf.constant([data_seed, epoch], tf.int64))
+        return engine.examples(order[:min(count, self.num_train)].numpy())
+      first = epoch * steps_per_epoch  # The batch the step trained on, as it saw it.
+      indices = next(iter(index_stream(self.num_train, hp.batch_size, data_seed, first)))
+      return engine.examples(indices.numpy(), augment_iteration=first)
+
+    self._perturbation_masks.refresh(epoch, seed, batch_fn)
+    logging.info("perturbation masks refreshed at iteration %d: %.4f of the weights live",
+                 iteration, self._perturbation_masks.lived_weight())
+
+  def _sharpness(self, engine):
+    """Sharpness and m-sharpness on the fixed set (`--sharpness_examples`), or {}."""
+    hp = self.hparams
+    if hp.sharpness_examples == 0:
+      return {}
+    if self._sharpness_set is None:
+      count = min(hp.sharpness_examples, self.num_train)
+      x, y = self.dataset.x_train[:count], self.dataset.y_train[:count]
+      if self.dataset.decode is not None:
+        x = np.stack([self.dataset.decode_eval(path).numpy() for path in x])
+      self._sharpness_set = (x, y)
+    return engine.sharpness(*self._sharpness_set, rho=hp.rho, batch_size=hp.batch_size)
 
   def _evaluate(self, engine, logs, iteration):
     results = {}
@@ -416,7 +559,8 @@ class Runner:
 
   def _write_csvs(self, directory, logs):
     for split in SPLITS:
-      files.write_csv(os.path.join(directory, f"{split}.csv"), self.columns, logs[split])
+      names = self.train_columns if split == "train" else self.columns
+      files.write_csv(os.path.join(directory, f"{split}.csv"), names, logs[split])
 
   def _diverged_message(self, trial, level, iteration):
     return (f"training diverged (non-finite loss) in {self.run_dir}, trial {trial}, "

@@ -16,6 +16,7 @@ import tensorflow as tf
 import keras
 
 from robust_sparse import layers as layers_lib
+from robust_sparse import sharpness as sharpness_lib
 from robust_sparse import steps as steps_lib
 from robust_sparse.steps import METRICS, OptimizerGroup
 
@@ -54,30 +55,45 @@ class Diverged(Exception):
 
 
 class Engine:
-  """Trains `model` on in-memory data with a composed step, and evaluates it.
+  """Trains `model` with a composed step, and evaluates it.
+
+  Training images are in memory (float32 [n, H, W, C], gathered inside the
+  compiled step), or file paths (a 1-D string array) that `decode` reads in a
+  parallel `tf.data` map, for data sets too big for memory. Either way batch
+  `i` holds the same examples (`batches`).
 
   Args:
     model: a built Keras model (logits out).
     loss_grad_fn: a `LossGradFn` of `robust_sparse.steps` (e.g.
       `standard_loss_grad_fn`).
     groups: the optimizer groups.
-    x_train, y_train: the training data (float32 images, int labels).
+    x_train, y_train: the training data (float32 images or file paths, int labels).
     batch_size: training batch size.
     attack: `attack(model, x, y, seed)` used for evaluation.
     adv_train, adv_mix: only to report the evaluation `loss` as the training
       objective (the mixed loss with adversarial training).
-    augment: `augment(x, seed) -> x` applied to training batches, or None.
+    augment: `augment(x, y, seed) -> (x, y)` applied to training batches, or None.
+    prepare: the data set's `prepare(x, seed) -> x` (resizing, random
+      positioning), applied to every training and evaluation batch, or None.
+    decode: `decode(path) -> image` when the x arrays hold file paths.
+    decode_eval: the decoding of evaluation files (e.g. ImageNet's resize and
+      centre crop); default `decode`.
     grad_clip_norm, loss_scale: see `make_train_step`.
     top5: also report top-5 accuracy.
     jit_compile: XLA for the step and evaluation; None: when the layers allow.
+    extra_state: more variables the step reads (e.g. SSAM's perturbation
+      masks), checkpointed with the rest under `engine/<name>`.
   """
 
   def __init__(self, model: keras.Model, loss_grad_fn, groups: Sequence[OptimizerGroup], *,
                x_train: np.ndarray, y_train: np.ndarray, batch_size: int, attack: Callable,
                adv_train: bool = False, adv_mix: float = 0.5,
-               augment: Optional[Callable] = None, grad_clip_norm: Optional[float] = None,
+               augment: Optional[Callable] = None, prepare: Optional[Callable] = None,
+               decode: Optional[Callable] = None, decode_eval: Optional[Callable] = None,
+               grad_clip_norm: Optional[float] = None,
                loss_scale: Optional[steps_lib.LossScale] = None, top5: bool = False,
-               jit_compile: Optional[bool] = None, eval_batch_size: int = 1000):
+               jit_compile: Optional[bool] = None, eval_batch_size: int = 1000,
+               extra_state: Optional[Dict[str, tf.Variable]] = None):
     self.model = model
     self.groups = list(groups)
     self.attack = attack
@@ -87,23 +103,32 @@ class Engine:
     self.top5 = top5
     self.loss_scale = loss_scale
     self.eval_batch_size = eval_batch_size
+    self.extra_state = dict(extra_state or {})
+    self.augment = augment
     # Variables, not constants, so that one compiled engine serves many runs.
     self.seed = tf.Variable(0, dtype=tf.int64, trainable=False, name="seed")
     self.iteration = tf.Variable(0, dtype=tf.int64, trainable=False, name="iteration")
+    self.decode = decode
+    self.decode_eval = decode_eval or decode
+    self.prepare = prepare
+    self.num_train = len(x_train)
     self.x_train = tf.constant(x_train)
     self.y_train = tf.constant(y_train, dtype=tf.int32)
     self._step = steps_lib.make_train_step(
         model, loss_grad_fn, self.groups, grad_clip_norm=grad_clip_norm,
-        loss_scale=loss_scale, augment=augment, top5=top5, masks_hold=True)
+        loss_scale=loss_scale, augment=augment, prepare=prepare, top5=top5,
+        masks_hold=True)
     self._fresh = [np.asarray(v.numpy()) for v in self._resettable()]
     if jit_compile is None:
-      jit_compile = supports_xla(model)
+      # RandAugment's projective transforms have no XLA kernel.
+      jit_compile = supports_xla(model) and getattr(augment, "supports_jit", True)
     self.jit_compile = jit_compile
     self._train_step = tf.function(self._train_step_fn, jit_compile=jit_compile)
     self._eval_batch = tf.function(self._eval_batch_fn, jit_compile=jit_compile)
     self._train_chunk = tf.function(self._train_chunk_fn)
     self._enforce_masks = tf.function(lambda: layers_lib.enforce_masks(model))
     self._eval_dataset = tf.function(self._eval_dataset_fn)
+    self._sharpness = None
 
   # ---- state ------------------------------------------------------------------
   def _resettable(self):
@@ -135,6 +160,8 @@ class Engine:
     if self.loss_scale is not None:
       for v in self.loss_scale.variables:
         state[f"engine/{v.name.split(':')[0]}"] = v
+    for name, v in self.extra_state.items():
+      state[f"engine/{name}"] = v
     state["engine/iteration"] = self.iteration
     state["engine/seed"] = self.seed
     return state
@@ -169,9 +196,51 @@ class Engine:
     return {name: float(rate.numpy()) for name, rate in rates.items()}
 
   # ---- training --------------------------------------------------------------------
-  def _train_step_fn(self, indices):
-    x = tf.gather(self.x_train, indices)
+  def batches(self, seed: int, start_iteration: int = 0):
+    """The training batches from `start_iteration` on, for `train`.
+
+    In-memory data: batches of indices (the step gathers the images). File
+    paths: decoded (images, labels) batches, read in parallel, in order.
+    """
+    stream = index_stream(self.num_train, self.batch_size, seed, start_iteration)
+    if self.decode is None:
+      return iter(stream)
+    paths, labels, decode = self.x_train, self.y_train, self.decode
+    stream = (stream.unbatch()
+              .map(lambda i: (decode(tf.gather(paths, i)), tf.gather(labels, i)),
+                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+              .batch(self.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+    return iter(stream)
+
+  def examples(self, indices, *, augment_iteration: Optional[int] = None):
+    """Training examples `indices` as the step sees them: prepared, then augmented
+    with the seed of `augment_iteration` (None: not augmented).
+
+    Returns:
+      (images, labels) tensors.
+    """
+    indices = tf.constant(np.asarray(indices), tf.int32)
+    if self.decode is None:
+      x = tf.gather(self.x_train, indices)
+    else:
+      x = tf.stack([self.decode(tf.gather(self.x_train, i)) for i in indices])
     y = tf.gather(self.y_train, indices)
+    if augment_iteration is None:
+      if self.prepare is not None:
+        x = self.prepare(x, steps_lib.stream_seed(self.seed, 0, 7))
+      return x, y
+    if self.prepare is not None:
+      x = self.prepare(x, steps_lib.stream_seed(self.seed, augment_iteration, 4))
+    if self.augment is not None:
+      x, y = self.augment(x, y, steps_lib.stream_seed(self.seed, augment_iteration, 3))
+    return x, y
+
+  def _train_step_fn(self, element):
+    if self.decode is None:
+      x = tf.gather(self.x_train, element)
+      y = tf.gather(self.y_train, element)
+    else:
+      x, y = element
     stats = self._step(x, y, self.seed, self.iteration)
     self.iteration.assign_add(1)
     return tf.stack([tf.cast(stats[m], tf.float32) for m in METRICS])
@@ -204,7 +273,27 @@ class Engine:
     return {name: float(v) / int(done) for name, v in zip(METRICS, sums.numpy())}
 
   # ---- evaluation -----------------------------------------------------------------
+  def _sharpness_fn(self, x, y, rho, batch_size):
+    if self.prepare is not None:
+      x = self.prepare(x, steps_lib.stream_seed(self.seed, 0, 7))
+    with layers_lib.masks_hold():
+      return sharpness_lib.measure_sharpness(self.model, x, y, rho=rho, batch_size=batch_size)
+
+  def sharpness(self, x, y, *, rho: float, batch_size: int) -> Dict[str, float]:
+    """`sharpness.measure_sharpness` on the fixed set (x, y) (decoded images, int labels)."""
+    if self._sharpness is None:
+      # Not XLA: its compile of this loop (a gradient and three passes per
+      # batch) took minutes for resnet18 on CPU, where TensorFlow's own
+      # kernels need 6.6 s for 256 images.
+      self._sharpness = tf.function(self._sharpness_fn, reduce_retracing=True)
+    self._enforce_masks()
+    values = self._sharpness(tf.convert_to_tensor(x), tf.cast(y, tf.int32),
+                             tf.constant(rho, tf.float32), int(batch_size))
+    return {name: float(value.numpy()) for name, value in values.items()}
+
   def _eval_batch_fn(self, x, y, index, stream):
+    if self.prepare is not None:
+      x = self.prepare(x, steps_lib.stream_seed(self.seed, self.iteration, stream + 4, index))
     with layers_lib.masks_hold():
       return steps_lib.evaluation_sums(
           self.model, self.attack, x, y,
@@ -223,8 +312,15 @@ class Engine:
       x, y: the evaluation set.
       stream: distinguishes the attack randomness of different sets (1 valid, 2 test).
     """
-    dataset = tf.data.Dataset.from_tensor_slices((x, tf.cast(y, tf.int32))).batch(
-        self.eval_batch_size)
+    if len(x) == 0:  # No validation split (--valid_size=0).
+      nan = float("nan")
+      return {m: nan for m in ("loss", "acc", "adv_acc", "nat_loss", "adv_loss", "top5")}
+    dataset = tf.data.Dataset.from_tensor_slices((x, tf.cast(y, tf.int32)))
+    if self.decode_eval is not None:
+      decode = self.decode_eval
+      dataset = dataset.map(lambda path, label: (decode(path), label),
+                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.batch(self.eval_batch_size).prefetch(tf.data.AUTOTUNE)
     self._enforce_masks()
     nat_loss, correct, adv_correct, adv_loss, top5 = (
         self._eval_dataset(dataset, tf.constant(stream, tf.int64)).numpy() / len(x))

@@ -57,6 +57,12 @@ def _names(registry_path):
   return names
 
 
+def _normalizations():
+  import importlib
+  names = list(importlib.import_module("models").NORMALIZATIONS)
+  return names if "none" in names else ["none"] + names
+
+
 @dataclasses.dataclass(frozen=True)
 class DataHparams:
   """Which data, how much of it, in which batches."""
@@ -66,21 +72,34 @@ class DataHparams:
       "cifar-10/cifar-10-batches-bin/); unset: tensorflow-datasets")
   valid_size: int = _field(
       10000, "validation set size: the first training images (10000; 300 for "
-      "sklearn_digits)", lower_bound=1, flag_default=None)
+      "sklearn_digits); 0: no validation split (the CIFAR seeds evaluate on the test "
+      "set only)", lower_bound=0, flag_default=None)
+  resolution: Optional[int] = _field(
+      None, "resize every image to RxR pixels, at training and test time (phd-lab); "
+      "unset: the data set's own size", lower_bound=1)
   train_examples: Optional[int] = _field(
       None, "use only the first N training images (after the validation split; "
       "quick runs and tests); unset: all", lower_bound=1)
   batch_size: int = _field(60, "batch size", lower_bound=1)
-  augment: str = _field("none", "training-data augmentation",
-                        choices=_names("data.augment.AUGMENTATIONS"))
+  augment: str = _field(
+      "none", "training-data augmentation: a comma-separated list applied in order, of "
+      "crop (pad 4, random crop), flip, cutout (16 px, p 0.5), randaugment, mixup, "
+      "cutmix; e.g. crop,flip,cutout")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelHparams:
   """The network."""
-  model: str = _field("dense-300-100", "model architecture", choices=_names("models.MODELS"))
+  model: str = _field("dense-300-100", "model architecture (see README), including any "
+                      "wideresnet{depth}x{k}")
   activation: str = _field("relu", "hidden activation spec (see README)")
   l1_reg: float = _field(0.0, "L1 kernel penalty", short_name="l1", lower_bound=0.0)
+  normalize: str = _field(
+      "none", "per-channel normalisation as the model's first layer, so data and attack "
+      "budgets stay in [0, 1] pixels: cifar (phd-lab), cifar_ssam (SSAM), imagenet",
+      choices=lambda: _normalizations())
+  dropout: float = _field(0.0, "dropout rate of the models that have one (wideresnet)",
+                          lower_bound=0.0, upper_bound=1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +112,9 @@ class TrainingHparams:
   eval_every: Optional[int] = _field(
       None, "evaluate on the full validation and test sets every this many "
       "iterations (default: 500, or once per epoch with --epochs)", lower_bound=1)
-  optimizer: str = _field("adam", "optimizer: sgd | adam | adamw",
-                          choices=_names("robust_sparse.optimizers.OPTIMIZERS"))
+  optimizer: str = _field(
+      "adam", "optimizer: sgd | adam | adamw, or <perturbation>-<optimizer> for "
+      "sharpness-aware training: sam-sgd, asam-sgd, sam-adam, ...")
   learning_rate: float = _field(0.0012, "learning rate", short_name="lr", lower_bound=0.0)
   momentum: float = _field(0.0, "SGD momentum", lower_bound=0.0)
   nesterov: bool = _field(False, "SGD with Nesterov momentum")
@@ -123,6 +143,46 @@ class TrainingHparams:
       None, "knowledge distillation from the finished run folder DIR (its trial 0, "
       "level 0): loss = CE + T^2 KL(teacher || student) at temperature T")
   distill_temperature: float = _field(4.0, "distillation temperature T", lower_bound=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharpnessHparams:
+  """Sharpness-aware training (`--optimizer=sam-sgd`, `asam-sgd`, ...)."""
+  rho: float = _field(0.05, "SAM / ASAM neighbourhood radius", lower_bound=0.0)
+  asam_eta: float = _field(0.01, "ASAM: T_w = |w| + eta", lower_bound=0.0)
+  sam_batch_splits: int = _field(1, "m-sharpness: one perturbation per split of the batch",
+                                 lower_bound=1)
+  sharpness_examples: int = _field(
+      1000, "at every evaluation, measure the sharpness (loss at w + e minus loss at w, "
+      "rho = --rho) and the m-sharpness (m = --batch_size) on the first N training "
+      "images, for every optimizer (train.csv); 0: off", lower_bound=0)
+  sam_bn_stats: str = _field(
+      "first", "batch-norm statistics of SAM's clean pass (first), perturbed pass "
+      "(second) or both in turn (the SSAM seed)", choices=lambda: ["first", "second", "both"])
+  sparsity: float = _field(0.2, "SSAM: fraction of the weights NOT perturbed",
+                           lower_bound=0.0, upper_bound=1.0)
+  num_samples: int = _field(1024, "SSAM-F: training examples per Fisher estimate",
+                            lower_bound=1)
+  update_freq: int = _field(5, "SSAM: refresh the perturbation mask every this many epochs",
+                            lower_bound=1)
+  pattern: str = _field("unstructured", "SSAM-F mask: global top-k, whole tensors, or N:M",
+                        choices=lambda: ["unstructured", "structured", "nm"])
+  n_structured: Optional[int] = _field(None, "SSAM-F N:M: N kept of every M", lower_bound=1)
+  m_structured: Optional[int] = _field(None, "SSAM-F N:M: group size M", lower_bound=1)
+  nm_conv_layout: str = _field(
+      "correct", "SSAM-F N:M conv masks: grouped along each filter's inputs (correct) or "
+      "the released code's scrambled reshape (seed, spec 4.2 [BUG])",
+      choices=lambda: ["correct", "seed"])
+  drop_rate: float = _field(0.5, "SSAM-D: initial drop rate (cosine to 0)", lower_bound=0.0,
+                            upper_bound=1.0)
+  drop_strategy: str = _field("gradient", "SSAM-D: which live entries die",
+                              choices=lambda: ["gradient", "weight", "random"])
+  growth_strategy: str = _field("random", "SSAM-D: which dead entries grow",
+                                choices=lambda: ["random", "gradient", "weight"])
+  implicit: bool = _field(
+      False, "implicit sparse perturbation (spec 4.4) with --optimizer=sam-<base>: SAM's "
+      "ascent pass back-propagates through the kernels times a Fisher mask of --pattern "
+      "structured or nm, refreshed every --update_freq epochs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,13 +230,13 @@ class RunHparams:
                                "exactly too (slower on GPU)")
 
 
-GROUPS = (DataHparams, ModelHparams, TrainingHparams, PruningHparams, AttackHparams,
-          RunHparams)
+GROUPS = (DataHparams, ModelHparams, TrainingHparams, SharpnessHparams, PruningHparams,
+          AttackHparams, RunHparams)
 
 
 @dataclasses.dataclass(frozen=True)
-class Hparams(RunHparams, AttackHparams, PruningHparams, TrainingHparams, ModelHparams,
-              DataHparams):
+class Hparams(RunHparams, AttackHparams, PruningHparams, SharpnessHparams, TrainingHparams,
+              ModelHparams, DataHparams):
   """Everything that defines an experiment (defaults: the lottery-ticket seed's)."""
 
   def __post_init__(self):

@@ -35,9 +35,12 @@ class RobustModel(keras.Model):
     attack: `attack(model, x, y, seed)`: adversarial training with `adv_mix`,
       and robust accuracy in `evaluate`.
     teacher, distill_temperature: knowledge distillation.
-    augment: `augment(x, seed) -> x` for training batches.
+    augment: `augment(x, y, seed) -> (x, y)` for training batches (see
+      `data.augment.build`).
     grad_clip_norm: global-norm gradient clipping.
     loss_scale: a `steps.LossScale` for mixed_float16 training.
+    sharpness: `LossGradFn -> LossGradFn`, e.g. `lambda inner:
+      sharpness.sharpness_aware(inner, network, rho=0.05)` for SAM.
     seed: the run seed of every stateless random choice.
   """
 
@@ -46,7 +49,8 @@ class RobustModel(keras.Model):
                adv_mix: float = 0.5, teacher: Optional[keras.Model] = None,
                distill_temperature: float = 4.0, augment: Optional[Callable] = None,
                grad_clip_norm: Optional[float] = None,
-               loss_scale: Optional[steps_lib.LossScale] = None, seed: int = 0, **kwargs):
+               loss_scale: Optional[steps_lib.LossScale] = None,
+               sharpness: Optional[Callable] = None, seed: int = 0, **kwargs):
     super().__init__(**kwargs)
     self.network = network
     self.num_classes = num_classes or int(network.output.shape[-1])
@@ -54,7 +58,8 @@ class RobustModel(keras.Model):
     self.loss_grad_fn = steps_lib.standard_loss_grad_fn(
         network, num_classes=self.num_classes, label_smoothing=label_smoothing,
         attack=attack, adv_mix=adv_mix, teacher=teacher,
-        distill_temperature=distill_temperature, loss_scale=loss_scale)
+        distill_temperature=distill_temperature, loss_scale=loss_scale,
+        sharpness=sharpness)
     self.augment = augment
     self.grad_clip_norm = grad_clip_norm
     self.loss_scale = loss_scale
@@ -85,7 +90,8 @@ class RobustModel(keras.Model):
         stateless random draws (PGD's random start) differ between XLA and
         plain TensorFlow, and `fit` should train exactly as the runner does.
     """
-    kwargs.setdefault("jit_compile", supports_xla(self.network))
+    kwargs.setdefault("jit_compile", supports_xla(self.network)
+                      and getattr(self.augment, "supports_jit", True))
     if groups is None:
       optimizer = keras.optimizers.get(optimizer)
       groups = [OptimizerGroup("weights", optimizer, schedule)]
@@ -109,9 +115,8 @@ class RobustModel(keras.Model):
 
   def test_step(self, data):
     x, y = data[0], tf.cast(data[1], tf.int32)
-    attack = self.attack or (lambda model, x, y, seed: x)
     sums = steps_lib.evaluation_sums(
-        self.network, attack, x, y,
+        self.network, self.attack, x, y,
         steps_lib.stream_seed(self.seed, self.step_iteration, 1), self.top5)
     count = tf.cast(tf.shape(y)[0], tf.float32)
     values = dict(loss=sums[0] / count, nat_loss=sums[0] / count, acc=sums[1] / count,

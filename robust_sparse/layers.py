@@ -92,6 +92,34 @@ def masks_hold():
     _HOLD.active = previous
 
 
+_IMPLICIT = threading.local()
+
+
+@contextlib.contextmanager
+def implicit_backprop(masks):
+  """Traces masked layers inside as back-propagating input gradients through `W * m`.
+
+  SSAM's implicit sparse perturbation (spec 4.4): during SAM's ascent pass the
+  listed layers compute their output and kernel gradient with the dense
+  kernel, but pass input gradients back through the kernel times `masks[name]`
+  (`robust_sparse.ssam.implicit_dense` / `implicit_conv2d`).
+
+  Args:
+    masks: {layer name: 0/1 tensor of the layer's kernel shape}.
+  """
+  previous = getattr(_IMPLICIT, "masks", None)
+  _IMPLICIT.masks = masks
+  try:
+    yield
+  finally:
+    _IMPLICIT.masks = previous
+
+
+def _implicit_mask(layer):
+  masks = getattr(_IMPLICIT, "masks", None)
+  return None if masks is None else masks.get(layer.name)
+
+
 def enforce_masks(model):
   """Zeroes every masked kernel of `model` where its mask is 0 (the constraint)."""
   for layer in masked_layers(model):
@@ -272,7 +300,12 @@ class MaskedDense(_MaskedKernelMixin, keras.layers.Dense):
                                              tf.convert_to_tensor(self.mask))
     else:
       kernel = self.masked_kernel
-    x = ops.matmul(inputs, kernel)
+    implicit = _implicit_mask(self)
+    if implicit is not None and len(inputs.shape) == 2:
+      from robust_sparse import ssam  # pylint: disable=import-outside-toplevel
+      x = ssam.implicit_dense(inputs, kernel, implicit)
+    else:
+      x = ops.matmul(inputs, kernel)
     if self.bias is not None:
       x = ops.add(x, self.bias)
     if self.activation is not None:
@@ -293,7 +326,16 @@ class MaskedConv2D(_MaskedKernelMixin, keras.layers.Conv2D):
   """
 
   def call(self, inputs):
-    outputs = self.convolution_op(inputs, self.masked_kernel)
+    implicit = _implicit_mask(self)
+    if (implicit is not None and self.data_format == "channels_last" and self.groups == 1
+        and self.padding in ("same", "valid")):
+      from robust_sparse import ssam  # pylint: disable=import-outside-toplevel
+      outputs = ssam.implicit_conv2d(inputs, self.masked_kernel, implicit,
+                                     strides=list(self.strides),
+                                     padding=self.padding.upper(),
+                                     dilations=list(self.dilation_rate))
+    else:
+      outputs = self.convolution_op(inputs, self.masked_kernel)
     if self.use_bias:
       if self.data_format == "channels_last":
         bias_shape = (1,) * (self.rank + 1) + (self.filters,)

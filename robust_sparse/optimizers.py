@@ -187,6 +187,28 @@ def _adamw(learning_rate, *, momentum, nesterov, weight_decay, beta_1, beta_2, e
                                 **_adam_kwargs(beta_1, beta_2, epsilon))
 
 
+# Sharpness-aware perturbations an `--optimizer` name may start with (the
+# seed's `<perturbation>-<base>` names); see `robust_sparse.sharpness`.
+PERTURBATIONS = ("sam", "asam", "ssamf", "ssamd")
+
+
+def split_optimizer(name: str):
+  """`"sam-sgd"` -> `("sam", "sgd")`; `"sgd"` -> `(None, "sgd")`.
+
+  Raises:
+    ValueError: an unknown perturbation or base optimizer, naming `--optimizer`.
+  """
+  perturbation, _, base = name.rpartition("-")
+  if perturbation and perturbation not in PERTURBATIONS:
+    raise ValueError(f"--optimizer={name}: unknown perturbation {perturbation!r}; known: "
+                     f"{', '.join(PERTURBATIONS)}")
+  if base not in OPTIMIZERS.names():
+    raise ValueError(f"--optimizer={name}: unknown optimizer {base!r}; known: "
+                     f"{', '.join(OPTIMIZERS.names())}, each optionally prefixed by "
+                     f"{' or '.join(p + '-' for p in PERTURBATIONS)}")
+  return perturbation or None, base
+
+
 def make_optimizer(name: str, learning_rate: float, *, momentum: float = 0.0,
                    nesterov: bool = False, weight_decay: float = 0.0, beta_1: float = 0.9,
                    beta_2: float = 0.999,

@@ -45,19 +45,46 @@ METRICS = ("loss", "acc", "adv_acc", "nat_loss", "adv_loss", "top5")
 def stream_seed(seed, iteration, stream, index=0):
   """A stateless seed, a pure function of (run seed, iteration, stream, index).
 
-  Streams: 0 training attack, 1 validation attack, 2 test attack, 3 augmentation.
+  Streams: 0 training attack, 1 validation attack, 2 test attack, 3 augmentation,
+  4 training-batch preparation, 5 / 6 validation / test-batch preparation, 7 the
+  preparation of the sharpness set.
   """
-  return tf.stack([tf.cast(seed, tf.int64) * 4 + stream,
-                   tf.cast(iteration, tf.int64) * 100003 + tf.cast(index, tf.int64)])
+  # Streams 0-3 keep the original encoding (seed * 4 + stream), so runs made
+  # before streams 4-7 existed draw the same numbers; 4-7 use the negative
+  # numbers, which no (seed >= 0, stream < 4) pair reaches.
+  stream = tf.cast(stream, tf.int64)
+  base = tf.cast(seed, tf.int64) * 4 + stream % 4
+  first = tf.where(stream < 4, base, -base - 1)
+  return tf.stack([first, tf.cast(iteration, tf.int64) * 100003 + tf.cast(index, tf.int64)])
 
 
 # ---- per-example losses ------------------------------------------------------------
+def as_targets(y, num_classes: int):
+  """Labels as float targets [N, num_classes]: one-hot for int labels, soft ones as given.
+
+  Soft labels come from label-mixing augmentations (MixUp, CutMix).
+  """
+  if y.dtype.is_integer:
+    return tf.one_hot(y, num_classes)
+  return tf.cast(y, tf.float32)
+
+
+def hard_labels(y):
+  """Int labels [N]: `y` itself, or the arg-max of soft labels (the dominant image)."""
+  if y.dtype.is_integer:
+    return tf.cast(y, tf.int32)
+  return tf.argmax(y, -1, output_type=tf.int32)
+
+
 def cross_entropy(num_classes: int, label_smoothing: float = 0.0):
-  """Softmax cross-entropy per example, with optional label smoothing (float32)."""
+  """Softmax cross-entropy per example, with optional label smoothing (float32).
+
+  `y` is int labels [N] or soft labels [N, num_classes].
+  """
 
   def loss(x, y, logits):
     del x
-    labels = tf.one_hot(y, num_classes)
+    labels = as_targets(y, num_classes)
     if label_smoothing:
       labels = labels * (1.0 - label_smoothing) + label_smoothing / num_classes
     return tf.nn.softmax_cross_entropy_with_logits(labels=labels,
@@ -231,11 +258,13 @@ def global_norm_clip(grads, clip_norm: Optional[float]):
 
 
 def _correct(logits, y):
-  return tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.float32)
+  return tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), hard_labels(y)),
+                 tf.float32)
 
 
 def _top5(logits, y):
-  return tf.cast(tf.math.in_top_k(y, tf.cast(logits, tf.float32), 5), tf.float32)
+  return tf.cast(tf.math.in_top_k(hard_labels(y), tf.cast(logits, tf.float32), 5),
+                 tf.float32)
 
 
 # Optimizers whose update of a weight reads only that weight's own gradient and
@@ -256,12 +285,15 @@ def is_elementwise(optimizer) -> bool:
 def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[OptimizerGroup], *,
                     grad_clip_norm: Optional[float] = None,
                     loss_scale: Optional[LossScale] = None,
-                    augment: Optional[Callable] = None, top5: bool = False,
+                    augment: Optional[Callable] = None,
+                    prepare: Optional[Callable] = None, top5: bool = False,
                     masks_hold: bool = False):
   """One training step: `step(x, y, seed, iteration) -> {metric: scalar}`.
 
-  Augments `x` (stream 3), calls `loss_grad_fn` on the model's current values
-  (attack seed: stream 0), writes the new non-trainable values (batch-norm
+  Applies the data set's `prepare(x, seed) -> x` (resizing, random
+  positioning; stream 4), then `augment(x, y, seed) -> (x, y)` (stream 3; `y`
+  may come back as soft labels [N, classes], e.g. from MixUp), calls
+  `loss_grad_fn` on the model's current values (attack seed: stream 0), writes the new non-trainable values (batch-norm
   statistics) back, clips, and applies each group's gradients at its
   scheduled learning rate. Metrics are `METRICS`: `loss` is the training
   objective without regularisation, `acc`/`nat_loss` on the natural half,
@@ -284,8 +316,10 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
                                not all(is_elementwise(g.optimizer) for g in groups))
 
   def step(x, y, seed, iteration):
+    if prepare is not None:
+      x = prepare(x, stream_seed(seed, iteration, 4))
     if augment is not None:
-      x = augment(x, stream_seed(seed, iteration, 3))
+      x, y = augment(x, y, stream_seed(seed, iteration, 3))
     batch_size = tf.shape(y)[0]
     weight = tf.fill([batch_size], 1.0 / tf.cast(batch_size, tf.float32))
     batch = dict(x=x, y=y, weight=weight, seed=stream_seed(seed, iteration, 0))
@@ -336,17 +370,22 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
 def evaluation_sums(model: keras.Model, attack: Callable, x, y, seed, top5: bool = False):
   """Sums over one evaluation batch: natural and adversarial loss, correct, top-5.
 
-  Evaluation losses use plain labels; the attack runs at `seed`.
+  Evaluation losses use plain labels; the attack runs at `seed`. Without an
+  attack (None) the adversarial sums are NaN.
   """
   logits = tf.cast(model(x, training=False), tf.float32)
-  x_adv = attack(model, x, None, seed)
-  adv_logits = tf.cast(model(x_adv, training=False), tf.float32)
   num_classes = tf.shape(logits)[-1]
   labels = tf.one_hot(y, num_classes)
   nat = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-  adv = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=adv_logits)
-  sums = [tf.reduce_sum(nat), tf.reduce_sum(_correct(logits, y)),
-          tf.reduce_sum(_correct(adv_logits, y)), tf.reduce_sum(adv)]
+  sums = [tf.reduce_sum(nat), tf.reduce_sum(_correct(logits, y))]
+  if attack is None:
+    nan = tf.constant(np.nan, tf.float32)
+    sums += [nan, nan]
+  else:
+    x_adv = attack(model, x, None, seed)
+    adv_logits = tf.cast(model(x_adv, training=False), tf.float32)
+    adv = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=adv_logits)
+    sums += [tf.reduce_sum(_correct(adv_logits, y)), tf.reduce_sum(adv)]
   sums.append(tf.reduce_sum(_top5(logits, y)) if top5 else tf.constant(0.0))
   return tf.stack(sums)
 
@@ -355,17 +394,24 @@ def standard_loss_grad_fn(model: keras.Model, *, num_classes: int,
                           label_smoothing: float = 0.0, attack: Optional[Callable] = None,
                           adv_mix: float = 0.5, teacher: Optional[keras.Model] = None,
                           distill_temperature: float = 4.0,
-                          loss_scale: Optional[LossScale] = None):
-  """The toolkit's usual composition: cross-entropy [+ distillation] [+ adversarial].
+                          loss_scale: Optional[LossScale] = None,
+                          sharpness: Optional[Callable] = None):
+  """The toolkit's usual composition: cross-entropy [+ distillation] [+ sharpness]
+  [+ adversarial].
 
   Args:
     attack: `attack(model, x, y, seed)`; adversarial training when given.
     teacher: a model to distil from, evaluated in inference mode.
+    sharpness: `LossGradFn -> LossGradFn`, e.g. a partial of
+      `robust_sparse.sharpness.sharpness_aware`; inside the adversarial
+      wrapper, so both of its passes see the same adversarial batch.
   """
   loss = cross_entropy(num_classes, label_smoothing)
   if teacher is not None:
     loss = distillation(loss, teacher, distill_temperature)
   fn = loss_and_gradients(model, loss, loss_scale)
+  if sharpness is not None:
+    fn = sharpness(fn)
   if attack is not None:
     fn = adversarial(fn, model, attack, adv_mix)
   return fn

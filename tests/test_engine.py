@@ -82,7 +82,7 @@ def _groups():
 
 def test_fit_and_runner_engine_give_the_same_weights(digits):
   attack = make_attack(AttackConfig("pgd", eps=0.1, step_size=0.05, steps=2))
-  augment = lambda x, seed: augment_lib.augment("crop_flip", x, seed)  # noqa: E731
+  augment = augment_lib.build("crop,flip", num_classes=10)
   engine_model, fit_model = _engine_and_fit_models(digits)
   steps, seed, data_seed = 30, 11, 7
 
@@ -213,7 +213,7 @@ def test_kill_9_anywhere_resumes_exactly_bn_augment_sgd_cosine(tmp_path):
   args = ["--dataset=sklearn_digits", "--model=conv-bn", "--experiment=train", "--trials=1",
           "--epochs=8", "--batch_size=32", "--optimizer=sgd", "--momentum=0.9",
           "--weight_decay=5e-4", "-lr=0.05", "--lr_schedule=cosine", "--warmup_epochs=1",
-          "--augment=crop_flip", "--attack=pgd", "--pgd_steps=2", "--adv_train",
+          "--augment=crop,flip", "--attack=pgd", "--pgd_steps=2", "--adv_train",
           "--noprogress"]
   reference = run_module("run_experiments", *args, f"--base_dir={tmp_path / 'a'}")
   assert reference.returncode == 0, reference.stderr[-2000:]

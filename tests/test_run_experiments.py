@@ -109,7 +109,13 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--dataset=imagenet"], "dataset"),
+    (["--dataset=imagenet22k"], "dataset"),
+    (["--augment=crop,twirl"], "augment"),
+    (["--resolution=0"], "resolution"),
+    (["--normalize=cifar11"], "normalize"),
+    (["--model=vgg11"], "vgg11"),  # 8x8 digits are too small for its five pools.
+    (["--model=resnet18", "--dropout=0.3"], "--dropout"),
+    (["--model=wideresnet27x10"], "wideresnet"),
     (["--model=resnet9000"], "model"),
     (["--experiment=reinit_sideways"], "experiment"),
     (["--attack=cw"], "attack"),

@@ -1,0 +1,266 @@
+"""Sharpness-aware minimisation as a wrapper of the step library: SAM and ASAM.
+
+`sharpness_aware(inner, ...)` wraps a `LossGradFn` (see `robust_sparse.steps`)
+into one that returns the gradient at the perturbed weights `w + e`:
+
+1. `g = grad L(w)` from `inner` (the clean pass: its logits and losses are
+   the step's metrics);
+2. `e = rho * T^2 g / (||T g||_2 + 1e-12)`, the norm over every perturbed
+   weight; T = 1 for SAM (Foret et al.), T = |w| + eta for ASAM (Kwon et al.,
+   davda54/sam `adaptive=True`);
+3. `g' = grad L(w + e)` from `inner` again, on the `w + e` tensors: the
+   variables are never moved, so nothing has to be subtracted back (in
+   float32 `(w + e) - e != w` for about 0.1 % of the weights);
+4. the caller's update applies `g'` to `w` with the base optimizer.
+
+The seed's released code zeroes `g'` before the base step (spec 4.1 [BUG]);
+that is not offered: standard SAM is what its paper and every peer run.
+
+Masks hold: a pruned weight's gradient is masked before the norm and the
+perturbation, so it gets no perturbation and stays exactly zero. With
+adversarial training, `adversarial(sharpness_aware(...))` runs both passes on
+the same adversarial batch. Batch-norm statistics come from the clean pass by
+default (google-research/sam); `bn_stats="second"` keeps the perturbed pass's,
+`"both"` applies both updates in turn (the seed's PyTorch code). m-sharpness
+(`batch_splits` = m) computes one perturbation per split of the batch and
+averages the splits' gradients (google-research/sam's per-replica SAM on one
+device).
+"""
+
+from typing import Callable, Optional
+
+import tensorflow as tf
+
+from robust_sparse import layers as layers_lib
+
+BN_STATS = ("first", "second", "both")
+# The norm's guard, as davda54/sam and google-research/sam (the seed uses 1e-7).
+NORM_EPSILON = 1e-12
+
+
+def perturbation(weights, grads, *, rho: float, adaptive: bool = False, eta: float = 0.01,
+                 masks=None):
+  """SAM's / ASAM's ascent step `e` for each weight (None where its gradient is None).
+
+  Args:
+    weights: weight tensors w.
+    grads: their gradients g (None for weights that get none).
+    rho: the neighbourhood radius (of `T^-1 e` for ASAM).
+    adaptive: ASAM's elementwise scaling T = |w| + eta.
+    eta: ASAM's eta.
+    masks: per weight, None or a 0/1 tensor: the perturbation keeps to it
+      (pruned weights, sparse perturbations); the norm is over the masked
+      gradient, so `||e|| = rho` over the weights that move.
+
+  Returns:
+    A list of tensors (or None) matching `weights`.
+  """
+  masks = masks if masks is not None else [None] * len(weights)
+  scaled = []
+  for w, g, m in zip(weights, grads, masks):
+    if g is None:
+      scaled.append(None)
+      continue
+    g = tf.cast(g, tf.float32)
+    if m is not None:
+      g = g * tf.cast(m, g.dtype)
+    scale = tf.abs(tf.cast(w, tf.float32)) + eta if adaptive else None
+    scaled.append((g, scale))
+  norm = tf.sqrt(tf.add_n([tf.constant(0.0)] + [
+      tf.reduce_sum(tf.square(g if t is None else t * g)) for g, t in
+      (s for s in scaled if s is not None)]))
+  factor = rho / (norm + NORM_EPSILON)
+  return [None if s is None else
+          tf.cast((s[0] if s[1] is None else tf.square(s[1]) * s[0]) * factor, w.dtype)
+          for w, s in zip(weights, scaled)]
+
+
+def _split(tensor, splits):
+  """Strided split of the batch axis: split i holds examples i, i + m, i + 2m, ...
+
+  Strided, not contiguous, so that under adversarial training (a batch of
+  `[x; x_adv]`) each split holds the natural and adversarial copies of the
+  same images when the half-batch is divisible by m.
+  """
+  shape = tf.shape(tensor)
+  grouped = tf.reshape(tensor, tf.concat([[shape[0] // splits, splits], shape[1:]], 0))
+  perm = [1, 0] + list(range(2, len(tensor.shape) + 1))
+  return tf.unstack(tf.transpose(grouped, perm), num=splits)
+
+
+def _merge(parts):
+  """Inverse of `_split`."""
+  stacked = tf.stack(parts, 1)
+  shape = tf.shape(stacked)
+  return tf.reshape(stacked, tf.concat([[shape[0] * shape[1]], shape[2:]], 0))
+
+
+def sharpness_aware(inner, model, *, rho: float = 0.05, adaptive: bool = False,
+                    eta: float = 0.01, bn_stats: str = "first", batch_splits: int = 1,
+                    mask_fn: Optional[Callable] = None,
+                    implicit_mask_fn: Optional[Callable] = None):
+  """Wraps the `LossGradFn` `inner` into SAM (or ASAM): gradients at `w + e`.
+
+  Args:
+    inner: the loss-and-gradients function to sharpen.
+    model: the model whose `trainable_variables` the weight lists follow (for
+      the pruning masks).
+    rho, adaptive, eta: see `perturbation`.
+    bn_stats: whose batch-norm statistics to keep: "first" (clean pass),
+      "second" (perturbed pass) or "both" (first, then second).
+    batch_splits: m of m-sharpness; the batch size must be divisible by it.
+    mask_fn: `() -> list` of per-weight perturbation masks (None entries for
+      dense ones), e.g. SSAM's Fisher masks, combined with the pruning masks.
+    implicit_mask_fn: `() -> list` of per-weight masks for SSAM's implicit
+      sparse perturbation (spec 4.4): the ascent pass back-propagates input
+      gradients of each masked layer through `kernel * mask` (its kernel's
+      entry), while `e` itself stays dense.
+
+  Returns:
+    A `LossGradFn`; `aux` gains `sharp_objective`, the objective at `w + e`.
+
+  Raises:
+    ValueError: rho <= 0, an unknown `bn_stats`, or batch_splits < 1.
+  """
+  if not rho > 0:
+    raise ValueError(f"--rho must be > 0, got {rho}")
+  if bn_stats not in BN_STATS:
+    raise ValueError(f"--sam_bn_stats must be one of {', '.join(BN_STATS)}, got {bn_stats!r}")
+  if batch_splits < 1:
+    raise ValueError(f"--sam_batch_splits must be >= 1, got {batch_splits}")
+  variables = model.trainable_variables
+  pruning = {id(layer.raw_kernel): layer.mask for layer in layers_lib.masked_layers(model)}
+
+  def masks():
+    extra = mask_fn() if mask_fn is not None else [None] * len(variables)
+    combined = []
+    for v, m in zip(variables, extra):
+      p = pruning.get(id(v))
+      if p is None:
+        combined.append(m)
+      else:
+        p = tf.convert_to_tensor(p.value if hasattr(p, "value") else p)
+        combined.append(p if m is None else p * tf.cast(m, p.dtype))
+    return combined
+
+  kernel_layers = {id(layer.raw_kernel): layer.name
+                   for layer in layers_lib.masked_layers(model)}
+
+  def ascent(trainable, non_trainable, batch):
+    if implicit_mask_fn is None:
+      return inner(trainable, non_trainable, batch)
+    implicit = {kernel_layers[id(v)]: m for v, m in zip(variables, implicit_mask_fn())
+                if id(v) in kernel_layers and m is not None}
+    with layers_lib.implicit_backprop(implicit):
+      return inner(trainable, non_trainable, batch)
+
+  def one(trainable, non_trainable, batch):
+    grads, first_nt, aux = ascent(trainable, non_trainable, batch)
+    e = perturbation(trainable, grads, rho=rho, adaptive=adaptive, eta=eta, masks=masks())
+    perturbed = [w if d is None else w + d for w, d in zip(trainable, e)]
+    start = first_nt if bn_stats == "both" else non_trainable
+    sharp_grads, second_nt, sharp_aux = inner(perturbed, start, batch)
+    kept = first_nt if bn_stats == "first" else second_nt
+    return sharp_grads, kept, dict(aux, sharp_objective=sharp_aux["objective"])
+
+  def fn(trainable, non_trainable, batch):
+    if batch_splits == 1:
+      return one(trainable, non_trainable, batch)
+    tf.debugging.assert_equal(tf.shape(batch["y"])[0] % batch_splits, 0,
+                              message="--sam_batch_splits must divide the batch size")
+    keys = [k for k in ("x", "y", "weight") if k in batch]
+    parts = {k: _split(batch[k], batch_splits) for k in keys}
+    total, state, auxes = None, non_trainable, []
+    for i in range(batch_splits):
+      split = dict(batch, **{k: parts[k][i] for k in keys})
+      grads, state, aux = one(trainable, state, split)
+      total = grads if total is None else [
+          a if b is None else (b if a is None else a + b) for a, b in zip(total, grads)]
+      auxes.append(aux)
+    merged = {}
+    for key, value in auxes[0].items():
+      if value.shape.rank == 0:  # Objectives: sums over the splits' weighted examples.
+        merged[key] = tf.add_n([a[key] for a in auxes])
+      else:
+        merged[key] = _merge([a[key] for a in auxes])
+    return total, state, merged
+
+  return fn
+
+
+def pruning_masks(model):
+  """Per trainable variable of `model`: its pruning mask, or None (not a masked kernel)."""
+  masks = {id(layer.raw_kernel): layer.mask for layer in layers_lib.masked_layers(model)}
+  return [masks.get(id(v)) for v in model.trainable_variables]
+
+
+def measure_sharpness(model, x, y, *, rho: float, batch_size: int):
+  """The measured sharpness of `model` at its current weights on the fixed set (x, y).
+
+  Both numbers use the natural cross-entropy (no label smoothing), the model
+  in inference mode (batch-norm moving statistics, so the measurement is
+  deterministic and changes no state) and perturbations restricted to the live
+  (unpruned) weights:
+
+  - `sharpness` = L(w + e) - L(w) over the whole set, with
+    `e = rho * g / ||g||` and g the gradient of the whole set's mean loss;
+  - `m_sharpness` = the mean over consecutive batches B of `batch_size`
+    examples of L_B(w + e_B) - L_B(w), each batch with its own `e_B` (the
+    m-sharpness of Foret et al. with m = batch_size; a last partial batch is
+    dropped).
+
+  Args:
+    model: a Keras model that outputs logits.
+    x, y: the fixed set (float images, int labels); tensors or arrays.
+    rho: the perturbation radius.
+    batch_size: m.
+
+  Returns:
+    `{"sharpness": scalar, "m_sharpness": scalar}` float32 tensors.
+  """
+  x = tf.convert_to_tensor(x)
+  y = tf.cast(tf.convert_to_tensor(y), tf.int32)
+  weights = [tf.convert_to_tensor(v.value) for v in model.trainable_variables]
+  state = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
+  masks = [None if m is None else tf.convert_to_tensor(m.value) for m in pruning_masks(model)]
+  # Static sizes (XLA needs compile-time slice sizes): the set's length is
+  # known when tracing.
+  count = int(y.shape[0])
+  size = min(int(batch_size), count)
+  batches = count // size
+
+  def loss_sum(values, xb, yb):
+    logits, _ = model.stateless_call(values, state, xb, training=False)
+    return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=yb, logits=tf.cast(logits, tf.float32)))
+
+  def loss_and_grad(values, xb, yb):
+    with tf.GradientTape() as tape:
+      tape.watch(values)
+      total = loss_sum(values, xb, yb)
+    return total, tape.gradient(total, values)
+
+  def shifted(e):
+    return [w if d is None else w + d for w, d in zip(weights, e)]
+
+  total_loss = tf.constant(0.0)
+  total_grad = [tf.zeros_like(w) for w in weights]
+  m_sum = tf.constant(0.0)
+  for b in tf.range(batches):
+    xb = x[b * size:(b + 1) * size]
+    yb = y[b * size:(b + 1) * size]
+    loss, grads = loss_and_grad(weights, xb, yb)
+    grads = [tf.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
+    total_loss += loss
+    total_grad = [t + g for t, g in zip(total_grad, grads)]
+    e = perturbation(weights, grads, rho=rho, masks=masks)
+    m_sum += (loss_sum(shifted(e), xb, yb) - loss) / float(size)
+  used = float(batches * size)
+  e = perturbation(weights, total_grad, rho=rho, masks=masks)
+  perturbed = shifted(e)
+  total_perturbed = tf.constant(0.0)
+  for b in tf.range(batches):
+    total_perturbed += loss_sum(perturbed, x[b * size:(b + 1) * size],
+                                y[b * size:(b + 1) * size])
+  return {"sharpness": (total_perturbed - total_loss) / used,
+          "m_sharpness": m_sum / float(batches)}
