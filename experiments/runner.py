@@ -540,7 +540,8 @@ class Runner:
       if self.dataset.decode is not None:
         x = np.stack([self.dataset.decode_eval(path).numpy() for path in x])
       self._sharpness_set = (x, y)
-    return engine.sharpness(*self._sharpness_set, rho=hp.rho, batch_size=hp.batch_size)
+    return engine.sharpness(*self._sharpness_set, rho=hp.sharpness_rho,
+                            batch_size=hp.batch_size)
 
   def _evaluate(self, engine, logs, iteration):
     results = {}

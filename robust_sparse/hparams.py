@@ -154,8 +154,11 @@ class SharpnessHparams:
                                  lower_bound=1)
   sharpness_examples: int = _field(
       1000, "at every evaluation, measure the sharpness (loss at w + e minus loss at w, "
-      "rho = --rho) and the m-sharpness (m = --batch_size) on the first N training "
-      "images, for every optimizer (train.csv); 0: off", lower_bound=0)
+      "radius --sharpness_rho) and the m-sharpness (m = --batch_size) on the first N "
+      "training images, for every optimizer (train.csv); 0: off", lower_bound=0)
+  sharpness_rho: float = _field(
+      0.05, "radius of the measured sharpness: one value for every run (not --rho), so "
+      "SGD, SAM and SSAM runs compare", lower_bound=0.0)
   sam_bn_stats: str = _field(
       "first", "batch-norm statistics of SAM's clean pass (first), perturbed pass "
       "(second) or both in turn (the SSAM seed)", choices=lambda: ["first", "second", "both"])
