@@ -8,6 +8,7 @@ means over trials; bands are ±1 sample standard deviation (ddof=1).
 
 import os
 import re
+import textwrap
 from typing import Dict, List, Optional, Sequence
 
 import matplotlib
@@ -554,9 +555,12 @@ def plot_learning_curves(rows: pd.DataFrame, labels: Sequence[str],
   if x_column == "iteration":
     axes[-1, 0].xaxis.set_major_formatter(ticker.FuncFormatter(
         lambda x, _: f"{x:,.0f}"))
+  # Settings that differ in many fields get long labels: wrap them to the
+  # figure's width rather than let the legend run off the page.
+  width = int(26 * len(splits) + 20)
   handles = [mlines.Line2D([], [], color=colours[label], linewidth=2.5,
-                           label=label) for label in labels]
-  longest = max(len(label) for label in labels)
+                           label=textwrap.fill(label, width)) for label in labels]
+  longest = max(min(len(label), width) for label in labels)
   columns = 4 if longest <= 25 else 2 if longest <= 50 else 1
   figure.legend(handles=handles, loc="outside lower center",
                 ncol=min(columns, len(labels)), frameon=False, fontsize=9.5)
