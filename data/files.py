@@ -58,18 +58,27 @@ def read_idx_split(folder: str, prefix: str):
 _CIFAR_RECORD = 1 + 32 * 32 * 3
 
 
+def _read_records(path: str, record_size: int) -> np.ndarray:
+  """The fixed-size byte records of a CIFAR binary file, [n, record_size] uint8.
+
+  Raises:
+    DataError: the file is missing or is not a whole, non-zero number of records.
+  """
+  if not os.path.isfile(path):
+    raise DataError(f"missing data file {path}")
+  raw = np.fromfile(path, dtype=np.uint8)
+  if raw.size == 0 or raw.size % record_size:
+    raise DataError(f"corrupt data file {path}: {raw.size} bytes is not a whole number "
+                    f"of {record_size}-byte records")
+  return raw.reshape(-1, record_size)
+
+
 def read_cifar_batch(path: str):
   """Reads a CIFAR-10 binary batch (label byte + R, G, B planes of 32x32 per record).
 
   Files with fewer than the official 10000 records are accepted.
   """
-  if not os.path.isfile(path):
-    raise DataError(f"missing data file {path}")
-  raw = np.fromfile(path, dtype=np.uint8)
-  if raw.size == 0 or raw.size % _CIFAR_RECORD:
-    raise DataError(f"corrupt data file {path}: {raw.size} bytes is not a whole number "
-                    f"of {_CIFAR_RECORD}-byte records")
-  records = raw.reshape(-1, _CIFAR_RECORD)
+  records = _read_records(path, _CIFAR_RECORD)
   labels = records[:, 0].astype(np.int64)
   if labels.max() > 9:
     raise DataError(f"corrupt data file {path}: labels outside 0-9")
@@ -94,13 +103,7 @@ def read_cifar100_binary(path: str):
     DataError: the file is missing, is not a whole number of records, or holds
       a label out of range; the message names the file.
   """
-  if not os.path.isfile(path):
-    raise DataError(f"missing data file {path}")
-  raw = np.fromfile(path, dtype=np.uint8)
-  if raw.size == 0 or raw.size % _CIFAR100_RECORD:
-    raise DataError(f"corrupt data file {path}: {raw.size} bytes is not a whole number "
-                    f"of {_CIFAR100_RECORD}-byte records")
-  records = raw.reshape(-1, _CIFAR100_RECORD)
+  records = _read_records(path, _CIFAR100_RECORD)
   coarse = records[:, 0].astype(np.int64)
   fine = records[:, 1].astype(np.int64)
   if coarse.max() > 19 or fine.max() > 99:

@@ -536,10 +536,7 @@ class Runner:
       return {}
     if self._sharpness_set is None:
       count = min(hp.sharpness_examples, self.num_train)
-      x, y = self.dataset.x_train[:count], self.dataset.y_train[:count]
-      if self.dataset.decode is not None:
-        x = np.stack([self.dataset.decode_eval(path).numpy() for path in x])
-      self._sharpness_set = (x, y)
+      self._sharpness_set = engine.stored_examples(range(count), for_evaluation=True)
     return engine.sharpness(*self._sharpness_set, rho=hp.sharpness_rho,
                             batch_size=hp.batch_size)
 

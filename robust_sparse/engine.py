@@ -212,6 +212,21 @@ class Engine:
               .batch(self.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
     return iter(stream)
 
+  def stored_examples(self, indices, *, for_evaluation: bool = False):
+    """Training examples `indices` as stored: images gathered, or files decoded
+    in parallel (with `decode_eval` when `for_evaluation`); not prepared.
+
+    Returns:
+      (images, labels) tensors.
+    """
+    indices = tf.constant(np.asarray(indices), tf.int32)
+    x = tf.gather(self.x_train, indices)
+    if self.decode is not None:
+      decode = self.decode_eval if for_evaluation else self.decode
+      x = tf.stack(list(tf.data.Dataset.from_tensor_slices(x).map(
+          decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)))
+    return x, tf.gather(self.y_train, indices)
+
   def examples(self, indices, *, augment_iteration: Optional[int] = None):
     """Training examples `indices` as the step sees them: prepared, then augmented
     with the seed of `augment_iteration` (None: not augmented).
@@ -219,12 +234,7 @@ class Engine:
     Returns:
       (images, labels) tensors.
     """
-    indices = tf.constant(np.asarray(indices), tf.int32)
-    if self.decode is None:
-      x = tf.gather(self.x_train, indices)
-    else:
-      x = tf.stack([self.decode(tf.gather(self.x_train, i)) for i in indices])
-    y = tf.gather(self.y_train, indices)
+    x, y = self.stored_examples(indices)
     if augment_iteration is None:
       if self.prepare is not None:
         x = self.prepare(x, steps_lib.stream_seed(self.seed, 0, 7))

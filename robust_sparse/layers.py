@@ -70,10 +70,26 @@ _QUANTIZATION_REFUSED = (
     "plain Keras layers whose kernels are `kernel * mask`, and quantize that.")
 
 
-_HOLD = threading.local()
+# Trace-time settings of the masked layers (`masks_hold`, `implicit_backprop`):
+# thread-local, read when a function is traced.
+_TRACE = threading.local()
 
 
 @contextlib.contextmanager
+def _trace_setting(name, value):
+  """Sets the trace-time setting `name` inside the context, then restores it."""
+  previous = getattr(_TRACE, name, None)
+  setattr(_TRACE, name, value)
+  try:
+    yield
+  finally:
+    setattr(_TRACE, name, previous)
+
+
+def _masks_held():
+  return bool(getattr(_TRACE, "masks_hold", False))
+
+
 def masks_hold():
   """Traces masked layers inside as computing with the kernel variable directly.
 
@@ -84,18 +100,9 @@ def masks_hold():
   the kernel gradient is no longer masked (see `mask_gradients`). LoRA layers
   keep their masked effective kernel.
   """
-  previous = getattr(_HOLD, "active", False)
-  _HOLD.active = True
-  try:
-    yield
-  finally:
-    _HOLD.active = previous
+  return _trace_setting("masks_hold", True)
 
 
-_IMPLICIT = threading.local()
-
-
-@contextlib.contextmanager
 def implicit_backprop(masks):
   """Traces masked layers inside as back-propagating input gradients through `W * m`.
 
@@ -107,16 +114,11 @@ def implicit_backprop(masks):
   Args:
     masks: {layer name: 0/1 tensor of the layer's kernel shape}.
   """
-  previous = getattr(_IMPLICIT, "masks", None)
-  _IMPLICIT.masks = masks
-  try:
-    yield
-  finally:
-    _IMPLICIT.masks = previous
+  return _trace_setting("implicit_masks", masks)
 
 
 def _implicit_mask(layer):
-  masks = getattr(_IMPLICIT, "masks", None)
+  masks = getattr(_TRACE, "implicit_masks", None)
   return None if masks is None else masks.get(layer.name)
 
 
@@ -261,7 +263,7 @@ class _MaskedKernelMixin:
     """
     if self.lora_enabled:
       return self.kernel
-    if getattr(_HOLD, "active", False):
+    if _masks_held():
       return self._kernel
     return ops.multiply(self._kernel, self.mask)
 
@@ -293,7 +295,7 @@ class MaskedDense(_MaskedKernelMixin, keras.layers.Dense):
 
   def call(self, inputs, training=None):
     if (isinstance(inputs, tf.SparseTensor) and not self.lora_enabled
-        and not getattr(_HOLD, "active", False)):
+        and not _masks_held()):
       # Tensors, not variables: `tf.custom_gradient` differentiates through
       # the reads, so the variable still gets the gradient.
       kernel = _mask_keeping_sparse_gradient(tf.convert_to_tensor(self._kernel),

@@ -129,17 +129,16 @@ def sharpness_aware(inner, model, *, rho: float = 0.05, adaptive: bool = False,
   if batch_splits < 1:
     raise ValueError(f"--sam_batch_splits must be >= 1, got {batch_splits}")
   variables = model.trainable_variables
-  pruning = {id(layer.raw_kernel): layer.mask for layer in layers_lib.masked_layers(model)}
+  pruning = pruning_masks(model)
 
   def masks():
     extra = mask_fn() if mask_fn is not None else [None] * len(variables)
     combined = []
-    for v, m in zip(variables, extra):
-      p = pruning.get(id(v))
+    for p, m in zip(pruning, extra):
       if p is None:
         combined.append(m)
       else:
-        p = tf.convert_to_tensor(p.value if hasattr(p, "value") else p)
+        p = tf.convert_to_tensor(p.value)
         combined.append(p if m is None else p * tf.cast(m, p.dtype))
     return combined
 
