@@ -44,6 +44,7 @@ from robust_sparse.engine import Diverged, Engine, index_stream
 from robust_sparse.hparams import Hparams
 from robust_sparse.layers import masked_layers
 from robust_sparse.optimizers import make_optimizer, split_optimizer
+from robust_sparse.sharpness import check_options as check_sharpness_options
 from robust_sparse.sharpness import sharpness_aware
 from robust_sparse.sparse_perturbation import DynamicMasks, FisherMasks
 from robust_sparse.schedules import make_schedule
@@ -169,13 +170,11 @@ def load_teacher(run_dir: str, input_shape, num_classes) -> keras.Model:
 
 
 def normalization_mean(name: str):
-  """The pixel-space mean of the `--normalize` statistics (black for none).
+  """The pixel-space mean of the `--normalize` statistics (black for "none").
 
   Cutout fills with it: the seeds cut out after normalising, with zeros,
   which is this mean in the [0, 1] pixels the toolkit augments.
   """
-  if name == "none":
-    return (0.0, 0.0, 0.0)
   return tuple(float(m) for m in NORMALIZATIONS[name][0])
 
 
@@ -210,8 +209,13 @@ def sharpness_wrapper(hp: Hparams, model, masks=None):
       implicit_mask_fn=values if hp.implicit else None)
 
 
+def has_perturbation_masks(hp: Hparams) -> bool:
+  """SSAM-F, SSAM-D or implicit sparse perturbation: masks refreshed during training."""
+  return split_optimizer(hp.optimizer)[0] in ("ssamf", "ssamd") or hp.implicit
+
+
 def perturbation_masks(hp: Hparams, model, num_classes, augment, num_train):
-  """SSAM-F / SSAM-D masks for `--optimizer=ssamf-*` / `ssamd-*`, else None."""
+  """SSAM-F / implicit (Fisher) or SSAM-D masks when `has_perturbation_masks`, else None."""
   perturbation, _ = split_optimizer(hp.optimizer)
   if perturbation == "ssamf" or hp.implicit:
     return FisherMasks(model, cross_entropy(num_classes, hp.label_smoothing), augment=augment,
@@ -269,11 +273,8 @@ def check_hparams(hp: Hparams, num_train: int):
     if perturbation == "ssamf" and hp.pattern == "nm":
       ssam.check_nm(hp.n_structured, hp.m_structured)
   if perturbation is not None:
-    if not hp.rho > 0:
-      raise ValueError(f"--rho must be > 0, got {hp.rho}")
-    if hp.batch_size % hp.sam_batch_splits:
-      raise ValueError(f"--sam_batch_splits={hp.sam_batch_splits} must divide "
-                       f"--batch_size={hp.batch_size}")
+    check_sharpness_options(rho=hp.rho, bn_stats=hp.sam_bn_stats,
+                            batch_splits=hp.sam_batch_splits, batch_size=hp.batch_size)
 
 
 class Runner:
@@ -306,7 +307,7 @@ class Runner:
     self.top5 = dataset.num_classes > 10
     self.columns = columns(self.top5)
     self.train_columns = columns(self.top5, sharpness=hparams.sharpness_examples > 0)
-    if split_optimizer(hparams.optimizer)[0] in ("ssamf", "ssamd") or hparams.implicit:
+    if has_perturbation_masks(hparams):
       self.train_columns += ("mask_lived_weight",)
     self._sharpness_set = None
     if force and os.path.isdir(self.run_dir):

@@ -95,6 +95,23 @@ def _merge(parts):
   return tf.reshape(stacked, tf.concat([[shape[0] * shape[1]], shape[2:]], 0))
 
 
+def check_options(*, rho: float, bn_stats: str = "first", batch_splits: int = 1,
+                  batch_size: Optional[int] = None):
+  """Raises a ValueError naming the flag unless the SAM options are valid.
+
+  `batch_size`, when given, must be divisible by `batch_splits`.
+  """
+  if not rho > 0:
+    raise ValueError(f"--rho must be > 0, got {rho}")
+  if bn_stats not in BN_STATS:
+    raise ValueError(f"--sam_bn_stats must be one of {', '.join(BN_STATS)}, got {bn_stats!r}")
+  if batch_splits < 1:
+    raise ValueError(f"--sam_batch_splits must be >= 1, got {batch_splits}")
+  if batch_size is not None and batch_size % batch_splits:
+    raise ValueError(f"--sam_batch_splits={batch_splits} must divide "
+                     f"--batch_size={batch_size}")
+
+
 def sharpness_aware(inner, model, *, rho: float = 0.05, adaptive: bool = False,
                     eta: float = 0.01, bn_stats: str = "first", batch_splits: int = 1,
                     mask_fn: Optional[Callable] = None,
@@ -122,12 +139,7 @@ def sharpness_aware(inner, model, *, rho: float = 0.05, adaptive: bool = False,
   Raises:
     ValueError: rho <= 0, an unknown `bn_stats`, or batch_splits < 1.
   """
-  if not rho > 0:
-    raise ValueError(f"--rho must be > 0, got {rho}")
-  if bn_stats not in BN_STATS:
-    raise ValueError(f"--sam_bn_stats must be one of {', '.join(BN_STATS)}, got {bn_stats!r}")
-  if batch_splits < 1:
-    raise ValueError(f"--sam_batch_splits must be >= 1, got {batch_splits}")
+  check_options(rho=rho, bn_stats=bn_stats, batch_splits=batch_splits)
   variables = model.trainable_variables
   pruning = pruning_masks(model)
 
