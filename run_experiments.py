@@ -128,6 +128,8 @@ def main(argv):
     return 1
   logging.info("results in %s", run_dir)
   print(run_dir)
+  if runner.summary:
+    print(runner.summary)
   return 0
 
 

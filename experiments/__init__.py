@@ -1,5 +1,9 @@
-"""Pruning-and-reinitialisation experiments and the loop that runs them."""
+"""The experiments (`--experiment`) and the loop that runs them.
 
+Importing an experiment family's module registers it in EXPERIMENTS.
+"""
+
+import experiments.relu_reduction  # noqa: F401
 from experiments.registry import EXPERIMENTS, REWIND_TARGETS
 
 __all__ = ["EXPERIMENTS", "REWIND_TARGETS"]

@@ -1,13 +1,22 @@
-"""The experiment registry (`--experiment`): what each pruning level starts from.
+"""The experiment registry (`--experiment`): what each level of a trial does.
 
 An experiment is a class constructed from the `Hparams` with two methods:
 `levels()` (how many training runs a trial has: prune iterations + 1) and
-`start(level, history)`, which returns the weights a level starts from (every
-model variable by path; None: the fresh random initialisation built for it)
-and the iteration it starts at (a rewound level resumes the data order and
-the learning-rate schedule there).
+`start(level, history, fresh)`, which returns the weights a level starts from
+(every model variable by path; None: `fresh`, the random initialisation built
+for it) and the iteration it starts at (a rewound level resumes the data
+order and the learning-rate schedule there).
 `history` gives the saved weights of earlier levels (see `LevelHistory`).
+
+The lottery experiments need nothing else. An experiment that is not weight
+pruning (ReLU reduction, say) overrides the other hooks of `Experiment`,
+each a no-op by default: the runner asks them how to build a level's model,
+its optimizer groups and loss, how long it trains, what to measure at each
+evaluation and what to record when it finishes; levels of one `phase` share
+one compiled engine. The experiment never copies the runner's loop.
 """
+
+from typing import Callable, NamedTuple
 
 from robust_sparse.registry import Registry
 
@@ -15,8 +24,30 @@ EXPERIMENTS = Registry("experiment")
 REWIND_TARGETS = ("init", "trained_dense")
 
 
+class Defaults(NamedTuple):
+  """What the flags build for a level, for an experiment's hooks to use or extend.
+
+  Attributes:
+    groups: `() -> [OptimizerGroup]`, the weights' group of `--optimizer`,
+      `--learning_rate`, `--lr_schedule`, ... over the run's length.
+    loss_grad_fn: `(distill=True) -> LossGradFn`, the usual composition
+      (cross-entropy, distillation from `--teacher_dir` unless `distill` is
+      False, sharpness, adversarial training).
+  """
+  groups: Callable
+  loss_grad_fn: Callable
+
+
 class Experiment:
-  """Base: prune after every level; subclasses choose where a level starts."""
+  """Base: prune after every level; subclasses choose where a level starts.
+
+  Attributes:
+    prunes: weights are pruned between levels (`--prune_rate`); False: every
+      level keeps the masks its starting weights hold.
+    columns: extra train.csv columns, filled by `measure`.
+  """
+  prunes = True
+  columns = ()
 
   def __init__(self, hparams):
     self.hparams = hparams
@@ -24,8 +55,48 @@ class Experiment:
   def levels(self) -> int:
     return self.hparams.prune_iters + 1
 
-  def start(self, level, history):
+  def start(self, level, history, fresh):
     raise NotImplementedError
+
+  # ---- hooks for experiments that are not weight pruning ------------------------
+  def check(self, dataset, num_train):
+    """Raises ValueError (naming the flag) for settings this experiment cannot run."""
+    if self.hparams.epochs is not None and self.hparams.epochs <= 0:
+      raise ValueError(f"--epochs must be > 0, got {self.hparams.epochs}")
+
+  def phase(self, level) -> str:
+    """Levels of one phase share a model and a compiled engine."""
+    return "train"
+
+  def transform_model(self, model, trial, level):
+    """The model a level trains, from the registry's freshly built one."""
+    return model
+
+  def total_iterations(self, level, num_train) -> int:
+    return self.hparams.total_iterations(num_train)
+
+  def optimizer_groups(self, level, model, num_train, defaults: Defaults):
+    """The level's optimizer groups."""
+    return defaults.groups()
+
+  def loss_grad_fn(self, level, model, defaults: Defaults):
+    """The level's `LossGradFn` (of the groups without their own)."""
+    return defaults.loss_grad_fn()
+
+  def measure(self, level, model) -> dict:
+    """Values of `columns` at each evaluation."""
+    return {}
+
+  def on_evaluate(self, level, model, logs, directory):
+    """Called after every evaluation (logs: every row so far, by split)."""
+
+  def metadata(self, level, model, directory, logs) -> dict:
+    """Extra fields of the level's `metadata.json`."""
+    return {}
+
+  def after_run(self, runner):
+    """Work once all levels are done; returns a line to print last, or None."""
+    return None
 
 
 @EXPERIMENTS.register("no_pruning")
@@ -35,7 +106,7 @@ class NoPruning(Experiment):
   def levels(self):
     return 1
 
-  def start(self, level, history):
+  def start(self, level, history, fresh):
     return None, 0
 
 
@@ -49,7 +120,7 @@ class Train(Experiment):
   def levels(self):
     return 1
 
-  def start(self, level, history):
+  def start(self, level, history, fresh):
     return None, 0
 
 
@@ -61,7 +132,7 @@ class ReinitOriginal(Experiment):
   mistake restarts from the *trained* dense weights (spec 1.4 [BUG]).
   """
 
-  def start(self, level, history):
+  def start(self, level, history, fresh):
     if level == 0:
       return None, 0
     if self.hparams.rewind_to == "trained_dense":
@@ -73,7 +144,7 @@ class ReinitOriginal(Experiment):
 class ReinitRandom(Experiment):
   """Each pruned network restarts from a fresh random initialisation."""
 
-  def start(self, level, history):
+  def start(self, level, history, fresh):
     return None, 0
 
 
@@ -81,7 +152,7 @@ class ReinitRandom(Experiment):
 class ReinitNone(Experiment):
   """Continued training: each pruned network starts from the previous level's final weights."""
 
-  def start(self, level, history):
+  def start(self, level, history, fresh):
     if level == 0:
       return None, 0
     return history.final_weights(level - 1), 0
@@ -95,7 +166,7 @@ class Rewind(Experiment):
   `rewind_iteration` to `train_iters`, seeing the same data order as the dense run.
   """
 
-  def start(self, level, history):
+  def start(self, level, history, fresh):
     if level == 0:
       return None, 0
     return history.rewind_weights(0), self.hparams.rewind_iteration

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from attacks import make_attack
 from data import augment as augment_lib
-from experiments.registry import EXPERIMENTS
+from experiments.registry import EXPERIMENTS, Defaults
 from models import NORMALIZATIONS, build_model
 from robust_sparse import files, pruning, ssam
 from robust_sparse.engine import Diverged, Engine, index_stream
@@ -98,17 +98,21 @@ class LevelHistory:
     self._run_dir = run_dir
     self._trial = trial
 
-  def _load(self, level, name):
-    return files.load_arrays(os.path.join(level_dir(self._run_dir, self._trial, level), name))
+  def path(self, level, name):
+    return os.path.join(level_dir(self._run_dir, self._trial, level), name)
+
+  def weights(self, level, name):
+    """The arrays of `name` (e.g. "weights_final.npz") in the folder of `level`."""
+    return files.load_arrays(self.path(level, name))
 
   def initial_weights(self, level):
-    return self._load(level, "weights_init.npz")
+    return self.weights(level, "weights_init.npz")
 
   def final_weights(self, level):
-    return self._load(level, "weights_final.npz")
+    return self.weights(level, "weights_final.npz")
 
   def rewind_weights(self, level):
-    return self._load(level, "weights_rewind.npz")
+    return self.weights(level, "weights_rewind.npz")
 
 
 def _kernels(layers):
@@ -147,24 +151,39 @@ def set_precision(mixed_precision: bool):
   keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
 
 
+def finished_run(run_dir: str, flag: str):
+  """The hyper-parameters and final weights of trial 0, level 0 of the run folder `run_dir`.
+
+  Args:
+    flag: the flag that named the folder, for error messages.
+
+  Returns:
+    (Hparams, {variable path: array}).
+
+  Raises:
+    ValueError: not a run folder, or its level 0 is unfinished.
+  """
+  try:
+    run_hp = Hparams.from_dict(files.read_json(os.path.join(run_dir, "hparams.json")))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{flag}={run_dir}: not a readable run folder ({e})") from None
+  directory = level_dir(run_dir, 0, 0)
+  if not is_finished(directory):
+    raise ValueError(f"{flag}={run_dir}: trial_0/prune_iter_0 is not finished")
+  return run_hp, files.load_arrays(os.path.join(directory, "weights_final.npz"))
+
+
 def load_teacher(run_dir: str, input_shape, num_classes) -> keras.Model:
   """The final model of trial 0, level 0 of the finished run folder `run_dir`.
 
   Raises:
     ValueError: not a run folder, or its level 0 is unfinished or does not fit.
   """
-  try:
-    teacher_hp = Hparams.from_dict(files.read_json(os.path.join(run_dir, "hparams.json")))
-  except (OSError, ValueError) as e:
-    raise ValueError(f"--teacher_dir={run_dir}: not a readable run folder ({e})") from None
-  directory = level_dir(run_dir, 0, 0)
-  if not is_finished(directory):
-    raise ValueError(f"--teacher_dir={run_dir}: trial_0/prune_iter_0 is not finished")
+  teacher_hp, weights = finished_run(run_dir, "--teacher_dir")
   model = build_model(teacher_hp.model, input_shape, num_classes,
                       activation=teacher_hp.activation, normalize=teacher_hp.normalize,
                       dropout=teacher_hp.dropout)
-  assign_weights(model, files.load_arrays(os.path.join(directory, "weights_final.npz")),
-                 f"--teacher_dir={run_dir}")
+  assign_weights(model, weights, f"--teacher_dir={run_dir}")
   model.trainable = False
   return model
 
@@ -251,8 +270,6 @@ def check_hparams(hp: Hparams, num_train: int):
   if hp.batch_size > num_train:
     raise ValueError(f"--batch_size={hp.batch_size} is larger than the {num_train} "
                      "training images")
-  if hp.epochs is not None and hp.epochs <= 0:
-    raise ValueError(f"--epochs must be > 0, got {hp.epochs}")
   total = hp.total_iterations(num_train)
   if hp.rewind_iteration >= total:
     raise ValueError(f"--rewind_iteration={hp.rewind_iteration} must be smaller than the "
@@ -298,24 +315,28 @@ class Runner:
       dataset = _first_train_examples(dataset, hparams.train_examples)
     self.dataset = dataset
     self.num_train = len(dataset.x_train)
+    self.experiment = EXPERIMENTS.get(hparams.experiment)(hparams)
+    self.experiment.check(dataset, self.num_train)
     check_hparams(hparams, self.num_train)
     self.run_dir = hparams.run_dir(base_dir)
     self.progress = progress
     self.callbacks = list(callbacks or [])
-    self.experiment = EXPERIMENTS.get(hparams.experiment)(hparams)
     self.attack = make_attack(hparams.attack_config())
     self.top5 = dataset.num_classes > 10
     self.columns = columns(self.top5)
     self.train_columns = columns(self.top5, sharpness=hparams.sharpness_examples > 0)
     if has_perturbation_masks(hparams):
       self.train_columns += ("mask_lived_weight",)
+    self.train_columns += tuple(self.experiment.columns)
     self._sharpness_set = None
     if force and os.path.isdir(self.run_dir):
       shutil.rmtree(self.run_dir)
-    # One model and engine serve every level, so each compiles only once.
-    self._model = None
-    self._engine = None
+    # One model and engine serve every level of a phase (every level of the
+    # lottery experiments), so each compiles only once.
+    self._engines = {}
     self._perturbation_masks = None
+    self._teacher = None
+    self.summary = None
 
   def run(self):
     """Runs (or finishes) every trial; returns the run folder.
@@ -328,34 +349,48 @@ class Runner:
     for trial in range(self.hparams.trials):
       for level in range(self.experiment.levels()):
         self.run_level(trial, level)
+    self.summary = self.experiment.after_run(self)
     return self.run_dir
 
   # ---- one level -----------------------------------------------------------
-  def _build(self, trial, level):
+  def build(self, trial, level):
+    """The freshly initialised model of a level (the experiment's transform applied)."""
     hp = self.hparams
     set_precision(hp.mixed_precision)
     keras.utils.set_random_seed(derived_seed(hp.seed, trial, level, "init"))
-    return build_model(hp.model, self.dataset.input_shape, self.dataset.num_classes,
-                       activation=hp.activation, l1_reg=hp.l1_reg, normalize=hp.normalize,
-                       dropout=hp.dropout)
+    model = build_model(hp.model, self.dataset.input_shape, self.dataset.num_classes,
+                        activation=hp.activation, l1_reg=hp.l1_reg, normalize=hp.normalize,
+                        dropout=hp.dropout)
+    return self.experiment.transform_model(model, trial, level)
 
-  def _make_engine(self, model):
+  def teacher(self):
+    """The `--teacher_dir` model (loaded once), or None."""
+    if self.hparams.teacher_dir and self._teacher is None:
+      self._teacher = load_teacher(self.hparams.teacher_dir, self.dataset.input_shape,
+                                   self.dataset.num_classes)
+    return self._teacher
+
+  def _make_engine(self, model, level):
     hp = self.hparams
     loss_scale = LossScale() if hp.mixed_precision else None
-    teacher = None
-    if hp.teacher_dir:
-      teacher = load_teacher(hp.teacher_dir, self.dataset.input_shape,
-                             self.dataset.num_classes)
     augment = augment_lib.build(hp.augment, num_classes=self.dataset.num_classes,
                                 fill=normalization_mean(hp.normalize))
     self._perturbation_masks = perturbation_masks(hp, model, self.dataset.num_classes,
                                                   augment, self.num_train)
-    loss_grad_fn = standard_loss_grad_fn(
-        model, num_classes=self.dataset.num_classes, label_smoothing=hp.label_smoothing,
-        attack=self.attack if hp.adv_train else None, adv_mix=hp.adv_mix, teacher=teacher,
-        distill_temperature=hp.distill_temperature, loss_scale=loss_scale,
-        sharpness=sharpness_wrapper(hp, model, self._perturbation_masks))
-    return Engine(model, loss_grad_fn, optimizer_groups(hp, self.num_train),
+
+    def standard(distill=True):
+      return standard_loss_grad_fn(
+          model, num_classes=self.dataset.num_classes, label_smoothing=hp.label_smoothing,
+          attack=self.attack if hp.adv_train else None, adv_mix=hp.adv_mix,
+          teacher=self.teacher() if distill else None,
+          distill_temperature=hp.distill_temperature, loss_scale=loss_scale,
+          sharpness=sharpness_wrapper(hp, model, self._perturbation_masks))
+
+    defaults = Defaults(groups=lambda: optimizer_groups(hp, self.num_train),
+                        loss_grad_fn=standard)
+    loss_grad_fn = self.experiment.loss_grad_fn(level, model, defaults)
+    groups = self.experiment.optimizer_groups(level, model, self.num_train, defaults)
+    return Engine(model, loss_grad_fn, groups,
                   x_train=self.dataset.x_train, y_train=self.dataset.y_train,
                   batch_size=hp.batch_size, attack=self.attack, adv_train=hp.adv_train,
                   adv_mix=hp.adv_mix, augment=augment, prepare=self.dataset.prepare,
@@ -397,18 +432,23 @@ class Runner:
       raise DivergedError(self._diverged_message(trial, level,
                                                  metadata.get("diverged_iteration")))
     began = time.time()
-    fresh = self._build(trial, level)
-    if self._model is None:
-      self._model = fresh
-      self._engine = self._make_engine(fresh)
-    model, engine = self._model, self._engine
-    weights, start = self.experiment.start(level, LevelHistory(self.run_dir, trial))
+    fresh = self.build(trial, level)
+    phase = self.experiment.phase(level)
+    if phase not in self._engines:
+      self._engines[phase] = (fresh, self._make_engine(fresh, level))
+    model, engine = self._engines[phase]
+    fresh_weights = model_weights(fresh)
+    weights, start = self.experiment.start(level, LevelHistory(self.run_dir, trial),
+                                           fresh_weights)
     # A level starts from every variable of its source, non-trainable ones too
     # (batch-norm statistics of the rewind point); fresh ones for a fresh start.
-    assign_weights(model, model_weights(fresh) if weights is None else weights,
+    assign_weights(model, fresh_weights if weights is None else weights,
                    f"{directory}: starting weights")
     layers = masked_layers(model)
-    masks = self._masks(trial, level, layers)
+    if self.experiment.prunes:
+      masks = self._masks(trial, level, layers)
+    else:  # The masks the starting weights hold (a pruned baseline stays pruned).
+      masks = {layer.name: np.asarray(layer.mask.numpy()) for layer in layers}
     for layer in layers:
       layer.mask.assign(masks[layer.name])
       # Zero the pruned weights so that nothing (an L1 penalty, say) sees them.
@@ -431,7 +471,7 @@ class Runner:
       self._evaluate(engine, logs, start)
       self._checkpoint(directory, engine, logs)
 
-    total = hp.total_iterations(self.num_train)
+    total = self.experiment.total_iterations(level, self.num_train)
     iteration = int(engine.iteration.numpy())
     record_rewind = (level == 0 and hp.experiment == "rewind")
     eval_points = self._eval_points(start, total, hp.eval_interval(self.num_train))
@@ -483,9 +523,11 @@ class Runner:
         row.update(self._sharpness(engine))
         if self._perturbation_masks is not None:
           row["mask_lived_weight"] = self._perturbation_masks.lived_weight()
+        row.update(self.experiment.measure(level, model))
         logs["train"].append(row)
         chunk_start, train_sums = stop, np.zeros(len(METRICS))
         results = self._evaluate(engine, logs, stop)
+        self.experiment.on_evaluate(level, model, logs, directory)
         bar.set_postfix(acc=f"{results['test']['acc']:.4f}",
                         adv_acc=f"{results['test']['adv_acc']:.4f}")
         self._checkpoint(directory, engine, logs)
@@ -593,6 +635,7 @@ class Runner:
         "final_iteration": iteration,
         "completed": True,
         "seconds": time.time() - began,
+        **self.experiment.metadata(level, model, directory, logs),
     })
     os.remove(os.path.join(directory, "checkpoint.npz"))
 

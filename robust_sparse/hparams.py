@@ -209,6 +209,53 @@ class PruningHparams:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReLUHparams:
+  """ReLU reduction (`--experiment=relu_prune`, AutoReP): learned masks on the ReLU sites.
+
+  The weights' optimizer flags keep their toolkit names: AutoReP's --w_lr,
+  --w_momentum, --w_weight_decay and --w_lr_min are --learning_rate,
+  --momentum, --weight_decay and --eta_min (shared by both phases, as there).
+  """
+  pretrained_run: Optional[str] = _field(
+      None, "relu_prune: the finished baseline run folder DIR (its trial 0, level 0) whose "
+      "weights the mask phase starts from")
+  relu_sparsity: Optional[float] = _field(
+      None, "relu_prune: fraction of the ReLUs to remove (target density 1 - s); or give "
+      "--relu_count", lower_bound=0.0, upper_bound=1.0)
+  relu_count: Optional[float] = _field(
+      None, "relu_prune: ReLU budget in thousands (AutoReP's --ReLU_count): target density "
+      "= 1000 * count / the model's ReLUs", lower_bound=0.0)
+  mask_epochs: float = _field(
+      10.0, "relu_prune phase 1: epochs of mask training (Adam on the mask logits with "
+      "the density penalty, then SGD on the weights, per batch)", lower_bound=0.0)
+  relu_replacement: str = _field(
+      "identity", "relu_prune: what a closed ReLU computes: identity, identity_relu_grad "
+      "(spgrad), poly, autopoly1, autopoly2, trainable_poly, trainable_poly1",
+      choices=_names("robust_sparse.relu_reduction.REPLACEMENTS"))
+  relu_forward: str = _field(
+      "intended", "relu_prune: y = m relu(x) + (1-m) g(x) (intended), or g(relu(x)) as the "
+      "released code's in-place relu computes (spec 3.2 [BUG])",
+      choices=lambda: ["intended", "released"])
+  scale_x2: float = _field(0.1, "relu_prune poly: x^2 coefficient (trainable_poly: its scale)")
+  scale_x: float = _field(0.5, "relu_prune poly: x coefficient")
+  hysteresis_threshold: float = _field(
+      0.0, "relu_prune: hysteresis ('relay') threshold t: an open gate closes once "
+      "alpha < -t, a closed one opens once alpha > t; 0: the plain gate", lower_bound=0.0)
+  mask_dropout: float = _field(
+      0.0, "relu_prune phase 2: probability per site and call of computing plain relu",
+      lower_bound=0.0, upper_bound=1.0)
+  lamda: float = _field(10.0, "relu_prune: weight of the penalty max(0, density - target)",
+                        lower_bound=0.0)
+  alpha_lr: float = _field(2e-4, "relu_prune: Adam learning rate of the mask logits "
+                           "(cosine to 0 over the mask phase)", lower_bound=0.0)
+  alpha_weight_decay: float = _field(1e-3, "relu_prune: L2 weight decay of the mask logits",
+                                     lower_bound=0.0)
+  w_mask_lr: float = _field(
+      0.02, "relu_prune phase 1: SGD learning rate of the weights (cosine to --eta_min); "
+      "phase 2 uses --learning_rate and --lr_schedule", lower_bound=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
 class AttackHparams:
   """The attack used for adversarial training and evaluation."""
   attack: str = _field(_ATTACK.name, "adversarial attack used for training and evaluation",
@@ -234,12 +281,12 @@ class RunHparams:
 
 
 GROUPS = (DataHparams, ModelHparams, TrainingHparams, SharpnessHparams, PruningHparams,
-          AttackHparams, RunHparams)
+          ReLUHparams, AttackHparams, RunHparams)
 
 
 @dataclasses.dataclass(frozen=True)
-class Hparams(RunHparams, AttackHparams, PruningHparams, SharpnessHparams, TrainingHparams,
-              ModelHparams, DataHparams):
+class Hparams(RunHparams, AttackHparams, ReLUHparams, PruningHparams, SharpnessHparams,
+              TrainingHparams, ModelHparams, DataHparams):
   """Everything that defines an experiment (defaults: the lottery-ticket seed's)."""
 
   def __post_init__(self):

@@ -193,6 +193,27 @@ def adversarial(inner, model: keras.Model, attack: Callable, mix: float):
   return fn
 
 
+def penalized(inner, penalty: Callable, name: str = "penalty"):
+  """Adds `penalty(trainable) -> scalar` to `inner`'s objective.
+
+  The penalty depends on the weights only (not on the batch), e.g. AutoReP's
+  ReLU-density penalty on the mask logits, so its gradient is taken
+  separately and added to `inner`'s. `aux[name]` holds its value.
+  """
+
+  def fn(trainable, non_trainable, batch):
+    grads, new_non_trainable, aux = inner(trainable, non_trainable, batch)
+    with tf.GradientTape() as tape:
+      tape.watch(trainable)
+      value = tf.cast(penalty(trainable), tf.float32)
+    extra = tape.gradient(value, trainable)
+    grads = [e if g is None else (g if e is None else g + tf.cast(e, g.dtype))
+             for g, e in zip(grads, extra)]
+    return grads, new_non_trainable, dict(aux, **{name: value})
+
+  return fn
+
+
 # ---- the update ------------------------------------------------------------------------
 @dataclasses.dataclass
 class OptimizerGroup:
@@ -204,11 +225,18 @@ class OptimizerGroup:
     schedule: `iteration -> learning rate`, or None to keep the optimizer's rate.
     predicate: `variable -> bool`; every trainable variable must belong to
       exactly one group, or to none (then it is frozen).
+    loss_grad_fn: this group's own objective. When any group has one, the
+      step updates the groups one after another (alternating optimisation),
+      each from its own forward and backward pass at the values the groups
+      before it left (AutoReP: an Adam step on the ReLU-mask logits with the
+      density penalty, then a second pass and an SGD step on the weights).
+      None: the step's `loss_grad_fn`.
   """
   name: str
   optimizer: keras.optimizers.Optimizer
   schedule: Optional[Callable] = None
   predicate: Callable = lambda variable: True
+  loss_grad_fn: Optional[Callable] = None
 
 
 def partition(groups: Sequence[OptimizerGroup], variables) -> List[List[int]]:
@@ -293,9 +321,11 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
   Applies the data set's `prepare(x, seed) -> x` (resizing, random
   positioning; stream 4), then `augment(x, y, seed) -> (x, y)` (stream 3; `y`
   may come back as soft labels [N, classes], e.g. from MixUp), calls
-  `loss_grad_fn` on the model's current values (attack seed: stream 0), writes the new non-trainable values (batch-norm
-  statistics) back, clips, and applies each group's gradients at its
-  scheduled learning rate. Metrics are `METRICS`: `loss` is the training
+  `loss_grad_fn` on the model's current values (attack seed: stream 0),
+  writes the new non-trainable values (batch-norm statistics) back, clips,
+  and applies each group's gradients at its scheduled learning rate. When a
+  group has its own `loss_grad_fn`, the groups are updated in order, each
+  after its own pass (see `OptimizerGroup`). Metrics are `METRICS`: `loss` is the training
   objective without regularisation, `acc`/`nat_loss` on the natural half,
   `adv_acc`/`adv_loss` on the adversarial half (NaN without one), `top5` (NaN
   unless `top5`).
@@ -315,27 +345,26 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
   mask_grads = masks_hold and (grad_clip_norm is not None or loss_scale is not None or
                                not all(is_elementwise(g.optimizer) for g in groups))
 
-  def step(x, y, seed, iteration):
-    if prepare is not None:
-      x = prepare(x, stream_seed(seed, iteration, 4))
-    if augment is not None:
-      x, y = augment(x, y, stream_seed(seed, iteration, 3))
-    batch_size = tf.shape(y)[0]
-    weight = tf.fill([batch_size], 1.0 / tf.cast(batch_size, tf.float32))
-    batch = dict(x=x, y=y, weight=weight, seed=stream_seed(seed, iteration, 0))
+  sequential = any(group.loss_grad_fn is not None for group in groups)
+
+  def gradients(fn, batch):
+    """One pass at the variables' current values; writes the new non-trainable values."""
     with layers_lib.masks_hold() if masks_hold else contextlib.nullcontext():
-      grads, new_non_trainable, aux = loss_grad_fn(
+      grads, new_non_trainable, aux = fn(
           [tf.convert_to_tensor(v.value) for v in trainable],
           [tf.convert_to_tensor(v.value) for v in non_trainable], batch)
     if mask_grads:
       grads = layers_lib.mask_gradients(model, trainable, grads)
     for variable, value in zip(non_trainable, new_non_trainable):
       variable.assign(value)
-    grads = global_norm_clip(grads, grad_clip_norm)
-    rates = learning_rates(groups, iteration)
+    return global_norm_clip(grads, grad_clip_norm), aux
+
+  def update(chosen, grads, rates):
+    """Applies `grads` to the variables of the groups `chosen` (indices)."""
 
     def apply():
-      for group, mine in zip(groups, indices):
+      for g in chosen:
+        group, mine = groups[g], indices[g]
         if group.schedule is not None:
           group.optimizer.learning_rate.assign(rates[group.name])
         pairs = [(grads[i], trainable[i]) for i in mine if grads[i] is not None]
@@ -350,6 +379,24 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
                               for g in grads if g is not None])
       tf.cond(finite, apply, lambda: tf.constant(False))
       loss_scale.update(finite)
+
+  def step(x, y, seed, iteration):
+    if prepare is not None:
+      x = prepare(x, stream_seed(seed, iteration, 4))
+    if augment is not None:
+      x, y = augment(x, y, stream_seed(seed, iteration, 3))
+    batch_size = tf.shape(y)[0]
+    weight = tf.fill([batch_size], 1.0 / tf.cast(batch_size, tf.float32))
+    batch = dict(x=x, y=y, weight=weight, seed=stream_seed(seed, iteration, 0))
+    rates = learning_rates(groups, iteration)
+    if sequential:
+      # Metrics come from the last pass (the weights' objective, as AutoReP logs).
+      for g, group in enumerate(groups):
+        grads, aux = gradients(group.loss_grad_fn or loss_grad_fn, batch)
+        update([g], grads, rates)
+    else:
+      grads, aux = gradients(loss_grad_fn, batch)
+      update(range(len(groups)), grads, rates)
 
     nan = tf.constant(np.nan, tf.float32)
     nat_loss = tf.reduce_mean(aux["per_example"])
