@@ -689,6 +689,8 @@ def load_study(base_dir: str,
   diverged: List[dict] = []
   for run_dir, hparams in matching:
     filled = {**get_defaults(), **hparams}
+    if expected_prune_iterations(filled) == 0:
+      continue  # Trains nothing (relu_count): no evaluations to load.
     try:
       frame = _load_run(run_dir, filled, problems, diverged)
     except _CorruptFile as error:

@@ -15,6 +15,8 @@ Layout of `out_dir`:
   tables/best_sparsity.{csv,md}
   tables/summary_by_level.csv    every level of every series, in numbers
   tables/diverged.csv            levels whose loss became NaN or infinite
+  figures/<dataset>_<model>_relu.<format>           ReLU reduction (relu_prune)
+  tables/<dataset>_<model>_relu_{points,pareto}.csv
 """
 
 import dataclasses
@@ -26,6 +28,7 @@ import pandas as pd
 from analysis import figures
 from analysis import load
 from analysis import metrics
+from analysis import relu
 from analysis import tables
 
 REPORT_FILE = "report.md"
@@ -190,7 +193,8 @@ def training_labels(study: load.Study, run_dirs: Sequence[str]
 
 def _training_sections(study: load.Study, out_dir: str,
                        formats: Sequence[str]) -> List[TrainingSection]:
-  runs = study.runs[study.runs["expected_levels"] == 1]
+  runs = study.runs[(study.runs["expected_levels"] == 1)
+                    & (study.runs["experiment"] != relu.EXPERIMENT)]
   evaluations = study.evaluations[
       study.evaluations["run_dir"].isin(runs["run_dir"])]
   sections = []
@@ -243,7 +247,8 @@ def write_analysis(study: load.Study, out_dir: str,
     The path of the report.
   """
   os.makedirs(os.path.join(out_dir, TABLES_DIR), exist_ok=True)
-  pruned_runs = study.runs.loc[study.runs["expected_levels"] > 1, "run_dir"]
+  pruned_runs = study.runs.loc[(study.runs["expected_levels"] > 1)
+                               & (study.runs["experiment"] != relu.EXPERIMENT), "run_dir"]
   everything = study.evaluations
   # Sections holding a run with pruning levels are lottery sections; their
   # single-level runs (no_pruning baselines) are drawn beside the tickets.
@@ -267,6 +272,7 @@ def write_analysis(study: load.Study, out_dir: str,
         os.path.join(out_dir, TABLES_DIR, "summary_by_level.csv"),
         index=False, float_format="%.6g")
   training = _training_sections(study, out_dir, formats)
+  relu_sections = relu.sections(study, out_dir, formats, _save, _group_stem, TABLES_DIR)
   if not study.diverged.empty:
     study.diverged.to_csv(os.path.join(out_dir, TABLES_DIR, "diverged.csv"),
                           index=False)
@@ -274,7 +280,7 @@ def write_analysis(study: load.Study, out_dir: str,
   path = os.path.join(out_dir, REPORT_FILE)
   with open(path, "w") as f:
     f.write(render_report(study, sections, best_markdown, out_dir, source,
-                          command, training))
+                          command, training, relu_sections))
   return path
 
 
@@ -348,7 +354,8 @@ def _training_lines(section: TrainingSection, out_dir: str) -> List[str]:
 def render_report(study: load.Study, sections: Sequence[Section],
                   best_markdown: Optional[str], out_dir: str,
                   source: str = "", command: Optional[str] = None,
-                  training: Sequence[TrainingSection] = ()) -> str:
+                  training: Sequence[TrainingSection] = (),
+                  relu_sections: Sequence[tuple] = ()) -> str:
   """Returns the Markdown of the report (links relative to `out_dir`).
 
   Args:
@@ -359,6 +366,8 @@ def render_report(study: load.Study, sections: Sequence[Section],
     source: the base directory, named in the report.
     command: the command line, for the report.
     training: sections of runs without pruning levels.
+    relu_sections: (heading, Pareto markdown, figures, table paths) of the
+      ReLU-reduction runs (`analysis.relu.sections`).
   """
   runs = study.runs
   trials = study.evaluations.groupby("run_dir")["trial"].nunique()
@@ -410,6 +419,14 @@ def render_report(study: load.Study, sections: Sequence[Section],
         lines += [_figure_markdown(figure, out_dir)]
   for section in training:
     lines += _training_lines(section, out_dir)
+  for heading, front, saved, table_paths in relu_sections:
+    lines += [f"## {heading}", "",
+              "One point per run (mean over trials): the ReLU count and test accuracy at "
+              "the final evaluation of its last level. Pareto front (no run has as few "
+              "ReLUs and a higher accuracy):"
+              + "".join(f" [{os.path.basename(p)}]({_link(p, out_dir)})"
+                        for p in table_paths), "", front]
+    lines += [_figure_markdown(figure, out_dir) for figure in saved]
   with_setting = (runs["setting"] != "").any()
   lines += ["## Runs", "",
             "| Run | Experiment | Attack | Training |"

@@ -15,7 +15,7 @@ trial, each a folder of the usual layout:
                 betas (0.5, 0.999), `--alpha_weight_decay`, cosine to 0),
                 then a second forward pass and an SGD step on the weights for
                 CE [+ distillation] (`--w_mask_lr`, `--momentum`,
-                `--weight_decay`, cosine to `--eta_min`); both anneal per
+                `--w_mask_weight_decay`, cosine to `--eta_min`); both anneal per
                 epoch. An evaluation is a candidate for `weights_best.npz`
                 only while density - target < 0.01 (AutoReP's test), and the
                 best is the one with the highest validation accuracy (test
@@ -189,7 +189,7 @@ class ReLUPrune(Experiment):
                        cosine(hp.alpha_lr, 0.0), predicate=is_alpha,
                        loss_grad_fn=alpha_pass),
         OptimizerGroup("weights", TorchSGD(hp.w_mask_lr, momentum=hp.momentum,
-                                           weight_decay=hp.weight_decay),
+                                           weight_decay=hp.w_mask_weight_decay),
                        cosine(hp.w_mask_lr, hp.eta_min),
                        predicate=lambda variable: not is_alpha(variable)),
     ]

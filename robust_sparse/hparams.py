@@ -214,7 +214,9 @@ class ReLUHparams:
 
   The weights' optimizer flags keep their toolkit names: AutoReP's --w_lr,
   --w_momentum, --w_weight_decay and --w_lr_min are --learning_rate,
-  --momentum, --weight_decay and --eta_min (shared by both phases, as there).
+  --momentum, --weight_decay and --eta_min; the mask phase has its own
+  --w_mask_lr and --w_mask_weight_decay (AutoReP runs the phases as two
+  commands with different --w_weight_decay).
   """
   pretrained_run: Optional[str] = _field(
       None, "relu_prune: the finished baseline run folder DIR (its trial 0, level 0) whose "
@@ -253,6 +255,9 @@ class ReLUHparams:
   w_mask_lr: float = _field(
       0.02, "relu_prune phase 1: SGD learning rate of the weights (cosine to --eta_min); "
       "phase 2 uses --learning_rate and --lr_schedule", lower_bound=0.0)
+  w_mask_weight_decay: float = _field(
+      5e-4, "relu_prune phase 1: weight decay of the weights (phase 2: --weight_decay)",
+      lower_bound=0.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -179,3 +179,33 @@ def test_bad_relu_prune_input_fails_in_one_line(baseline, tmp_path):
   assert "Traceback" not in result.stderr
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "--relu_count" in errors[0], result.stderr[-1000:]
+
+
+def test_pareto_front_keeps_only_unbeaten_points():
+  import pandas as pd
+  from analysis import relu
+  frame = pd.DataFrame({
+      "run_dir": list("abcde"), "variant": ["v"] * 5, "target": ["t"] * 5,
+      "relu_count": [100, 200, 300, 300, 400], "relu_density": [0.1, 0.2, 0.3, 0.3, 0.4],
+      "acc": [0.80, 0.79, 0.85, 0.84, 0.85], "adv_acc": [0.1] * 5})
+  front = relu.pareto_front(frame)
+  assert list(front["run_dir"]) == ["a", "c"]
+
+
+def test_analysis_draws_accuracy_against_relu_count(digits, baseline, tmp_path):
+  from analysis import load, relu, report
+  hp = Hparams(**{**PRUNE, "epochs": 0.0}, pretrained_run=baseline)
+  run_dir = Runner(hp, digits, str(tmp_path / "runs"), progress=False).run()
+  assert not os.path.exists(level_dir(run_dir, 0, 1))  # --epochs=0: the mask phase only.
+  study = load.load_study(str(tmp_path / "runs"))
+  frame = relu.points(study)
+  meta = files.read_json(os.path.join(level_dir(run_dir, 0, 0), "metadata.json"))
+  [point] = frame.to_dict("records")
+  assert point["relu_count"] == meta["relu_count"] and point["prune_iteration"] == 0
+  test_rows = open(os.path.join(level_dir(run_dir, 0, 0), "test.csv")).read().splitlines()
+  assert point["acc"] == pytest.approx(float(test_rows[-1].split(",")[2]))
+  path = report.write_analysis(study, str(tmp_path / "analysis"))
+  text = open(path).read()
+  assert "ReLU reduction" in text and f"| {meta['relu_count']:,} |" in text
+  assert os.path.exists(tmp_path / "analysis" / "figures" /
+                        "sklearn_digits_dense-300-100_relu.png")
