@@ -1,4 +1,4 @@
-"""Model registry: the lottery-ticket models, conv-bn, and the ResNet, WideResNet and VGG zoo.
+"""Model registry: the lottery-ticket models, conv-bn, the ResNet, WideResNet and VGG zoo, ViTs.
 
 `build_model(name, input_shape, num_classes, activation="relu", l1_reg=0.0,
 normalize="none", dropout=0.0)` builds any of `MODELS.names()` or any
@@ -9,6 +9,7 @@ per-channel (mean, std) in [0, 1] pixels.
 # Importing a model family's module registers its models in MODELS.
 import models.resnet  # noqa: F401
 import models.vgg  # noqa: F401
+import models.vit  # noqa: F401
 import models.wideresnet  # noqa: F401
 from models.registry import (AFTER_BN, AFTER_DENSE, AFTER_RESIDUAL, MODELS, NORMALIZATIONS,
                              build_model)

@@ -61,6 +61,12 @@ PARAMETERS = {
     "vgg16": 14_858_570,
     "vgg19": 20_170_826,
     "vgg19_d3": 20_170_826,
+    # The ViTs at 32 px (patch 16: 4 tokens; the b16 count at 224 px and 1000
+    # classes, torchvision's 86,567,656, is pinned in test_vit.py).
+    "residual_mlp": 461_706,
+    "vit_b16": 85_658_890, "vit_b16_sparsified": 85_695_754,
+    "vit_mnist": 208_074, "vit_mnist_sparsified": 224_458,
+    "vit_tiny": 809_354, "vit_tiny_sparsified": 842_122,
 }
 LOTTERY = {"conv-2", "conv-4", "conv-6", "dense-300-100", "lenet5"}
 
@@ -77,6 +83,9 @@ SITES = {
     "vgg19_bn": (18, 0, 2),
     "vgg11": (9, 0, 1), "vgg13": (11, 0, 1), "vgg16": (14, 0, 1), "vgg19": (17, 0, 1),
     "vgg19_d3": (17, 0, 1),
+    "residual_mlp": (4, 0, 4), "vit_mnist": (4, 0, 4), "vit_mnist_sparsified": (4, 0, 4),
+    "vit_tiny": (4, 0, 4), "vit_tiny_sparsified": (4, 0, 4),
+    "vit_b16": (12, 0, 12), "vit_b16_sparsified": (12, 0, 12),
 }
 
 # Output shapes (without the batch) of chosen layers at 32x32.
