@@ -40,6 +40,7 @@ from data import augment as augment_lib
 from experiments.registry import EXPERIMENTS, Defaults
 from models import NORMALIZATIONS, build_model
 from robust_sparse import files, pruning, ssam
+from robust_sparse import saturation as saturation_lib
 from robust_sparse.engine import Diverged, Engine, index_stream
 from robust_sparse.hparams import Hparams
 from robust_sparse.layers import masked_layers
@@ -259,12 +260,34 @@ def perturbation_masks(hp: Hparams, model, num_classes, augment, num_train):
   return None
 
 
+MEASUREMENTS = ("saturation",)
+
+
+def make_measurement(hp: Hparams, model):
+  """The `--measure` measurements of `model` for the engine, or None.
+
+  Saturation: a `saturation.SaturationTracker` of every conv and dense layer,
+  with the weight-sharing tap model the step runs through.
+  """
+  if "saturation" not in hp.measure:
+    return None
+  tracker = saturation_lib.SaturationTracker.for_model(
+      model, delta=hp.delta, downsampling=hp.saturation_downsampling)
+  tracker.tap_model = saturation_lib.tap_model(model)
+  return tracker
+
+
 def check_hparams(hp: Hparams, num_train: int):
   """Checks what the flags alone cannot; errors name the flag.
 
   Raises:
     ValueError: bad combinations (e.g. a schedule longer than training).
   """
+  unknown = [name for name in hp.measure if name not in MEASUREMENTS]
+  if unknown:
+    raise ValueError(f"--measure={','.join(hp.measure)}: unknown {', '.join(unknown)}; known: "
+                     f"{', '.join(MEASUREMENTS)}")
+  saturation_lib.check_delta(hp.delta)
   if hp.adv_train and hp.attack == "none":
     raise ValueError("--adv_train needs an --attack (fgsm or pgd), got --attack=none")
   if hp.batch_size > num_train:
@@ -378,13 +401,19 @@ class Runner:
     self._perturbation_masks = perturbation_masks(hp, model, self.dataset.num_classes,
                                                   augment, self.num_train)
 
+    measurement = make_measurement(hp, model)
+    if measurement is not None:
+      self.train_columns += tuple(c for c in measurement.columns()
+                                  if c not in self.train_columns)
+
     def standard(distill=True):
       return standard_loss_grad_fn(
           model, num_classes=self.dataset.num_classes, label_smoothing=hp.label_smoothing,
           attack=self.attack if hp.adv_train else None, adv_mix=hp.adv_mix,
           teacher=self.teacher() if distill else None,
           distill_temperature=hp.distill_temperature, loss_scale=loss_scale,
-          sharpness=sharpness_wrapper(hp, model, self._perturbation_masks))
+          sharpness=sharpness_wrapper(hp, model, self._perturbation_masks),
+          taps=measurement.tap_model if measurement is not None else None)
 
     defaults = Defaults(groups=lambda: optimizer_groups(hp, self.num_train),
                         loss_grad_fn=standard)
@@ -397,7 +426,8 @@ class Runner:
                   decode=self.dataset.decode, decode_eval=self.dataset.decode_eval,
                   grad_clip_norm=hp.grad_clip_norm, loss_scale=loss_scale, top5=self.top5,
                   extra_state=(self._perturbation_masks.variables
-                               if self._perturbation_masks else None))
+                               if self._perturbation_masks else None),
+                  measurement=measurement)
 
   def _masks(self, trial, level, layers):
     if level == 0:
@@ -469,6 +499,8 @@ class Runner:
       _save_layer_arrays(directory, "init_kernels", _kernels(layers))
       files.save_arrays(os.path.join(directory, "weights_init.npz"), model_weights(model))
       self._evaluate(engine, logs, start)
+      if engine.measurement is not None:  # Periods measure their own batches only.
+        engine.measurement.reset()
       self._checkpoint(directory, engine, logs)
 
     total = self.experiment.total_iterations(level, self.num_train)
@@ -527,6 +559,9 @@ class Runner:
         logs["train"].append(row)
         chunk_start, train_sums = stop, np.zeros(len(METRICS))
         results = self._evaluate(engine, logs, stop)
+        if engine.measurement is not None:
+          row.update(engine.measurement.results())
+          engine.measurement.reset()
         self.experiment.on_evaluate(level, model, logs, directory)
         bar.set_postfix(acc=f"{results['test']['acc']:.4f}",
                         adv_acc=f"{results['test']['adv_acc']:.4f}")

@@ -83,6 +83,13 @@ class Engine:
     jit_compile: XLA for the step and evaluation; None: when the layers allow.
     extra_state: more variables the step reads (e.g. SSAM's perturbation
       masks), checkpointed with the rest under `engine/<name>`.
+    measurement: layer measurements fed without a second forward pass (e.g.
+      `saturation.SaturationTracker`): an object with `tap_model` (the
+      weight-sharing model the loss-and-gradients function runs through,
+      built with `taps=` of `steps.loss_and_gradients`), `update(outputs,
+      split)` and `variables` (checkpointed under `engine/measure/<i>`).
+      Training batches feed "train" (natural examples); evaluation batches of
+      the test set (stream 2) feed "eval".
   """
 
   def __init__(self, model: keras.Model, loss_grad_fn, groups: Sequence[OptimizerGroup], *,
@@ -93,7 +100,8 @@ class Engine:
                grad_clip_norm: Optional[float] = None,
                loss_scale: Optional[steps_lib.LossScale] = None, top5: bool = False,
                jit_compile: Optional[bool] = None, eval_batch_size: int = 1000,
-               extra_state: Optional[Dict[str, tf.Variable]] = None):
+               extra_state: Optional[Dict[str, tf.Variable]] = None,
+               measurement=None):
     self.model = model
     self.groups = list(groups)
     self.attack = attack
@@ -104,6 +112,10 @@ class Engine:
     self.loss_scale = loss_scale
     self.eval_batch_size = eval_batch_size
     self.extra_state = dict(extra_state or {})
+    self.measurement = measurement
+    if measurement is not None:
+      for i, variable in enumerate(measurement.variables):
+        self.extra_state[f"measure/{i}"] = variable
     self.augment = augment
     # Variables, not constants, so that one compiled engine serves many runs.
     self.seed = tf.Variable(0, dtype=tf.int64, trainable=False, name="seed")
@@ -117,7 +129,8 @@ class Engine:
     self._step = steps_lib.make_train_step(
         model, loss_grad_fn, self.groups, grad_clip_norm=grad_clip_norm,
         loss_scale=loss_scale, augment=augment, prepare=prepare, top5=top5,
-        masks_hold=True)
+        masks_hold=True,
+        on_taps=(lambda outputs: measurement.update(outputs, "train")) if measurement else None)
     self._fresh = [np.asarray(v.numpy()) for v in self._resettable()]
     if jit_compile is None:
       # RandAugment's projective transforms have no XLA kernel.
@@ -304,10 +317,21 @@ class Engine:
   def _eval_batch_fn(self, x, y, index, stream):
     if self.prepare is not None:
       x = self.prepare(x, steps_lib.stream_seed(self.seed, self.iteration, stream + 4, index))
+    taps, on_taps = None, None
+    if self.measurement is not None:
+      taps = self.measurement.tap_model
+
+      def on_taps(outputs):
+        def feed():
+          self.measurement.update(outputs, "eval")
+          return tf.constant(True)
+        tf.cond(tf.equal(stream, 2), feed, lambda: tf.constant(False))
+
     with layers_lib.masks_hold():
       return steps_lib.evaluation_sums(
           self.model, self.attack, x, y,
-          steps_lib.stream_seed(self.seed, self.iteration, stream, index), self.top5)
+          steps_lib.stream_seed(self.seed, self.iteration, stream, index), self.top5,
+          taps=taps, on_taps=on_taps)
 
   def _eval_dataset_fn(self, dataset, stream):
     sums = tf.zeros([5])

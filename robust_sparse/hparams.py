@@ -189,6 +189,27 @@ class SharpnessHparams:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeasureHparams:
+  """Measurements taken during training, fed from the training step (no extra pass)."""
+  measure: Tuple[str, ...] = _field(
+      (), "comma list of measurements: saturation (delve: per conv / dense layer, train and "
+      "test, each evaluation period)")
+  delta: float = _field(0.99, "saturation: explained-variance threshold of the intrinsic "
+                        "dimensionality, in (0, 1]", lower_bound=0.0, upper_bound=1.0)
+  saturation_downsampling: Optional[int] = _field(
+      None, "saturation: nearest-resize conv outputs larger than DxD to DxD first (phd-lab "
+      "configs: 1, spec 5.1 [QUIRK]); unset: no resize", lower_bound=1)
+  probe_pool: Tuple[float, ...] = _field(
+      (4.0,), "probes: adaptive-average-pool each conv map to DxD before the linear probe; "
+      "a comma list fits one set of probes per size")
+  probe_train_mode: bool = _field(
+      True, "probes: extract the training set's latents in training mode (BN batch "
+      "statistics, as phd-lab); false: inference mode")
+  probe_jobs: int = _field(2, "probes: logistic regressions fitted in parallel",
+                           lower_bound=1)
+
+
+@dataclasses.dataclass(frozen=True)
 class PruningHparams:
   """The experiment and its pruning levels."""
   experiment: str = _field("reinit_orig", "the experiment to run",
@@ -219,8 +240,8 @@ class ReLUHparams:
   commands with different --w_weight_decay).
   """
   pretrained_run: Optional[str] = _field(
-      None, "relu_prune: the finished baseline run folder DIR (its trial 0, level 0) whose "
-      "weights the mask phase starts from")
+      None, "the finished run folder DIR (its trial 0, level 0) whose final weights "
+      "relu_prune starts from, or probes analyses")
   relu_sparsity: Optional[float] = _field(
       None, "relu_prune: fraction of the ReLUs to remove (target density 1 - s); or give "
       "--relu_count", lower_bound=0.0, upper_bound=1.0)
@@ -285,22 +306,24 @@ class RunHparams:
                                "exactly too (slower on GPU)")
 
 
-GROUPS = (DataHparams, ModelHparams, TrainingHparams, SharpnessHparams, PruningHparams,
-          ReLUHparams, AttackHparams, RunHparams)
+GROUPS = (DataHparams, ModelHparams, TrainingHparams, SharpnessHparams, MeasureHparams,
+          PruningHparams, ReLUHparams, AttackHparams, RunHparams)
 
 
 @dataclasses.dataclass(frozen=True)
-class Hparams(RunHparams, AttackHparams, ReLUHparams, PruningHparams, SharpnessHparams,
-              TrainingHparams, ModelHparams, DataHparams):
+class Hparams(RunHparams, AttackHparams, ReLUHparams, PruningHparams, MeasureHparams,
+              SharpnessHparams, TrainingHparams, ModelHparams, DataHparams):
   """Everything that defines an experiment (defaults: the lottery-ticket seed's)."""
 
   def __post_init__(self):
     # JSON gives lists and notebooks give ints for floats: normalise, so that
     # `epochs=200` and `epochs=200.0` name the same run folder.
-    object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if (_flag_kind(field) == "float" and isinstance(value, int)
+      if _flag_kind(field) == "list":
+        item = _list_item_type(field)
+        object.__setattr__(self, field.name, tuple(item(v) for v in value))
+      elif (_flag_kind(field) == "float" and isinstance(value, int)
           and not isinstance(value, bool)):
         object.__setattr__(self, field.name, float(value))
 
@@ -310,7 +333,9 @@ class Hparams(RunHparams, AttackHparams, ReLUHparams, PruningHparams, SharpnessH
 
   def to_dict(self):
     values = dataclasses.asdict(self)
-    values["milestones"] = list(values["milestones"])
+    for field in dataclasses.fields(self):
+      if _flag_kind(field) == "list":
+        values[field.name] = list(values[field.name])
     return values
 
   @classmethod
@@ -372,6 +397,14 @@ def _flag_kind(field):
   return {bool: "bool", int: "integer", float: "float", str: "string"}[kind]
 
 
+def _list_item_type(field):
+  """The element type of a `Tuple[T, ...]` field (float or str)."""
+  kind = field.type
+  if isinstance(kind, str):
+    kind = eval(kind)  # pylint: disable=eval-used
+  return kind.__args__[0]
+
+
 def define_flags(flags_module, flag_values):
   """Defines one absl flag per `Hparams` field on `flag_values`.
 
@@ -412,7 +445,7 @@ def from_flags(flag_values, **overrides) -> Hparams:
   values = {}
   for field in dataclasses.fields(Hparams):
     value = flag_values[field.name].value
-    if _flag_kind(field) == "list":
+    if _flag_kind(field) == "list" and _list_item_type(field) is float:
       try:
         value = tuple(float(v) for v in value)
       except ValueError:

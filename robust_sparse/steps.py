@@ -140,19 +140,46 @@ class LossScale:
 
 
 # ---- loss-and-gradients functions ---------------------------------------------------
-def loss_and_gradients(model: keras.Model, loss, loss_scale: Optional[LossScale] = None):
+def _reorder(source, target):
+  """Positions in `source` of `target`'s variables (the same objects, another order)."""
+  where = {id(v): i for i, v in enumerate(source)}
+  return [where[id(v)] for v in target]
+
+
+def loss_and_gradients(model: keras.Model, loss, loss_scale: Optional[LossScale] = None,
+                       taps: Optional[keras.Model] = None):
   """The base `LossGradFn`: one forward pass on `batch["x"]` at the given weights.
 
   The objective is `sum(batch["weight"] * loss) + sum(model losses)` (e.g. the
   L1 penalty). `aux` holds `logits`, `per_example` losses and `objective`
   (without the regularisation).
+
+  Args:
+    taps: a weight-sharing model whose outputs are `[logits] + taps` (e.g.
+      `robust_sparse.saturation.tap_model(model)`): the pass runs through it,
+      and `aux["taps"]` holds the tapped outputs, so measurements need no
+      second forward pass.
   """
+  if taps is not None:
+    trainable_order = _reorder(model.trainable_variables, taps.trainable_variables)
+    non_trainable_order = _reorder(model.non_trainable_variables,
+                                   taps.non_trainable_variables)
+    back = _reorder(taps.non_trainable_variables, model.non_trainable_variables)
+
+  def forward(trainable, non_trainable, x):
+    if taps is None:
+      logits, new, losses = model.stateless_call(trainable, non_trainable, x, training=True,
+                                                 return_losses=True)
+      return logits, new, losses, None
+    outputs, new, losses = taps.stateless_call(
+        [trainable[i] for i in trainable_order], [non_trainable[i] for i in non_trainable_order],
+        x, training=True, return_losses=True)
+    return outputs[0], [new[i] for i in back], losses, list(outputs[1:])
 
   def fn(trainable, non_trainable, batch):
     with tf.GradientTape() as tape:
       tape.watch(trainable)
-      logits, new_non_trainable, losses = model.stateless_call(
-          trainable, non_trainable, batch["x"], training=True, return_losses=True)
+      logits, new_non_trainable, losses, tapped = forward(trainable, non_trainable, batch["x"])
       per_example = loss(batch["x"], batch["y"], logits)
       objective = tf.reduce_sum(batch["weight"] * per_example)
       total = objective + tf.add_n([tf.constant(0.0)] +
@@ -162,8 +189,10 @@ def loss_and_gradients(model: keras.Model, loss, loss_scale: Optional[LossScale]
     grads = tape.gradient(total, trainable)
     if loss_scale is not None:
       grads = [None if g is None else g / tf.cast(loss_scale.scale, g.dtype) for g in grads]
-    return grads, new_non_trainable, dict(logits=logits, per_example=per_example,
-                                          objective=objective)
+    aux = dict(logits=logits, per_example=per_example, objective=objective)
+    if tapped is not None:
+      aux["taps"] = [tf.stop_gradient(t) for t in tapped]
+    return grads, new_non_trainable, aux
 
   return fn
 
@@ -315,7 +344,7 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
                     loss_scale: Optional[LossScale] = None,
                     augment: Optional[Callable] = None,
                     prepare: Optional[Callable] = None, top5: bool = False,
-                    masks_hold: bool = False):
+                    masks_hold: bool = False, on_taps: Optional[Callable] = None):
   """One training step: `step(x, y, seed, iteration) -> {metric: scalar}`.
 
   Applies the data set's `prepare(x, seed) -> x` (resizing, random
@@ -337,6 +366,10 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
   masks the kernel gradients only where their values reach other weights:
   global-norm clipping, the loss-scale finiteness check, or an optimizer that
   is not element-wise. The weights are the same as without the promise.
+
+  `on_taps(outputs)` receives the tapped layer outputs of the natural
+  examples of the batch when the loss-and-gradients function returns
+  `aux["taps"]` (see `loss_and_gradients`).
   """
   trainable = model.trainable_variables
   non_trainable = model.non_trainable_variables
@@ -397,6 +430,9 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
     else:
       grads, aux = gradients(loss_grad_fn, batch)
       update(range(len(groups)), grads, rates)
+    if on_taps is not None and "taps" in aux:
+      # The natural half: adversarial training passes [x; x_adv] at once.
+      on_taps([t[:batch_size] for t in aux["taps"]])
 
     nan = tf.constant(np.nan, tf.float32)
     nat_loss = tf.reduce_mean(aux["per_example"])
@@ -414,13 +450,22 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
   return step
 
 
-def evaluation_sums(model: keras.Model, attack: Callable, x, y, seed, top5: bool = False):
+def evaluation_sums(model: keras.Model, attack: Callable, x, y, seed, top5: bool = False,
+                    taps: Optional[keras.Model] = None, on_taps: Optional[Callable] = None):
   """Sums over one evaluation batch: natural and adversarial loss, correct, top-5.
 
   Evaluation losses use plain labels; the attack runs at `seed`. Without an
-  attack (None) the adversarial sums are NaN.
+  attack (None) the adversarial sums are NaN. With a tap model (see
+  `loss_and_gradients`), the natural pass runs through it and `on_taps`
+  receives the tapped outputs.
   """
-  logits = tf.cast(model(x, training=False), tf.float32)
+  if taps is None:
+    logits = model(x, training=False)
+  else:
+    outputs = taps(x, training=False)
+    logits = outputs[0]
+    on_taps(list(outputs[1:]))
+  logits = tf.cast(logits, tf.float32)
   num_classes = tf.shape(logits)[-1]
   labels = tf.one_hot(y, num_classes)
   nat = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
@@ -442,7 +487,8 @@ def standard_loss_grad_fn(model: keras.Model, *, num_classes: int,
                           adv_mix: float = 0.5, teacher: Optional[keras.Model] = None,
                           distill_temperature: float = 4.0,
                           loss_scale: Optional[LossScale] = None,
-                          sharpness: Optional[Callable] = None):
+                          sharpness: Optional[Callable] = None,
+                          taps: Optional[keras.Model] = None):
   """The toolkit's usual composition: cross-entropy [+ distillation] [+ sharpness]
   [+ adversarial].
 
@@ -452,11 +498,12 @@ def standard_loss_grad_fn(model: keras.Model, *, num_classes: int,
     sharpness: `LossGradFn -> LossGradFn`, e.g. a partial of
       `robust_sparse.sharpness.sharpness_aware`; inside the adversarial
       wrapper, so both of its passes see the same adversarial batch.
+    taps: a tap model for measurements (see `loss_and_gradients`).
   """
   loss = cross_entropy(num_classes, label_smoothing)
   if teacher is not None:
     loss = distillation(loss, teacher, distill_temperature)
-  fn = loss_and_gradients(model, loss, loss_scale)
+  fn = loss_and_gradients(model, loss, loss_scale, taps=taps)
   if sharpness is not None:
     fn = sharpness(fn)
   if attack is not None:

@@ -1,0 +1,104 @@
+"""phd-lab's measurements of a network's layers (spec section 5) as experiments.
+
+`--experiment=receptive_field` builds `--model` for `--dataset`'s images and
+writes, to its run folder, `receptive_field.csv` (`;Layer;map_size;start;jump;
+receptive_field`, spec 5.5: conv and max-pool layers in call order, skip paths
+ignored) and `computational_info.json` (MACs, FLOPs, parameters; an analytic
+count of the conv and dense layers). It trains nothing.
+
+`--experiment=probes --pretrained_run=DIR` fits a linear probe on the output
+of every conv and dense layer of the finished run DIR (its trial 0, level 0):
+the latents of the training set (training mode unless
+`--noprobe_train_mode`, as phd-lab) and of the test set, adaptive-average-
+pooled to DxD for each D of `--probe_pool`, stored as `.npy` under
+`latents_<D>/`, then scikit-learn's multinomial saga logistic regression per
+layer (`--probe_jobs` in parallel), cached per layer, so a re-run fits only
+what is missing. Results: `<D>x<D>_probe_performances.csv`
+(`;name;train_acc;eval_acc`, the seed's format) in the run folder.
+
+Saturation, the third measurement, runs during training (`--measure`).
+"""
+
+import os
+
+from experiments.registry import EXPERIMENTS, Experiment
+from robust_sparse import files
+from robust_sparse import probes as probes_lib
+from robust_sparse import receptive_field as receptive_field_lib
+
+
+class _Once(Experiment):
+  """An experiment with no training level: its work is done in `after_run`."""
+  prunes = False
+
+  def levels(self):
+    return 0
+
+  def check(self, dataset, num_train):
+    pass
+
+
+@EXPERIMENTS.register("receptive_field")
+class ReceptiveField(_Once):
+  """Receptive fields and compute cost of `--model` (trains nothing)."""
+
+  def after_run(self, runner):
+    model = runner.build(0, 0)
+    rows = receptive_field_lib.receptive_fields(model)
+    path = os.path.join(runner.run_dir, "receptive_field.csv")
+    receptive_field_lib.write_receptive_field_csv(path, rows)
+    info = receptive_field_lib.computational_info(
+        model, n_samples=runner.num_train,
+        epochs=int(self.hparams.epochs or 1))
+    files.write_json(os.path.join(runner.run_dir, "computational_info.json"), info)
+    return f"receptive field of the last conv layer: {rows[-1].receptive_field}"
+
+
+@EXPERIMENTS.register("probes")
+class Probes(_Once):
+  """Linear probes on every layer of a finished run (see the module docstring)."""
+
+  def check(self, dataset, num_train):
+    hp = self.hparams
+    if not hp.pretrained_run:
+      raise ValueError("probes needs --pretrained_run=DIR, the finished run to probe")
+    from experiments.runner import finished_run
+    source, self._weights = finished_run(hp.pretrained_run, "--pretrained_run")
+    for name in ("model", "dataset", "resolution", "normalize", "activation", "dropout"):
+      if getattr(source, name) != getattr(hp, name):
+        raise ValueError(f"--pretrained_run={hp.pretrained_run} was trained with "
+                         f"--{name}={getattr(source, name)}, not --{name}="
+                         f"{getattr(hp, name)}")
+    if dataset.decode is not None or dataset.prepare is not None:
+      raise ValueError(f"probes reads in-memory images at their stored size; --dataset="
+                       f"{hp.dataset} with --resolution={hp.resolution} is not supported yet")
+    for pool in hp.probe_pool:
+      if pool != int(pool) or pool < 1:
+        raise ValueError(f"--probe_pool={','.join(map(str, hp.probe_pool))}: sizes must be "
+                         "integers >= 1")
+
+  def after_run(self, runner):
+    from experiments.runner import assign_weights
+    hp = self.hparams
+    model = runner.build(0, 0)
+    assign_weights(model, self._weights, f"--pretrained_run={hp.pretrained_run}")
+    dataset = runner.dataset
+    lines = []
+    for pool in (int(p) for p in hp.probe_pool):
+      folder = os.path.join(runner.run_dir, f"latents_{pool}")
+      try:
+        probes_lib.extract_latents(model, (dataset.x_train, dataset.y_train), folder,
+                                   split="train", pool=pool, training=hp.probe_train_mode)
+        probes_lib.extract_latents(model, (dataset.x_test, dataset.y_test), folder,
+                                   split="eval", pool=pool, training=False)
+      except ValueError as e:
+        raise ValueError(f"--probe_pool={pool}: {e}") from None
+      csv = os.path.join(runner.run_dir, probes_lib.probe_csv_name(pool))
+      table = probes_lib.train_probes(folder, output_csv=csv, n_jobs=hp.probe_jobs)
+      last = table.iloc[-1]
+      lines.append(f"{pool}x{pool} probe of {last['name']}: train {last['train_acc']:.4f}, "
+                   f"eval {last['eval_acc']:.4f}")
+    files.write_json(os.path.join(runner.run_dir, "probes.json"),
+                     {"source": hp.pretrained_run, "pools": [int(p) for p in hp.probe_pool],
+                      "train_mode": hp.probe_train_mode})
+    return "\n".join(lines)

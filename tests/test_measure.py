@@ -1,0 +1,58 @@
+"""`--measure=saturation` in the runner: fed from the training step, equal to NumPy, resumable."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data import load_dataset
+from experiments.runner import Runner, derived_seed, level_dir
+from robust_sparse import saturation
+from robust_sparse.engine import index_stream
+from robust_sparse.hparams import Hparams
+
+
+def _expected(layer_outputs, delta=0.99):
+  centred = layer_outputs - layer_outputs.mean(0)
+  covariance = centred.T @ centred / len(layer_outputs)
+  k = saturation.intrinsic_dimensionality(np.linalg.eigvalsh(covariance), delta)
+  return k / layer_outputs.shape[1], k
+
+
+def test_runner_saturation_equals_numpy_on_the_batches_it_trained_on(tmp_path):
+  digits = load_dataset("sklearn_digits", None, 300)
+  hp = Hparams(dataset="sklearn_digits", model="dense-300-100", experiment="train", trials=1,
+               train_iters=20, eval_every=10, batch_size=60, learning_rate=0.0,
+               measure=("saturation",), attack="fgsm", adv_train=True, eps=0.1,
+               sharpness_examples=0)
+  run_dir = Runner(hp, digits, str(tmp_path), progress=False).run()
+  rows = open(os.path.join(level_dir(run_dir, 0, 0), "train.csv")).read().splitlines()
+  header = rows[0].split(",")
+  second = dict(zip(header, map(float, rows[2].split(","))))
+  # Learning rate 0: the weights stay at their initial values, so the taps are
+  # the initial network's layer outputs on the batches of iterations 10-19.
+  network = Runner(hp, digits, str(tmp_path / "rebuild"), progress=False).build(0, 0)
+  weights = np.load(os.path.join(level_dir(run_dir, 0, 0), "weights_final.npz"))
+  for variable in network.variables:
+    variable.assign(weights[variable.path])
+  stream = index_stream(len(digits.x_train), 60, derived_seed(hp.seed, 0, "data"), 10)
+  indices = np.concatenate([b.numpy() for b, _ in zip(stream, range(10))])
+  taps = saturation.tap_model(network)
+  train_outputs = taps(tf.constant(digits.x_train[indices]), training=True)[1:]
+  test_outputs = taps(tf.constant(digits.x_test), training=False)[1:]
+  for name, train, test in zip(["hidden_1", "hidden_2", "output"], train_outputs,
+                               test_outputs):
+    value, k = _expected(np.asarray(train, np.float64))
+    assert second[f"train-saturation_{name}"] == pytest.approx(value)
+    assert second[f"train-intrinsic-dimensionality_{name}"] == k
+    value, k = _expected(np.asarray(test, np.float64))
+    assert second[f"eval-saturation_{name}"] == pytest.approx(value)
+
+
+def test_bad_measure_settings_name_the_flag(tmp_path):
+  digits = load_dataset("sklearn_digits", None, 300)
+  with pytest.raises(ValueError, match="--measure"):
+    Runner(Hparams(dataset="sklearn_digits", measure=("curvature",)), digits, str(tmp_path))
+  with pytest.raises(ValueError, match="delta"):
+    Runner(Hparams(dataset="sklearn_digits", delta=0.0), digits, str(tmp_path))
