@@ -52,3 +52,14 @@ def test_fit_example_runs_as_written(tmp_path):
   natural, robust = map(float, result.stdout.strip().splitlines()[-1].split(":")[1].split())
   assert natural > 0.5 and 0.0 <= robust <= natural
   assert len((tmp_path / "log.csv").read_text().splitlines()) == 6
+
+
+def test_relu_reduction_example_runs_as_written(tmp_path):
+  script = _block_after("<!-- readme-test: relu -->")
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = (tmp_path / "relu" / "analysis" / "report.md").read_text()
+  assert "ReLU reduction" in report
+  assert list((tmp_path / "relu" / "analysis" / "figures").glob("*_relu.png"))
