@@ -12,15 +12,33 @@ may itself be a spec (the `inner` of `shift` and `sshaped`):
   jsrelu                    srelu(h=0.5)               symmetric_relu(h=1)
   dense_relu(h=1)           weird_leaky_relu(positive_slope=1,negative_slope=0.001)
   shift(inner=relu2,sx=1.6,sy=-1.6,ax=1,ay=1)          sshaped(inner=relu2,h=1.5)
-  mixed(steps=1000)
+  mixed(steps=1000)         mixed(steps=1000,grad_at_zero=1)
   shift(inner=sshaped(inner=relu2,h=1.5),sx=1.6,sy=1.6)   # the seed's weird_relu2
 
-Derivative conventions at the kinks: `relu` is tf.nn.relu (derivative 0 at 0,
-as in the lottery-ticket seeds and PyTorch); `relu(grad_at_zero=1)` is spec
-2.1's CustomizedReLU, 1[x >= 0], like J-SquaredReLU. relu2' =
-2x*1[x >= 0], jsrelu' = (x+1)*1[x >= 0]. Composites (srelu, symmetric_relu,
-dense_relu, shift, sshaped) are built from these, so autodiff gives their
-stated derivatives, e.g. sshaped' = inner'(x-h) + inner'(-x-h).
+Derivative conventions at the kinks, one rule for the whole registry: a kink
+gets the derivative that automatic differentiation of the seed's PyTorch
+formula gives, i.e. every ReLU piece is tf.nn.relu (derivative 0 at 0, as
+torch.relu and the lottery-ticket seeds), and only the activations defined
+by a custom backward take 1[x >= 0]: `relu(grad_at_zero=1)` (spec 2.1's
+CustomizedReLU) and `jsrelu` (f' = (x+1)*1[x >= 0]). So `relu` and
+`srelu`, `symmetric_relu`, `dense_relu` have derivative 0 at their kinks
+(srelu'(+-h) = 0); relu2' = 2x*1[x >= 0] (0 at 0 either way);
+weird_leaky_relu'(0) = negative_slope; shift' = ay*ax*inner'(ax*(x-sx)) and
+sshaped' = inner'(x-h) + inner'(-x-h) inherit their inner's convention.
+`mixed` is exactly (1-k)*relu + k*jsrelu of these two registered
+activations: at k = 0 it equals `relu` (values and derivatives, 0 at 0), at
+k = 1 `jsrelu` (1 at 0), in between its derivative at 0 is k;
+`mixed(grad_at_zero=1)` mixes `relu(grad_at_zero=1)` instead (1 at 0 for
+every k).
+
+Stateful activations (`mixed` and anything nesting it) change state only in
+training calls, once per call: `sshaped` evaluates its inner activation once,
+on both arguments stacked, so both halves see the same mixing weight k and
+g(-x) = -g(x) holds exactly. A nested activation's inner layer is created
+under its outer layer's name, so its variables have paths
+`{outer}/inner/...` (`act/inner/inner/step` two levels down), unique
+whenever the top-level names are, as the engine's by-path matching of
+checkpoints needs.
 
 Each layer has a `habitat` attribute: the x-region where it is zero and the
 y-tolerance counted as zero, as tuples of (low, high) intervals, or None where
@@ -274,6 +292,12 @@ def _check_non_negative(name: str, value: float) -> float:
   return float(value)
 
 
+def _check_grad_at_zero(value: float) -> float:
+  if isinstance(value, bool) or value not in (0, 1):
+    raise ValueError(f"grad_at_zero must be 0 or 1, got {value!r}")
+  return float(value)
+
+
 @keras.saving.register_keras_serializable(package="robust_sparse")
 class ReLU(_Activation):
   """relu(x) with derivative 1[x > 0] (tf.nn.relu), or 1[x >= 0] with grad_at_zero=1."""
@@ -286,9 +310,7 @@ class ReLU(_Activation):
         torch.relu do) or 1 (spec 2.1's CustomizedReLU).
     """
     super().__init__(**kwargs)
-    if grad_at_zero not in (0, 1):
-      raise ValueError(f"grad_at_zero must be 0 or 1, got {grad_at_zero!r}")
-    self._params = {"grad_at_zero": float(grad_at_zero)}
+    self._params = {"grad_at_zero": _check_grad_at_zero(grad_at_zero)}
 
   def call(self, inputs):
     if self._params["grad_at_zero"] == 0:
@@ -308,7 +330,7 @@ class SquaredReLU(_Activation):
 
 @keras.saving.register_keras_serializable(package="robust_sparse")
 class SReLU(_Activation):
-  """relu(x-h) - relu(-x-h): zero on [-h, h], identity-like outside."""
+  """relu(x-h) - relu(-x-h): zero on [-h, h], identity-like outside; derivative 0 at +-h."""
 
   def __init__(self, h: float = 0.5, **kwargs):
     super().__init__(**kwargs)
@@ -318,12 +340,12 @@ class SReLU(_Activation):
 
   def call(self, inputs):
     h = self._params["h"]
-    return relu_ge(inputs - h) - relu_ge(-inputs - h)
+    return tf.nn.relu(inputs - h) - tf.nn.relu(-inputs - h)
 
 
 @keras.saving.register_keras_serializable(package="robust_sparse")
 class SymmetricReLU(_Activation):
-  """relu(|x| - h): zero on [-h, h], |x|-h outside."""
+  """relu(|x| - h): zero on [-h, h], |x|-h outside; derivative 0 at +-h."""
 
   def __init__(self, h: float = 1.0, **kwargs):
     super().__init__(**kwargs)
@@ -332,12 +354,12 @@ class SymmetricReLU(_Activation):
                     "y": _ZERO_Y}
 
   def call(self, inputs):
-    return relu_ge(tf.abs(inputs) - self._params["h"])
+    return tf.nn.relu(tf.abs(inputs) - self._params["h"])
 
 
 @keras.saving.register_keras_serializable(package="robust_sparse")
 class DenseReLU(_Activation):
-  """relu(h - |x|): non-zero only on (-h, h)."""
+  """relu(h - |x|): non-zero only on (-h, h); derivative 0 at +-h and at 0."""
 
   def __init__(self, h: float = 1.0, **kwargs):
     super().__init__(**kwargs)
@@ -347,7 +369,7 @@ class DenseReLU(_Activation):
                     "y": _ZERO_Y}
 
   def call(self, inputs):
-    return relu_ge(self._params["h"] - tf.abs(inputs))
+    return tf.nn.relu(self._params["h"] - tf.abs(inputs))
 
 
 @keras.saving.register_keras_serializable(package="robust_sparse")
@@ -373,16 +395,22 @@ class _Nested(_Activation):
     if not isinstance(inner, str):
       raise ValueError(f"inner must be an activation spec string, got "
                        f"{inner!r}")
-    # A name of its own: variables are matched by path across levels and
-    # checkpoints, so two nested activations must not both own "inner/step".
-    self.inner = build(inner, name=f"{self.name}_inner")
+    # Created under this layer's name, so the inner's variables live at
+    # "{self.name}/inner/..." (variables are matched by path across levels
+    # and checkpoints). A sibling name such as f"{self.name}_inner" could
+    # collide with another top-level layer of that name.
+    with keras.name_scope(self.name):
+      self.inner = build(inner, name="inner")
     # The inner op's XLA support is this layer's (the trainer looks at
     # top-level layers only).
     self.supports_jit = getattr(self.inner, "supports_jit", True)
 
   def build(self, input_shape):
-    # The inner layer sees tensors of the same shape.
-    self.inner.build(input_shape)
+    self.inner.build(self._inner_shape(input_shape))
+
+  def _inner_shape(self, input_shape):
+    """The shape of the tensors the inner layer is called with."""
+    return input_shape
 
 
 @keras.saving.register_keras_serializable(package="robust_sparse")
@@ -423,7 +451,11 @@ class Shift(_Nested):
 
 @keras.saving.register_keras_serializable(package="robust_sparse")
 class SShaped(_Nested):
-  """inner(x - h) - inner(-x - h); derivative inner'(x-h) + inner'(-x-h)."""
+  """inner(x - h) - inner(-x - h); derivative inner'(x-h) + inner'(-x-h).
+
+  Odd (g(-x) = -g(x)) for any inner, stateful ones included: the inner layer
+  is called once per call, on both arguments stacked on a new leading axis.
+  """
 
   def __init__(self, inner: str = "relu", h: float = 0.5, **kwargs):
     super().__init__(inner, **kwargs)
@@ -444,12 +476,16 @@ class SShaped(_Nested):
     y_regions += [(-high, -low) for low, high in y_regions]
     return {"x": ((-width, width),), "y": tuple(dict.fromkeys(y_regions))}
 
+  def _inner_shape(self, input_shape):
+    return (2,) + tuple(input_shape)
+
   def call(self, inputs, training=None):
     h = self._params["h"]
-    # The second call runs in inference mode so that a stepping inner
-    # (`mixed`) advances once per training call, not twice.
-    return (self.inner(inputs - h, training=training)
-            - self.inner(-inputs - h, training=False))
+    # One inner call on both arguments: a stateful inner (`mixed`) advances
+    # once per training call and uses the same k for both halves, so
+    # g(-x) = -g(x) exactly (two calls would mix with k and k + 1/steps).
+    both = self.inner(tf.stack([inputs - h, -inputs - h]), training=training)
+    return both[0] - both[1]
 
 
 @keras.saving.register_keras_serializable(package="robust_sparse")
@@ -457,21 +493,28 @@ class MixedActivation(_Activation):
   """(1-k)*relu(x) + k*jsrelu(x), k = clip(step/steps, 0, 1) (spec 2.1).
 
   Moves from ReLU to J-SquaredReLU over `steps` training steps (the seed uses
-  it when fine-tuning). `step` is a non-trainable weight, so it is saved and
+  it when fine-tuning). The two parts are the registry's `relu` (or
+  `relu(grad_at_zero=1)`) and `jsrelu`, so at k = 0 the layer is exactly
+  `relu`, derivative at 0 included, and at k = 1 exactly `jsrelu`; the
+  derivative at 0 is (1-k)*grad_at_zero + k (the seed's autograd with
+  torch.relu: k). `step` is a non-trainable weight, so it is saved and
   restored with the model; it is incremented once per call with
   `training=True` (so a train step calling the model twice counts twice).
   """
 
   habitat = _RELU_HABITAT
 
-  def __init__(self, steps: int = 1000, **kwargs):
+  def __init__(self, steps: int = 1000, grad_at_zero: float = 0.0, **kwargs):
     """Args:
       steps: training steps over which the jsrelu portion goes from 0 to 1.
+      grad_at_zero: the ReLU part's derivative at 0, as `relu`'s: 0
+        (default, tf.nn.relu) or 1 (spec 2.1's CustomizedReLU).
     """
     super().__init__(**kwargs)
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:
       raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    self._params = {"steps": int(steps)}
+    self._params = {"steps": int(steps),
+                    "grad_at_zero": _check_grad_at_zero(grad_at_zero)}
     self.supports_jit = False  # The compiled jsrelu op has no XLA kernel.
     # Created here, not in build(): it does not depend on the input shape, and
     # `portion_of_jsrelu` is then readable before the first call.
@@ -487,7 +530,9 @@ class MixedActivation(_Activation):
   def call(self, inputs, training=None):
     # k is read before the increment: the first training step is pure ReLU.
     portion = tf.cast(self.portion_of_jsrelu, inputs.dtype)
-    outputs = (1 - portion) * relu_ge(inputs) + portion * jsrelu(inputs)
+    relu = (tf.nn.relu(inputs) if self._params["grad_at_zero"] == 0
+            else relu_ge(inputs))
+    outputs = (1 - portion) * relu + portion * jsrelu(inputs)
     if training:
       self.step.assign_add(1)
     return outputs
@@ -503,4 +548,4 @@ _register("weird_leaky_relu", WeirdLeakyReLU, positive_slope=1.0,
           negative_slope=0.001)
 _register("shift", Shift, inner="relu", sx=0.0, sy=0.0, ax=1.0, ay=1.0)
 _register("sshaped", SShaped, inner="relu", h=0.5)
-_register("mixed", MixedActivation, steps=1000)
+_register("mixed", MixedActivation, steps=1000, grad_at_zero=0.0)

@@ -13,8 +13,12 @@ def relu(x):
   return np.maximum(x, 0.0)
 
 
-def relu_grad(x):  # The spec's convention: 1 at 0.
+def relu_grad(x):  # relu(grad_at_zero=1), spec 2.1's CustomizedReLU: 1 at 0.
   return (x >= 0).astype(float)
+
+
+def relu_grad_tf(x):  # tf.nn.relu, torch.relu and the registry's ReLU pieces: 0 at 0.
+  return (x > 0).astype(float)
 
 
 def relu2(x):
@@ -45,16 +49,16 @@ def sshaped(inner, inner_grad, h):
 
 # spec -> (f, f'), written from spec 2.1.
 FORMULAS = {
-    "relu": (relu, lambda x: (x > 0).astype(float)),
+    "relu": (relu, relu_grad_tf),
     "relu(grad_at_zero=1)": (relu, relu_grad),
     "relu2": (relu2, relu2_grad),
     "jsrelu": (jsrelu, jsrelu_grad),
     "srelu(h=0.5)": (lambda x: relu(x - 0.5) - relu(-x - 0.5),
-                     lambda x: relu_grad(x - 0.5) + relu_grad(-x - 0.5)),
+                     lambda x: relu_grad_tf(x - 0.5) + relu_grad_tf(-x - 0.5)),
     "symmetric_relu(h=1)": (lambda x: relu(np.abs(x) - 1),
-                            lambda x: np.sign(x) * relu_grad(np.abs(x) - 1)),
+                            lambda x: np.sign(x) * relu_grad_tf(np.abs(x) - 1)),
     "dense_relu(h=1)": (lambda x: relu(1 - np.abs(x)),
-                        lambda x: -np.sign(x) * relu_grad(1 - np.abs(x))),
+                        lambda x: -np.sign(x) * relu_grad_tf(1 - np.abs(x))),
     "weird_leaky_relu(positive_slope=2,negative_slope=0.01)": (
         lambda x: np.where(x > 0, 2 * x, 0.01 * x),
         lambda x: np.where(x > 0, 2.0, 0.01)),
@@ -64,7 +68,7 @@ FORMULAS = {
     # The seed's weird_relu2.
     "shift(inner=sshaped(inner=relu2,h=1.5),sx=1.6,sy=1.6)": shift(
         *sshaped(relu2, relu2_grad, 1.5), 1.6, 1.6),
-    "mixed(steps=4)": (relu, relu_grad),  # At step 0 it is pure ReLU.
+    "mixed(steps=4)": (relu, relu_grad_tf),  # At step 0 it is exactly `relu`.
 }
 # Points away from every kink above (0, ±0.5, ±1, ±1.5, 0.3, 0.1, 1.6, 3.1).
 POINTS = np.array([-3.7, -2.3, -1.3, -0.8, -0.45, -0.2, 0.05, 0.2, 0.45, 0.8,
@@ -104,7 +108,18 @@ def test_formula_and_derivative(spec):
     ("sshaped(inner=jsrelu,h=0.5)", -0.5, 1.0),
     # shift' = ay*ax*inner'(ax*(x-sx)): at the kink x = sx, 3*2*jsrelu'(0).
     ("shift(inner=jsrelu,sx=1,ax=2,ay=3)", 1.0, 6.0),
-    ("mixed(steps=4)", 0.0, 1.0),  # Both parts have derivative 1 at 0.
+    # Every ReLU piece is tf.nn.relu (the seed's torch.relu): 0 at its kink.
+    ("srelu(h=0.5)", 0.5, 0.0),
+    ("srelu(h=0.5)", -0.5, 0.0),
+    ("symmetric_relu(h=1)", 1.0, 0.0),
+    ("symmetric_relu(h=1)", -1.0, 0.0),
+    ("dense_relu(h=1)", 1.0, 0.0),
+    ("dense_relu(h=1)", -1.0, 0.0),
+    ("sshaped(inner=relu,h=0.5)", 0.5, 0.0),
+    ("weird_leaky_relu", 0.0, 0.001),
+    # mixed at k = 0 is `relu` (0 at 0), or relu(grad_at_zero=1) if asked.
+    ("mixed(steps=4)", 0.0, 0.0),
+    ("mixed(steps=4,grad_at_zero=1)", 0.0, 1.0),
 ])
 def test_derivative_conventions_at_kinks(spec, x, expected):
   _, dy = _value_and_grad(activations.build(spec), [x])
@@ -215,6 +230,7 @@ def test_habitats():
     ("mixed(steps=2.5)", "mixed.steps must be an integer"),
     ("mixed(steps=0)", "steps must be a positive integer"),
     ("relu(grad_at_zero=0.5)", "grad_at_zero must be 0 or 1"),
+    ("mixed(grad_at_zero=2)", "grad_at_zero must be 0 or 1"),
 ])
 def test_bad_specs_raise_one_line_value_errors(spec, message):
   with pytest.raises(ValueError, match=None) as raised:
@@ -231,3 +247,75 @@ def test_nested_stateful_activations_have_unique_variable_paths():
   paths = [v.path for v in model.variables]
   assert len(paths) == len(set(paths))
   assert sum("step" in p for p in paths) == 4  # One counter per activation site.
+
+
+def _set_portion(layer, step):
+  layer.step.assign(step)
+  return float(layer.portion_of_jsrelu)
+
+
+@pytest.mark.parametrize("grad_at_zero", [0, 1])
+def test_mixed_is_exactly_its_parts_at_both_ends(grad_at_zero):
+  x = np.concatenate([POINTS, [0.0, -0.0]]).astype(np.float32)
+  mixed = activations.build(f"mixed(steps=4,grad_at_zero={grad_at_zero})")
+  relu_layer = activations.build(f"relu(grad_at_zero={grad_at_zero})")
+  jsrelu_layer = activations.build("jsrelu")
+  for step, reference in ((0, relu_layer), (4, jsrelu_layer)):
+    _set_portion(mixed, step)
+    y, dy = _value_and_grad(mixed, x)
+    y_ref, dy_ref = _value_and_grad(reference, x)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(dy, dy_ref)
+  # In between, the derivative at 0 is (1 - k) * grad_at_zero + k.
+  k = _set_portion(mixed, 1)
+  _, dy = _value_and_grad(mixed, [0.0])
+  assert dy[0] == pytest.approx((1 - k) * grad_at_zero + k)
+
+
+def test_sshaped_over_mixed_steps_once_and_stays_odd():
+  layer = activations.build("sshaped(inner=mixed(steps=4),h=0.5)")
+  x = POINTS.astype(np.float32)
+  for step in range(5):
+    assert int(layer.inner.step.numpy()) == step
+    k = float(layer.inner.portion_of_jsrelu)
+
+    def inner(t):
+      return (1 - k) * relu(t) + k * jsrelu(t)
+
+    def inner_grad(t):
+      return (1 - k) * relu_grad_tf(t) + k * jsrelu_grad(t)
+
+    formula, derivative = sshaped(inner, inner_grad, 0.5)
+    y_negated, _ = _value_and_grad(layer, -x)  # Inference: no step.
+    y, dy = _value_and_grad(layer, x, training=True)
+    # Both halves use the same k (two inner calls used k and k + 1/steps).
+    np.testing.assert_allclose(y, formula(x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dy, derivative(x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(y_negated, -y, rtol=1e-6, atol=1e-7)
+  assert int(layer.inner.step.numpy()) == 5
+
+
+def test_sshaped_over_mixed_in_a_model_counts_one_step_per_training_call():
+  model = _model("shift(inner=sshaped(inner=mixed(steps=10),h=0.5),sx=0.1)")
+  step = model.get_layer("activation_0").inner.inner.step
+  x = np.ones((4, 3), np.float32)
+  with tf.GradientTape() as tape:
+    loss = tf.reduce_sum(model(x, training=True))
+  tape.gradient(loss, model.trainable_variables)
+  assert int(step.numpy()) == 1
+  model(x)
+  assert int(step.numpy()) == 1
+
+
+def test_nested_variables_live_under_the_outer_layer():
+  nested = activations.build("sshaped(inner=mixed(steps=4))", name="act")
+  twice = activations.build("shift(inner=sshaped(inner=mixed(steps=4)))",
+                            name="act2")
+  assert [v.path for v in nested.variables] == ["act/inner/step"]
+  assert [v.path for v in twice.variables] == ["act2/inner/inner/step"]
+  # A top-level layer whose name is the old sibling name does not collide.
+  inputs = keras.Input((3,))
+  hidden = activations.build("mixed(steps=4)", name="act_inner")(inputs)
+  outputs = activations.build("sshaped(inner=mixed(steps=4))", name="act")(hidden)
+  paths = [v.path for v in keras.Model(inputs, outputs).variables]
+  assert sorted(paths) == ["act/inner/step", "act_inner/step"]

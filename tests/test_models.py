@@ -127,7 +127,8 @@ def test_resnet18_uses_pytorch_default_initialisation(resnet18):
                        ("output", 512)]:
     kernel = layer(name).raw_kernel.numpy()
     bound = 1 / np.sqrt(fan_in)
-    assert np.abs(kernel).max() <= bound
+    # float32 draws may round up to the float32 nearest the bound.
+    assert np.abs(kernel).max() <= np.nextafter(np.float32(bound), np.float32(1))
     # U(-b, b) has standard deviation b/sqrt(3).
     np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3), rtol=0.1, err_msg=name)
   bias = layer("output").bias.numpy()
