@@ -16,6 +16,7 @@ Layout of `out_dir`:
   tables/summary_by_level.csv    every level of every series, in numbers
   tables/diverged.csv            levels whose loss became NaN or infinite
   figures/<dataset>_<model>_relu.<format>           ReLU reduction (relu_prune)
+  figures/<dataset>_<model>[_<setting>]_{saturation,layers}.<format>   --measure=saturation
   tables/<dataset>_<model>_relu_{points,pareto}.csv
 """
 
@@ -26,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from analysis import figures
+from analysis import layers
 from analysis import load
 from analysis import metrics
 from analysis import relu
@@ -273,6 +275,8 @@ def write_analysis(study: load.Study, out_dir: str,
         index=False, float_format="%.6g")
   training = _training_sections(study, out_dir, formats)
   relu_sections = relu.sections(study, out_dir, formats, _save, _group_stem, TABLES_DIR)
+  layer_sections = (layers.sections(study, source, out_dir, formats, _save, _group_stem)
+                    if source else [])
   if not study.diverged.empty:
     study.diverged.to_csv(os.path.join(out_dir, TABLES_DIR, "diverged.csv"),
                           index=False)
@@ -280,7 +284,7 @@ def write_analysis(study: load.Study, out_dir: str,
   path = os.path.join(out_dir, REPORT_FILE)
   with open(path, "w") as f:
     f.write(render_report(study, sections, best_markdown, out_dir, source,
-                          command, training, relu_sections))
+                          command, training, relu_sections, layer_sections))
   return path
 
 
@@ -355,7 +359,8 @@ def render_report(study: load.Study, sections: Sequence[Section],
                   best_markdown: Optional[str], out_dir: str,
                   source: str = "", command: Optional[str] = None,
                   training: Sequence[TrainingSection] = (),
-                  relu_sections: Sequence[tuple] = ()) -> str:
+                  relu_sections: Sequence[tuple] = (),
+                  layer_sections: Sequence[tuple] = ()) -> str:
   """Returns the Markdown of the report (links relative to `out_dir`).
 
   Args:
@@ -368,6 +373,8 @@ def render_report(study: load.Study, sections: Sequence[Section],
     training: sections of runs without pruning levels.
     relu_sections: (heading, Pareto markdown, figures, table paths) of the
       ReLU-reduction runs (`analysis.relu.sections`).
+    layer_sections: (heading, figures) of the runs measured with
+      `--measure=saturation` (`analysis.layers.sections`).
   """
   runs = study.runs
   trials = study.evaluations.groupby("run_dir")["trial"].nunique()
@@ -427,6 +434,8 @@ def render_report(study: load.Study, sections: Sequence[Section],
               + "".join(f" [{os.path.basename(p)}]({_link(p, out_dir)})"
                         for p in table_paths), "", front]
     lines += [_figure_markdown(figure, out_dir) for figure in saved]
+  for heading, saved in layer_sections:
+    lines += [f"## {heading}", ""] + [_figure_markdown(figure, out_dir) for figure in saved]
   with_setting = (runs["setting"] != "").any()
   lines += ["## Runs", "",
             "| Run | Experiment | Attack | Training |"

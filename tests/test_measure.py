@@ -56,3 +56,32 @@ def test_bad_measure_settings_name_the_flag(tmp_path):
     Runner(Hparams(dataset="sklearn_digits", measure=("curvature",)), digits, str(tmp_path))
   with pytest.raises(ValueError, match="delta"):
     Runner(Hparams(dataset="sklearn_digits", delta=0.0), digits, str(tmp_path))
+
+
+def test_probes_receptive_fields_and_the_layer_figures(tmp_path):
+  from analysis import load, report
+  digits = load_dataset("sklearn_digits", None, 300)
+  common = dict(dataset="sklearn_digits", model="conv-bn", trials=1, batch_size=32,
+                attack="fgsm", eps=0.1, sharpness_examples=0)
+  trained = Runner(Hparams(**common, experiment="train", epochs=2.0, measure=("saturation",)),
+                   digits, str(tmp_path), progress=False).run()
+  probes = Runner(Hparams(**common, experiment="probes", pretrained_run=trained, probe_jobs=1),
+                  digits, str(tmp_path), progress=False)
+  probes.run()
+  table = open(os.path.join(probes.run_dir, "4x4_probe_performances.csv")).read().splitlines()
+  assert table[0] == ";name;train_acc;eval_acc"
+  assert [line.split(";")[1] for line in table[1:]] == ["train-conv_1", "train-conv_2",
+                                                         "train-output"]
+  assert probes.summary.startswith("4x4 probe of train-output")
+  fields = Runner(Hparams(**common, experiment="receptive_field"), digits, str(tmp_path),
+                  progress=False)
+  fields.run()
+  rows = open(os.path.join(fields.run_dir, "receptive_field.csv")).read().splitlines()
+  assert [row.split(";")[-1] for row in rows[1:]] == ["3.0", "5.0"]
+  assert os.path.exists(os.path.join(fields.run_dir, "computational_info.json"))
+  study = load.load_study(str(tmp_path))
+  report.write_analysis(study, str(tmp_path / "analysis"), source=str(tmp_path))
+  figures = tmp_path / "analysis" / "figures"
+  assert (figures / "sklearn_digits_conv-bn_saturation.png").exists()
+  assert (figures / "sklearn_digits_conv-bn_layers.png").exists()
+  assert "no probes run found" not in (tmp_path / "analysis" / "report.md").read_text()
