@@ -13,6 +13,7 @@ Two figures per run measured with `--measure=saturation`:
 """
 
 import glob
+import json
 import os
 from typing import Dict, List, Optional
 
@@ -42,7 +43,8 @@ def probe_tables(base_dir: str) -> Dict[str, pd.DataFrame]:
   tables = {}
   for run_dir in load.find_run_dirs(base_dir):
     try:
-      hparams = load._read_json(os.path.join(run_dir, load.HPARAMS_FILE))  # pylint: disable=protected-access
+      with open(os.path.join(run_dir, load.HPARAMS_FILE)) as f:
+        hparams = json.load(f)
     except (OSError, ValueError):
       continue
     if hparams.get("experiment") != "probes" or not hparams.get("pretrained_run"):
