@@ -28,6 +28,11 @@ flags.DEFINE_string("base_dir", "./output", "base output directory for results a
 flags.DEFINE_string("devices", "", "comma-separated GPU indices to use (default: all)")
 flags.DEFINE_bool("force", False, "delete the run folder if it exists and start over")
 flags.DEFINE_bool("progress", True, "show a progress bar")
+flags.DEFINE_string("config", None, "a phd-lab JSON configuration grid (experiments/configs/): "
+                    "one run per combination of its list values; flags given on the command "
+                    "line override the grid's values")
+flags.DEFINE_string("run_id", None, "with --config: the runs go under BASE_DIR/RUN_ID "
+                    "(BASE_DIR: --base_dir if given, else the grid's logs_dir)")
 
 
 def _valid_activation(spec):
@@ -118,6 +123,10 @@ def main(argv):
     if hparams.deterministic:
       import tensorflow as tf
       tf.config.experimental.enable_op_determinism()
+    if FLAGS.config:
+      return _run_grid(hparams)
+    if FLAGS.run_id:
+      raise ValueError("--run_id names the runs of a --config grid; give --config")
     dataset = load_dataset(hparams.dataset, hparams.data_dir, hparams.valid_size,
                            resolution=hparams.resolution)
     runner = Runner(hparams, dataset, FLAGS.base_dir, force=FLAGS.force,
@@ -130,6 +139,36 @@ def main(argv):
   print(run_dir)
   if runner.summary:
     print(runner.summary)
+  return 0
+
+
+def _run_grid(base: hparams_lib.Hparams) -> int:
+  """Runs every combination of --config (finished ones are skipped); prints each folder.
+
+  Raises:
+    ValueError, DataError, OSError, DivergedError: as a single run does.
+  """
+  import dataclasses
+  from experiments import grid
+  if not FLAGS.run_id:
+    raise ValueError("--config needs --run_id, the name of this set of runs")
+  runs = grid.grid_runs(FLAGS.config, FLAGS.run_id,
+                        FLAGS.base_dir if FLAGS["base_dir"].present else None)
+  explicit = {field.name for field in dataclasses.fields(hparams_lib.Hparams)
+              if FLAGS[field.name].present}
+  datasets = {}
+  for overrides, base_dir in runs:
+    hparams = dataclasses.replace(
+        base, **{k: v for k, v in overrides.items() if k not in explicit})
+    key = (hparams.dataset, hparams.valid_size, hparams.resolution)
+    if key not in datasets:
+      datasets[key] = load_dataset(hparams.dataset, hparams.data_dir, hparams.valid_size,
+                                   resolution=hparams.resolution)
+    runner = Runner(hparams, datasets[key], base_dir, force=FLAGS.force,
+                    progress=FLAGS.progress)
+    run_dir = runner.run()
+    logging.info("results in %s", run_dir)
+    print(run_dir, flush=True)
   return 0
 
 

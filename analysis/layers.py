@@ -35,7 +35,10 @@ def saturation_layers(evaluations: pd.DataFrame) -> List[str]:
 
 
 def probe_tables(base_dir: str) -> Dict[str, pd.DataFrame]:
-  """{source run folder (real path): probe table} of the probes runs under `base_dir`.
+  """{probed run folder (real path): probe table} under `base_dir`.
+
+  From `--experiment=probes` runs (their `--pretrained_run`) and runs trained
+  with `--probes` (their own folder).
 
   The table is the 4x4 probes' CSV (the smallest pool when 4 is absent):
   layer, train_acc, eval_acc.
@@ -47,7 +50,9 @@ def probe_tables(base_dir: str) -> Dict[str, pd.DataFrame]:
         hparams = json.load(f)
     except (OSError, ValueError):
       continue
-    if hparams.get("experiment") != "probes" or not hparams.get("pretrained_run"):
+    source = (hparams.get("pretrained_run") if hparams.get("experiment") == "probes"
+              else run_dir if hparams.get("probes") else None)
+    if not source:
       continue
     paths = sorted(glob.glob(os.path.join(run_dir, "*x*_probe_performances.csv")))
     if not paths:
@@ -55,7 +60,7 @@ def probe_tables(base_dir: str) -> Dict[str, pd.DataFrame]:
     preferred = [p for p in paths if os.path.basename(p).startswith("4x4_")]
     table = pd.read_csv((preferred or paths)[0], sep=";", index_col=0)
     table["layer"] = table["name"].str.replace(r"^train-", "", regex=True)
-    tables[os.path.realpath(hparams["pretrained_run"])] = table
+    tables[os.path.realpath(source)] = table
   return tables
 
 

@@ -16,7 +16,9 @@ layer (`--probe_jobs` in parallel), cached per layer, so a re-run fits only
 what is missing. Results: `<D>x<D>_probe_performances.csv`
 (`;name;train_acc;eval_acc`, the seed's format) in the run folder.
 
-Saturation, the third measurement, runs during training (`--measure`).
+`--probes` does the same after any training run, on trial 0's final network
+(last level), into the run folder. Saturation, the third measurement, runs
+during training (`--measure`).
 """
 
 import os
@@ -69,36 +71,50 @@ class Probes(_Once):
         raise ValueError(f"--pretrained_run={hp.pretrained_run} was trained with "
                          f"--{name}={getattr(source, name)}, not --{name}="
                          f"{getattr(hp, name)}")
-    if dataset.decode is not None or dataset.prepare is not None:
-      raise ValueError(f"probes reads in-memory images at their stored size; --dataset="
-                       f"{hp.dataset} with --resolution={hp.resolution} is not supported yet")
-    for pool in hp.probe_pool:
-      if pool != int(pool) or pool < 1:
-        raise ValueError(f"--probe_pool={','.join(map(str, hp.probe_pool))}: sizes must be "
-                         "integers >= 1")
+    check_probe_settings(hp, dataset)
 
   def after_run(self, runner):
     from experiments.runner import assign_weights
     hp = self.hparams
     model = runner.build(0, 0)
     assign_weights(model, self._weights, f"--pretrained_run={hp.pretrained_run}")
-    dataset = runner.dataset
-    lines = []
-    for pool in (int(p) for p in hp.probe_pool):
-      folder = os.path.join(runner.run_dir, f"latents_{pool}")
-      try:
-        probes_lib.extract_latents(model, (dataset.x_train, dataset.y_train), folder,
-                                   split="train", pool=pool, training=hp.probe_train_mode)
-        probes_lib.extract_latents(model, (dataset.x_test, dataset.y_test), folder,
-                                   split="eval", pool=pool, training=False)
-      except ValueError as e:
-        raise ValueError(f"--probe_pool={pool}: {e}") from None
-      csv = os.path.join(runner.run_dir, probes_lib.probe_csv_name(pool))
-      table = probes_lib.train_probes(folder, output_csv=csv, n_jobs=hp.probe_jobs)
-      last = table.iloc[-1]
-      lines.append(f"{pool}x{pool} probe of {last['name']}: train {last['train_acc']:.4f}, "
-                   f"eval {last['eval_acc']:.4f}")
-    files.write_json(os.path.join(runner.run_dir, "probes.json"),
-                     {"source": hp.pretrained_run, "pools": [int(p) for p in hp.probe_pool],
-                      "train_mode": hp.probe_train_mode})
-    return "\n".join(lines)
+    return fit_probes(hp, model, runner.dataset, runner.run_dir)
+
+
+def check_probe_settings(hp, dataset):
+  """Raises ValueError (naming the flag) for probes this data set or pool cannot have."""
+  if dataset.decode is not None or dataset.prepare is not None:
+    raise ValueError(f"probes read in-memory images at their stored size; --dataset="
+                     f"{hp.dataset} with --resolution={hp.resolution} is not supported yet")
+  for pool in hp.probe_pool:
+    if pool != int(pool) or pool < 1:
+      raise ValueError(f"--probe_pool={','.join(map(str, hp.probe_pool))}: sizes must be "
+                       "integers >= 1")
+
+
+def fit_probes(hp, model, dataset, out_dir) -> str:
+  """Latents and probes of every layer of `model` for each `--probe_pool`, into `out_dir`.
+
+  Returns:
+    One line per pool size: the last layer's probe accuracies.
+  """
+  lines = []
+  for pool in (int(p) for p in hp.probe_pool):
+    folder = os.path.join(out_dir, f"latents_{pool}")
+    try:
+      probes_lib.extract_latents(model, (dataset.x_train, dataset.y_train), folder,
+                                 split="train", pool=pool, training=hp.probe_train_mode)
+      probes_lib.extract_latents(model, (dataset.x_test, dataset.y_test), folder,
+                                 split="eval", pool=pool, training=False)
+    except ValueError as e:
+      raise ValueError(f"--probe_pool={pool}: {e}") from None
+    csv = os.path.join(out_dir, probes_lib.probe_csv_name(pool))
+    table = probes_lib.train_probes(folder, output_csv=csv, n_jobs=hp.probe_jobs)
+    last = table.iloc[-1]
+    lines.append(f"{pool}x{pool} probe of {last['name']}: train {last['train_acc']:.4f}, "
+                 f"eval {last['eval_acc']:.4f}")
+  files.write_json(os.path.join(out_dir, "probes.json"),
+                   {"source": hp.pretrained_run or out_dir,
+                    "pools": [int(p) for p in hp.probe_pool],
+                    "train_mode": hp.probe_train_mode})
+  return "\n".join(lines)

@@ -341,6 +341,9 @@ class Runner:
     self.experiment = EXPERIMENTS.get(hparams.experiment)(hparams)
     self.experiment.check(dataset, self.num_train)
     check_hparams(hparams, self.num_train)
+    if hparams.probes:
+      from experiments.phd_lab import check_probe_settings
+      check_probe_settings(hparams, dataset)
     self.run_dir = hparams.run_dir(base_dir)
     self.progress = progress
     self.callbacks = list(callbacks or [])
@@ -373,7 +376,19 @@ class Runner:
       for level in range(self.experiment.levels()):
         self.run_level(trial, level)
     self.summary = self.experiment.after_run(self)
+    if self.hparams.probes and self.experiment.levels() > 0:
+      self.summary = self._probes()
     return self.run_dir
+
+  def _probes(self):
+    """`--probes`: probes of trial 0's final network (its last level)."""
+    from experiments.phd_lab import fit_probes
+    last = self.experiment.levels() - 1
+    model = self.build(0, last)
+    assign_weights(model, files.load_arrays(os.path.join(level_dir(self.run_dir, 0, last),
+                                                         "weights_final.npz")),
+                   "the final weights")
+    return fit_probes(self.hparams, model, self.dataset, self.run_dir)
 
   # ---- one level -----------------------------------------------------------
   def build(self, trial, level):

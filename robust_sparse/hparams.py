@@ -199,6 +199,9 @@ class MeasureHparams:
   saturation_downsampling: Optional[int] = _field(
       None, "saturation: nearest-resize conv outputs larger than DxD to DxD first (phd-lab "
       "configs: 1, spec 5.1 [QUIRK]); unset: no resize", lower_bound=1)
+  probes: bool = _field(
+      False, "after training, fit linear probes on every layer of trial 0's final network "
+      "(as --experiment=probes); results in the run folder")
   probe_pool: Tuple[float, ...] = _field(
       (4.0,), "probes: adaptive-average-pool each conv map to DxD before the linear probe; "
       "a comma list fits one set of probes per size")

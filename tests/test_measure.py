@@ -63,16 +63,18 @@ def test_probes_receptive_fields_and_the_layer_figures(tmp_path):
   digits = load_dataset("sklearn_digits", None, 300)
   common = dict(dataset="sklearn_digits", model="conv-bn", trials=1, batch_size=32,
                 attack="fgsm", eps=0.1, sharpness_examples=0)
-  trained = Runner(Hparams(**common, experiment="train", epochs=2.0, measure=("saturation",)),
-                   digits, str(tmp_path), progress=False).run()
-  probes = Runner(Hparams(**common, experiment="probes", pretrained_run=trained, probe_jobs=1),
-                  digits, str(tmp_path), progress=False)
+  training = Runner(Hparams(**common, experiment="train", epochs=2.0, measure=("saturation",),
+                           probes=True, probe_jobs=1), digits, str(tmp_path), progress=False)
+  trained = training.run()
+  assert training.summary.startswith("4x4 probe of train-output")
+  probes = Runner(Hparams(**common, experiment="probes", pretrained_run=trained, probe_jobs=1,
+                          probe_pool=(2.0,)), digits, str(tmp_path), progress=False)
   probes.run()
-  table = open(os.path.join(probes.run_dir, "4x4_probe_performances.csv")).read().splitlines()
+  table = open(os.path.join(probes.run_dir, "2x2_probe_performances.csv")).read().splitlines()
   assert table[0] == ";name;train_acc;eval_acc"
   assert [line.split(";")[1] for line in table[1:]] == ["train-conv_1", "train-conv_2",
                                                          "train-output"]
-  assert probes.summary.startswith("4x4 probe of train-output")
+  assert os.path.exists(os.path.join(trained, "4x4_probe_performances.csv"))
   fields = Runner(Hparams(**common, experiment="receptive_field"), digits, str(tmp_path),
                   progress=False)
   fields.run()
@@ -85,3 +87,16 @@ def test_probes_receptive_fields_and_the_layer_figures(tmp_path):
   assert (figures / "sklearn_digits_conv-bn_saturation.png").exists()
   assert (figures / "sklearn_digits_conv-bn_layers.png").exists()
   assert "no probes run found" not in (tmp_path / "analysis" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=experiments/configs/reduced_fig1.json"], "--run_id"),
+    (["--run_id=x"], "--config"),
+    (["--config=/nonexistent.json", "--run_id=x"], "nonexistent.json"),
+])
+def test_bad_grid_flags_fail_in_one_line(tmp_path, args, message):
+  from tests.conftest import run_module
+  result = run_module("run_experiments", *args, f"--base_dir={tmp_path}")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-1000:]
