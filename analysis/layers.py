@@ -34,7 +34,8 @@ def saturation_layers(evaluations: pd.DataFrame) -> List[str]:
   return [c[len(TRAIN):] for c in evaluations.columns if c.startswith(TRAIN)]
 
 
-def probe_tables(base_dir: str) -> Dict[str, pd.DataFrame]:
+def probe_tables(base_dir: str, pattern: str = "[0-9]*x[0-9]*_probe_performances.csv"
+                 ) -> Dict[str, pd.DataFrame]:
   """{probed run folder (real path): probe table} under `base_dir`.
 
   From `--experiment=probes` runs (their `--pretrained_run`) and runs trained
@@ -54,7 +55,7 @@ def probe_tables(base_dir: str) -> Dict[str, pd.DataFrame]:
               else run_dir if hparams.get("probes") else None)
     if not source:
       continue
-    paths = sorted(glob.glob(os.path.join(run_dir, "*x*_probe_performances.csv")))
+    paths = sorted(glob.glob(os.path.join(run_dir, pattern)))
     if not paths:
       continue
     preferred = [p for p in paths if os.path.basename(p).startswith("4x4_")]
@@ -82,6 +83,33 @@ def plot_saturation_vs_epoch(rows: pd.DataFrame, layers: List[str], title: str) 
     axes[1].legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
   figure.suptitle(title)
   figure.tight_layout()
+  return figure
+
+
+def plot_pixelwise_probes(table: pd.DataFrame, title: str) -> Optional[plt.Figure]:
+  """Heat maps of the pixel-wise probes' test accuracy, one panel per conv layer."""
+  parsed = table["name"].str.extract(r"^train-(?P<layer>.+)-\((?P<i>\d+),(?P<j>\d+)\)$")
+  frame = pd.concat([parsed, table["eval_acc"]], axis=1).dropna()
+  if frame.empty:
+    return None
+  frame[["i", "j"]] = frame[["i", "j"]].astype(int)
+  names = list(dict.fromkeys(frame["layer"]))
+  columns = min(4, len(names))
+  rows = -(-len(names) // columns)
+  figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.0 * rows),
+                              squeeze=False)
+  for axis, name in zip(axes.flat, names):
+    mine = frame[frame["layer"] == name]
+    grid = np.full((mine["i"].max() + 1, mine["j"].max() + 1), np.nan)
+    grid[mine["i"], mine["j"]] = mine["eval_acc"]
+    image = axis.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+    axis.set_title(name, fontsize=8)
+    axis.set_xticks([])
+    axis.set_yticks([])
+  for axis in list(axes.flat)[len(names):]:
+    axis.axis("off")
+  figure.colorbar(image, ax=axes, shrink=0.8, label="probe test accuracy")
+  figure.suptitle(title)
   return figure
 
 
@@ -134,6 +162,7 @@ def sections(study: load.Study, base_dir: str, out_dir: str, formats, save, grou
   if not layers:
     return []
   probes = probe_tables(base_dir)
+  pixelwise = probe_tables(base_dir, "pixelwise_probe_performances.csv")
   out = []
   measured = evaluations[evaluations["split"] == "train"].dropna(subset=[TRAIN + layers[0]])
   for run_dir, rows in measured.groupby("run_dir", sort=True):
@@ -160,5 +189,11 @@ def sections(study: load.Study, base_dir: str, out_dir: str, formats, save, grou
          f"{label}: final saturation, probe test accuracy"
          + ("" if probe is not None else " (no probes run found)")
          + " and receptive field per layer; dashed: the model's test accuracy", saved)
+    if os.path.realpath(run_dir) in pixelwise:
+      heat = plot_pixelwise_probes(pixelwise[os.path.realpath(run_dir)],
+                                   f"{label}: pixel-wise probes")
+      if heat is not None:
+        save(heat, out_dir, stem.replace("_saturation", "_pixelwise_probes"), formats,
+             f"{label}: test accuracy of one probe per position of each conv map", saved)
     out.append((f"{run['dataset']} / {run['model']}: layer saturation", saved))
   return out

@@ -113,8 +113,18 @@ def fit_probes(hp, model, dataset, out_dir) -> str:
     last = table.iloc[-1]
     lines.append(f"{pool}x{pool} probe of {last['name']}: train {last['train_acc']:.4f}, "
                  f"eval {last['eval_acc']:.4f}")
+  if hp.pixelwise_probes:
+    folder = os.path.join(out_dir, "latents_full")
+    probes_lib.extract_latents(model, (dataset.x_train, dataset.y_train), folder,
+                               split="train", pool=None, training=hp.probe_train_mode)
+    probes_lib.extract_latents(model, (dataset.x_test, dataset.y_test), folder,
+                               split="eval", pool=None, training=False)
+    probes_lib.train_pixelwise_probes(
+        folder, output_csv=os.path.join(out_dir, probes_lib.probe_csv_name(None)),
+        n_jobs=hp.probe_jobs)
+    lines.append("pixel-wise probes: pixelwise_probe_performances.csv")
   files.write_json(os.path.join(out_dir, "probes.json"),
                    {"source": hp.pretrained_run or out_dir,
                     "pools": [int(p) for p in hp.probe_pool],
-                    "train_mode": hp.probe_train_mode})
+                    "train_mode": hp.probe_train_mode, "pixelwise": hp.pixelwise_probes})
   return "\n".join(lines)

@@ -577,6 +577,8 @@ class Runner:
         if engine.measurement is not None:
           row.update(engine.measurement.results())
           engine.measurement.reset()
+        if hp.phd_lab_csv:
+          self._write_phd_lab_csv(directory, logs)
         self.experiment.on_evaluate(level, model, logs, directory)
         bar.set_postfix(acc=f"{results['test']['acc']:.4f}",
                         adv_acc=f"{results['test']['adv_acc']:.4f}")
@@ -602,6 +604,21 @@ class Runner:
     rates = engine.learning_rates(max(iteration - 1, 0))
     row["lr"] = rates.get("weights", next(iter(rates.values())))
     return {c: row[c] for c in (names or self.columns) if c in row}
+
+  def _write_phd_lab_csv(self, directory, logs):
+    """`--phd_lab_csv`: this evaluation period as the seed's per-epoch CSV row."""
+    hp = self.hparams
+    train, test = logs["train"][-1], logs["test"][-1]
+    row = {"training_accuracy": train["acc"], "training_top5-accuracy": train.get("top5"),
+           "training_loss": train["loss"], "test_accuracy": test["acc"],
+           "test_top5-accuracy": test.get("top5"), "test_loss": test["nat_loss"]}
+    row.update({k: v for k, v in train.items() if "saturation_" in k
+                or "intrinsic-dimensionality_" in k})
+    name = saturation_lib.phd_lab_csv_name(
+        hp.model, hp.dataset, hp.resolution or self.dataset.input_shape[0], hp.batch_size,
+        int(round(hp.total_iterations(self.num_train) / hp.steps_per_epoch(self.num_train))))
+    saturation_lib.write_phd_lab_csv(os.path.join(directory, name), len(logs["train"]) - 1,
+                                     row)
 
   def _refresh_perturbation_masks(self, engine, iteration, data_seed, seed):
     """SSAM's mask refresh after the first batch of an epoch (`sparse_perturbation`)."""

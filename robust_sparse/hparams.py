@@ -199,6 +199,12 @@ class MeasureHparams:
   saturation_downsampling: Optional[int] = _field(
       None, "saturation: nearest-resize conv outputs larger than DxD to DxD first (phd-lab "
       "configs: 1, spec 5.1 [QUIRK]); unset: no resize", lower_bound=1)
+  phd_lab_csv: bool = _field(
+      False, "also write phd-lab's ';'-separated per-epoch CSV ({Model}-{Dataset}-r{res}-bs{B}"
+      "-e{E}.csv: accuracies, losses, saturation columns) in each level's folder")
+  pixelwise_probes: bool = _field(
+      False, "probes: also one probe per spatial position of every conv map "
+      "(pixelwise_probe_performances.csv; heat maps in the analysis)")
   probes: bool = _field(
       False, "after training, fit linear probes on every layer of trial 0's final network "
       "(as --experiment=probes); results in the run folder")

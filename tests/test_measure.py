@@ -1,5 +1,6 @@
 """`--measure=saturation` in the runner: fed from the training step, equal to NumPy, resumable."""
 
+import glob
 import os
 
 import numpy as np
@@ -64,7 +65,8 @@ def test_probes_receptive_fields_and_the_layer_figures(tmp_path):
   common = dict(dataset="sklearn_digits", model="conv-bn", trials=1, batch_size=32,
                 attack="fgsm", eps=0.1, sharpness_examples=0)
   training = Runner(Hparams(**common, experiment="train", epochs=2.0, measure=("saturation",),
-                           probes=True, probe_jobs=1), digits, str(tmp_path), progress=False)
+                           probes=True, probe_jobs=1, pixelwise_probes=True,
+                           phd_lab_csv=True), digits, str(tmp_path), progress=False)
   trained = training.run()
   assert training.summary.startswith("4x4 probe of train-output")
   probes = Runner(Hparams(**common, experiment="probes", pretrained_run=trained, probe_jobs=1,
@@ -75,6 +77,14 @@ def test_probes_receptive_fields_and_the_layer_figures(tmp_path):
   assert [line.split(";")[1] for line in table[1:]] == ["train-conv_1", "train-conv_2",
                                                          "train-output"]
   assert os.path.exists(os.path.join(trained, "4x4_probe_performances.csv"))
+  pixelwise = open(os.path.join(trained, "pixelwise_probe_performances.csv")).read()
+  assert "train-conv_1-(7,7)" in pixelwise and "train-output" in pixelwise
+  [seed_csv] = glob.glob(os.path.join(level_dir(trained, 0, 0), "conv-bn-*.csv"))
+  assert os.path.basename(seed_csv) == "conv-bn-sklearn_digits-r8-bs32-e2.csv"
+  lines = open(seed_csv).read().splitlines()
+  assert lines[0].startswith(";training_accuracy;training_top5-accuracy;training_loss;"
+                             "test_accuracy;test_top5-accuracy;test_loss;train-saturation_conv_1")
+  assert len(lines) == 3
   fields = Runner(Hparams(**common, experiment="receptive_field"), digits, str(tmp_path),
                   progress=False)
   fields.run()
@@ -86,6 +96,7 @@ def test_probes_receptive_fields_and_the_layer_figures(tmp_path):
   figures = tmp_path / "analysis" / "figures"
   assert (figures / "sklearn_digits_conv-bn_saturation.png").exists()
   assert (figures / "sklearn_digits_conv-bn_layers.png").exists()
+  assert (figures / "sklearn_digits_conv-bn_pixelwise_probes.png").exists()
   assert "no probes run found" not in (tmp_path / "analysis" / "report.md").read_text()
 
 
