@@ -40,6 +40,7 @@ from data import augment as augment_lib
 from experiments.registry import EXPERIMENTS, Defaults
 from models import NORMALIZATIONS, build_model
 from robust_sparse import files, pruning, ssam
+from robust_sparse import measurements as measurements_lib
 from robust_sparse import saturation as saturation_lib
 from robust_sparse.engine import Diverged, Engine, index_stream
 from robust_sparse.hparams import Hparams
@@ -260,21 +261,23 @@ def perturbation_masks(hp: Hparams, model, num_classes, augment, num_train):
   return None
 
 
-MEASUREMENTS = ("saturation",)
+MEASUREMENTS = measurements_lib.MEASUREMENTS
 
 
 def make_measurement(hp: Hparams, model):
   """The `--measure` measurements of `model` for the engine, or None.
 
-  Saturation: a `saturation.SaturationTracker` of every conv and dense layer,
-  with the weight-sharing tap model the step runs through.
+  One `measurements.Measurements` for the whole list: saturation (a
+  `saturation.SaturationTracker` of every conv and dense layer) and the
+  activation measurements (`activation_stats.ActivationStatistics` of every
+  activation layer, training steps every `--log_every`), behind one
+  weight-sharing tap model the step runs through.
   """
-  if "saturation" not in hp.measure:
+  if not hp.measure:
     return None
-  tracker = saturation_lib.SaturationTracker.for_model(
-      model, delta=hp.delta, downsampling=hp.saturation_downsampling)
-  tracker.tap_model = saturation_lib.tap_model(model)
-  return tracker
+  return measurements_lib.Measurements(model, hp.measure, delta=hp.delta,
+                                       downsampling=hp.saturation_downsampling,
+                                       log_every=hp.log_every)
 
 
 def check_hparams(hp: Hparams, num_train: int):
@@ -283,10 +286,9 @@ def check_hparams(hp: Hparams, num_train: int):
   Raises:
     ValueError: bad combinations (e.g. a schedule longer than training).
   """
-  unknown = [name for name in hp.measure if name not in MEASUREMENTS]
-  if unknown:
-    raise ValueError(f"--measure={','.join(hp.measure)}: unknown {', '.join(unknown)}; known: "
-                     f"{', '.join(MEASUREMENTS)}")
+  measurements_lib.check_names(hp.measure)
+  if hp.log_every < 1:
+    raise ValueError(f"--log_every must be a positive integer, got --log_every={hp.log_every}")
   saturation_lib.check_delta(hp.delta)
   if hp.adv_train and hp.attack == "none":
     raise ValueError("--adv_train needs an --attack (fgsm or pgd), got --attack=none")

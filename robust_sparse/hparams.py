@@ -193,7 +193,12 @@ class MeasureHparams:
   """Measurements taken during training, fed from the training step (no extra pass)."""
   measure: Tuple[str, ...] = _field(
       (), "comma list of measurements: saturation (delve: per conv / dense layer, train and "
-      "test, each evaluation period)")
+      "test, each evaluation period); activation_sparsity (per activation layer: zero-region "
+      "fraction, pre-activation concentration, mean f'(x)^2), effective_gradient_sparsity "
+      "and spectral_increase (these two on training batches only: they need dL/da)")
+  log_every: int = _field(
+      1, "activation measurements: measure every Nth training step, counted from each "
+      "evaluation (the first <= 1024 natural examples of the batch)", lower_bound=1)
   delta: float = _field(0.99, "saturation: explained-variance threshold of the intrinsic "
                         "dimensionality, in (0, 1]", lower_bound=0.0, upper_bound=1.0)
   saturation_downsampling: Optional[int] = _field(

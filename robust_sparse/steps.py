@@ -147,7 +147,8 @@ def _reorder(source, target):
 
 
 def loss_and_gradients(model: keras.Model, loss, loss_scale: Optional[LossScale] = None,
-                       taps: Optional[keras.Model] = None):
+                       taps: Optional[keras.Model] = None,
+                       tap_gradients: Optional[Sequence[int]] = None):
   """The base `LossGradFn`: one forward pass on `batch["x"]` at the given weights.
 
   The objective is `sum(batch["weight"] * loss) + sum(model losses)` (e.g. the
@@ -159,7 +160,22 @@ def loss_and_gradients(model: keras.Model, loss, loss_scale: Optional[LossScale]
       `robust_sparse.saturation.tap_model(model)`): the pass runs through it,
       and `aux["taps"]` holds the tapped outputs, so measurements need no
       second forward pass.
+    tap_gradients: indices into the taps (`outputs[1:]`) whose gradients of
+      the objective (the total the weights' gradients are of, loss scale
+      divided out) go to `aux["tap_gradients"]`, in this order, taken from
+      the same tape (no second pass). Default: the tap model's
+      `gradient_taps` attribute, so a measurement can ask for them without
+      changing how the step is composed; none without it.
+
+  Raises:
+    ValueError: `tap_gradients` without a tap model, or a tap the objective
+      does not depend on (at trace time).
   """
+  if tap_gradients is None:
+    tap_gradients = getattr(taps, "gradient_taps", None)
+  tap_gradients = tuple(int(i) for i in tap_gradients or ())
+  if tap_gradients and taps is None:
+    raise ValueError(f"tap_gradients={tap_gradients} needs a tap model (taps=)")
   if taps is not None:
     trainable_order = _reorder(model.trainable_variables, taps.trainable_variables)
     non_trainable_order = _reorder(model.non_trainable_variables,
@@ -186,12 +202,22 @@ def loss_and_gradients(model: keras.Model, loss, loss_scale: Optional[LossScale]
                                    [tf.cast(l, tf.float32) for l in losses])
       if loss_scale is not None:
         total = total * loss_scale.scale
-    grads = tape.gradient(total, trainable)
+    if tap_gradients:
+      grads, at_taps = tape.gradient(total, (trainable, [tapped[i] for i in tap_gradients]))
+      unconnected = [i for i, g in zip(tap_gradients, at_taps) if g is None]
+      if unconnected:
+        raise ValueError(f"taps {unconnected} of {taps.name!r} do not reach the objective, "
+                         "so they have no gradient")
+    else:
+      grads, at_taps = tape.gradient(total, trainable), []
     if loss_scale is not None:
       grads = [None if g is None else g / tf.cast(loss_scale.scale, g.dtype) for g in grads]
+      at_taps = [g / tf.cast(loss_scale.scale, g.dtype) for g in at_taps]
     aux = dict(logits=logits, per_example=per_example, objective=objective)
     if tapped is not None:
       aux["taps"] = [tf.stop_gradient(t) for t in tapped]
+    if tap_gradients:
+      aux["tap_gradients"] = [tf.stop_gradient(g) for g in at_taps]
     return grads, new_non_trainable, aux
 
   return fn
@@ -369,7 +395,8 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
 
   `on_taps(outputs)` receives the tapped layer outputs of the natural
   examples of the batch when the loss-and-gradients function returns
-  `aux["taps"]` (see `loss_and_gradients`).
+  `aux["taps"]` (see `loss_and_gradients`), followed by the gradients at the
+  taps when it also returns `aux["tap_gradients"]` (natural examples too).
   """
   trainable = model.trainable_variables
   non_trainable = model.non_trainable_variables
@@ -432,7 +459,8 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
       update(range(len(groups)), grads, rates)
     if on_taps is not None and "taps" in aux:
       # The natural half: adversarial training passes [x; x_adv] at once.
-      on_taps([t[:batch_size] for t in aux["taps"]])
+      on_taps([t[:batch_size] for t in aux["taps"]]
+              + [g[:batch_size] for g in aux.get("tap_gradients", ())])
 
     nan = tf.constant(np.nan, tf.float32)
     nat_loss = tf.reduce_mean(aux["per_example"])
