@@ -190,7 +190,9 @@ def sharpness_aware(inner, model, *, rho: float = 0.05, adaptive: bool = False,
       auxes.append(aux)
     merged = {}
     for key, value in auxes[0].items():
-      if value.shape.rank == 0:  # Objectives: sums over the splits' weighted examples.
+      if isinstance(value, (list, tuple)):  # Measurement taps: per tap, over the splits.
+        merged[key] = [_merge([a[key][j] for a in auxes]) for j in range(len(value))]
+      elif value.shape.rank == 0:  # Objectives: sums over the splits' weighted examples.
         merged[key] = tf.add_n([a[key] for a in auxes])
       else:
         merged[key] = _merge([a[key] for a in auxes])
