@@ -136,7 +136,8 @@ def plot_layer_profile(layers: List[str], saturation: List[float], test_acc: flo
   twin.set_ylabel("receptive field (px)", color="tab:red")
   handles, labels = axis.get_legend_handles_labels()
   more_handles, more_labels = twin.get_legend_handles_labels()
-  axis.legend(handles + more_handles, labels + more_labels, fontsize=8, loc="lower left")
+  axis.legend(handles + more_handles, labels + more_labels, fontsize=8, loc="best",
+              framealpha=0.85)
   axis.grid(True, alpha=0.3)
   axis.set_title(title)
   figure.tight_layout()
