@@ -9,9 +9,9 @@
 #   poly 0.1x^2 + 0.5x (50 mask epochs, w_mask_lr 0.01) and autopoly degree 1 / 2 (relay 0.003).
 # Every evaluation also attacks the test set with PGD-10 at eps 2/255. Meant for a GPU.
 #   bash run_sh/relu_protocol.sh DATA_DIR [BASE_DIR] [--reduced]
-# --reduced: 2000 training images, a 4-epoch baseline, 4 mask epochs (alpha_lr 0.02 so that the
-# masks move in 64 steps instead of 39,100), 2 fine-tuning epochs, FGSM evaluation, spgrad at
-# sparsity 0.5 and poly at 0.9 (CPU minutes).
+# --reduced: 2000 training images, a 4-epoch baseline, 4 mask epochs (alpha_lr 0.02 and lamda
+# 100 so that the masks reach the target in 64 steps instead of 39,100), 2 fine-tuning epochs,
+# FGSM evaluation, spgrad at sparsity 0.5 and poly at 0.9 (CPU minutes).
 # Killed runs resume when the script is run again; the analysis runs at the end.
 set -euo pipefail
 data_dir=${1:?usage: $0 DATA_DIR [BASE_DIR] [--reduced]}
@@ -23,16 +23,18 @@ common=(--dataset=cifar10 --data_dir="$data_dir" --model=resnet18_maxpool --tria
         --sharpness_examples=0 --noprogress --base_dir="$base_dir")
 attack=(--attack=pgd --eps=0.0078431 --pgd_steps=10 --pgd_step_size=0.0019608)
 baseline_epochs=400 mask_epochs=100 poly_mask_epochs=50 finetune_epochs=100 alpha_lr=2e-4
+lamda=10
 if [ "$reduced" = "--reduced" ]; then
   common+=(--train_examples=2000)
   attack=(--attack=fgsm --eps=0.0078431)
-  baseline_epochs=4 mask_epochs=4 poly_mask_epochs=4 finetune_epochs=2 alpha_lr=0.02
+  baseline_epochs=4 mask_epochs=4 poly_mask_epochs=4 finetune_epochs=2 alpha_lr=0.02 lamda=100
 fi
 baseline=$(python -m run_experiments "${common[@]}" "${attack[@]}" --experiment=train \
   --epochs="$baseline_epochs" -lr=0.1 --weight_decay=5e-4 | tail -n 1)
 prune() {
   python -m run_experiments "${common[@]}" "${attack[@]}" --experiment=relu_prune \
-    --pretrained_run="$baseline" --alpha_lr="$alpha_lr" --epochs="$finetune_epochs" -lr=0.01 \
+    --pretrained_run="$baseline" --alpha_lr="$alpha_lr" --lamda="$lamda" \
+    --epochs="$finetune_epochs" -lr=0.01 \
     --weight_decay=1e-3 "$@"
 }
 spgrad=(--relu_replacement=identity_relu_grad --mask_epochs="$mask_epochs" --w_mask_lr=0.02)
