@@ -46,7 +46,8 @@ Mapping (seed key / value -> `Hparams` field / value):
   delta           d -> delta = d (saturation threshold, in (0, 1])
   downsampling    D or null -> saturation_downsampling = D or None
   conv_method     channelwise -> (the toolkit's only conv treatment; nothing to set)
-  metrics         [Accuracy, Top5Accuracy] -> (accuracy is always logged; see below)
+  metrics         [Accuracy, Top5Accuracy] -> top5 = True when Top5Accuracy is listed
+                    (accuracy is always logged)
   logs_dir        the base folder when `grid_runs` gets no `base_dir`
   data_parallel   false -> (nothing to set)
 
@@ -70,7 +71,8 @@ Known differences from phd-lab that are not refused:
   224 px the crop's shift is 4 pixels here and up to 28 there. phd-lab's
   MNIST crop pads 3 px at 28 px, its TinyImageNet crop 8 px at 64 px, and its
   ImageNet uses RandomResizedCrop (not available here: flip only).
-- `Top5Accuracy`: the runner logs top-5 only for data sets with more than
+- `Top5Accuracy` sets `top5` (top-5 accuracy also for 10 classes); the
+  runner otherwise logs top-5 only for data sets with more than
   10 classes.
 - phd-lab trains under AMP autocast on GPU; these runs keep float32 unless
   --mixed_precision is given.
@@ -412,6 +414,8 @@ def to_overrides(point: Dict[str, Any]) -> Dict[str, Any]:
   overrides.update(_name("optimizer", point["optimizer"], OPTIMIZERS, "optimizer preset"))
   overrides.update(delta=point["delta"], saturation_downsampling=point["downsampling"])
   overrides.update(SEED_SETTINGS)
+  if "Top5Accuracy" in point["metrics"]:
+    overrides["top5"] = True
   return overrides
 
 

@@ -350,7 +350,7 @@ class Runner:
     self.progress = progress
     self.callbacks = list(callbacks or [])
     self.attack = make_attack(hparams.attack_config())
-    self.top5 = dataset.num_classes > 10
+    self.top5 = dataset.num_classes > 10 or hparams.top5
     self.columns = columns(self.top5)
     self.train_columns = columns(self.top5, sharpness=hparams.sharpness_examples > 0)
     if has_perturbation_masks(hparams):

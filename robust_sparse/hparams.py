@@ -204,6 +204,8 @@ class MeasureHparams:
   saturation_downsampling: Optional[int] = _field(
       None, "saturation: nearest-resize conv outputs larger than DxD to DxD first (phd-lab "
       "configs: 1, spec 5.1 [QUIRK]); unset: no resize", lower_bound=1)
+  top5: bool = _field(False, "also log top-5 accuracy for data sets with 10 classes or fewer "
+                      "(always logged above 10)")
   phd_lab_csv: bool = _field(
       False, "also write phd-lab's ';'-separated per-epoch CSV ({Model}-{Dataset}-r{res}-bs{B}"
       "-e{E}.csv: accuracies, losses, saturation columns) in each level's folder")

@@ -150,7 +150,7 @@ def test_a_paper_point_maps_to_these_overrides():
       model="vgg16", dataset="cifar10", normalize="cifar", augment="crop,flip",
       resolution=32, epochs=30.0, batch_size=64, delta=0.99, saturation_downsampling=1,
       experiment="train", attack="none", adv_train=False, trials=1, valid_size=0,
-      label_smoothing=0.0, measure=("saturation",), **LRS60)
+      label_smoothing=0.0, measure=("saturation",), top5=True, **LRS60)
 
 
 @pytest.mark.parametrize("seed_name,toolkit_name", [
