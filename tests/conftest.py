@@ -29,3 +29,28 @@ def run_module(module, *args, timeout=600):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli_batch(cases, timeout=900):
+  """{tuple(argv): (status, stderr)} of `run_experiments` for each argv, in one process.
+
+  See `tests/cli_batch.py`: the same parsing and `main` as the command line,
+  TensorFlow imported once.
+  """
+  import json
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+  result = subprocess.run([sys.executable, "-m", "tests.cli_batch"], cwd=REPO, env=env,
+                          input=json.dumps([list(c) for c in cases]), capture_output=True,
+                          text=True, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return {tuple(case): tuple(outcome)
+          for case, outcome in zip(cases, json.loads(result.stdout))}
+
+
+def one_line_error(status, stderr, message):
+  """Asserts a non-zero status and exactly one error line, naming `message`."""
+  assert status != 0
+  assert "Traceback" not in stderr, stderr[-2000:]
+  errors = [line for line in stderr.splitlines()
+            if line.startswith(("error:", "FATAL Flags parsing error"))]
+  assert len(errors) == 1 and message in errors[0], stderr[-1000:]

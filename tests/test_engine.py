@@ -25,7 +25,7 @@ from robust_sparse.keras_model import RobustModel
 from robust_sparse.optimizers import make_optimizer
 from robust_sparse.schedules import make_schedule
 from robust_sparse.steps import LossScale, OptimizerGroup, standard_loss_grad_fn
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, one_line_error, run_cli_batch, run_module
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +250,7 @@ def test_kill_9_anywhere_resumes_exactly_bn_augment_sgd_cosine(tmp_path):
       assert np.max(np.abs(actual[key] - expected[key]), initial=0) == 0, key
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_ENGINE_FLAGS = [
     (["--optimizer=rmsprop"], "optimizer"),
     (["--lr_schedule=linear"], "lr_schedule"),
     (["--momentum=-0.1"], "momentum"),
@@ -261,12 +261,18 @@ def test_kill_9_anywhere_resumes_exactly_bn_augment_sgd_cosine(tmp_path):
     (["--epochs=3", "--train_iters=100"], "--epochs"),
     (["--optimizer=sgd", "--nesterov"], "nesterov"),
     (["--train_examples=100000"], "train_examples"),
-])
-def test_bad_engine_flags_fail_in_one_line(tmp_path, args, message):
-  result = run_module("run_experiments", "--dataset=sklearn_digits", "--noprogress", *args,
-                      f"--base_dir={tmp_path}")
-  assert result.returncode != 0
-  assert "Traceback" not in result.stderr
-  errors = [line for line in result.stderr.splitlines()
-            if line.startswith(("error:", "FATAL Flags parsing error"))]
-  assert len(errors) == 1 and message in errors[0], result.stderr[-1000:]
+]
+
+
+@pytest.fixture(scope="module")
+def bad_engine_flags_results(tmp_path_factory):
+  base = tmp_path_factory.mktemp("bad_flags")
+  prefix = ["--dataset=sklearn_digits", "--noprogress"]
+  return run_cli_batch([[*prefix, *args, f"--base_dir={base}"] for args, _ in BAD_ENGINE_FLAGS])
+
+
+@pytest.mark.parametrize("args,message", BAD_ENGINE_FLAGS)
+def test_bad_engine_flags_fail_in_one_line(bad_engine_flags_results, args, message):
+  [(status, stderr)] = [outcome for argv, outcome in bad_engine_flags_results.items()
+                        if list(argv[2:-1]) == args]
+  one_line_error(status, stderr, message)

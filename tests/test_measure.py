@@ -100,14 +100,15 @@ def test_probes_receptive_fields_and_the_layer_figures(tmp_path):
   assert "no probes run found" not in (tmp_path / "analysis" / "report.md").read_text()
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_GRID_FLAGS = [
     (["--config=experiments/configs/reduced_fig1.json"], "--run_id"),
     (["--run_id=x"], "--config"),
     (["--config=/nonexistent.json", "--run_id=x"], "nonexistent.json"),
-])
-def test_bad_grid_flags_fail_in_one_line(tmp_path, args, message):
-  from tests.conftest import run_module
-  result = run_module("run_experiments", *args, f"--base_dir={tmp_path}")
-  assert result.returncode != 0 and "Traceback" not in result.stderr
-  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert len(errors) == 1 and message in errors[0], result.stderr[-1000:]
+]
+
+
+def test_bad_grid_flags_fail_in_one_line(tmp_path):
+  from tests.conftest import one_line_error, run_cli_batch
+  results = run_cli_batch([[*args, f"--base_dir={tmp_path}"] for args, _ in BAD_GRID_FLAGS])
+  for (args, message), (status, stderr) in zip(BAD_GRID_FLAGS, results.values()):
+    one_line_error(status, stderr, message)

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, one_line_error, run_cli_batch, run_module
 
 SMALL = ["--dataset=sklearn_digits", "--experiment=reinit_orig", "--attack=pgd", "--adv_train",
          "--trials=1", "--prune_iters=2", "--train_iters=60", "--eval_every=20",
@@ -108,7 +108,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
     assert actual[key] == expected[key], key
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_FLAGS = [
     (["--dataset=imagenet22k"], "dataset"),
     (["--augment=crop,twirl"], "augment"),
     (["--resolution=0"], "resolution"),
@@ -125,15 +125,21 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
     (["--activation=sigmoidish"], "activation"),
     (["--valid_size=5000"], "valid_size"),
     (["--rewind_iteration=100", "--train_iters=50"], "rewind_iteration"),
-])
-def test_bad_flags_fail_in_one_line(tmp_path, args, message):
-  result = run_module("run_experiments", "--dataset=sklearn_digits", *args,
-                      f"--base_dir={tmp_path}")
-  assert result.returncode != 0
-  assert "Traceback" not in result.stderr
-  errors = [line for line in result.stderr.splitlines()
-            if line.startswith(("error:", "FATAL Flags parsing error"))]
-  assert len(errors) == 1 and message in errors[0], result.stderr[-1000:]
+]
+
+
+@pytest.fixture(scope="module")
+def bad_flags_results(tmp_path_factory):
+  base = tmp_path_factory.mktemp("bad_flags")
+  prefix = ["--dataset=sklearn_digits"]
+  return run_cli_batch([[*prefix, *args, f"--base_dir={base}"] for args, _ in BAD_FLAGS])
+
+
+@pytest.mark.parametrize("args,message", BAD_FLAGS)
+def test_bad_flags_fail_in_one_line(bad_flags_results, args, message):
+  [(status, stderr)] = [outcome for argv, outcome in bad_flags_results.items()
+                        if list(argv[1:-1]) == args]
+  one_line_error(status, stderr, message)
 
 
 def _data_dir_error(tmp_path, dataset="digits"):

@@ -14,7 +14,7 @@ from robust_sparse.optimizers import make_optimizer, split_optimizer
 from robust_sparse.sharpness import _merge, _split, perturbation, sharpness_aware
 from robust_sparse.steps import (OptimizerGroup, cross_entropy, loss_and_gradients,
                                  make_train_step)
-from tests.conftest import run_module
+from tests.conftest import one_line_error, run_cli_batch, run_module
 
 CURVATURE = np.array([[1.0], [3.0]], np.float32)
 
@@ -161,7 +161,7 @@ def test_lottery_ticket_with_sam_adam_and_adversarial_training_end_to_end(tmp_pa
     assert np.any(kernel[mask == 1] != 0.0), name
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_SHARPNESS_FLAGS = [
     (["--optimizer=sam-sgd", "--rho=0"], "--rho"),
     (["--optimizer=ssam-sgd"], "--optimizer"),
     (["--optimizer=sam-sgd", "--sam_batch_splits=7"], "--sam_batch_splits"),
@@ -171,15 +171,21 @@ def test_lottery_ticket_with_sam_adam_and_adversarial_training_end_to_end(tmp_pa
     (["--optimizer=ssamf-sgd", "--pattern=nm", "--n_structured=2"], "--m_structured"),
     (["--optimizer=ssamf-sgd", "--pattern=nm", "--n_structured=4", "--m_structured=2"],
      "--n_structured"),
-])
-def test_bad_sharpness_flags_fail_in_one_line(tmp_path, args, message):
-  result = run_module("run_experiments", "--dataset=sklearn_digits", "--train_iters=5",
-                      *args, f"--base_dir={tmp_path}", "--noprogress")
-  assert result.returncode != 0
-  assert "Traceback" not in result.stderr
-  errors = [line for line in result.stderr.splitlines()
-            if line.startswith(("error:", "FATAL Flags parsing error"))]
-  assert len(errors) == 1 and message in errors[0], result.stderr[-1000:]
+]
+
+
+@pytest.fixture(scope="module")
+def bad_sharpness_flags_results(tmp_path_factory):
+  base = tmp_path_factory.mktemp("bad_flags")
+  prefix = ["--dataset=sklearn_digits", "--train_iters=5", "--noprogress"]
+  return run_cli_batch([[*prefix, *args, f"--base_dir={base}"] for args, _ in BAD_SHARPNESS_FLAGS])
+
+
+@pytest.mark.parametrize("args,message", BAD_SHARPNESS_FLAGS)
+def test_bad_sharpness_flags_fail_in_one_line(bad_sharpness_flags_results, args, message):
+  [(status, stderr)] = [outcome for argv, outcome in bad_sharpness_flags_results.items()
+                        if list(argv[3:-1]) == args]
+  one_line_error(status, stderr, message)
 
 
 def test_masked_layers_helper_sees_the_quadratic_kernel():
