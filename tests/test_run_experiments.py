@@ -82,7 +82,7 @@ def test_real_mnist_weights_remaining(tmp_path, data_dir):
 
 
 def test_killed_run_resumes_to_the_same_results(tmp_path):
-  args = [*SMALL, "--train_iters=400", "--eval_every=20", "--prune_iters=1"]
+  args = [*SMALL, "--train_iters=240", "--eval_every=20", "--prune_iters=1"]
   reference = run_module("run_experiments", *args, f"--base_dir={tmp_path / 'a'}")
   assert reference.returncode == 0, reference.stderr[-2000:]
 
