@@ -142,32 +142,48 @@ def test_bad_flags_fail_in_one_line(bad_flags_results, args, message):
   one_line_error(status, stderr, message)
 
 
-def _data_dir_error(tmp_path, dataset="digits"):
-  result = run_module("run_experiments", f"--dataset={dataset}", f"--data_dir={tmp_path}",
-                      f"--base_dir={tmp_path / 'out'}", "--noprogress")
-  assert result.returncode != 0
-  assert "Traceback" not in result.stderr
-  lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert len(lines) == 1, result.stderr[-1000:]
-  return lines[0]
+def _data_dir_errors(tmp_path, cases):
+  """The one error line of `run_experiments` for each (data folder, data set), in one process."""
+  argvs = [[f"--dataset={dataset}", f"--data_dir={folder}", f"--base_dir={tmp_path / 'out'}",
+            "--noprogress"] for folder, dataset in cases]
+  lines = []
+  for status, stderr in run_cli_batch(argvs).values():
+    assert status != 0
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-1000:]
+    lines.append(errors[0])
+  return lines
 
 
 def test_missing_data_files(tmp_path):
-  assert "mnist" in _data_dir_error(tmp_path)
-  (tmp_path / "mnist").mkdir()
-  assert "train-images-idx3-ubyte.gz" in _data_dir_error(tmp_path)
-  assert "cifar-10" in _data_dir_error(tmp_path, "cifar10")
+  empty, no_files = tmp_path / "empty", tmp_path / "no_files"
+  empty.mkdir()
+  (no_files / "mnist").mkdir(parents=True)
+  no_mnist, no_idx, no_cifar = _data_dir_errors(
+      tmp_path, [(empty, "digits"), (no_files, "digits"), (empty, "cifar10")])
+  assert "mnist" in no_mnist
+  assert "train-images-idx3-ubyte.gz" in no_idx
+  assert "cifar-10" in no_cifar
 
 
 def test_corrupt_data_files(tmp_path, data_dir):
-  folder = tmp_path / "mnist"
-  folder.mkdir()
-  for name in os.listdir(os.path.join(data_dir, "mnist")):
-    os.symlink(os.path.join(data_dir, "mnist", name), folder / name)
-  os.remove(folder / "train-labels-idx1-ubyte.gz")
-  with gzip.open(folder / "train-labels-idx1-ubyte.gz", "wb") as f:
-    f.write(b"\x00\x00\x08\x01\x00\x00\xea\x60" + b"\x01" * 100)  # truncated
-  assert "corrupt" in _data_dir_error(tmp_path) and "train-labels" in _data_dir_error(tmp_path)
-  os.remove(folder / "train-labels-idx1-ubyte.gz")
-  (folder / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
-  assert "corrupt" in _data_dir_error(tmp_path)
+  def copy_with_labels(name, content, compress):
+    folder = tmp_path / name / "mnist"
+    folder.mkdir(parents=True)
+    for file in os.listdir(os.path.join(data_dir, "mnist")):
+      if file != "train-labels-idx1-ubyte.gz":
+        os.symlink(os.path.join(data_dir, "mnist", file), folder / file)
+    if compress:
+      with gzip.open(folder / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(content)
+    else:
+      (folder / "train-labels-idx1-ubyte.gz").write_bytes(content)
+    return tmp_path / name
+
+  truncated = copy_with_labels("truncated", b"\x00\x00\x08\x01\x00\x00\xea\x60" + b"\x01" * 100,
+                               True)
+  not_gzip = copy_with_labels("not_gzip", b"not gzip at all", False)
+  first, second = _data_dir_errors(tmp_path, [(truncated, "digits"), (not_gzip, "digits")])
+  assert "corrupt" in first and "train-labels" in first
+  assert "corrupt" in second
