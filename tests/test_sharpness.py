@@ -259,21 +259,22 @@ def test_ssam_masks_refresh_after_each_due_epochs_first_step_and_are_checkpointe
     np.testing.assert_array_equal(engine.get_state()[name], saved[name])
 
 
-@pytest.mark.parametrize("optimizer", [["--optimizer=ssamf-sgd"], ["--optimizer=ssamd-sgd"],
-                                       ["--optimizer=sam-sgd", "--implicit",
-                                        "--pattern=structured"]],
+@pytest.mark.parametrize("optimizer", [dict(optimizer="ssamf-sgd"), dict(optimizer="ssamd-sgd"),
+                                       dict(optimizer="sam-sgd", implicit=True,
+                                            pattern="structured")],
                          ids=["ssamf", "ssamd", "implicit"])
 def test_ssam_runs_end_to_end_and_logs_the_live_fraction(tmp_path, optimizer):
-  result = run_module(
-      "run_experiments", "--dataset=sklearn_digits", "--model=lenet5", "--experiment=train",
-      *optimizer, "--epochs=2", "--batch_size=50", "--train_examples=200",
-      "--num_samples=16", "--update_freq=1", "--sparsity=0.5", "--sharpness_examples=100",
-      "--trials=1", "--noprogress", f"--base_dir={tmp_path}")
-  assert result.returncode == 0, result.stderr[-2000:]
   import pandas as pd
-  train = pd.read_csv(os.path.join(result.stdout.strip().splitlines()[-1], "trial_0",
-                                   "prune_iter_0", "train.csv"))
-  if "--pattern=structured" in optimizer:  # Whole tensors: the last may overshoot.
+  from data import load_dataset
+  from experiments.runner import Runner
+  from robust_sparse.hparams import Hparams
+  hp = Hparams(dataset="sklearn_digits", model="lenet5", experiment="train", **optimizer,
+               epochs=2.0, batch_size=50, train_examples=200, num_samples=16, update_freq=1,
+               sparsity=0.5, sharpness_examples=100, trials=1)
+  run_dir = Runner(hp, load_dataset("sklearn_digits", None, 300), str(tmp_path),
+                   progress=False).run()
+  train = pd.read_csv(os.path.join(run_dir, "trial_0", "prune_iter_0", "train.csv"))
+  if optimizer.get("pattern") == "structured":  # Whole tensors: the last may overshoot.
     assert (train["mask_lived_weight"] >= 0.5).all() and (train["mask_lived_weight"] < 1).all()
   else:
     assert list(train["mask_lived_weight"].round(3)) == [0.5, 0.5]
