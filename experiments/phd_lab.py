@@ -23,25 +23,14 @@ during training (`--measure`).
 
 import os
 
-from experiments.registry import EXPERIMENTS, Experiment
+from experiments.registry import EXPERIMENTS, Measurement
 from robust_sparse import files
 from robust_sparse import probes as probes_lib
 from robust_sparse import receptive_field as receptive_field_lib
 
 
-class _Once(Experiment):
-  """An experiment with no training level: its work is done in `after_run`."""
-  prunes = False
-
-  def levels(self):
-    return 0
-
-  def check(self, dataset, num_train):
-    pass
-
-
 @EXPERIMENTS.register("receptive_field")
-class ReceptiveField(_Once):
+class ReceptiveField(Measurement):
   """Receptive fields and compute cost of `--model` (trains nothing)."""
 
   def after_run(self, runner):
@@ -57,7 +46,7 @@ class ReceptiveField(_Once):
 
 
 @EXPERIMENTS.register("probes")
-class Probes(_Once):
+class Probes(Measurement):
   """Linear probes on every layer of a finished run (see the module docstring)."""
 
   def check(self, dataset, num_train):

@@ -99,6 +99,17 @@ class Experiment:
     return None
 
 
+class Measurement(Experiment):
+  """An experiment with no training level: its work is done in `after_run`."""
+  prunes = False
+
+  def levels(self):
+    return 0
+
+  def check(self, dataset, num_train):
+    pass
+
+
 @EXPERIMENTS.register("no_pruning")
 class NoPruning(Experiment):
   """Trains the dense network once (prune iteration 0 only)."""

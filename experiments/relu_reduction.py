@@ -39,7 +39,7 @@ import os
 
 import numpy as np
 
-from experiments.registry import EXPERIMENTS, Experiment
+from experiments.registry import EXPERIMENTS, Experiment, Measurement
 from robust_sparse import files
 from robust_sparse import relu_reduction as relu_lib
 from robust_sparse.optimizers import AdamL2, TorchSGD
@@ -58,15 +58,8 @@ def _write_counts(path, counts: relu_lib.ReLUCounts, model):
 
 
 @EXPERIMENTS.register("relu_count")
-class ReLUCount(Experiment):
+class ReLUCount(Measurement):
   """Counts the ReLU elements of `--model` on `--dataset`'s images; trains nothing."""
-  prunes = False
-
-  def levels(self):
-    return 0
-
-  def check(self, dataset, num_train):
-    pass
 
   def after_run(self, runner):
     model = runner.build(0, 0)
