@@ -5,6 +5,7 @@ Importing an experiment family's module registers it in EXPERIMENTS.
 
 import experiments.phd_lab  # noqa: F401
 import experiments.relu_reduction  # noqa: F401
+import experiments.sparsify  # noqa: F401
 from experiments.registry import EXPERIMENTS, REWIND_TARGETS
 
 __all__ = ["EXPERIMENTS", "REWIND_TARGETS"]

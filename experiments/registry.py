@@ -68,6 +68,14 @@ class Experiment:
     """Levels of one phase share a model and a compiled engine."""
     return "train"
 
+  def activation(self, level, num_train) -> str:
+    """The activation spec the level's model is built with."""
+    return self.hparams.activation
+
+  def model_options(self, level, num_train) -> dict:
+    """Model options beyond the flags' (`models.build_model`), e.g. a LayerNorm mode."""
+    return {}
+
   def transform_model(self, model, trial, level):
     """The model a level trains, from the registry's freshly built one."""
     return model

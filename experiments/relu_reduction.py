@@ -103,7 +103,8 @@ class ReLUPrune(Experiment):
     self._pretrained = weights
     from models import build_model
     base = build_model(hp.model, dataset.input_shape, dataset.num_classes,
-                       activation=hp.activation, normalize=hp.normalize, dropout=hp.dropout)
+                       activation=hp.activation, normalize=hp.normalize, dropout=hp.dropout,
+                       **hp.model_options())
     self._total = relu_lib.relu_counts(base).total
     if hp.relu_count is not None:
       budget = int(round(hp.relu_count * 1000))

@@ -25,6 +25,7 @@ in `metadata.json`; re-running it is refused until `--force`.
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from typing import Optional, Sequence
@@ -39,7 +40,7 @@ from attacks import make_attack
 from data import augment as augment_lib
 from experiments.registry import EXPERIMENTS, Defaults
 from models import NORMALIZATIONS, build_model
-from robust_sparse import files, pruning, ssam
+from robust_sparse import files, pruning, sparsity_modules, ssam
 from robust_sparse import measurements as measurements_lib
 from robust_sparse import saturation as saturation_lib
 from robust_sparse.engine import Diverged, Engine, index_stream
@@ -54,6 +55,7 @@ from robust_sparse.steps import (METRICS, LossScale, OptimizerGroup, cross_entro
                                  loss_and_gradients, standard_loss_grad_fn)
 
 SPLITS = ("train", "valid", "test")
+CHECKPOINTS = "checkpoints"  # --save_every_epochs' folder in a level.
 
 
 class DivergedError(RuntimeError):
@@ -77,6 +79,26 @@ def derived_seed(*parts) -> int:
 
 def level_dir(run_dir, trial, level):
   return os.path.join(run_dir, f"trial_{trial}", f"prune_iter_{level}")
+
+
+def checkpoint_path(directory, iteration) -> str:
+  """Where `--save_every_epochs` keeps a level's weights at `iteration`."""
+  return os.path.join(directory, CHECKPOINTS, f"weights_{iteration:08d}.npz")
+
+
+def checkpoints(directory):
+  """[(iteration, path)] of a finished level: initial, saved every N epochs, final."""
+  found = [(0 if name == "weights_init.npz" else None, os.path.join(directory, name))
+           for name in ("weights_init.npz",)]
+  folder = os.path.join(directory, CHECKPOINTS)
+  if os.path.isdir(folder):
+    for name in sorted(os.listdir(folder)):
+      match = re.fullmatch(r"weights_(\d+)\.npz", name)
+      if match:
+        found.append((int(match.group(1)), os.path.join(folder, name)))
+  final = read_metadata(directory).get("final_iteration")
+  found.append((final, os.path.join(directory, "weights_final.npz")))
+  return [(i, p) for i, p in found if os.path.exists(p)]
 
 
 def read_metadata(directory) -> dict:
@@ -184,7 +206,7 @@ def load_teacher(run_dir: str, input_shape, num_classes) -> keras.Model:
   teacher_hp, weights = finished_run(run_dir, "--teacher_dir")
   model = build_model(teacher_hp.model, input_shape, num_classes,
                       activation=teacher_hp.activation, normalize=teacher_hp.normalize,
-                      dropout=teacher_hp.dropout)
+                      dropout=teacher_hp.dropout, **teacher_hp.model_options())
   assign_weights(model, weights, f"--teacher_dir={run_dir}")
   model.trainable = False
   return model
@@ -290,6 +312,9 @@ def check_hparams(hp: Hparams, num_train: int):
   if hp.log_every < 1:
     raise ValueError(f"--log_every must be a positive integer, got --log_every={hp.log_every}")
   saturation_lib.check_delta(hp.delta)
+  if hp.lora_rank is not None and hp.experiment != "sparsify_finetune":
+    raise ValueError(f"--lora_rank={hp.lora_rank} is for --experiment=sparsify_finetune, "
+                     f"not --experiment={hp.experiment}")
   if hp.adv_train and hp.attack == "none":
     raise ValueError("--adv_train needs an --attack (fgsm or pgd), got --attack=none")
   if hp.batch_size > num_train:
@@ -398,9 +423,11 @@ class Runner:
     hp = self.hparams
     set_precision(hp.mixed_precision)
     keras.utils.set_random_seed(derived_seed(hp.seed, trial, level, "init"))
+    options = {**hp.model_options(), **self.experiment.model_options(level, self.num_train)}
     model = build_model(hp.model, self.dataset.input_shape, self.dataset.num_classes,
-                        activation=hp.activation, l1_reg=hp.l1_reg, normalize=hp.normalize,
-                        dropout=hp.dropout)
+                        activation=self.experiment.activation(level, self.num_train),
+                        l1_reg=hp.l1_reg, normalize=hp.normalize, dropout=hp.dropout,
+                        **options)
     return self.experiment.transform_model(model, trial, level)
 
   def teacher(self):
@@ -418,6 +445,8 @@ class Runner:
     self._perturbation_masks = perturbation_masks(hp, model, self.dataset.num_classes,
                                                   augment, self.num_train)
 
+    self.train_columns += tuple(c for c in sparsity_modules.module_logs(model)
+                                if c not in self.train_columns)
     measurement = make_measurement(hp, model)
     if measurement is not None:
       self.train_columns += tuple(c for c in measurement.columns()
@@ -463,6 +492,14 @@ class Runner:
     points = {start, total}
     points.update(range(every * (start // every + 1), total, every))
     return sorted(p for p in points if p >= start)
+
+  def _save_points(self, start, total):
+    """Iterations at which `--save_every_epochs` saves the weights (after `start`)."""
+    hp = self.hparams
+    if not hp.save_every_epochs:
+      return []
+    every = max(1, int(round(hp.save_every_epochs * hp.steps_per_epoch(self.num_train))))
+    return [p for p in range(every, total, every) if p > start]
 
   def run_level(self, trial, level):
     """Trains one pruning level unless its folder says it is finished.
@@ -535,6 +572,8 @@ class Runner:
       refresh_points = self._perturbation_masks.refresh_points(
           total, hp.steps_per_epoch(self.num_train))
       stops = sorted(set(stops) | set(refresh_points))
+    save_points = self._save_points(start, total)
+    stops = sorted(set(stops) | set(save_points))
     stream = engine.batches(data_seed, iteration)
     percent = pruning.percent_remaining(masks)
     bar = tqdm(total=total - start, initial=iteration - start,
@@ -562,6 +601,8 @@ class Runner:
       iteration = stop
       if record_rewind and stop == hp.rewind_iteration:
         files.save_arrays(os.path.join(directory, "weights_rewind.npz"), model_weights(model))
+      if stop in save_points:
+        files.save_arrays(checkpoint_path(directory, stop), model_weights(model))
       if stop in refresh_points:
         self._refresh_perturbation_masks(engine, stop, data_seed,
                                          derived_seed(hp.seed, trial, level, "perturb"))
@@ -572,6 +613,7 @@ class Runner:
         row.update(self._sharpness(engine))
         if self._perturbation_masks is not None:
           row["mask_lived_weight"] = self._perturbation_masks.lived_weight()
+        row.update(sparsity_modules.module_logs(model))
         row.update(self.experiment.measure(level, model))
         logs["train"].append(row)
         chunk_start, train_sums = stop, np.zeros(len(METRICS))

@@ -392,12 +392,23 @@ class ModelEntry:
     dropout: whether the model has a `dropout` option.
   """
 
-  def __init__(self, name, builder, *, min_size=1, dropout=False):
+  def __init__(self, name, builder, *, min_size=1, dropout=False, options=()):
     self.name = name
     self.builder = builder
     self.min_size = min_size
     self.dropout = dropout
+    self.options = tuple(options)
     functools.update_wrapper(self, builder)
+
+  def check_options(self, options):
+    """The options that are set (not None); raises naming a flag the model lacks."""
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    for key in options:
+      if key not in self.options:
+        have = (f"its options: {', '.join('--' + o for o in self.options)}"
+                if self.options else "it has no model options")
+        raise ValueError(f"--{key} does not apply to model {self.name!r} ({have})")
+    return options
 
   def check(self, input_shape, normalize="none", dropout=0.0):
     """Raises a one-line `ValueError` if the model cannot be built so."""
@@ -419,10 +430,11 @@ class ModelEntry:
                        f"{self.min_size} pixels, got {shape[0]}x{shape[1]}")
 
   def __call__(self, input_shape, num_classes, activation="relu", l1_reg=0.0,
-               normalize="none", dropout=0.0):
+               normalize="none", dropout=0.0, **options):
+    options = self.check_options(options)
     self.check(input_shape, normalize, dropout)
     return self.builder(tuple(int(d) for d in input_shape), num_classes, activation=activation,
-                        l1_reg=l1_reg, normalize=normalize, dropout=dropout)
+                        l1_reg=l1_reg, normalize=normalize, dropout=dropout, **options)
 
   def __repr__(self):
     return f"ModelEntry({self.name!r})"
@@ -442,9 +454,11 @@ class ModelRegistry(Registry):
     super().__init__("model")
     self._patterns = []
 
-  def register(self, name, *, min_size=1, dropout=False):
+  def register(self, name, *, min_size=1, dropout=False, options=()):
     """Decorator: registers a builder (or a ready `ModelEntry`) as `name`.
 
+    `options` names the model options (flags such as `vit_preset`, `width`)
+    the builder takes as keyword arguments beyond the uniform contract.
     Returns the `ModelEntry`, so the decorated module-level name checks its
     arguments too.
     """
@@ -452,7 +466,7 @@ class ModelRegistry(Registry):
 
     def decorator(builder):
       entry = builder if isinstance(builder, ModelEntry) else ModelEntry(
-          name, builder, min_size=min_size, dropout=dropout)
+          name, builder, min_size=min_size, dropout=dropout, options=options)
       return register(entry)
 
     return decorator
@@ -500,16 +514,21 @@ MODELS = ModelRegistry()
 
 
 def build_model(name, input_shape, num_classes, activation="relu", l1_reg=0.0,
-                normalize="none", dropout=0.0):
+                normalize="none", dropout=0.0, **options):
   """Builds the registered model `name` (see the module docstring).
+
+  Args:
+    **options: model options (`MODEL_OPTIONS`); None means unset (the
+      model's default).
 
   Raises:
     ValueError: one line: an unknown model (listing the known ones), an
-      unknown normalisation, `dropout` on a model without one, an input
-      smaller than the model's minimum or with the wrong number of channels.
+      unknown normalisation, `dropout` on a model without one, an option
+      the model does not take, an input smaller than the model's minimum or
+      with the wrong number of channels.
   """
   return MODELS.get(name)(tuple(input_shape), num_classes, activation=activation,
-                          l1_reg=l1_reg, normalize=normalize, dropout=dropout)
+                          l1_reg=l1_reg, normalize=normalize, dropout=dropout, **options)
 
 
 # ----------------------------------------------------------------------------

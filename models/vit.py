@@ -47,11 +47,13 @@ blocks `z <- z + act(Linear(LN(z)))` (LayerNorm eps 1e-5, `affine=False` for
 the seed's `--no-affine`), Linear(width, classes); PyTorch's default init.
 Layers: flatten, initial, block{i}_{ln, dense, activation, add}, output.
 
-Registered models: `vit_b16`, `vit_tiny`, `vit_mnist` and their
-`..._sparsified` variants (one name per preset and variant, because the model
-registry's builders share one signature; `vit()` takes every option as a
-keyword), and `residual_mlp` (width 128, the seed's default; other widths
-through `residual_mlp(width=...)`). The sparsified entries use
+Registered models: `vit` (preset and variant from the model options
+`--vit_preset`, default tiny, and `--vit_variant`, default vanilla), the
+fixed `vit_b16`, `vit_tiny`, `vit_mnist` and their `..._sparsified`
+variants, and `residual_mlp` (width 128, the seed's default). Every ViT
+entry takes the model options of `VIT_OPTIONS` (`--patch_size`, `--width`,
+`--db_mlp`, `--zeroth_bias_clipping` (inf: unclipped), ...); `residual_mlp`
+takes `--width`, `--depth` and `--layer_norm_affine`. The sparsified entries use
 J-SquaredReLU when given the toolkit's default activation "relu"; any other
 spec (e.g. `mixed(steps=N)` for fine-tuning) is used as given.
 """
@@ -400,31 +402,56 @@ def residual_mlp(input_shape, num_classes, *, width: int = 128, depth: int = 4,
 # Registration.
 
 
-def _vit_entry(preset, variant):
-  name = f"vit_{preset}" + ("_sparsified" if variant == "sparsified" else "")
+# The model options (flags) every ViT entry takes, beyond the uniform contract.
+VIT_OPTIONS = ("patch_size", "depth", "heads", "width", "mlp_width", "class_token", "db_mlp",
+               "restricted_layer_norm", "zeroth_bias_position", "zeroth_bias_clipping",
+               "layer_norm_mode", "uplift_steps")
+
+
+def _vit_builder(name, preset=None, variant=None):
+  """The registry builder of a ViT entry; `vit` (preset None) takes both as options."""
 
   def build(input_shape, num_classes, activation="relu", l1_reg=0.0, normalize="none",
-            dropout=0.0):
+            dropout=0.0, vit_preset=None, vit_variant=None, zeroth_bias_clipping=0.1,
+            **options):
     del dropout  # No dropout option: the entry refuses a nonzero rate.
-    if variant == "sparsified" and activation == "relu":
+    chosen_variant = variant or vit_variant or "vanilla"
+    if chosen_variant == "sparsified" and activation == "relu":
       activation = None  # The toolkit's default: the variant's own (jsrelu).
-    return vit(input_shape, num_classes, preset=preset, variant=variant,
-               activation=activation, l1_reg=l1_reg, normalize=normalize, name=name)
+    if zeroth_bias_clipping is not None and math.isinf(zeroth_bias_clipping):
+      zeroth_bias_clipping = None  # --zeroth_bias_clipping=inf: unclipped.
+    return vit(input_shape, num_classes, preset=preset or vit_preset or "tiny",
+               variant=chosen_variant, activation=activation, l1_reg=l1_reg,
+               normalize=normalize, zeroth_bias_clipping=zeroth_bias_clipping,
+               name=name, **options)
 
-  build.__name__ = name
+  build.__name__ = name or "vit"
+  return build
+
+
+def _vit_entry(preset, variant):
+  name = f"vit_{preset}" + ("_sparsified" if variant == "sparsified" else "")
+  build = _vit_builder(name, preset, variant)
   build.__doc__ = f"The {variant} ViT, preset {preset!r} (see the `models.vit` docstring)."
-  MODELS.register(name, min_size=PRESETS[preset]["patch_size"])(build)
+  MODELS.register(name, min_size=PRESETS[preset]["patch_size"], options=VIT_OPTIONS)(build)
 
 
 for _preset in PRESETS:
   for _variant in VARIANTS:
     _vit_entry(_preset, _variant)
 
+_vit = _vit_builder(None)
+_vit.__doc__ = ("The ViT of --vit_preset (tiny) and --vit_variant (vanilla) (see the "
+                "`models.vit` docstring).")
+MODELS.register("vit", min_size=min(p["patch_size"] for p in PRESETS.values()),
+                options=VIT_OPTIONS + ("vit_preset", "vit_variant"))(_vit)
 
-@MODELS.register("residual_mlp")
-def _residual_mlp_128(input_shape, num_classes, activation="relu", l1_reg=0.0,
-                      normalize="none", dropout=0.0):
-  """The MNIST residual MLP of width 128 (see the `models.vit` docstring)."""
+
+@MODELS.register("residual_mlp", options=("width", "depth", "layer_norm_affine"))
+def _residual_mlp(input_shape, num_classes, activation="relu", l1_reg=0.0,
+                  normalize="none", dropout=0.0, width=128, depth=4, layer_norm_affine=True):
+  """The MNIST residual MLP, width 128 unless --width (see the `models.vit` docstring)."""
   del dropout  # No dropout option: the entry refuses a nonzero rate.
-  return residual_mlp(input_shape, num_classes, activation=activation, l1_reg=l1_reg,
+  return residual_mlp(input_shape, num_classes, width=width, depth=depth,
+                      affine=layer_norm_affine, activation=activation, l1_reg=l1_reg,
                       normalize=normalize)

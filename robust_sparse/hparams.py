@@ -27,10 +27,14 @@ from attacks.registry import AttackConfig
 _ATTACK = AttackConfig()
 
 # Fields that do not change the numbers of a trial.
-NOT_HASHED = ("trials", "data_dir")
+NOT_HASHED = ("trials", "data_dir", "save_every_epochs")
 # Always hashed, default or not: they name the folder, and hashing them keeps
 # folders of different studies distinct when moved under one base folder.
 REQUIRED = ("dataset", "model", "experiment", "attack", "adv_train")
+# ModelHparams fields passed to the model builder as options (None: unset).
+MODEL_OPTIONS = ("vit_preset", "vit_variant", "patch_size", "depth", "heads", "width",
+                 "mlp_width", "class_token", "db_mlp", "restricted_layer_norm",
+                 "zeroth_bias_position", "zeroth_bias_clipping", "layer_norm_affine")
 
 
 def _field(default, help, **flag):  # pylint: disable=redefined-builtin
@@ -100,6 +104,38 @@ class ModelHparams:
       choices=lambda: _normalizations())
   dropout: float = _field(0.0, "dropout rate of the models that have one (wideresnet)",
                           lower_bound=0.0, upper_bound=1.0)
+  # Model options: unset (None) is the model's own default; a model that does not
+  # take an option that is set refuses it (models.registry.ModelEntry).
+  vit_preset: Optional[str] = _field(
+      None, "--model=vit: b16 (ViT-B/16), tiny (CPU-sized, 32 px) or mnist (28 px); "
+      "unset: tiny", choices=lambda: ["b16", "tiny", "mnist"])
+  vit_variant: Optional[str] = _field(
+      None, "--model=vit: vanilla (ReLU MLPs) or sparsified (DB-MLP + jsrelu + restricted "
+      "LayerNorm); unset: vanilla", choices=lambda: ["vanilla", "sparsified"])
+  patch_size: Optional[int] = _field(None, "ViT patch size; unset: the preset's",
+                                     lower_bound=1)
+  depth: Optional[int] = _field(None, "ViT blocks / residual_mlp blocks; unset: the model's",
+                                lower_bound=1)
+  heads: Optional[int] = _field(None, "ViT attention heads; unset: the preset's", lower_bound=1)
+  width: Optional[int] = _field(None, "ViT token width / residual_mlp width d; unset: the "
+                                "model's", lower_bound=1)
+  mlp_width: Optional[int] = _field(None, "ViT MLP hidden width; unset: the preset's",
+                                    lower_bound=1)
+  class_token: Optional[bool] = _field(None, "ViT: classify the class token (default); "
+                                       "false: the mean token")
+  db_mlp: Optional[bool] = _field(
+      None, "ViT: add a zeroth bias to every MLP (DB-MLP); unset: the variant's (sparsified)")
+  restricted_layer_norm: Optional[bool] = _field(
+      None, "ViT: restrict every LayerNorm before an MLP; unset: the variant's (sparsified)")
+  zeroth_bias_position: Optional[str] = _field(
+      None, "DB-MLP: add the zeroth bias at the MLP input (the paper; default) or output "
+      "(the released code, spec 2.4 [QUIRK])", choices=lambda: ["input", "output"])
+  zeroth_bias_clipping: Optional[float] = _field(
+      None, "DB-MLP: clip |b| <= c |gamma| of the LayerNorm before the MLP after every "
+      "update; inf: unclipped (the seed's manipulate runs); unset: 0.1", lower_bound=0.0)
+  layer_norm_affine: Optional[bool] = _field(
+      None, "residual_mlp: LayerNorms with gamma and beta (default); false: the seed's "
+      "--no-affine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +179,10 @@ class TrainingHparams:
       None, "knowledge distillation from the finished run folder DIR (its trial 0, "
       "level 0): loss = CE + T^2 KL(teacher || student) at temperature T")
   distill_temperature: float = _field(4.0, "distillation temperature T", lower_bound=0.0)
+  save_every_epochs: Optional[float] = _field(
+      None, "also save the weights every this many epochs, to <level>/checkpoints/"
+      "weights_<iteration>.npz (what --experiment=augmented_flatness reads); unset: only "
+      "the initial and final weights. Does not change the run folder", lower_bound=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +266,23 @@ class MeasureHparams:
 
 
 @dataclasses.dataclass(frozen=True)
+class SparsifyHparams:
+  """Fine-tuning a finished vanilla ViT into the sparsified one (`sparsify_finetune`)."""
+  mixed_activation: bool = _field(
+      True, "sparsify_finetune: move the MLP activation from relu to jsrelu, (1-k) relu + "
+      "k jsrelu with k rising linearly over --activation_mixing_epochs; false: jsrelu at once")
+  activation_mixing_epochs: float = _field(
+      10.0, "sparsify_finetune: epochs over which k rises from 0 to 1", lower_bound=0.0)
+  layernorm_uplifting_epochs: float = _field(
+      10.0, "sparsify_finetune: the restricted LayerNorms lift |gamma| to at least "
+      "min(step / U, 1), U = this many epochs", lower_bound=0.0)
+  lora_rank: Optional[int] = _field(
+      None, "sparsify_finetune: LoRA of this rank on every dense layer of the encoder "
+      "blocks (Keras' enable_lora: their kernels freeze); unset: full fine-tuning",
+      lower_bound=1)
+
+
+@dataclasses.dataclass(frozen=True)
 class PruningHparams:
   """The experiment and its pruning levels."""
   experiment: str = _field("reinit_orig", "the experiment to run",
@@ -298,6 +355,22 @@ class ReLUHparams:
 
 
 @dataclasses.dataclass(frozen=True)
+class FlatnessHparams:
+  """Augmented flatness (`--experiment=augmented_flatness`): which test samples it measures.
+
+  Its batches are `--batch_size` test images; the protocol is the seed's
+  (learning rate 0, weight decay 0: nothing is updated).
+  """
+  correct_samples_only: bool = _field(
+      False, "augmented_flatness: measure only the test samples the checkpoint classifies "
+      "correctly (the seed's CIFAR protocol); every mean is over them")
+  max_iterations: Optional[int] = _field(
+      None, "augmented_flatness: measure at most this many test batches of --batch_size "
+      "per checkpoint (the seed's ImageNet protocol: 128); unset: the whole test set",
+      lower_bound=1)
+
+
+@dataclasses.dataclass(frozen=True)
 class AttackHparams:
   """The attack used for adversarial training and evaluation."""
   attack: str = _field(_ATTACK.name, "adversarial attack used for training and evaluation",
@@ -323,12 +396,14 @@ class RunHparams:
 
 
 GROUPS = (DataHparams, ModelHparams, TrainingHparams, SharpnessHparams, MeasureHparams,
-          PruningHparams, ReLUHparams, AttackHparams, RunHparams)
+          SparsifyHparams, PruningHparams, ReLUHparams, FlatnessHparams, AttackHparams,
+          RunHparams)
 
 
 @dataclasses.dataclass(frozen=True)
-class Hparams(RunHparams, AttackHparams, ReLUHparams, PruningHparams, MeasureHparams,
-              SharpnessHparams, TrainingHparams, ModelHparams, DataHparams):
+class Hparams(RunHparams, AttackHparams, FlatnessHparams, ReLUHparams, PruningHparams,
+              SparsifyHparams, MeasureHparams, SharpnessHparams, TrainingHparams, ModelHparams,
+              DataHparams):
   """Everything that defines an experiment (defaults: the lottery-ticket seed's)."""
 
   def __post_init__(self):
@@ -342,6 +417,11 @@ class Hparams(RunHparams, AttackHparams, ReLUHparams, PruningHparams, MeasureHpa
       elif (_flag_kind(field) == "float" and isinstance(value, int)
           and not isinstance(value, bool)):
         object.__setattr__(self, field.name, float(value))
+
+  def model_options(self) -> dict:
+    """The model options that are set, for `models.build_model`."""
+    return {name: getattr(self, name) for name in MODEL_OPTIONS
+            if getattr(self, name) is not None}
 
   def attack_config(self) -> AttackConfig:
     return AttackConfig(name=self.attack, eps=self.eps, step_size=self.pgd_step_size,

@@ -474,3 +474,24 @@ def mean_abs_layer_norm_scale(model, per_layer: bool = False):
   """
   return _mean_abs({layer.name: tf.reduce_mean(tf.abs(tf.cast(layer.gamma, tf.float32)))
                     for layer in _layers_of(model, RestrictedLayerNorm)}, per_layer)
+
+
+def module_logs(model) -> Dict[str, float]:
+  """What the runner logs of the modules `model` has, at every evaluation.
+
+  `zeroth_biases` (mean |b|, with zeroth biases), `restricted_layer_norm_scaling
+  _factors` (mean |gamma|, with restricted LayerNorms) and `portion_of_jsrelu`
+  (the mean k of the `mixed` activations, when fine-tuning into jsrelu): the
+  seed's names. Empty for a model with none of them.
+  """
+  from robust_sparse.activations import MixedActivation  # pylint: disable=import-outside-toplevel
+  logs = {}
+  if _layers_of(model, ZerothBias):
+    logs["zeroth_biases"] = float(mean_abs_zeroth_bias(model))
+  if _layers_of(model, RestrictedLayerNorm):
+    logs["restricted_layer_norm_scaling_factors"] = float(mean_abs_layer_norm_scale(model))
+  mixed = _layers_of(model, MixedActivation)
+  if mixed:
+    logs["portion_of_jsrelu"] = float(tf.reduce_mean(tf.stack(
+        [layer.portion_of_jsrelu for layer in mixed])))
+  return logs
