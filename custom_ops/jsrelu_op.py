@@ -5,9 +5,12 @@
 
 `jsrelu(x)` runs the compiled op (`jsrelu_op.cc`), building it on first use if
 the library is missing or older than its source. When the op cannot be had (no
-compiler, a compile error, `ROBUST_SPARSE_DISABLE_CUSTOM_OPS=1`), it runs the
-pure-TensorFlow reference instead, which gives bit-identical numbers, and says
-once in the log which of the two is in use.
+compiler, a compile error, `ROBUST_SPARSE_DISABLE_CUSTOM_OPS=1`), or a GPU is
+visible (the op has a CPU kernel only: each call would copy the activations to
+the host and back), it runs the pure-TensorFlow reference instead, which gives
+bit-identical numbers and, unlike the op, compiles with XLA (`supports_xla()`:
+the layers then let the trainer jit-compile the step). The log says once which
+of the two is in use and why.
 
 Half-precision inputs are computed in float32 and rounded once, by both
 implementations, so that they agree exactly.
@@ -104,13 +107,25 @@ def load_error() -> Optional[str]:
   return _load_error
 
 
+def gpu_visible() -> bool:
+  """Whether TensorFlow sees a GPU (where the op, CPU-only, would copy to the host)."""
+  return bool(tf.config.list_physical_devices("GPU"))
+
+
 def active_implementation() -> str:
   """Returns which implementation `jsrelu` uses now: CUSTOM_OP or FALLBACK.
 
-  Loads (and if needed builds) the library, and logs the choice once.
+  Loads (and if needed builds) the library, and logs the choice once. With a
+  visible GPU it is always FALLBACK: the op has a CPU kernel only, so every
+  call would copy the activations to the host and back, while the
+  pure-TensorFlow implementation stays on the device and compiles with XLA.
   """
   if _disabled_by_env():
     _log_once(FALLBACK, f"${DISABLE_ENV_VAR} is set")
+    return FALLBACK
+  if gpu_visible():
+    _log_once(FALLBACK, "a GPU is visible and the compiled op has a CPU kernel only; the "
+              "pure-TensorFlow implementation stays on the GPU and is compiled with XLA")
     return FALLBACK
   if load_library() is None:
     # One line: the compiler output is for `python -m custom_ops.build`.
@@ -132,6 +147,11 @@ def _reference_full_precision(x):
     return tf.where(positive, upstream * (x + 1), tf.zeros_like(x))
 
   return y, grad
+
+
+def supports_xla() -> bool:
+  """Whether layers calling `jsrelu` can be compiled with XLA (the fallback can, the op not)."""
+  return active_implementation() == FALLBACK
 
 
 def jsrelu_reference(x) -> tf.Tensor:

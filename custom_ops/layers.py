@@ -2,17 +2,18 @@
 
 import keras
 
-from custom_ops.jsrelu_op import jsrelu
+from custom_ops.jsrelu_op import jsrelu, supports_xla
 
 
 @keras.saving.register_keras_serializable(package="robust_sparse")
 class JSquaredReLU(keras.layers.Layer):
   """J-SquaredReLU activation: x + x^2/2 for x >= 0, else 0; f'(x) = x + 1.
 
-  Runs the compiled op when available, else the identical pure-TensorFlow
-  fallback (decided when the layer is first called). The compiled op has no
-  XLA kernel, so `supports_jit` is False: Keras' `jit_compile="auto"` and the
-  toolkit's trainer then train without XLA.
+  Runs the compiled op when available on the CPU, else the identical
+  pure-TensorFlow fallback (on a GPU always; see `custom_ops.jsrelu_op`). The
+  compiled op has no XLA kernel, so with it `supports_jit` is False (Keras'
+  `jit_compile="auto"` and the toolkit's trainer then train without XLA);
+  with the fallback it is True. Decided when the layer is built.
 
   Input shape: any. Output shape: same as the input.
   """
@@ -22,7 +23,7 @@ class JSquaredReLU(keras.layers.Layer):
 
   def __init__(self, **kwargs):
     super().__init__(**kwargs)
-    self.supports_jit = False
+    self.supports_jit = supports_xla()
 
   def call(self, inputs):
     return jsrelu(inputs)

@@ -409,7 +409,7 @@ VIT_OPTIONS = ("patch_size", "depth", "heads", "width", "mlp_width", "class_toke
 
 
 def _vit_builder(name, preset=None, variant=None):
-  """The registry builder of a ViT entry; `vit` (preset None) takes both as options."""
+  """The registry builder of the ViT entry `name`; `vit` (preset None) takes both as options."""
 
   def build(input_shape, num_classes, activation="relu", l1_reg=0.0, normalize="none",
             dropout=0.0, vit_preset=None, vit_variant=None, zeroth_bias_clipping=0.1,
@@ -425,7 +425,7 @@ def _vit_builder(name, preset=None, variant=None):
                normalize=normalize, zeroth_bias_clipping=zeroth_bias_clipping,
                name=name, **options)
 
-  build.__name__ = name or "vit"
+  build.__name__ = name
   return build
 
 
@@ -440,7 +440,7 @@ for _preset in PRESETS:
   for _variant in VARIANTS:
     _vit_entry(_preset, _variant)
 
-_vit = _vit_builder(None)
+_vit = _vit_builder("vit")
 _vit.__doc__ = ("The ViT of --vit_preset (tiny) and --vit_variant (vanilla) (see the "
                 "`models.vit` docstring).")
 MODELS.register("vit", min_size=min(p["patch_size"] for p in PRESETS.values()),

@@ -54,6 +54,7 @@ import tensorflow as tf
 
 from custom_ops.layers import JSquaredReLU
 from custom_ops.jsrelu_op import jsrelu
+from custom_ops.jsrelu_op import supports_xla as jsrelu_supports_xla
 from robust_sparse.registry import Registry
 
 # Stands for an unbounded end of a habitat interval, as in the seed.
@@ -515,7 +516,8 @@ class MixedActivation(_Activation):
       raise ValueError(f"steps must be a positive integer, got {steps!r}")
     self._params = {"steps": int(steps),
                     "grad_at_zero": _check_grad_at_zero(grad_at_zero)}
-    self.supports_jit = False  # The compiled jsrelu op has no XLA kernel.
+    # The compiled jsrelu op has no XLA kernel; its fallback (always on GPUs) has.
+    self.supports_jit = jsrelu_supports_xla()
     # Created here, not in build(): it does not depend on the input shape, and
     # `portion_of_jsrelu` is then readable before the first call.
     self.step = self.add_weight(name="step", shape=(), initializer="zeros",

@@ -148,6 +148,26 @@ def test_env_var_forces_the_fallback_and_logs_once(monkeypatch, caplog):
   assert custom_ops.active_implementation() == custom_ops.CUSTOM_OP
 
 
+def test_a_visible_gpu_takes_the_xla_compilable_fallback_and_says_so(monkeypatch, caplog):
+  """On a GPU the CPU-only op would copy every activation to the host and back."""
+  _reset_logged(monkeypatch)
+  monkeypatch.delenv(custom_ops.DISABLE_ENV_VAR, raising=False)
+  assert custom_ops.active_implementation() == custom_ops.CUSTOM_OP  # This CPU machine.
+  assert not custom_ops.JSquaredReLU().supports_jit
+  monkeypatch.setattr(jsrelu_op, "gpu_visible", lambda: True)
+  with caplog.at_level(logging.WARNING):
+    assert custom_ops.active_implementation() == custom_ops.FALLBACK
+  assert any("a GPU is visible" in r.getMessage() and "XLA" in r.getMessage()
+             for r in caplog.records)
+  layer = custom_ops.JSquaredReLU()
+  assert layer.supports_jit
+  from robust_sparse import activations  # pylint: disable=import-outside-toplevel
+  assert activations.build("mixed(steps=10)").supports_jit
+  x = _points(tf.float32)
+  compiled = tf.function(layer, jit_compile=True)  # XLA accepts the fallback.
+  np.testing.assert_array_equal(compiled(x).numpy(), _op(x).numpy())
+
+
 def test_failed_build_falls_back_and_says_why(monkeypatch, caplog):
   _reset_logged(monkeypatch)
   monkeypatch.delenv(custom_ops.DISABLE_ENV_VAR, raising=False)

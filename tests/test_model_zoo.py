@@ -67,6 +67,7 @@ PARAMETERS = {
     "vit_b16": 85_658_890, "vit_b16_sparsified": 85_695_754,
     "vit_mnist": 208_074, "vit_mnist_sparsified": 224_458,
     "vit_tiny": 809_354, "vit_tiny_sparsified": 842_122,
+    "vit": 809_354,  # --vit_preset and --vit_variant unset: vit_tiny.
 }
 LOTTERY = {"conv-2", "conv-4", "conv-6", "dense-300-100", "lenet5"}
 
@@ -84,7 +85,7 @@ SITES = {
     "vgg11": (9, 0, 1), "vgg13": (11, 0, 1), "vgg16": (14, 0, 1), "vgg19": (17, 0, 1),
     "vgg19_d3": (17, 0, 1),
     "residual_mlp": (4, 0, 4), "vit_mnist": (4, 0, 4), "vit_mnist_sparsified": (4, 0, 4),
-    "vit_tiny": (4, 0, 4), "vit_tiny_sparsified": (4, 0, 4),
+    "vit_tiny": (4, 0, 4), "vit_tiny_sparsified": (4, 0, 4), "vit": (4, 0, 4),
     "vit_b16": (12, 0, 12), "vit_b16_sparsified": (12, 0, 12),
 }
 

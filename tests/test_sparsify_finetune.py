@@ -34,7 +34,8 @@ def vanilla(digits, tmp_path_factory):
 def test_model_options_reach_the_builder():
   model = build_model("vit", (8, 8, 1), 10, vit_variant="sparsified", patch_size=2, depth=2,
                       heads=1, width=8, mlp_width=12, zeroth_bias_clipping=float("inf"))
-  assert model.name == "vit_tiny_sparsified"
+  assert model.name == "vit"
+  assert model.get_layer("block1_ln2").mode == "from_scratch"  # Sparsified.
   assert model.get_layer("patch_embedding").kernel.shape == (2, 2, 1, 8)
   assert model.get_layer("block2_mlp_key").kernel.shape == (8, 12)
   assert model.get_layer("block1_mlp_zeroth_bias").clipping is None  # inf: unclipped.
