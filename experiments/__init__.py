@@ -3,6 +3,7 @@
 Importing an experiment family's module registers it in EXPERIMENTS.
 """
 
+import experiments.flatness  # noqa: F401
 import experiments.phd_lab  # noqa: F401
 import experiments.relu_reduction  # noqa: F401
 import experiments.sparsify  # noqa: F401
