@@ -29,12 +29,16 @@ common=(--dataset=cifar10 --data_dir="$data_dir" --trials=1 --valid_size=0
         --attack=fgsm --eps=0.0039216 --sharpness_examples=0 --noprogress
         --base_dir="$base_dir" "${measure[@]}")
 model=(--model=vit_b16 --resolution=224)
+vanilla_model=("${model[@]}")
+sparsified_model=(--model=vit_b16_sparsified --resolution=224)
 manipulate_epochs=100 manipulate_lrs="1e-4 1e-5" manipulate_batch=64 manipulate_every=7820
 scratch_epochs=150 scratch_augment=crop,flip,randaugment,mixup,cutmix batch=128
 finetune_epochs=15 mixing_epochs=5 lora_rank=192 save_every=10
 if [ "$reduced" = "--reduced" ]; then
   common+=(--train_examples=2000)
   model=(--model=vit --vit_preset=tiny --width=64 --depth=2 --heads=4 --mlp_width=256)
+  vanilla_model=("${model[@]}" --vit_variant=vanilla)
+  sparsified_model=("${model[@]}" --vit_variant=sparsified)
   manipulate_epochs=2 manipulate_lrs="1e-3 1e-4" manipulate_batch=64 manipulate_every=32
   scratch_epochs=3 scratch_augment=crop,flip batch=64
   finetune_epochs=2 mixing_epochs=1 lora_rank=8 save_every=1
@@ -60,29 +64,18 @@ scratch=(--experiment=train --optimizer=adamw -lr=1e-4 --weight_decay=0.05
          --label_smoothing=0.11 --grad_clip_norm=1 --augment="$scratch_augment"
          --epochs="$scratch_epochs" --batch_size="$batch" --save_every_epochs="$save_every")
 if [ "$reduced" = "--reduced" ]; then scratch[2]=-lr=1e-3; fi
-vanilla=$(python -m run_experiments "${common[@]}" "${model[@]}" "${scratch[@]}" \
-  --vit_variant=vanilla 2>/dev/null | tail -n 1 || true)
-[ -n "$vanilla" ] || vanilla=$(python -m run_experiments "${common[@]}" "${model[@]}" \
-  "${scratch[@]}" | tail -n 1)
-sparsified_model=("${model[@]}")
-if [ "$reduced" = "--reduced" ]; then
-  sparsified_model+=(--vit_variant=sparsified)
-else
-  sparsified_model=(--model=vit_b16_sparsified --resolution=224)
-fi
+vanilla=$(python -m run_experiments "${common[@]}" "${vanilla_model[@]}" "${scratch[@]}" \
+  | tail -n 1)
 sparsified=$(python -m run_experiments "${common[@]}" "${sparsified_model[@]}" "${scratch[@]}" \
   | tail -n 1)
-for run in "$vanilla" "$sparsified"; do
-  run_model=$(python -c "import json,sys; h=json.load(open(sys.argv[1]+'/hparams.json')); \
-print(' '.join(f'--{k}={v}' for k, v in h.items() if k in ('model', 'vit_preset', \
-'vit_variant', 'width', 'depth', 'heads', 'mlp_width', 'resolution') and v is not None))" "$run")
-  # shellcheck disable=SC2086
-  python -m run_experiments "${common[@]}" $run_model --experiment=augmented_flatness \
-    --pretrained_run="$run" --correct_samples_only --batch_size=128
-done
+flatness=(--experiment=augmented_flatness --correct_samples_only --batch_size=128)
+python -m run_experiments "${common[@]}" "${vanilla_model[@]}" "${flatness[@]}" \
+  --pretrained_run="$vanilla"
+python -m run_experiments "${common[@]}" "${sparsified_model[@]}" "${flatness[@]}" \
+  --pretrained_run="$sparsified"
 
 # 3. Fine-tuning the vanilla run into the sparsified model.
-python -m run_experiments "${common[@]}" "${model[@]}" --experiment=sparsify_finetune \
+python -m run_experiments "${common[@]}" "${vanilla_model[@]}" --experiment=sparsify_finetune \
   --pretrained_run="$vanilla" --optimizer=adamw -lr=3e-3 --weight_decay=0.3 \
   --label_smoothing=0.11 --grad_clip_norm=1 --epochs="$finetune_epochs" --batch_size="$batch" \
   --activation_mixing_epochs="$mixing_epochs" --layernorm_uplifting_epochs="$mixing_epochs" \
