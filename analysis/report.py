@@ -17,6 +17,10 @@ Layout of `out_dir`:
   tables/diverged.csv            levels whose loss became NaN or infinite
   figures/<dataset>_<model>_relu.<format>           ReLU reduction (relu_prune)
   figures/<dataset>_<model>[_<setting>]_{saturation,layers}.<format>   --measure=saturation
+  figures/<dataset>_activation_sparsity_comparison.<format>   --measure=activation_sparsity
+  figures/<dataset>_<model>_<attack>[_<setting>]_activation_sparsity_vs_weights.<format>
+  figures/<dataset>_<model>_<experiment>_<attack>_<mode>_<id>_activation_sparsity_layers.<format>
+  tables/<dataset>_activation_sparsity_table.{csv,md}
   tables/<dataset>_<model>_relu_{points,pareto}.csv
 """
 
@@ -26,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from analysis import activation
 from analysis import figures
 from analysis import layers
 from analysis import load
@@ -165,13 +170,16 @@ def _lottery_sections(evaluations: pd.DataFrame, final: pd.DataFrame,
   return sections
 
 
-def training_labels(study: load.Study, run_dirs: Sequence[str]
+def training_labels(study: load.Study, run_dirs: Sequence[str],
+                    exclude: Sequence[str] = ("dataset", "model")
                    ) -> Tuple[Dict[str, str], List[str]]:
   """Labels runs without pruning levels by the fields that differ between them.
 
   Args:
     study: the loaded study (its `configs`).
-    run_dirs: runs of one data set and model.
+    run_dirs: runs of one data set and model (of one data set when
+      `exclude` leaves "model" out).
+    exclude: fields never named (those the runs share by construction).
 
   Returns:
     ({run_dir: label}, the fields named). Runs with equal labels have equal
@@ -179,7 +187,7 @@ def training_labels(study: load.Study, run_dirs: Sequence[str]
     experiment, attack and training mode instead.
   """
   configs = [study.configs[run_dir] for run_dir in run_dirs]
-  keys = load.differing_keys(configs, exclude=("dataset", "model"))
+  keys = load.differing_keys(configs, exclude=exclude)
   if not keys:
     keys = ["experiment", "attack", "adv_train"]
   labels = [load.setting_label(config, keys) for config in configs]
@@ -277,6 +285,8 @@ def write_analysis(study: load.Study, out_dir: str,
   relu_sections = relu.sections(study, out_dir, formats, _save, _group_stem, TABLES_DIR)
   layer_sections = (layers.sections(study, source, out_dir, formats, _save, _group_stem)
                     if source else [])
+  activation_sections = activation.sections(study, out_dir, formats, _save, _group_stem,
+                                            TABLES_DIR, training_labels)
   if not study.diverged.empty:
     study.diverged.to_csv(os.path.join(out_dir, TABLES_DIR, "diverged.csv"),
                           index=False)
@@ -284,7 +294,8 @@ def write_analysis(study: load.Study, out_dir: str,
   path = os.path.join(out_dir, REPORT_FILE)
   with open(path, "w") as f:
     f.write(render_report(study, sections, best_markdown, out_dir, source,
-                          command, training, relu_sections, layer_sections))
+                          command, training, relu_sections, layer_sections,
+                          activation_sections))
   return path
 
 
@@ -360,7 +371,8 @@ def render_report(study: load.Study, sections: Sequence[Section],
                   source: str = "", command: Optional[str] = None,
                   training: Sequence[TrainingSection] = (),
                   relu_sections: Sequence[tuple] = (),
-                  layer_sections: Sequence[tuple] = ()) -> str:
+                  layer_sections: Sequence[tuple] = (),
+                  activation_sections: Sequence[tuple] = ()) -> str:
   """Returns the Markdown of the report (links relative to `out_dir`).
 
   Args:
@@ -375,6 +387,8 @@ def render_report(study: load.Study, sections: Sequence[Section],
       ReLU-reduction runs (`analysis.relu.sections`).
     layer_sections: (heading, figures) of the runs measured with
       `--measure=saturation` (`analysis.layers.sections`).
+    activation_sections: (heading, table Markdown, figures) of the runs
+      measured with `--measure=activation_sparsity` (`analysis.activation.sections`).
   """
   runs = study.runs
   trials = study.evaluations.groupby("run_dir")["trial"].nunique()
@@ -436,6 +450,8 @@ def render_report(study: load.Study, sections: Sequence[Section],
     lines += [_figure_markdown(figure, out_dir) for figure in saved]
   for heading, saved in layer_sections:
     lines += [f"## {heading}", ""] + [_figure_markdown(figure, out_dir) for figure in saved]
+  for heading, text, saved in activation_sections:
+    lines += [f"## {heading}", "", text] + [_figure_markdown(figure, out_dir) for figure in saved]
   with_setting = (runs["setting"] != "").any()
   lines += ["## Runs", "",
             "| Run | Experiment | Attack | Training |"

@@ -18,6 +18,9 @@ one compiled engine. The experiment never copies the runner's loop.
 
 from typing import Callable, NamedTuple
 
+import numpy as np
+
+from robust_sparse import pruning
 from robust_sparse.registry import Registry
 
 EXPERIMENTS = Registry("experiment")
@@ -79,6 +82,11 @@ class Experiment:
   def transform_model(self, model, trial, level):
     """The model a level trains, from the registry's freshly built one."""
     return model
+
+  def level_masks(self, trial, level, layers):
+    """The masks a level trains with ({layer name: 0/1 array}), or None: the runner's
+    (pruned from the previous level when `prunes`, else those the weights hold)."""
+    return None
 
   def total_iterations(self, level, num_train) -> int:
     return self.hparams.total_iterations(num_train)
@@ -189,3 +197,77 @@ class Rewind(Experiment):
     if level == 0:
       return None, 0
     return history.rewind_weights(0), self.hparams.rewind_iteration
+
+
+class _TicketControl(Experiment):
+  """Base of the lottery-ticket controls: a finished pruning run's masks, level by level.
+
+  `--ticket_run=DIR` names the ticket (a finished or running `reinit_orig` run
+  of the same data set and model); level l of trial t uses what DIR's trial
+  t, level l trained with (its `masks/`, written when that level started).
+  """
+  prunes = False
+
+  def check(self, dataset, num_train):
+    super().check(dataset, num_train)
+    hp = self.hparams
+    name = hp.experiment
+    if not hp.ticket_run:
+      raise ValueError(f"{name} needs --ticket_run=DIR, a reinit_orig run folder")
+    import os  # pylint: disable=import-outside-toplevel
+    from robust_sparse import files  # pylint: disable=import-outside-toplevel
+    from robust_sparse.hparams import Hparams  # pylint: disable=import-outside-toplevel
+    try:
+      ticket = Hparams.from_dict(files.read_json(os.path.join(hp.ticket_run, "hparams.json")))
+    except (OSError, ValueError) as e:
+      raise ValueError(f"--ticket_run={hp.ticket_run}: not a readable run folder ({e})") from None
+    for field in ("dataset", "model", "resolution", "activation", "normalize"):
+      if getattr(ticket, field) != getattr(hp, field):
+        raise ValueError(f"--ticket_run={hp.ticket_run} was trained with --{field}="
+                         f"{getattr(ticket, field)}, not --{field}={getattr(hp, field)}")
+    if ticket.prune_iters < hp.prune_iters or ticket.trials < hp.trials:
+      raise ValueError(f"--ticket_run={hp.ticket_run} has {ticket.trials} trials of "
+                       f"{ticket.prune_iters} pruning iterations; --trials={hp.trials} "
+                       f"--prune_iters={hp.prune_iters} need more")
+
+  def ticket_masks(self, trial, level, layers):
+    import os  # pylint: disable=import-outside-toplevel
+    from experiments.runner import level_dir  # pylint: disable=import-outside-toplevel
+    directory = os.path.join(level_dir(self.hparams.ticket_run, trial, level), "masks")
+    try:
+      return {layer.name: np.load(os.path.join(directory, f"{layer.name}.npy"))
+              for layer in layers}
+    except OSError:
+      raise ValueError(f"--ticket_run={self.hparams.ticket_run}: trial {trial}, prune_iter "
+                       f"{level} has no masks yet (run the ticket first)") from None
+
+
+@EXPERIMENTS.register("random_reinit")
+class RandomReinit(_TicketControl):
+  """The ticket's masks with a fresh random initialisation per level (OpenLTH's
+  `randomly_reinitialize`): does the ticket's initialisation matter?"""
+
+  def level_masks(self, trial, level, layers):
+    return self.ticket_masks(trial, level, layers)
+
+  def start(self, level, history, fresh):
+    return None, 0
+
+
+@EXPERIMENTS.register("random_prune")
+class RandomPrune(_TicketControl):
+  """Random masks with the ticket's per-layer counts, from the original initialisation
+  (OpenLTH's `randomly_prune`): does the ticket's choice of weights matter?"""
+
+  def level_masks(self, trial, level, layers):
+    from experiments.runner import derived_seed  # pylint: disable=import-outside-toplevel
+    ticket = self.ticket_masks(trial, level, layers)
+    if level == 0:
+      return ticket
+    return pruning.random_masks(
+        ticket, derived_seed(self.hparams.seed, trial, level, "random_prune"))
+
+  def start(self, level, history, fresh):
+    if level == 0:
+      return None, 0
+    return history.initial_weights(0), 0

@@ -43,6 +43,7 @@ from models import NORMALIZATIONS, build_model
 from robust_sparse import files, pruning, sparsity_modules, ssam
 from robust_sparse import measurements as measurements_lib
 from robust_sparse import saturation as saturation_lib
+from robust_sparse import tensorboard
 from robust_sparse.engine import Diverged, Engine, index_stream
 from robust_sparse.hparams import Hparams
 from robust_sparse.layers import masked_layers
@@ -387,6 +388,7 @@ class Runner:
     # One model and engine serve every level of a phase (every level of the
     # lottery experiments), so each compiles only once.
     self._engines = {}
+    self._tensorboard = None  # The level's TensorBoard writer, set by run_level.
     self._perturbation_masks = None
     self._teacher = None
     self.summary = None
@@ -529,9 +531,10 @@ class Runner:
     assign_weights(model, fresh_weights if weights is None else weights,
                    f"{directory}: starting weights")
     layers = masked_layers(model)
-    if self.experiment.prunes:
+    masks = self.experiment.level_masks(trial, level, layers)
+    if masks is None and self.experiment.prunes:
       masks = self._masks(trial, level, layers)
-    else:  # The masks the starting weights hold (a pruned baseline stays pruned).
+    elif masks is None:  # The masks the starting weights hold (a pruned baseline stays pruned).
       masks = {layer.name: np.asarray(layer.mask.numpy()) for layer in layers}
     for layer in layers:
       layer.mask.assign(masks[layer.name])
@@ -541,6 +544,8 @@ class Runner:
     engine.reset(derived_seed(hp.seed, trial, level, "attack"), start)
     checkpoint = os.path.join(directory, "checkpoint.npz")
     logs = {split: [] for split in SPLITS}
+    self._tensorboard = tensorboard.LevelWriter(self.run_dir, trial, level,
+                                                fresh=not os.path.exists(checkpoint))
     if os.path.exists(checkpoint):
       state = files.load_arrays(checkpoint)
       logs = json.loads(state.pop("logs").tobytes().decode())
@@ -621,6 +626,7 @@ class Runner:
         if engine.measurement is not None:
           row.update(engine.measurement.results())
           engine.measurement.reset()
+        self._tensorboard.write_row("train", row)
         if hp.phd_lab_csv:
           self._write_phd_lab_csv(directory, logs)
         self.experiment.on_evaluate(level, model, logs, directory)
@@ -701,6 +707,8 @@ class Runner:
       y = getattr(self.dataset, f"y_{split}")
       results[split] = self._row(engine, iteration, engine.evaluate(x, y, stream))
       logs[split].append(results[split])
+      if self._tensorboard is not None:
+        self._tensorboard.write_row(split, results[split])
     return results
 
   def _checkpoint(self, directory, engine, logs):
@@ -708,6 +716,8 @@ class Runner:
     state["logs"] = np.frombuffer(json.dumps(logs).encode(), np.uint8)
     files.save_arrays(os.path.join(directory, "checkpoint.npz"), state)
     self._write_csvs(directory, logs)
+    if self._tensorboard is not None:
+      self._tensorboard.flush()
 
   def _write_csvs(self, directory, logs):
     for split in SPLITS:
@@ -722,6 +732,7 @@ class Runner:
   def _diverged(self, directory, trial, level, logs, iteration):
     """Keeps the logs up to the last finite evaluation, marks the level, raises."""
     self._write_csvs(directory, logs)
+    self._tensorboard.close()
     files.write_json(os.path.join(directory, "metadata.json"), {
         "trial": trial, "prune_iteration": level, "completed": False, "diverged": True,
         "diverged_iteration": iteration})
@@ -732,6 +743,7 @@ class Runner:
 
   def _finish(self, directory, trial, level, layers, model, masks, logs, began, iteration):
     self._write_csvs(directory, logs)
+    self._tensorboard.close()
     _save_layer_arrays(directory, "post_kernels", _kernels(layers))
     files.save_arrays(os.path.join(directory, "weights_final.npz"), model_weights(model))
     remaining = int(sum(m.sum() for m in masks.values()))

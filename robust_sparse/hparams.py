@@ -300,6 +300,10 @@ class PruningHparams:
                           "code does", choices=lambda: ["init", "trained_dense"])
   rewind_iteration: int = _field(0, "rewind: iteration of the dense run whose weights "
                                  "pruned runs start from", lower_bound=0)
+  ticket_run: Optional[str] = _field(
+      None, "random_reinit / random_prune: the reinit_orig run folder DIR whose masks "
+      "(random_reinit: with a fresh initialisation) or per-layer counts (random_prune: "
+      "random masks from the original initialisation) each level takes")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,6 +66,23 @@ def prune(kernels: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray],
   return new_masks
 
 
+def random_masks(like: Mapping[str, np.ndarray], seed) -> Dict[str, np.ndarray]:
+  """Uniformly random 0/1 masks with each layer's count of ones in `like` (OpenLTH's
+  `randomly_prune` control: a ticket's per-layer sparsity, none of its choices).
+
+  Args:
+    like: layer name -> 0/1 mask whose number of ones per layer is kept.
+    seed: anything `np.random.default_rng` takes.
+  """
+  rng = np.random.default_rng(seed)
+  masks = {}
+  for name in sorted(like):
+    mask = np.zeros(np.size(like[name]), np.float32)
+    mask[rng.permutation(mask.size)[:int(np.sum(like[name]))]] = 1.0
+    masks[name] = mask.reshape(np.shape(like[name]))
+  return masks
+
+
 def layer_rates(layer_names, rate: float, output_rate: float) -> Dict[str, float]:
   """The seed's schedule: `rate` for every layer but the last, `output_rate` for it."""
   names = list(layer_names)

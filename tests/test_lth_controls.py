@@ -1,0 +1,77 @@
+"""The lottery-ticket controls: random_reinit (the ticket's masks, fresh init) and random_prune."""
+
+import os
+
+import numpy as np
+import pytest
+
+from data import load_dataset
+from experiments.runner import Runner, level_dir
+from robust_sparse import files
+from robust_sparse.hparams import Hparams
+from tests.conftest import one_line_error, run_cli_batch
+
+BASE = dict(dataset="sklearn_digits", model="dense-300-100", trials=1, prune_iters=2,
+            train_iters=30, eval_every=30, attack="fgsm", eps=0.1, sharpness_examples=0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return load_dataset("sklearn_digits", None, 300)
+
+
+@pytest.fixture(scope="module")
+def ticket(digits, tmp_path_factory):
+  hp = Hparams(**BASE, experiment="reinit_orig")
+  return Runner(hp, digits, str(tmp_path_factory.mktemp("ticket")), progress=False).run()
+
+
+def _level(run_dir, level):
+  directory = level_dir(run_dir, 0, level)
+  names = sorted(n[:-4] for n in os.listdir(os.path.join(directory, "masks")))
+  masks = {n: np.load(os.path.join(directory, "masks", f"{n}.npy")) for n in names}
+  return masks, files.load_arrays(os.path.join(directory, "weights_init.npz"))
+
+
+def test_random_reinit_and_random_prune_keep_what_they_should_of_the_ticket(
+    digits, ticket, tmp_path):
+  reinit = Runner(Hparams(**BASE, experiment="random_reinit", ticket_run=ticket), digits,
+                  str(tmp_path), progress=False).run()
+  prune = Runner(Hparams(**BASE, experiment="random_prune", ticket_run=ticket), digits,
+                 str(tmp_path), progress=False).run()
+  ticket_init = _level(ticket, 0)[1]
+  for level in (1, 2):
+    ticket_masks, _ = _level(ticket, level)
+    reinit_masks, reinit_init = _level(reinit, level)
+    prune_masks, prune_init = _level(prune, level)
+    for name, mask in ticket_masks.items():
+      np.testing.assert_array_equal(reinit_masks[name], mask)  # The ticket's masks ...
+      assert prune_masks[name].sum() == mask.sum()  # ... or only their counts,
+      assert not np.array_equal(prune_masks[name], mask)  # chosen at random.
+    kernel = "hidden_1/kernel"
+    assert not np.allclose(reinit_init[kernel], ticket_init[kernel])  # A fresh init ...
+    # ... or the ticket's own (pruned where the random mask is 0).
+    np.testing.assert_array_equal(prune_init[kernel],
+                                  ticket_init[kernel] * prune_masks["hidden_1"])
+  levels = [files.read_json(os.path.join(level_dir(prune, 0, l), "metadata.json"))
+            for l in range(3)]
+  ticket_levels = [files.read_json(os.path.join(level_dir(ticket, 0, l), "metadata.json"))
+                   for l in range(3)]
+  assert ([m["weights_remaining"] for m in levels]
+          == [m["weights_remaining"] for m in ticket_levels])
+
+
+def test_controls_refuse_a_missing_or_different_ticket(ticket, tmp_path):
+  common = ["--dataset=sklearn_digits", "--trials=1", "--prune_iters=2", "--train_iters=2",
+            f"--base_dir={tmp_path}"]
+  cases = [
+      (["--experiment=random_reinit"], "random_reinit needs --ticket_run=DIR"),
+      (["--experiment=random_prune", f"--ticket_run={tmp_path}/none"], "not a readable run"),
+      (["--experiment=random_prune", f"--ticket_run={ticket}", "--model=lenet5"],
+       "--model=dense-300-100, not --model=lenet5"),
+      (["--experiment=random_reinit", f"--ticket_run={ticket}", "--prune_iters=5"],
+       "--prune_iters=5 need more"),
+  ]
+  outcomes = run_cli_batch([common + args for args, _ in cases])
+  for args, message in cases:
+    one_line_error(*outcomes[tuple(common + args)], message)
