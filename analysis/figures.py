@@ -28,6 +28,8 @@ EXPERIMENT_LABELS = {
     "reinit_orig": "original init (ticket)",
     "reinit_rand": "random reinit",
     "reinit_none": "continued training",
+    "random_reinit": "ticket's masks, random init",
+    "random_prune": "random masks, original init",
     "rewind": "rewind",
     "no_pruning": "no pruning",
     "train": "plain training",
@@ -37,6 +39,8 @@ EXPERIMENT_DASHES = {
     "reinit_orig": (None, None),
     "reinit_rand": (0, (1, 1)),
     "reinit_none": (0, (2, 2)),
+    "random_reinit": (0, (3, 1, 1, 1)),
+    "random_prune": (0, (1, 2)),
     "rewind": (0, (5, 1, 1, 1)),
     "no_pruning": (0, (4, 1)),
     "train": (0, (4, 1)),
@@ -45,13 +49,15 @@ EXPERIMENT_COLOURS = {
     "reinit_orig": "tab:blue",
     "reinit_rand": "tab:orange",
     "reinit_none": "tab:green",
+    "random_reinit": "tab:purple",
+    "random_prune": "tab:olive",
     "rewind": "tab:red",
     "no_pruning": "tab:gray",
     "train": "tab:brown",
 }
 EXPERIMENT_MARKERS = {
     "reinit_orig": "o", "reinit_rand": "s", "reinit_none": "^",
-    "rewind": "D", "no_pruning": "*", "train": "P",
+    "random_reinit": "v", "random_prune": "X", "rewind": "D", "no_pruning": "*", "train": "P",
 }
 EXPERIMENT_ORDER = metrics.EXPERIMENT_ORDER
 TRAINING_MODES = ("natural", "adversarial")

@@ -19,8 +19,8 @@ SERIES_KEYS = ("dataset", "model", "attack", "training_mode", "experiment",
 # One trained network: a trial of a run at one prune iteration.
 NETWORK_KEYS = ("run_dir", "trial", "prune_iteration")
 # The order in which experiments are listed and drawn.
-EXPERIMENT_ORDER = ("reinit_orig", "reinit_rand", "reinit_none", "rewind",
-                    "no_pruning", "train")
+EXPERIMENT_ORDER = ("reinit_orig", "reinit_rand", "reinit_none", "random_reinit", "random_prune",
+                    "rewind", "no_pruning", "train")
 DENSE_TOLERANCE_POINTS = 1.0
 
 
