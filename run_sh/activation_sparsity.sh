@@ -17,7 +17,7 @@
 #   bash run_sh/activation_sparsity.sh DATA_DIR [BASE_DIR] [--reduced]
 # --reduced: the same steps on a CPU in minutes: a small ViT (vit_tiny with width 64, 2 blocks,
 # 4 heads, MLP 256) at 32 px on 2000 training images, 3 epochs (2 for the manipulate grid, at
-# lr 1e-3 and 1e-4), no MixUp / CutMix / RandAugment, test set only.
+# lr 1e-3 and 1e-4, warm-up 0.5 epochs), no MixUp / CutMix / RandAugment, test set only.
 # Killed runs resume when the script is run again; the analysis runs at the end.
 set -euo pipefail
 data_dir=${1:?usage: $0 DATA_DIR [BASE_DIR] [--reduced]}
@@ -32,6 +32,7 @@ model=(--model=vit_b16 --resolution=224)
 vanilla_model=("${model[@]}")
 sparsified_model=(--model=vit_b16_sparsified --resolution=224)
 manipulate_epochs=100 manipulate_lrs="1e-4 1e-5" manipulate_batch=64 manipulate_every=7820
+warmup_epochs=5
 scratch_epochs=150 scratch_augment=crop,flip,randaugment,mixup,cutmix batch=128
 finetune_epochs=15 mixing_epochs=5 lora_rank=192 save_every=10
 if [ "$reduced" = "--reduced" ]; then
@@ -40,6 +41,7 @@ if [ "$reduced" = "--reduced" ]; then
   vanilla_model=("${model[@]}" --vit_variant=vanilla)
   sparsified_model=("${model[@]}" --vit_variant=sparsified)
   manipulate_epochs=2 manipulate_lrs="1e-3 1e-4" manipulate_batch=64 manipulate_every=32
+  warmup_epochs=0.5
   scratch_epochs=3 scratch_augment=crop,flip batch=64
   finetune_epochs=2 mixing_epochs=1 lora_rank=8 save_every=1
 fi
@@ -52,7 +54,7 @@ for lr in $manipulate_lrs; do
         --db_mlp --zeroth_bias_clipping=inf --norestricted_layer_norm \
         --activation="shift(inner=sshaped(inner=relu2,h=1.5),sx=$sx,sy=$sy)" \
         --optimizer=adam -lr="$lr" --weight_decay=0 --grad_clip_norm=1 --label_smoothing=0 \
-        --warmup_epochs=5 --warmup_init_lr="$(python -c "print($lr * 0.1)")" \
+        --warmup_epochs="$warmup_epochs" --warmup_init_lr="$(python -c "print($lr * 0.1)")" \
         --schedule_per=iteration --epochs="$manipulate_epochs" \
         --batch_size="$manipulate_batch" --eval_every="$manipulate_every" --augment=crop,flip
     done
