@@ -1,7 +1,10 @@
-"""L-infinity adversarial attacks that compose inside compiled train steps."""
+"""Adversarial attacks that compose inside compiled train steps and compile themselves eagerly."""
 
+from attacks.apgd import apgd_ce
 from attacks.fgsm import fgsm
 from attacks.pgd import pgd
 from attacks.registry import ATTACKS, AttackConfig, make_attack
+from attacks.spec import parse_attack_spec, parse_attack_specs
 
-__all__ = ["fgsm", "pgd", "ATTACKS", "AttackConfig", "make_attack"]
+__all__ = ["apgd_ce", "fgsm", "pgd", "ATTACKS", "AttackConfig", "make_attack",
+           "parse_attack_spec", "parse_attack_specs"]

@@ -1,6 +1,11 @@
-"""Pieces shared by the L-infinity attacks: labels to attack and the input gradient."""
+"""Pieces shared by the attacks: labels to attack, losses, gradients and Lp geometry."""
 
+import numpy as np
 import tensorflow as tf
+
+NORMS = (np.inf, 2)
+# Keeps a zero gradient or a zero perturbation from dividing by zero.
+_TINY = 1e-12
 
 
 def attack_labels(model, x, y):
@@ -14,6 +19,14 @@ def attack_labels(model, x, y):
   return y
 
 
+def per_example_loss(model, x, y):
+  """Returns (cross-entropy per example [batch], float32 logits [batch, classes])."""
+  logits = tf.cast(model(x, training=False), tf.float32)
+  loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(y, tf.int32),
+                                                        logits=logits)
+  return loss, logits
+
+
 def loss_gradient(model, x, y):
   """Gradient of the summed cross-entropy of `model(x)` with respect to `x`.
 
@@ -22,11 +35,65 @@ def loss_gradient(model, x, y):
   """
   with tf.GradientTape() as tape:
     tape.watch(x)
-    logits = model(x, training=False)
-    loss = tf.reduce_sum(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.cast(y, tf.int32), logits=tf.cast(logits, tf.float32)))
+    loss, _ = per_example_loss(model, x, y)
+    loss = tf.reduce_sum(loss)
   return tape.gradient(loss, x)
+
+
+def loss_logits_gradient(model, x, y):
+  """Returns (per-example loss [batch], logits, gradient of the summed loss w.r.t. `x`)."""
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    loss, logits = per_example_loss(model, x, y)
+    total = tf.reduce_sum(loss)
+  return loss, logits, tape.gradient(total, x)
+
+
+def misclassified(logits, y):
+  """Boolean [batch]: the prediction is not `y`."""
+  return tf.not_equal(tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32))
+
+
+def per_example(values, x):
+  """Reshapes per-example `values` [batch] to broadcast against `x` [batch, ...]."""
+  shape = tf.concat([tf.shape(values), tf.ones([tf.rank(x) - 1], tf.int32)], axis=0)
+  return tf.reshape(values, shape)
+
+
+def l2_norm(v):
+  """Per-example L2 norm of `v` [batch, ...], shaped [batch, 1, ...] to broadcast."""
+  axes = tf.range(1, tf.rank(v))
+  return tf.sqrt(tf.reduce_sum(tf.square(v), axis=axes, keepdims=True))
+
+
+def l2_normalize(v):
+  """`v` divided by its per-example L2 norm (0 stays 0)."""
+  return v / tf.maximum(l2_norm(v), tf.cast(_TINY, v.dtype))
+
+
+def project_l2(delta, eps):
+  """Scales each example of `delta` into the L2 ball of radius `eps`."""
+  norm = l2_norm(delta)
+  return delta * tf.minimum(tf.ones_like(norm), eps / tf.maximum(norm, tf.cast(_TINY,
+                                                                                delta.dtype)))
+
+
+def random_l2_ball(shape, eps, dtype, seed=None):
+  """Points drawn uniformly from the L2 ball of radius `eps` (per example).
+
+  A Gaussian direction scaled by radius eps * u^(1/d), d the dimension of one
+  example, as cleverhans' `random_lp_vector` does.
+  """
+  if seed is None:
+    direction = tf.random.normal(shape, dtype=dtype)
+    u = tf.random.uniform(shape[:1], dtype=dtype)
+  else:
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    direction = tf.random.stateless_normal(shape, seed=seeds[0], dtype=dtype)
+    u = tf.random.stateless_uniform(shape[:1], seed=seeds[1], dtype=dtype)
+  dim = tf.cast(tf.reduce_prod(shape[1:]), dtype)
+  radius = eps * tf.pow(u, 1.0 / dim)
+  return l2_normalize(direction) * per_example(radius, direction)
 
 
 def check_budget(eps, clip_min, clip_max):
@@ -35,3 +102,15 @@ def check_budget(eps, clip_min, clip_max):
   if clip_min >= clip_max:
     raise ValueError(
         f"clip_min must be < clip_max, got clip_min={clip_min}, clip_max={clip_max}")
+
+
+def check_norm(norm):
+  """Returns `norm` as np.inf or 2; a `ValueError` for anything else."""
+  if norm in ("inf", "linf"):
+    return np.inf
+  try:
+    if float(norm) in NORMS:
+      return np.inf if float(norm) == np.inf else 2
+  except (TypeError, ValueError):
+    pass
+  raise ValueError(f"norm must be np.inf or 2, got {norm!r}")

@@ -2,13 +2,15 @@
 
 import tensorflow as tf
 
+from attacks import compiled
 from attacks.common import attack_labels, check_budget, loss_gradient
 
 
 def fgsm(model, x, y=None, *, eps, clip_min=0.0, clip_max=1.0):
   """One signed-gradient step of size `eps`, clipped to the data range.
 
-  Usable eagerly and inside a compiled (`tf.function`) train step. The model
+  Graph code inside a `tf.function` (a compiled train step); called eagerly it
+  compiles itself once per model and budget (see `attacks.compiled`). The model
   runs in inference mode.
 
   Args:
@@ -23,7 +25,12 @@ def fgsm(model, x, y=None, *, eps, clip_min=0.0, clip_max=1.0):
     The adversarial batch, same shape and dtype as `x`.
   """
   check_budget(eps, clip_min, clip_max)
-  x = tf.convert_to_tensor(x)
+  return compiled.run(_fgsm, model, x, y, None,
+                      dict(eps=eps, clip_min=clip_min, clip_max=clip_max), random=False)
+
+
+def _fgsm(model, x, y, seed, *, eps, clip_min, clip_max):
+  del seed  # FGSM is deterministic.
   y = attack_labels(model, x, y)
   grad = loss_gradient(model, x, y)
   x_adv = x + tf.cast(eps, x.dtype) * tf.sign(grad)

@@ -2,7 +2,9 @@
 
 An entry is a factory taking an `AttackConfig` and returning
 `attack(model, x, y=None, seed=None) -> x_adv`, a function that composes inside
-a compiled train step.
+a compiled train step (and compiles itself when called eagerly). `y=None`
+attacks the model's own predictions (the seed's convention); given `y` are the
+true labels of standard robust accuracy.
 """
 
 import dataclasses
@@ -10,6 +12,8 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from attacks.apgd import apgd_ce
+from attacks.common import check_norm
 from attacks.fgsm import fgsm
 from attacks.pgd import pgd
 from robust_sparse.registry import Registry
@@ -20,7 +24,19 @@ IMPLEMENTATIONS = ("native", "cleverhans")
 
 @dataclasses.dataclass(frozen=True)
 class AttackConfig:
-  """The budget of an L-infinity attack (seed defaults: eps 0.3, PGD 10 x 0.05)."""
+  """The budget of an attack (seed defaults: L-infinity, eps 0.3, PGD 10 x 0.05).
+
+  Attributes:
+    name: a name in `ATTACKS`.
+    eps: the radius of the ball in `norm`.
+    step_size: PGD's step length (APGD sets its own, 2 eps halving).
+    steps: PGD steps, or APGD iterations.
+    random_start: PGD starts at a random point of the ball (APGD always does).
+    clip_min, clip_max: the data range.
+    impl: "native", or "cleverhans" (FGSM and PGD with one start only).
+    restarts: PGD's random starts; the worst case per example is kept.
+    norm: np.inf or 2 (PGD and APGD; FGSM is L-infinity only).
+  """
   name: str = "fgsm"
   eps: float = 0.3
   step_size: float = 0.05
@@ -29,6 +45,8 @@ class AttackConfig:
   clip_min: float = 0.0
   clip_max: float = 1.0
   impl: str = "native"
+  restarts: int = 1
+  norm: float = np.inf
 
   def __post_init__(self):
     ATTACKS.get(self.name)
@@ -39,8 +57,20 @@ class AttackConfig:
       raise ValueError(f"attack eps must be >= 0, got {self.eps}")
     if self.steps < 0 or self.step_size < 0:
       raise ValueError("attack steps and step_size must be >= 0")
-    if self.impl == "cleverhans" and self.name == "pgd" and self.step_size > self.eps:
-      raise ValueError("cleverhans PGD needs step_size <= eps")
+    if self.restarts < 1:
+      raise ValueError(f"attack restarts must be >= 1, got {self.restarts}")
+    object.__setattr__(self, "norm", check_norm(self.norm))
+    if self.name == "fgsm" and self.norm != np.inf:
+      raise ValueError(f"fgsm is L-infinity only, got norm={self.norm}")
+    if self.restarts > 1 and (self.name != "pgd" or not self.random_start):
+      raise ValueError(f"restarts={self.restarts} needs pgd with a random start")
+    if self.impl == "cleverhans":
+      if self.name == "apgd_ce":
+        raise ValueError("apgd_ce has no cleverhans implementation; use impl='native'")
+      if self.restarts > 1:
+        raise ValueError("cleverhans PGD has no restarts; use impl='native'")
+      if self.name == "pgd" and self.step_size > self.eps:
+        raise ValueError("cleverhans PGD needs step_size <= eps")
 
 
 @ATTACKS.register("fgsm")
@@ -71,14 +101,26 @@ def _pgd(config: AttackConfig):
       del seed  # cleverhans draws its random start statefully.
       return tf.stop_gradient(projected_gradient_descent(
           lambda z: model(z, training=False), x, config.eps, config.step_size,
-          config.steps, np.inf, clip_min=config.clip_min, clip_max=config.clip_max,
+          config.steps, config.norm, clip_min=config.clip_min, clip_max=config.clip_max,
           y=y, rand_init=config.random_start, sanity_checks=False))
     return attack
 
   def attack(model, x, y=None, seed=None):
     return pgd(model, x, y, eps=config.eps, step_size=config.step_size,
                steps=config.steps, random_start=config.random_start,
-               clip_min=config.clip_min, clip_max=config.clip_max, seed=seed)
+               clip_min=config.clip_min, clip_max=config.clip_max, seed=seed,
+               restarts=config.restarts, norm=config.norm)
+  return attack
+
+
+@ATTACKS.register("apgd_ce")
+def _apgd_ce(config: AttackConfig):
+  """APGD-CE for `config.steps` iterations (step size and start are APGD's own)."""
+
+  def attack(model, x, y=None, seed=None):
+    return apgd_ce(model, x, y, eps=config.eps, steps=config.steps,
+                   clip_min=config.clip_min, clip_max=config.clip_max, seed=seed,
+                   norm=config.norm)
   return attack
 
 

@@ -1,11 +1,14 @@
 """Attack properties on tiny closed-form models (cleverhans-style seeded tests)."""
 
+import gc
+import weakref
+
 import numpy as np
 import keras
 import pytest
 import tensorflow as tf
 
-from attacks import AttackConfig, fgsm, make_attack, pgd
+from attacks import AttackConfig, compiled, fgsm, make_attack, pgd
 
 EPS = 0.1
 
@@ -116,3 +119,103 @@ def test_bad_budgets_raise():
     AttackConfig("cw")
   with pytest.raises(ValueError, match="eps"):
     AttackConfig("fgsm", eps=-1.0)
+  with pytest.raises(ValueError, match="restarts"):
+    AttackConfig("pgd", restarts=0)
+  with pytest.raises(ValueError, match="random start"):
+    AttackConfig("pgd", restarts=2, random_start=False)
+  with pytest.raises(ValueError, match="norm"):
+    AttackConfig("pgd", norm=1)
+  with pytest.raises(ValueError, match="L-infinity only"):
+    AttackConfig("fgsm", norm=2)
+  with pytest.raises(ValueError, match="cleverhans"):
+    AttackConfig("pgd", restarts=3, impl="cleverhans")
+  with pytest.raises(ValueError, match="restarts"):
+    pgd(None, np.zeros((1, 2), np.float32), eps=0.1, step_size=0.1, steps=1, restarts=0)
+
+
+def _per_example_loss_and_wrong(model, x, y):
+  logits = model(x)
+  loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True).numpy()
+  return loss, np.argmax(logits, -1) != y
+
+
+def test_restarts_never_weaker_than_one_restart():
+  model, x = _small_classifier()
+  y = np.argmax(model(x), -1)
+  kwargs = dict(eps=0.2, step_size=0.05, steps=3, seed=tf.constant([3, 4]))
+  one = pgd(model, x, **kwargs)
+  many = pgd(model, x, restarts=4, **kwargs)
+  loss_one, wrong_one = _per_example_loss_and_wrong(model, one, y)
+  loss_many, wrong_many = _per_example_loss_and_wrong(model, many, y)
+  # Per example: a misclassified result, or at least the first restart's loss.
+  assert np.all(wrong_many | (loss_many >= loss_one - 1e-5))
+  assert np.all(wrong_many >= wrong_one)
+  assert loss_many.sum() > loss_one.sum()
+  assert np.all(np.abs(many - x) <= 0.2 + 1e-6)
+
+
+@pytest.mark.parametrize("random_start", [True, False])
+def test_l2_pgd_stays_in_its_ball_and_range(random_start):
+  model, x = _small_classifier()
+  x = np.clip(x, 0.2, 0.9)
+  eps = 0.5
+  x_adv = pgd(model, x, eps=eps, step_size=0.2, steps=6, norm=2, clip_min=0.2, clip_max=0.9,
+              random_start=random_start, seed=tf.constant([5, 6])).numpy()
+  norms = np.linalg.norm((x_adv - x).reshape(len(x), -1), axis=1)
+  assert np.all(norms <= eps * (1 + 1e-5))
+  assert np.all(norms > 0.25 * eps)
+  assert x_adv.min() >= 0.2 and x_adv.max() <= 0.9
+  y = np.argmax(model(x), -1)
+  loss_clean, _ = _per_example_loss_and_wrong(model, x, y)
+  loss_adv, _ = _per_example_loss_and_wrong(model, x_adv, y)
+  assert loss_adv.mean() > loss_clean.mean()
+
+
+def test_l2_pgd_on_linear_model_moves_along_w():
+  """Without clipping, L2 PGD on a linear model ends at x + eps * w / |w|."""
+  w = np.array([0.5, -1.0, 2.0, -0.25, 1.5], np.float32)
+  x = np.full((3, 5), 0.5, np.float32)
+  x_adv = pgd(_linear_model(w), x, np.zeros(3, np.int64), eps=0.2, step_size=0.05, steps=8,
+              norm=2, random_start=False).numpy()
+  np.testing.assert_allclose(x_adv, x + 0.2 * w / np.linalg.norm(w), atol=1e-5)
+
+
+def test_eager_calls_compile_once_per_model_and_arguments(batch):
+  model, _ = _small_classifier()
+  kwargs = dict(eps=EPS, step_size=0.03, steps=4, random_start=False)
+  first = pgd(model, batch, **kwargs)
+  pgd(model, batch[::-1].copy(), **kwargs)  # Another batch of the same shape.
+  pgd(model, batch[:7], **kwargs)  # Another batch size: the batch dimension is free.
+  functions = compiled.cached_functions(model)
+  assert len(functions) == 1
+  assert next(iter(functions.values())).experimental_get_tracing_count() == 1
+  # Inside a user's tf.function the attack is plain graph code: no new cache entry.
+  in_function = tf.function(lambda x: pgd(model, x, **kwargs), jit_compile=True)
+  np.testing.assert_allclose(in_function(batch).numpy(), first.numpy(), atol=1e-5)
+  assert len(compiled.cached_functions(model)) == 1
+  pgd(model, batch, **dict(kwargs, eps=2 * EPS))
+  fgsm(model, batch, eps=EPS)
+  assert len(compiled.cached_functions(model)) == 3
+
+
+def test_eager_call_equals_call_inside_tf_function(batch):
+  model, _ = _small_classifier()
+  seed = tf.constant([1, 2])
+  kwargs = dict(eps=EPS, step_size=0.03, steps=3, seed=seed)
+  eager = pgd(model, batch, **kwargs).numpy()
+  inside = tf.function(lambda x: pgd(model, x, **kwargs), jit_compile=True)(batch).numpy()
+  np.testing.assert_allclose(eager, inside, atol=1e-5)
+  # Without a seed, eager calls draw fresh random starts, as stateful randomness would.
+  a = pgd(model, batch, eps=EPS, step_size=0.03, steps=3).numpy()
+  b = pgd(model, batch, eps=EPS, step_size=0.03, steps=3).numpy()
+  assert np.any(a != b)
+
+
+def test_compiled_cache_does_not_keep_models_alive(batch):
+  model, _ = _small_classifier()
+  fgsm(model, batch, eps=EPS)
+  reference = weakref.ref(model)
+  assert compiled.cached_functions(model)
+  del model
+  gc.collect()
+  assert reference() is None

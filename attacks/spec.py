@@ -1,0 +1,229 @@
+"""Evaluation-attack specs (`--eval_attacks`): strings like `pgd(steps=50,restarts=5)`.
+
+The syntax is that of the activation specs (`robust_sparse/activations.py`):
+a name, optionally with keyword parameters. Values are numbers, or `inf` for
+the norm:
+
+  fgsm                      pgd                        pgd(steps=50,restarts=5)
+  pgd(norm=2,eps=1.5)       apgd_ce                    apgd_ce(steps=100,eps=0.03)
+
+Unspecified parameters take the run's values (`AttackConfig`: eps, PGD step
+size and steps, random start, data range); `restarts` defaults to 1, `norm`
+to L-infinity and `apgd_ce`'s `steps` to the paper's 100. Spec attacks are
+always the native implementation. Each spec has a canonical column name, safe
+in a CSV header: the attack and the parameters given, in a fixed order
+(`pgd_steps50_restarts5`, `pgd_norm2_eps1.5`, `apgd_ce`).
+"""
+
+import dataclasses
+import re
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+
+from attacks.registry import AttackConfig, make_attack
+
+FLAG = "--eval_attacks"
+# `apgd_ce` iterations unless the spec says otherwise (Croce & Hein 2020).
+APGD_STEPS = 100
+
+_TOKEN = re.compile(r"""\s*(?:
+    (?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
+  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<punct>[(),=])
+  | (?P<bad>\S))""", re.VERBOSE)
+
+
+def _non_negative_float(text):
+  value = float(text)
+  if not value >= 0:
+    raise ValueError("must be a number >= 0")
+  return value
+
+
+def _count(minimum):
+  def parse(text):
+    value = float(text)
+    if not value.is_integer() or value < minimum:
+      raise ValueError(f"must be an integer >= {minimum}")
+    return int(value)
+  return parse
+
+
+def _flag(text):
+  if text not in ("0", "1"):
+    raise ValueError("must be 0 or 1")
+  return text == "1"
+
+
+def _norm(text):
+  if text in ("inf", "linf"):
+    return np.inf
+  if text in ("2", "2.0"):
+    return 2
+  raise ValueError("must be 2 or inf")
+
+
+# Each attack's parameters, in column-name order: (AttackConfig field, parser).
+_PARAMETERS: Dict[str, Dict[str, Callable]] = {
+    "fgsm": {"eps": _non_negative_float},
+    "pgd": {"norm": _norm, "eps": _non_negative_float, "step_size": _non_negative_float,
+            "steps": _count(0), "restarts": _count(1), "random_start": _flag},
+    "apgd_ce": {"norm": _norm, "eps": _non_negative_float, "steps": _count(0)},
+}
+
+
+def names() -> List[str]:
+  """The attacks a spec may name."""
+  return sorted(_PARAMETERS)
+
+
+def _error(spec, problem):
+  return ValueError(f"{FLAG} {spec!r}: {problem}")
+
+
+def _parse(spec: str) -> Tuple[str, Dict[str, str]]:
+  """Parses `name` or `name(key=value,...)` into the name and the value texts."""
+  if not isinstance(spec, str) or not spec.strip():
+    raise ValueError(f"{FLAG}: an attack spec must be a non-empty string, got {spec!r}")
+  tokens = []
+  for match in _TOKEN.finditer(spec):
+    if match.lastgroup is None:  # Trailing whitespace.
+      continue
+    if match.lastgroup == "bad":
+      raise _error(spec, f"unexpected character {match.group('bad')!r}")
+    tokens.append((match.lastgroup, match.group(match.lastgroup)))
+  position = 0
+
+  def take(kind, value=None):
+    nonlocal position
+    if (position < len(tokens) and tokens[position][0] == kind
+        and (value is None or tokens[position][1] == value)):
+      position += 1
+      return tokens[position - 1][1]
+    return None
+
+  def fail(expected):
+    found = tokens[position][1] if position < len(tokens) else "end of spec"
+    raise _error(spec, f"expected {expected}, found {found!r}")
+
+  name = take("name")
+  if name is None:
+    fail("an attack name")
+  params = {}
+  if take("punct", "("):
+    if not take("punct", ")"):
+      while True:
+        key = take("name")
+        if key is None:
+          fail("a parameter name")
+        if key in params:
+          raise _error(spec, f"parameter {key!r} given twice")
+        if not take("punct", "="):
+          fail(f"'=' after {key!r}")
+        value = take("number") or take("name")
+        if value is None:
+          fail(f"a value for {key!r}")
+        params[key] = value
+        if take("punct", ")"):
+          break
+        if not take("punct", ","):
+          fail("',' or ')'")
+  if position != len(tokens):
+    fail("end of spec")
+  return name, params
+
+
+def _format(value) -> str:
+  if isinstance(value, bool):
+    return str(int(value))
+  if value == np.inf:
+    return "inf"
+  return repr(value) if isinstance(value, int) else format(value, "g")
+
+
+def resolve_attack_spec(spec: str, defaults: AttackConfig) -> Tuple[str, AttackConfig]:
+  """Returns (column name, the attack's `AttackConfig`) for one spec.
+
+  Args:
+    spec: e.g. "pgd(steps=50,restarts=5)".
+    defaults: the run's attack budget; parameters the spec leaves out take its
+      values (see the module docstring).
+
+  Raises:
+    ValueError: one line naming `--eval_attacks` and the bad part (unknown
+      attack or parameter, bad value, syntax error).
+  """
+  name, texts = _parse(spec)
+  if name not in _PARAMETERS:
+    raise _error(spec, f"unknown attack {name!r}; known: {', '.join(names())}")
+  parameters = _PARAMETERS[name]
+  values = {}
+  for key, text in texts.items():
+    if key not in parameters:
+      raise _error(spec, f"{name} has no parameter {key!r}; known: {', '.join(parameters)}")
+    try:
+      values[key] = parameters[key](text)
+    except ValueError as error:
+      raise _error(spec, f"{name}.{key} {error}, got {text!r}") from None
+  base = dict(name=name, impl="native", restarts=1, norm=np.inf)
+  if name == "apgd_ce":
+    base["steps"] = APGD_STEPS
+  try:
+    config = dataclasses.replace(defaults, **{**base, **values})
+  except ValueError as error:
+    raise _error(spec, str(error)) from None
+  column = "_".join([name] + [f"{key}{_format(values[key])}" for key in parameters
+                              if key in values])
+  return column, config
+
+
+def parse_attack_spec(spec: str, defaults: AttackConfig) -> Tuple[str, Callable]:
+  """Returns (column name, `attack(model, x, y=None, seed=None) -> x_adv`) for one spec.
+
+  See `resolve_attack_spec` for the arguments and errors.
+  """
+  column, config = resolve_attack_spec(spec, defaults)
+  return column, make_attack(config)
+
+
+def split_attack_specs(text: str) -> List[str]:
+  """Splits a flag value like "fgsm,pgd(steps=50,restarts=5)" at its top-level commas.
+
+  Raises:
+    ValueError: unbalanced parentheses, naming `--eval_attacks`.
+  """
+  specs, depth, start = [], 0, 0
+  for i, char in enumerate(text):
+    if char == "(":
+      depth += 1
+    elif char == ")":
+      depth -= 1
+      if depth < 0:
+        raise ValueError(f"{FLAG}: unbalanced ')' in {text!r}")
+    elif char == "," and depth == 0:
+      specs.append(text[start:i].strip())
+      start = i + 1
+  if depth:
+    raise ValueError(f"{FLAG}: unbalanced '(' in {text!r}")
+  specs.append(text[start:].strip())
+  return [spec for spec in specs if spec]
+
+
+def parse_attack_specs(specs, defaults: AttackConfig) -> List[Tuple[str, Callable]]:
+  """`parse_attack_spec` of each spec (a list, or one string split at top-level commas).
+
+  Raises:
+    ValueError: a bad spec, or two specs with the same column name.
+  """
+  if isinstance(specs, str):
+    specs = split_attack_specs(specs)
+  parsed, seen = [], {}
+  for spec in specs:
+    column, attack = parse_attack_spec(spec, defaults)
+    if column in seen:
+      raise ValueError(f"{FLAG}: {spec!r} and {seen[column]!r} are the same attack "
+                       f"({column})")
+    seen[column] = spec
+    parsed.append((column, attack))
+  return parsed
