@@ -378,6 +378,8 @@ class Runner:
     self.attack = make_attack(hparams.attack_config())
     self.top5 = dataset.num_classes > 10 or hparams.top5
     self.columns = columns(self.top5)
+    if hparams.eval_examples is not None:
+      self.columns += ("examples",)
     self.train_columns = columns(self.top5, sharpness=hparams.sharpness_examples > 0)
     if has_perturbation_masks(hparams):
       self.train_columns += ("mask_lived_weight",)
@@ -557,7 +559,7 @@ class Runner:
       _save_layer_arrays(directory, "masks", masks)
       _save_layer_arrays(directory, "init_kernels", _kernels(layers))
       files.save_arrays(os.path.join(directory, "weights_init.npz"), model_weights(model))
-      self._evaluate(engine, logs, start)
+      self._evaluate(engine, logs, start, final=False)
       if engine.measurement is not None:  # Periods measure their own batches only.
         engine.measurement.reset()
       self._checkpoint(directory, engine, logs)
@@ -622,7 +624,7 @@ class Runner:
         row.update(self.experiment.measure(level, model))
         logs["train"].append(row)
         chunk_start, train_sums = stop, np.zeros(len(METRICS))
-        results = self._evaluate(engine, logs, stop)
+        results = self._evaluate(engine, logs, stop, final=stop == eval_points[-1])
         if engine.measurement is not None:
           row.update(engine.measurement.results())
           engine.measurement.reset()
@@ -700,12 +702,17 @@ class Runner:
     return engine.sharpness(*self._sharpness_set, rho=hp.sharpness_rho,
                             batch_size=hp.batch_size)
 
-  def _evaluate(self, engine, logs, iteration):
+  def _evaluate(self, engine, logs, iteration, final=True):
+    """Evaluates validation and test sets: all of them, or the first `--eval_examples`
+    images of each unless `final` (then column `examples` says how many)."""
     results = {}
+    count = None if final else self.hparams.eval_examples
     for split, stream in (("valid", 1), ("test", 2)):
-      x = getattr(self.dataset, f"x_{split}")
-      y = getattr(self.dataset, f"y_{split}")
+      x = getattr(self.dataset, f"x_{split}")[:count]
+      y = getattr(self.dataset, f"y_{split}")[:count]
       results[split] = self._row(engine, iteration, engine.evaluate(x, y, stream))
+      if self.hparams.eval_examples is not None:
+        results[split]["examples"] = len(y)
       logs[split].append(results[split])
       if self._tensorboard is not None:
         self._tensorboard.write_row(split, results[split])

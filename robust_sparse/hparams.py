@@ -148,6 +148,10 @@ class TrainingHparams:
   eval_every: Optional[int] = _field(
       None, "evaluate on the full validation and test sets every this many "
       "iterations (default: 500, or once per epoch with --epochs)", lower_bound=1)
+  eval_examples: Optional[int] = _field(
+      None, "intermediate evaluations use only the first N validation and test images "
+      "(cheaper learning curves, e.g. with PGD); the last evaluation of every level uses "
+      "the full sets; valid.csv and test.csv get a column `examples`", lower_bound=1)
   optimizer: str = _field(
       "adam", "optimizer: sgd | adam | adamw, or <perturbation>-<optimizer> for "
       "sharpness-aware training: sam-sgd, asam-sgd, sam-adam, ...")

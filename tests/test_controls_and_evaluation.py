@@ -1,8 +1,9 @@
-"""The lottery-ticket controls: random_reinit (the ticket's masks, fresh init) and random_prune."""
+"""Lottery-ticket controls (random_reinit, random_prune) and evaluation subsets."""
 
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from data import load_dataset
@@ -75,3 +76,13 @@ def test_controls_refuse_a_missing_or_different_ticket(ticket, tmp_path):
   outcomes = run_cli_batch([common + args for args, _ in cases])
   for args, message in cases:
     one_line_error(*outcomes[tuple(common + args)], message)
+
+
+def test_eval_examples_subsets_intermediate_evaluations_but_not_the_last(digits, tmp_path):
+  hp = Hparams(**dict(BASE, prune_iters=0), experiment="train", eval_examples=50)
+  run_dir = Runner(hp, digits, str(tmp_path), progress=False).run()
+  directory = level_dir(run_dir, 0, 0)
+  full = {"valid": 300, "test": len(digits.y_test)}
+  for split in ("valid", "test"):
+    frame = pd.read_csv(os.path.join(directory, f"{split}.csv"))
+    assert frame["examples"].tolist() == [50, full[split]]
