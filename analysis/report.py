@@ -366,6 +366,24 @@ def _training_lines(section: TrainingSection, out_dir: str) -> List[str]:
   return lines
 
 
+def _attack_labels_note(runs: pd.DataFrame) -> List[str]:
+  """Says which labels the attacks of the runs used (`--attack_labels`), or nothing."""
+  if "attack_labels" not in runs or "attack" not in runs:
+    return []
+  attacked = runs[runs["attack"] != "none"]
+  if attacked.empty:
+    return []
+  counts = attacked["attack_labels"].fillna("predicted").value_counts()
+  meaning = {"predicted": "the model's own predictions (the seed's convention)",
+             "true": "the true labels (standard robust accuracy)"}
+  parts = [f"{meaning.get(label, label)} in {count} run{'s' if count > 1 else ''}"
+           for label, count in counts.items()]
+  return ["Adversarial accuracy (`adv_acc`) attacks " + "; ".join(parts)
+          + " (`--attack_labels`). `adv_acc_<attack>` columns (`--eval_attacks`) count "
+          "an example as robust only when it is classified correctly both clean and "
+          "under that attack.", ""]
+
+
 def render_report(study: load.Study, sections: Sequence[Section],
                   best_markdown: Optional[str], out_dir: str,
                   source: str = "", command: Optional[str] = None,
@@ -406,6 +424,7 @@ def render_report(study: load.Study, sections: Sequence[Section],
          if sections else ""),
       "",
   ]
+  lines += _attack_labels_note(runs)
   if study.problems:
     lines += ["## Warnings", "",
               "Missing, unfinished or diverged work (left out of every "

@@ -20,6 +20,9 @@ from robust_sparse.registry import Registry
 
 ATTACKS = Registry("attack")
 IMPLEMENTATIONS = ("native", "cleverhans")
+# What the attack's loss is taken against: the model's own predictions (the
+# lottery-ticket seed, cleverhans' y=None) or the true labels (RobustBench).
+LABELS = ("predicted", "true")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +39,8 @@ class AttackConfig:
     impl: "native", or "cleverhans" (FGSM and PGD with one start only).
     restarts: PGD's random starts; the worst case per example is kept.
     norm: np.inf or 2 (PGD and APGD; FGSM is L-infinity only).
+    labels: "predicted" (the seed's) or "true": `make_attack`'s function then
+      ignores, or uses, the labels its callers always pass.
   """
   name: str = "fgsm"
   eps: float = 0.3
@@ -47,9 +52,13 @@ class AttackConfig:
   impl: str = "native"
   restarts: int = 1
   norm: float = np.inf
+  labels: str = "predicted"
 
   def __post_init__(self):
     ATTACKS.get(self.name)
+    if self.labels not in LABELS:
+      raise ValueError(f"attack labels must be one of {', '.join(LABELS)}, got "
+                       f"{self.labels!r}")
     if self.impl not in IMPLEMENTATIONS:
       raise ValueError(f"unknown attack implementation {self.impl!r}; known: "
                        f"{', '.join(IMPLEMENTATIONS)}")
@@ -136,5 +145,17 @@ def _no_attack(config: AttackConfig):
 
 
 def make_attack(config: AttackConfig):
-  """Returns `attack(model, x, y=None, seed=None) -> x_adv` for `config` (None: "none")."""
-  return ATTACKS.get(config.name)(config)
+  """Returns `attack(model, x, y=None, seed=None) -> x_adv` for `config` (None: "none").
+
+  With `config.labels == "predicted"` the returned function drops the `y` it
+  is given and attacks the model's predictions; with "true" it attacks `y`.
+  """
+  attack = ATTACKS.get(config.name)(config)
+  if attack is None or config.labels == "true":
+    return attack
+
+  def on_predictions(model, x, y=None, seed=None):
+    del y  # The seed's convention: the model's own predictions.
+    return attack(model, x, None, seed)
+
+  return on_predictions

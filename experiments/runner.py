@@ -377,7 +377,8 @@ class Runner:
     self.callbacks = list(callbacks or [])
     self.attack = make_attack(hparams.attack_config())
     self.top5 = dataset.num_classes > 10 or hparams.top5
-    self.columns = columns(self.top5)
+    self.eval_attacks = hparams.eval_attack_specs()
+    self.columns = columns(self.top5) + tuple(f"adv_acc_{name}" for name, _ in self.eval_attacks)
     if hparams.eval_examples is not None:
       self.columns += ("examples",)
     self.train_columns = columns(self.top5, sharpness=hparams.sharpness_examples > 0)
@@ -477,7 +478,7 @@ class Runner:
                   grad_clip_norm=hp.grad_clip_norm, loss_scale=loss_scale, top5=self.top5,
                   extra_state=(self._perturbation_masks.variables
                                if self._perturbation_masks else None),
-                  measurement=measurement)
+                  measurement=measurement, eval_attacks=self.eval_attacks)
 
   def _masks(self, trial, level, layers):
     if level == 0:

@@ -9,7 +9,7 @@ restoring every variable at iteration `i` (`state()`) and continuing gives the
 same numbers as never stopping. A non-finite loss stops the loop at once.
 """
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -90,6 +90,9 @@ class Engine:
       split)` and `variables` (checkpointed under `engine/measure/<i>`).
       Training batches feed "train" (natural examples); evaluation batches of
       the test set (stream 2) feed "eval".
+    eval_attacks: [(name, attack)] evaluated beside `attack`: `evaluate`
+      reports `adv_acc_<name>`, the fraction of examples classified correctly
+      both clean and under that attack.
   """
 
   def __init__(self, model: keras.Model, loss_grad_fn, groups: Sequence[OptimizerGroup], *,
@@ -101,8 +104,9 @@ class Engine:
                loss_scale: Optional[steps_lib.LossScale] = None, top5: bool = False,
                jit_compile: Optional[bool] = None, eval_batch_size: int = 1000,
                extra_state: Optional[Dict[str, tf.Variable]] = None,
-               measurement=None):
+               measurement=None, eval_attacks: Sequence[Tuple[str, Callable]] = ()):
     self.model = model
+    self.eval_attacks = list(eval_attacks)
     self.groups = list(groups)
     self.attack = attack
     self.batch_size = batch_size
@@ -331,10 +335,10 @@ class Engine:
       return steps_lib.evaluation_sums(
           self.model, self.attack, x, y,
           steps_lib.stream_seed(self.seed, self.iteration, stream, index), self.top5,
-          taps=taps, on_taps=on_taps)
+          taps=taps, on_taps=on_taps, eval_attacks=[fn for _, fn in self.eval_attacks])
 
   def _eval_dataset_fn(self, dataset, stream):
-    sums = tf.zeros([5])
+    sums = tf.zeros([5 + len(self.eval_attacks)])
     for index, (x, y) in dataset.enumerate():
       sums += self._eval_batch(x, y, index, stream)
     return sums
@@ -346,9 +350,11 @@ class Engine:
       x, y: the evaluation set.
       stream: distinguishes the attack randomness of different sets (1 valid, 2 test).
     """
+    names = [f"adv_acc_{name}" for name, _ in self.eval_attacks]
     if len(x) == 0:  # No validation split (--valid_size=0).
       nan = float("nan")
-      return {m: nan for m in ("loss", "acc", "adv_acc", "nat_loss", "adv_loss", "top5")}
+      return {m: nan for m in ("loss", "acc", "adv_acc", "nat_loss", "adv_loss", "top5",
+                               *names)}
     dataset = tf.data.Dataset.from_tensor_slices((x, tf.cast(y, tf.int32)))
     if self.decode_eval is not None:
       decode = self.decode_eval
@@ -356,10 +362,11 @@ class Engine:
                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(self.eval_batch_size).prefetch(tf.data.AUTOTUNE)
     self._enforce_masks()
-    nat_loss, correct, adv_correct, adv_loss, top5 = (
-        self._eval_dataset(dataset, tf.constant(stream, tf.int64)).numpy() / len(x))
+    sums = self._eval_dataset(dataset, tf.constant(stream, tf.int64)).numpy() / len(x)
+    nat_loss, correct, adv_correct, adv_loss, top5 = sums[:5]
     loss = ((1 - self.adv_mix) * nat_loss + self.adv_mix * adv_loss if self.adv_train
             else nat_loss)
     return {"loss": float(loss), "acc": float(correct), "adv_acc": float(adv_correct),
             "nat_loss": float(nat_loss), "adv_loss": float(adv_loss),
-            "top5": float(top5) if self.top5 else float("nan")}
+            "top5": float(top5) if self.top5 else float("nan"),
+            **{name: float(value) for name, value in zip(names, sums[5:])}}

@@ -389,6 +389,15 @@ class AttackHparams:
   eps: float = _field(_ATTACK.eps, "L-infinity attack budget", lower_bound=0.0)
   pgd_step_size: float = _field(_ATTACK.step_size, "PGD step size", lower_bound=0.0)
   pgd_steps: int = _field(_ATTACK.steps, "PGD steps", lower_bound=0)
+  attack_labels: str = _field(
+      "predicted", "attack the model's own predictions (the seed's, cleverhans y=None) or "
+      "the true labels (standard robust accuracy), in training and evaluation",
+      choices=lambda: ["predicted", "true"])
+  eval_attacks: str = _field(
+      "", "more attacks at every evaluation, each adding adv_acc_<name> (clean and "
+      "adversarial both correct) to valid.csv / test.csv: a comma list of specs such as "
+      "fgsm, pgd(steps=50,restarts=5), pgd(norm=2,eps=1.5), apgd_ce; unset parameters "
+      "take --eps, --pgd_step_size, --pgd_steps")
   adv_train: bool = _field(False, "use adversarial training for the given attack")
   adv_mix: float = _field(0.5, "weight of the adversarial loss in adversarial training",
                           lower_bound=0.0, upper_bound=1.0)
@@ -433,7 +442,15 @@ class Hparams(RunHparams, AttackHparams, FlatnessHparams, ReLUHparams, PruningHp
 
   def attack_config(self) -> AttackConfig:
     return AttackConfig(name=self.attack, eps=self.eps, step_size=self.pgd_step_size,
-                        steps=self.pgd_steps, impl=self.attack_impl)
+                        steps=self.pgd_steps, impl=self.attack_impl, labels=self.attack_labels)
+
+  def eval_attack_specs(self):
+    """[(column name, attack)] of `--eval_attacks` (one-line ValueError on a bad spec)."""
+    from attacks import spec  # pylint: disable=import-outside-toplevel
+    if not self.eval_attacks.strip():
+      return []
+    return spec.parse_attack_specs(spec.split_attack_specs(self.eval_attacks),
+                                   self.attack_config())
 
   def to_dict(self):
     values = dataclasses.asdict(self)

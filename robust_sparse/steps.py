@@ -226,14 +226,15 @@ def loss_and_gradients(model: keras.Model, loss, loss_scale: Optional[LossScale]
 def adversarial(inner, model: keras.Model, attack: Callable, mix: float):
   """Adversarial training: `(1 - mix) * loss(x) + mix * loss(x_adv)`.
 
-  `x_adv = attack(model, x, None, seed)` is crafted once, at the current
+  `x_adv = attack(model, x, y, seed)` (hard labels) is crafted once, at the current
   weights, with the model in inference mode; then `inner` runs one pass over
   `[x; x_adv]` (faster, and stateful layers see one training step, not two).
   Wrapping a sharpness wrapper keeps both of its passes on the same `x_adv`.
   """
 
   def fn(trainable, non_trainable, batch):
-    x_adv = tf.stop_gradient(attack(model, batch["x"], None, batch["seed"]))
+    x_adv = tf.stop_gradient(attack(model, batch["x"], hard_labels(batch["y"]),
+                                    batch["seed"]))
     doubled = dict(batch, x=tf.concat([batch["x"], x_adv], 0),
                    y=tf.concat([batch["y"], batch["y"]], 0),
                    weight=tf.concat([(1.0 - mix) * batch["weight"],
@@ -479,13 +480,18 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
 
 
 def evaluation_sums(model: keras.Model, attack: Callable, x, y, seed, top5: bool = False,
-                    taps: Optional[keras.Model] = None, on_taps: Optional[Callable] = None):
-  """Sums over one evaluation batch: natural and adversarial loss, correct, top-5.
+                    taps: Optional[keras.Model] = None, on_taps: Optional[Callable] = None,
+                    eval_attacks: Sequence[Callable] = ()):
+  """Sums over one evaluation batch: natural and adversarial loss, correct, top-5,
+  then one robust count per attack of `eval_attacks`.
 
-  Evaluation losses use plain labels; the attack runs at `seed`. Without an
-  attack (None) the adversarial sums are NaN. With a tap model (see
-  `loss_and_gradients`), the natural pass runs through it and `on_taps`
-  receives the tapped outputs.
+  Evaluation losses use plain labels; the attack runs at `seed` (and is given
+  the labels; see `attacks.make_attack`). Without an attack (None) the
+  adversarial sums are NaN. With a tap model (see `loss_and_gradients`), the
+  natural pass runs through it and `on_taps` receives the tapped outputs. An
+  example is robust to an attack of `eval_attacks` when both it and the
+  attack's example are classified correctly (robust accuracy as RobustBench
+  counts it); attack k runs at seed + k + 1.
   """
   if taps is None:
     logits = model(x, training=False)
@@ -502,11 +508,16 @@ def evaluation_sums(model: keras.Model, attack: Callable, x, y, seed, top5: bool
     nan = tf.constant(np.nan, tf.float32)
     sums += [nan, nan]
   else:
-    x_adv = attack(model, x, None, seed)
+    x_adv = attack(model, x, y, seed)
     adv_logits = tf.cast(model(x_adv, training=False), tf.float32)
     adv = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=adv_logits)
     sums += [tf.reduce_sum(_correct(adv_logits, y)), tf.reduce_sum(adv)]
   sums.append(tf.reduce_sum(_top5(logits, y)) if top5 else tf.constant(0.0))
+  correct = _correct(logits, y)
+  for k, extra in enumerate(eval_attacks):
+    x_k = extra(model, x, y, seed + k + 1)
+    robust = correct * _correct(tf.cast(model(x_k, training=False), tf.float32), y)
+    sums.append(tf.reduce_sum(robust))
   return tf.stack(sums)
 
 

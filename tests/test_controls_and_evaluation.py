@@ -72,6 +72,9 @@ def test_controls_refuse_a_missing_or_different_ticket(ticket, tmp_path):
        "--model=dense-300-100, not --model=lenet5"),
       (["--experiment=random_reinit", f"--ticket_run={ticket}", "--prune_iters=5"],
        "--prune_iters=5 need more"),
+      (["--eval_attacks=fgsm,foo"], "--eval_attacks 'foo': unknown attack"),
+      (["--eval_attacks=pgd(restarts=0)"], "--eval_attacks 'pgd(restarts=0)'"),
+      (["--attack_labels=gold"], "--attack_labels"),
   ]
   outcomes = run_cli_batch([common + args for args, _ in cases])
   for args, message in cases:
@@ -86,3 +89,41 @@ def test_eval_examples_subsets_intermediate_evaluations_but_not_the_last(digits,
   for split in ("valid", "test"):
     frame = pd.read_csv(os.path.join(directory, f"{split}.csv"))
     assert frame["examples"].tolist() == [50, full[split]]
+
+
+def test_attack_labels_reach_the_attack_and_eval_attacks_add_robust_columns(digits, tmp_path):
+  """--attack_labels=true attacks y; predicted drops it; extra attacks get their columns."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from attacks import AttackConfig, make_attack  # pylint: disable=import-outside-toplevel
+  seen = []
+
+  def model(x, training=False):
+    del training
+    return tf.stack([x[:, 0], -x[:, 0]], -1)
+
+  for labels, expected in (("true", True), ("predicted", False)):
+    attack = make_attack(AttackConfig(name="fgsm", eps=0.1, labels=labels))
+    x = tf.constant([[0.5], [0.2]])
+    y = tf.constant([1, 1])  # The model predicts 0 for both.
+    x_adv = attack(model, x, y)
+    # FGSM raises the loss of its label: of the true 1 by raising x (logit 0 - logit 1 =
+    # 2x), of the predicted 0 by lowering x.
+    seen.append((labels, bool(tf.reduce_all(x_adv > x))))
+  assert seen == [("true", True), ("predicted", False)]
+
+  hp = Hparams(**dict(BASE, prune_iters=0), experiment="train", attack_labels="true",
+               eval_attacks="fgsm,pgd(steps=5,restarts=2),apgd_ce(steps=10)")
+  run_dir = Runner(hp, digits, str(tmp_path), progress=False).run()
+  frame = pd.read_csv(os.path.join(level_dir(run_dir, 0, 0), "test.csv"))
+  last = frame.iloc[-1]
+  names = ["adv_acc_fgsm", "adv_acc_pgd_steps5_restarts2", "adv_acc_apgd_ce_steps10"]
+  assert all(name in frame.columns for name in names)
+  # Robust counts never exceed clean accuracy; with true labels the eval fgsm column equals
+  # the run's own FGSM accuracy on the clean-correct examples, so at most adv_acc.
+  for name in names:
+    assert 0.0 <= last[name] <= last["acc"] + 1e-9
+  assert last["adv_acc_fgsm"] <= last["adv_acc"] + 1e-9
+  assert last["adv_acc_pgd_steps5_restarts2"] <= last["adv_acc_fgsm"] + 0.02
+  from analysis import load, report  # pylint: disable=import-outside-toplevel
+  note = report._attack_labels_note(load.load_study(str(tmp_path)).runs)  # pylint: disable=protected-access
+  assert "true labels" in note[0]
