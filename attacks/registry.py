@@ -149,13 +149,21 @@ def make_attack(config: AttackConfig):
 
   With `config.labels == "predicted"` the returned function drops the `y` it
   is given and attacks the model's predictions; with "true" it attacks `y`.
+  Its attribute `labels` says which (evaluation then counts an example as
+  robust only when its clean version is correct too).
   """
   attack = ATTACKS.get(config.name)(config)
-  if attack is None or config.labels == "true":
-    return attack
+  if attack is None:
+    return None
+  if config.labels == "true":
+    def on_labels(model, x, y=None, seed=None):
+      return attack(model, x, y, seed)
+    on_labels.labels = "true"
+    return on_labels
 
   def on_predictions(model, x, y=None, seed=None):
     del y  # The seed's convention: the model's own predictions.
     return attack(model, x, None, seed)
 
+  on_predictions.labels = "predicted"
   return on_predictions

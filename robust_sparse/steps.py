@@ -486,7 +486,9 @@ def evaluation_sums(model: keras.Model, attack: Callable, x, y, seed, top5: bool
   then one robust count per attack of `eval_attacks`.
 
   Evaluation losses use plain labels; the attack runs at `seed` (and is given
-  the labels; see `attacks.make_attack`). Without an attack (None) the
+  the labels; see `attacks.make_attack`); with an attack of the true labels
+  (`attack.labels == "true"`) a misclassified clean example never counts as
+  adversarially correct. Without an attack (None) the
   adversarial sums are NaN. With a tap model (see `loss_and_gradients`), the
   natural pass runs through it and `on_taps` receives the tapped outputs. An
   example is robust to an attack of `eval_attacks` when both it and the
@@ -511,7 +513,10 @@ def evaluation_sums(model: keras.Model, attack: Callable, x, y, seed, top5: bool
     x_adv = attack(model, x, y, seed)
     adv_logits = tf.cast(model(x_adv, training=False), tf.float32)
     adv = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=adv_logits)
-    sums += [tf.reduce_sum(_correct(adv_logits, y)), tf.reduce_sum(adv)]
+    adv_correct = _correct(adv_logits, y)
+    if getattr(attack, "labels", "predicted") == "true":  # Robust accuracy: clean correct too.
+      adv_correct *= _correct(logits, y)
+    sums += [tf.reduce_sum(adv_correct), tf.reduce_sum(adv)]
   sums.append(tf.reduce_sum(_top5(logits, y)) if top5 else tf.constant(0.0))
   correct = _correct(logits, y)
   for k, extra in enumerate(eval_attacks):

@@ -127,3 +127,30 @@ def test_attack_labels_reach_the_attack_and_eval_attacks_add_robust_columns(digi
   from analysis import load, report  # pylint: disable=import-outside-toplevel
   note = report._attack_labels_note(load.load_study(str(tmp_path)).runs)  # pylint: disable=protected-access
   assert "true labels" in note[0]
+
+
+def test_with_true_labels_a_misclassified_clean_example_never_counts_as_robust():
+  """A 'defence' that fixes misclassified inputs: the true-label count must not credit it."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from attacks import AttackConfig, make_attack  # pylint: disable=import-outside-toplevel
+  from robust_sparse.steps import evaluation_sums  # pylint: disable=import-outside-toplevel
+
+  class Flip(tf.Module):  # Predicts 0 for x < 0.5, 1 otherwise.
+    def __call__(self, x, training=False):
+      del training
+      return tf.stack([0.5 - x[:, 0], x[:, 0] - 0.5], -1) * 10
+
+  def moves_to_the_truth(model, x, y=None, seed=None):  # An "attack" that helps.
+    del model, seed
+    return tf.where(tf.equal(y, 1)[:, None], tf.ones_like(x), tf.zeros_like(x))
+
+  x = tf.constant([[0.2], [0.8], [0.1]])
+  y = tf.constant([1, 1, 0])  # The first is misclassified.
+  seed = tf.constant([0, 0], tf.int64)
+  for labels, expected in (("true", 2.0), ("predicted", 3.0)):
+    moves_to_the_truth.labels = labels
+    sums = evaluation_sums(Flip(), moves_to_the_truth, x, y, seed)
+    assert float(sums[2]) == expected
+  real = make_attack(AttackConfig(name="pgd", eps=0.5, step_size=0.1, steps=5, labels="true"))
+  assert real.labels == "true"
+  assert float(evaluation_sums(Flip(), real, x, y, seed)[2]) <= 2.0
