@@ -239,8 +239,14 @@ def plot_sparsity_comparison(rows: pd.DataFrame, labels: Sequence[str], heading:
                              ["label", "iteration"], columns)
   palette = plt.cm.tab10(np.arange(10)) if len(labels) <= 10 else plt.cm.tab20(np.arange(20))
   colours = {label: tuple(palette[i % len(palette)]) for i, label in enumerate(labels)}
-  figure, axes = plt.subplots(1, 2, figsize=(12.5, 4.6), sharex=True, sharey=True,
-                              squeeze=False, layout="constrained")
+  width = 110
+  longest = max(min(len(label), width) for label in labels)
+  ncol = min(3 if longest <= 30 else 2 if longest <= 45 else 1, len(labels))
+  wrapped = [textwrap.fill(label, width) for label in labels]
+  legend_lines = -(-sum(w.count("\n") + 1 for w in wrapped) // ncol)
+  # The axes keep their height however long the legend below them is.
+  figure, axes = plt.subplots(1, 2, figsize=(12.5, 4.0 + 0.2 * legend_lines), sharex=True,
+                              sharey=True, squeeze=False, layout="constrained")
   for axis, (prefix, panel) in zip(axes[0], PANELS):
     mean = f"{prefix}{AVERAGE}_mean"
     for label in labels:
@@ -257,13 +263,10 @@ def plot_sparsity_comparison(rows: pd.DataFrame, labels: Sequence[str], heading:
     _iteration_axis(axis)
   axes[0, 0].set_ylabel(f"{SPARSITY_AXIS_LABEL},\naverage over layers")
   _sparsity_limits(axes, _band_values(curves))
-  width = 90
-  handles = [mlines.Line2D([], [], color=colours[label], linewidth=2.5,
-                           label=textwrap.fill(label, width)) for label in labels]
-  longest = max(min(len(label), width) for label in labels)
-  ncol = 3 if longest <= 30 else 2 if longest <= 45 else 1
+  handles = [mlines.Line2D([], [], color=colours[label], linewidth=2.5, label=text)
+             for label, text in zip(labels, wrapped)]
   figure.legend(handles=handles, loc="outside lower center", frameon=False,
-                fontsize=9, ncol=min(ncol, len(labels)))
+                fontsize=9, ncol=ncol)
   figure.suptitle(f"{heading}\nActivation sparsity during training, average over layers "
                   "(mean ± 1 std over trials)", fontsize=12)
   return figure

@@ -22,9 +22,11 @@ Layout of `out_dir`:
   figures/<dataset>_<model>_<experiment>_<attack>_<mode>_<id>_activation_sparsity_layers.<format>
   tables/<dataset>_activation_sparsity_table.{csv,md}
   tables/<dataset>_<model>_relu_{points,pareto}.csv
+  tables/gradient_masking.{csv,md}, figures/gradient_masking.<format>   with masking_options
 """
 
 import dataclasses
+import collections
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -34,6 +36,7 @@ from analysis import activation
 from analysis import figures
 from analysis import layers
 from analysis import load
+from analysis import masking
 from analysis import metrics
 from analysis import relu
 from analysis import tables
@@ -170,6 +173,34 @@ def _lottery_sections(evaluations: pd.DataFrame, final: pd.DataFrame,
   return sections
 
 
+MAX_LABEL = 100  # Characters of a legend label; longer ones end in "...".
+# Fields named first in a label: what a comparison is usually about.
+LABEL_PRIORITY = ("experiment", "vit_variant", "model", "activation", "adv_train", "attack",
+                  "attack_labels", "optimizer", "learning_rate", "epochs")
+
+
+def _short_label(config: dict, configs: Sequence[dict], keys: Sequence[str]) -> str:
+  """The fields of `keys` where `config` departs from the most common value of `configs`.
+
+  Fields of `LABEL_PRIORITY` come first; unset (None) values are not named; the
+  run that departs nowhere is named by its first two distinguishing fields; a
+  label over `MAX_LABEL` characters is cut.
+  """
+  def key_value(config, key):
+    return repr(config.get(key))
+
+  modes = {key: collections.Counter(key_value(c, key) for c in configs).most_common(1)[0][0]
+           for key in keys}
+  order = {key: i for i, key in enumerate(LABEL_PRIORITY)}
+  keys = sorted(keys, key=lambda k: (order.get(k, len(order)), k))
+  own = [key for key in keys
+         if key_value(config, key) != modes[key] and config.get(key) is not None]
+  label = load.setting_label(config, own or list(keys)[:2])
+  if len(label) > MAX_LABEL:
+    label = label[:MAX_LABEL - 3].rstrip(", ") + "..."
+  return label
+
+
 def training_labels(study: load.Study, run_dirs: Sequence[str],
                     exclude: Sequence[str] = ("dataset", "model")
                    ) -> Tuple[Dict[str, str], List[str]]:
@@ -190,7 +221,9 @@ def training_labels(study: load.Study, run_dirs: Sequence[str],
   keys = load.differing_keys(configs, exclude=exclude)
   if not keys:
     keys = ["experiment", "attack", "adv_train"]
-  labels = [load.setting_label(config, keys) for config in configs]
+    labels = [load.setting_label(config, keys) for config in configs]
+  else:
+    labels = [_short_label(config, configs, keys) for config in configs]
   # Different configurations that print alike get their hash appended.
   ids = [load.config_id(config) for config in configs]
   per_label = {}
@@ -243,7 +276,8 @@ def _training_sections(study: load.Study, out_dir: str,
 
 def write_analysis(study: load.Study, out_dir: str,
                    formats: Sequence[str] = ("png",),
-                   source: str = "", command: Optional[str] = None) -> str:
+                   source: str = "", command: Optional[str] = None,
+                   masking_options: Optional[masking.Options] = None) -> str:
   """Writes all figures, tables and the report of `study` into `out_dir`.
 
   Args:
@@ -252,6 +286,9 @@ def write_analysis(study: load.Study, out_dir: str,
     formats: figure formats, e.g. ("png", "svg", "pdf").
     source: the base directory, named in the report.
     command: the command line that produced the analysis, for the report.
+    masking_options: run the gradient-masking checks (`analysis.masking`) of
+      every run with an attack, loading its weights and test images; None:
+      skip them.
 
   Returns:
     The path of the report.
@@ -287,6 +324,9 @@ def write_analysis(study: load.Study, out_dir: str,
                     if source else [])
   activation_sections = activation.sections(study, out_dir, formats, _save, _group_stem,
                                             TABLES_DIR, training_labels)
+  masking_sections = (masking.sections(study, source, out_dir, formats, _save, TABLES_DIR,
+                                       masking_options)
+                      if masking_options is not None else [])
   if not study.diverged.empty:
     study.diverged.to_csv(os.path.join(out_dir, TABLES_DIR, "diverged.csv"),
                           index=False)
@@ -295,7 +335,7 @@ def write_analysis(study: load.Study, out_dir: str,
   with open(path, "w") as f:
     f.write(render_report(study, sections, best_markdown, out_dir, source,
                           command, training, relu_sections, layer_sections,
-                          activation_sections))
+                          activation_sections, masking_sections))
   return path
 
 
@@ -390,7 +430,8 @@ def render_report(study: load.Study, sections: Sequence[Section],
                   training: Sequence[TrainingSection] = (),
                   relu_sections: Sequence[tuple] = (),
                   layer_sections: Sequence[tuple] = (),
-                  activation_sections: Sequence[tuple] = ()) -> str:
+                  activation_sections: Sequence[tuple] = (),
+                  masking_sections: Sequence[tuple] = ()) -> str:
   """Returns the Markdown of the report (links relative to `out_dir`).
 
   Args:
@@ -407,6 +448,8 @@ def render_report(study: load.Study, sections: Sequence[Section],
       `--measure=saturation` (`analysis.layers.sections`).
     activation_sections: (heading, table Markdown, figures) of the runs
       measured with `--measure=activation_sparsity` (`analysis.activation.sections`).
+    masking_sections: (heading, text with the table, figures) of the
+      gradient-masking checks (`analysis.masking.sections`).
   """
   runs = study.runs
   trials = study.evaluations.groupby("run_dir")["trial"].nunique()
@@ -470,6 +513,8 @@ def render_report(study: load.Study, sections: Sequence[Section],
   for heading, saved in layer_sections:
     lines += [f"## {heading}", ""] + [_figure_markdown(figure, out_dir) for figure in saved]
   for heading, text, saved in activation_sections:
+    lines += [f"## {heading}", "", text] + [_figure_markdown(figure, out_dir) for figure in saved]
+  for heading, text, saved in masking_sections:
     lines += [f"## {heading}", "", text] + [_figure_markdown(figure, out_dir) for figure in saved]
   with_setting = (runs["setting"] != "").any()
   lines += ["## Runs", "",
