@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 from typing import Optional, Sequence
 
@@ -40,7 +41,7 @@ from attacks import make_attack
 from data import augment as augment_lib
 from experiments.registry import EXPERIMENTS, Defaults
 from models import NORMALIZATIONS, build_model
-from robust_sparse import files, pruning, sparsity_modules, ssam
+from robust_sparse import claims, files, pruning, sparsity_modules, ssam
 from robust_sparse import measurements as measurements_lib
 from robust_sparse import saturation as saturation_lib
 from robust_sparse import tensorboard
@@ -56,7 +57,9 @@ from robust_sparse.steps import (METRICS, LossScale, OptimizerGroup, cross_entro
                                  loss_and_gradients, standard_loss_grad_fn)
 
 SPLITS = ("train", "valid", "test")
-CHECKPOINTS = "checkpoints"  # --save_every_epochs' folder in a level.
+CHECKPOINTS = "checkpoints"
+# How often a process that has nothing left to claim looks again (levels held by others).
+CLAIM_POLL_SECONDS = 2.0  # --save_every_epochs' folder in a level.
 
 
 class DivergedError(RuntimeError):
@@ -404,13 +407,34 @@ class Runner:
     """
     os.makedirs(self.run_dir, exist_ok=True)
     files.write_json(os.path.join(self.run_dir, "hparams.json"), self.hparams.to_dict())
-    for trial in range(self.hparams.trials):
-      for level in range(self.experiment.levels()):
-        self.run_level(trial, level)
+    while not self._run_unclaimed_levels():
+      time.sleep(CLAIM_POLL_SECONDS)  # Other processes hold levels still to finish.
     self.summary = self.experiment.after_run(self)
     if self.hparams.probes and self.experiment.levels() > 0:
       self.summary = self._probes()
     return self.run_dir
+
+  def _run_unclaimed_levels(self) -> bool:
+    """Trains every level no other process holds, each trial's in order (see `claims`).
+
+    Returns:
+      True when every level is finished; False when others still hold some.
+    """
+    done = True
+    for trial in range(self.hparams.trials):
+      for level in range(self.experiment.levels()):
+        directory = level_dir(self.run_dir, trial, level)
+        if is_finished(directory):
+          continue
+        claim = claims.try_claim(directory)
+        if claim is None:  # Another process trains it; its later levels wait.
+          logging.info("%s is claimed by %s; moving on", directory,
+                       claims.read_claim(directory))
+          done = False
+          break
+        with claim:
+          self.run_level(trial, level)
+    return done
 
   def _probes(self):
     """`--probes`: probes of trial 0's final network (its last level)."""
@@ -521,6 +545,7 @@ class Runner:
       raise DivergedError(self._diverged_message(trial, level,
                                                  metadata.get("diverged_iteration")))
     began = time.time()
+    logging.info("training %s", directory)
     fresh = self.build(trial, level)
     phase = self.experiment.phase(level)
     if phase not in self._engines:
@@ -766,6 +791,7 @@ class Runner:
         "final_iteration": iteration,
         "completed": True,
         "seconds": time.time() - began,
+        "worker": {"host": socket.gethostname(), "pid": os.getpid()},
         **self.experiment.metadata(level, model, directory, logs),
     })
     os.remove(os.path.join(directory, "checkpoint.npz"))
