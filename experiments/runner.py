@@ -57,9 +57,9 @@ from robust_sparse.steps import (METRICS, LossScale, OptimizerGroup, cross_entro
                                  loss_and_gradients, standard_loss_grad_fn)
 
 SPLITS = ("train", "valid", "test")
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = "checkpoints"  # --save_every_epochs' folder in a level.
 # How often a process that has nothing left to claim looks again (levels held by others).
-CLAIM_POLL_SECONDS = 2.0  # --save_every_epochs' folder in a level.
+CLAIM_POLL_SECONDS = 2.0
 
 
 class DivergedError(RuntimeError):
