@@ -13,10 +13,15 @@ attack and training mode are labelled by the fields that differ
 runs without pruning levels (`--experiment=train`, `no_pruning`) get learning
 curves and a final table; diverged levels are listed, never plotted. The
 output (default `<base_dir>/analysis`) holds `report.md`, which shows every
-figure and table. Bad input (a missing or empty folder, no run, filters that
+figure and table. Every run with an attack also gets the gradient-masking
+checks (`analysis.masking`; `--nomasking_checks` skips them): its final
+weights are attacked again on the first `--masking_examples` test images
+(MNIST and CIFAR runs read them from `--data_dir`, else from the run's own
+`--data_dir`). Bad input (a missing or empty folder, no run, filters that
 match nothing) ends with a one-line message on stderr and exit status 1.
 """
 
+import os
 import shlex
 import sys
 
@@ -24,6 +29,7 @@ from absl import app
 from absl import flags
 
 from analysis import load
+from analysis import masking
 from analysis import report
 
 FIGURE_FORMATS = ("png", "svg", "pdf")
@@ -47,12 +53,30 @@ _ADV_TRAIN = flags.DEFINE_boolean(
     "--noadv_train: only naturally trained runs; unset: both.")
 _FORMAT = flags.DEFINE_list(
     "format", ["png"], f"Figure formats, a comma list of {FIGURE_FORMATS}.")
+_MASKING_CHECKS = flags.DEFINE_boolean(
+    "masking_checks", True, "Gradient-masking checks of every run with an --attack: FGSM, "
+    "PGD, a 5x stronger PGD, eps 1.0 and a transfer attack on its final weights "
+    "(tables/gradient_masking.*).")
+_MASKING_EXAMPLES = flags.DEFINE_integer(
+    "masking_examples", 500, "Test images the gradient-masking checks attack (the first N).",
+    lower_bound=1)
+_MASKING_TOLERANCE = flags.DEFINE_float(
+    "masking_tolerance", 0.01, "Slack of the gradient-masking checks, as a fraction "
+    "(0.01: 1 point of robust accuracy).", lower_bound=0.0)
+_MASKING_ALL_LEVELS = flags.DEFINE_boolean(
+    "masking_all_levels", False, "Check every finished pruning level, not only the last.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Folder with the raw data files for the gradient-masking checks; "
+    "default: each run's own --data_dir (sklearn_digits needs none).")
 
 flags.mark_flag_as_required("base_dir")
 flags.register_validator(
     "format", lambda formats: bool(formats) and all(
         f in FIGURE_FORMATS for f in formats),
     message=f"--format must be a non-empty comma list of {FIGURE_FORMATS}")
+flags.register_validator(
+    "data_dir", lambda path: path is None or os.path.isdir(path),
+    message="--data_dir must be an existing folder")
 
 
 def main(argv):
@@ -69,8 +93,12 @@ def main(argv):
     sys.exit(f"run_analysis: error: {error}")
   command = "python -m run_analysis " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
+  masking_options = masking.Options(
+      examples=_MASKING_EXAMPLES.value, tolerance=_MASKING_TOLERANCE.value,
+      data_dir=_DATA_DIR.value, all_levels=_MASKING_ALL_LEVELS.value) if (
+          _MASKING_CHECKS.value) else None
   path = report.write_analysis(study, out_dir, _FORMAT.value, base_dir,
-                               command)
+                               command, masking_options)
   print(f"Analysed {len(study.runs)} runs; report: {path}")
 
 

@@ -16,7 +16,7 @@ first `Options.examples` test images, with the true labels, by
               shown to trial t (skipped when the run has one trial).
 
 Each number is a robust accuracy: the fraction of images classified correctly
-both clean and attacked. Over the mean of the trials, four checks give
+both clean and attacked. Over the mean of the trials, five checks give
 "pass" or "suspected" (tolerance `Options.tolerance`, default 1 point):
 
   1. pgd_vs_fgsm: an iterative attack is at least as strong as a single-step
@@ -26,7 +26,15 @@ both clean and attacked. Over the mean of the trials, four checks give
   3. large_eps: eps 1.0 can draw any image, so almost nothing survives
      (acc_eps1 <= 0.05);
   4. transfer: a black-box transfer attack is not stronger than white-box
-     (acc_transfer >= acc_pgd - tol).
+     (acc_transfer >= acc_pgd - tol);
+  5. fgsm_not_overstated, adversarially trained runs only ("n/a" for the
+     others): PGD keeps at least half of the FGSM robust accuracy (acc_pgd >=
+     acc_fgsm / 2 - tol). Checks 1-4 pass a model whose FGSM accuracy is far
+     above its PGD accuracy, yet after FGSM training that gap is the classic
+     sign that the model learned to defeat FGSM's single gradient step
+     ("catastrophic overfitting", Wong et al. 2020) rather than to be robust;
+     naturally trained models are left out because FGSM is weak on them
+     without any masking.
 
 A run is "suspected" when any check is. Runs whose weights or data cannot be
 loaded get a row that says why. One Keras model serves every run and trial
@@ -40,6 +48,7 @@ level) and `figures/gradient_masking.<format>`.
 import dataclasses
 import json
 import os
+import re
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -77,12 +86,12 @@ PASS, SUSPECTED, NOT_APPLICABLE = "pass", "suspected", "n/a"
 CHECKS = {
     "pgd_vs_fgsm": (
         "PGD ≤ FGSM",
-        "an iterative attack is at least as strong as a single-step one: PGD accuracy at "
+        "an iterative attack is at least as strong as a single-step one: PGD accuracy is at "
         "most FGSM accuracy + {tol}"),
     "more_steps": (
         "stronger PGD ≤ PGD",
         f"more steps and restarts are not weaker: the accuracy under PGD with "
-        f"{STRONG_STEPS_FACTOR}x the steps and {STRONG_RESTARTS} restarts at most PGD "
+        f"{STRONG_STEPS_FACTOR}x the steps and {STRONG_RESTARTS} restarts is at most PGD "
         "accuracy + {tol}"),
     "large_eps": (
         "eps 1 ≈ 0",
@@ -92,8 +101,14 @@ CHECKS = {
     "transfer": (
         "transfer ≥ PGD",
         "a transfer attack (PGD examples crafted on another trial's model of the same run) "
-        "is not stronger than white-box PGD: transfer accuracy at least PGD accuracy - "
+        "is not stronger than white-box PGD: transfer accuracy is at least PGD accuracy - "
         "{tol}"),
+    "fgsm_not_overstated": (
+        "PGD ≥ FGSM / 2",
+        "for adversarially trained runs (n/a for the others), PGD keeps at least half of "
+        "the FGSM accuracy (minus {tol}): a model that resists FGSM far better than PGD has "
+        "learned to defeat FGSM's single gradient step rather than to be robust "
+        "(catastrophic overfitting of FGSM training, Wong et al. 2020)"),
 }
 _CSV_COLUMNS = (["run", "label", "prune_iteration", "percent_weights_remaining", "trials",
                  "examples", "eps", "step_size", "steps"]
@@ -107,7 +122,7 @@ class Options:
 
   Attributes:
     examples: the first this many test images are attacked.
-    tolerance: the slack of checks 1, 2 and 4, as a fraction (0.01: 1 point).
+    tolerance: the slack of checks 1, 2, 4 and 5, as a fraction (0.01: 1 point).
     data_dir: the raw data folder; None: each run's own `--data_dir`.
     all_levels: check every finished level, not only the last one.
     batch_size: images per attack batch (every batch is padded to this size,
@@ -213,10 +228,11 @@ def evaluate_trials(model_of: Callable[[int], object], trials: int, x: np.ndarra
     correct = _correct(model, x, y, batch_size)
     row = {"clean": float(correct.mean())}
     for name, attack in attacks.items():
-      # The strong PGD's first restart starts where PGD does: it cannot be weaker by luck.
+      # The strong PGD's first restart starts where PGD does: a luckier random
+      # start cannot make either look stronger than the other.
       stream = "pgd" if name == "pgd_strong" else name
 
-      def craft(indices, number, attack=attack, stream=stream):
+      def craft(indices, number, attack=attack, stream=stream, model=model, trial=trial):
         seed_pair = tf.constant([derived_seed(seed, trial, stream, int(number)), 0], tf.int64)
         return attack(model, x[indices], tf.gather(y_tensor, indices), seed=seed_pair)
 
@@ -232,17 +248,24 @@ def evaluate_trials(model_of: Callable[[int], object], trials: int, x: np.ndarra
       continue
     source = (trial + 1) % trials
     model = model_of(trial)
-    fooled = _correct(model, crafted[source], y, batch_size)
-    row.update(transfer=float((clean[trial] & fooled).mean()), transfer_from=source)
+    survived = _correct(model, crafted[source], y, batch_size)
+    row.update(transfer=float((clean[trial] & survived).mean()), transfer_from=source)
   return results
 
 
-def run_checks(accuracies: Mapping[str, float], tolerance: float = 0.01) -> Dict[str, str]:
-  """Each check's verdict (`PASS`, `SUSPECTED`, or `NOT_APPLICABLE` for a missing number).
+def run_checks(accuracies: Mapping[str, float], tolerance: float = 0.01,
+               adversarially_trained: bool = False) -> Dict[str, str]:
+  """Each check's verdict (`PASS`, `SUSPECTED`, or `NOT_APPLICABLE`).
 
   Args:
     accuracies: robust accuracies in [0, 1] (means over trials) by `MEASURES` name.
-    tolerance: the slack of checks 1, 2 and 4 (0.01: 1 point).
+    tolerance: the slack of checks 1, 2, 4 and 5 (0.01: 1 point).
+    adversarially_trained: the run trained on adversarial examples; check 5
+      is `NOT_APPLICABLE` otherwise.
+
+  Returns:
+    {check name (`CHECKS`): verdict}; a check whose numbers are missing (NaN)
+    is `NOT_APPLICABLE`.
   """
   def get(name):
     value = accuracies.get(name, float("nan"))
@@ -261,6 +284,9 @@ def run_checks(accuracies: Mapping[str, float], tolerance: float = 0.01) -> Dict
       "large_eps": verdict(get("eps1"), holds=lambda eps1: eps1 <= LARGE_EPS_MAX_ACCURACY),
       "transfer": verdict(get("transfer"), get("pgd"),
                           holds=lambda transfer, pgd: transfer >= pgd - tolerance),
+      "fgsm_not_overstated": (
+          verdict(get("pgd"), get("fgsm"), holds=lambda pgd, fgsm: pgd >= fgsm / 2 - tolerance)
+          if adversarially_trained else NOT_APPLICABLE),
   }
 
 
@@ -274,14 +300,22 @@ def overall_verdict(checks: Mapping[str, str]) -> str:
 # ---- loading runs -------------------------------------------------------------------
 def finished_levels(run_dir: str) -> Dict[int, List[int]]:
   """{trial: sorted levels that finished and hold `weights_final.npz`} of a run folder."""
-  from experiments.runner import is_finished  # pylint: disable=import-outside-toplevel
+  def numbered(folder, prefix):
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted((int(name[len(prefix):]), os.path.join(folder, name)) for name in names
+                  if re.fullmatch(re.escape(prefix) + r"\d+", name))
+
+  def finished(folder):
+    try:
+      with open(os.path.join(folder, load.METADATA_FILE)) as f:
+        completed = json.load(f).get("completed") is True
+    except (OSError, ValueError, AttributeError):
+      return False
+    return completed and os.path.exists(os.path.join(folder, "weights_final.npz"))
+
   found = {}
-  for trial, trial_dir in sorted(load._numbered_subdirs(  # pylint: disable=protected-access
-      run_dir, load._TRIAL_DIR).items()):  # pylint: disable=protected-access
-    levels = [level for level, folder in sorted(load._numbered_subdirs(  # pylint: disable=protected-access
-        trial_dir, load._PRUNE_ITER_DIR).items())  # pylint: disable=protected-access
-              if is_finished(folder)
-              and os.path.exists(os.path.join(folder, "weights_final.npz"))]
+  for trial, trial_dir in numbered(run_dir, "trial_"):
+    levels = [level for level, folder in numbered(trial_dir, "prune_iter_") if finished(folder)]
     if levels:
       found[trial] = levels
   return found
@@ -424,7 +458,7 @@ def check_run(run_dir: str, options: Options, builder: "_Builder",
     accuracies = {name: float(np.nanmean([r[name] for r in per_trial]))
                   if not all(np.isnan(r[name]) for r in per_trial) else float("nan")
                   for name in MEASURES}
-    checks = run_checks(accuracies, options.tolerance)
+    checks = run_checks(accuracies, options.tolerance, adversarially_trained=hp.adv_train)
     row.update(percent_weights_remaining=float(np.mean(percent)),
                **{f"acc_{name}": value for name, value in accuracies.items()},
                **{f"check_{name}": verdict for name, verdict in checks.items()},
@@ -464,7 +498,7 @@ def check_study(study: load.Study, options: Options, source: str = "") -> pd.Dat
                time.time() - began)
   frame = pd.DataFrame(rows, columns=_CSV_COLUMNS)
   text = ["run", "label", "note", "verdict"] + [f"check_{name}" for name in CHECKS]
-  frame[text] = frame[text].fillna("")
+  frame[text] = frame[text].astype(object).fillna("")
   return frame
 
 
@@ -513,8 +547,9 @@ def plot_accuracies(frame: pd.DataFrame) -> Optional[plt.Figure]:
                   & frame["acc_clean"].notna()]
   if checked.empty:
     return None
-  labels = [f"{row['label']}" + (f" (level {int(row['prune_iteration'])})"
-                                 if checked.groupby("run").size().max() > 1 else "")
+  by_level = checked.groupby("run").size().max() > 1
+  labels = [row["label"] + (f" (level {int(row['prune_iteration'])})" if by_level else "")
+            + (" – suspected" if row["verdict"] == SUSPECTED else "")
             for row in checked.to_dict("records")]
   figure, axis = plt.subplots(figsize=(9.5, 1.6 + 0.5 * len(checked)))
   positions = np.arange(len(checked))[::-1]
@@ -577,13 +612,14 @@ def sections(study: load.Study, source: str, out_dir: str, formats: Sequence[str
   text = (
       "Is the robustness real, or are the gradients hidden (Athalye et al. 2018)? Every run "
       f"with an `--attack` is attacked again: the final weights of each trial at {level}, "
-      f"on the first {options.examples} test images, with the true labels. Numbers are "
+      f"on the first {options.examples} test images (all of them where the test set is "
+      "smaller), with the true labels. Numbers are "
       "robust accuracies (correct both clean and attacked), means over trials, in percent: "
       "FGSM and PGD at the run's eps (PGD with its step size and steps, random start), PGD "
       f"with {STRONG_STEPS_FACTOR}x the steps and {STRONG_RESTARTS} restarts, PGD at eps "
       f"{LARGE_EPS:g} (step {LARGE_EPS_STEP_SIZE:g}, {LARGE_EPS_STEPS} steps), and transfer "
       "(trial t's model shown the PGD examples crafted on trial (t + 1) mod T's model of the "
       "same run). The checks:\n\n"
-      f"{checks}\n\nA run is *suspected* when any check is; {suspected} of {len(frame)} "
-      f"rows are.{links}\n\n{markdown}")
+      f"{checks}\n\nA run is *suspected* when any check is. Suspected: {suspected} of "
+      f"{len(frame)} rows.{links}\n\n{markdown}")
   return [(HEADING, text, saved)]
