@@ -31,6 +31,15 @@ flags.DEFINE_bool("progress", True, "show a progress bar")
 flags.DEFINE_string("config", None, "a phd-lab JSON configuration grid (experiments/configs/): "
                     "one run per combination of its list values; flags given on the command "
                     "line override the grid's values")
+flags.DEFINE_enum("launcher", "local", ["local", "ray"],
+                  "local: this process trains every trial (several processes on one command "
+                  "share the levels); ray: every trial is a Ray task (see experiments/launch.py)")
+flags.DEFINE_string("ray_address", None, "--launcher=ray: a running cluster to join (auto: "
+                    "the local one started with `ray start`); unset: a local Ray")
+flags.DEFINE_float("gpus_per_trial", 0.0, "--launcher=ray: GPUs each trial's task asks for "
+                   "(fractions share a GPU)", lower_bound=0.0)
+flags.DEFINE_integer("max_retries", 2, "--launcher=ray: retries of a task whose worker died",
+                     lower_bound=0)
 flags.DEFINE_string("run_id", None, "with --config: the runs go under BASE_DIR/RUN_ID "
                     "(BASE_DIR: --base_dir if given, else the grid's logs_dir)")
 
@@ -120,6 +129,8 @@ def main(argv):
   try:
     _select_devices(FLAGS.devices)
     hparams = hparams_from_flags()
+    if FLAGS.launcher == "ray" and FLAGS.force:
+      raise ValueError("--force with --launcher=ray: delete the run folders first instead")
     if hparams.deterministic:
       import tensorflow as tf
       tf.config.experimental.enable_op_determinism()
@@ -131,6 +142,8 @@ def main(argv):
                            resolution=hparams.resolution)
     runner = Runner(hparams, dataset, FLAGS.base_dir, force=FLAGS.force,
                     progress=FLAGS.progress)
+    if FLAGS.launcher == "ray":  # The tasks train; this process only finishes the run.
+      _launch_with_ray([(hparams, FLAGS.base_dir)])
     run_dir = runner.run()
   except (DataError, ValueError, OSError, DivergedError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -156,10 +169,13 @@ def _run_grid(base: hparams_lib.Hparams) -> int:
                         FLAGS.base_dir if FLAGS["base_dir"].present else None)
   explicit = {field.name for field in dataclasses.fields(hparams_lib.Hparams)
               if FLAGS[field.name].present}
+  jobs = [(dataclasses.replace(base, **{k: v for k, v in overrides.items()
+                                        if k not in explicit}), base_dir)
+          for overrides, base_dir in runs]
+  if FLAGS.launcher == "ray":
+    _launch_with_ray(jobs)
   datasets = {}
-  for overrides, base_dir in runs:
-    hparams = dataclasses.replace(
-        base, **{k: v for k, v in overrides.items() if k not in explicit})
+  for hparams, base_dir in jobs:
     key = (hparams.dataset, hparams.valid_size, hparams.resolution)
     if key not in datasets:
       datasets[key] = load_dataset(hparams.dataset, hparams.data_dir, hparams.valid_size,
@@ -170,6 +186,13 @@ def _run_grid(base: hparams_lib.Hparams) -> int:
     logging.info("results in %s", run_dir)
     print(run_dir, flush=True)
   return 0
+
+
+def _launch_with_ray(jobs):
+  """`--launcher=ray`: every trial of `jobs` as a Ray task (experiments/launch.py)."""
+  from experiments import launch
+  launch.run_trials(jobs, address=FLAGS.ray_address, gpus_per_trial=FLAGS.gpus_per_trial,
+                    max_retries=FLAGS.max_retries)
 
 
 if __name__ == "__main__":

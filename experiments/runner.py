@@ -399,29 +399,38 @@ class Runner:
     self._teacher = None
     self.summary = None
 
-  def run(self):
+  def run(self, trials: Optional[Sequence[int]] = None, finish: bool = True):
     """Runs (or finishes) every trial; returns the run folder.
+
+    Args:
+      trials: only these trials (a launcher's task); default all.
+      finish: after the levels, run the experiment's closing work (`after_run`,
+        `--probes`); a launcher's tasks leave it to one final call.
 
     Raises:
       DivergedError: a level's loss became NaN or infinite.
     """
     os.makedirs(self.run_dir, exist_ok=True)
     files.write_json(os.path.join(self.run_dir, "hparams.json"), self.hparams.to_dict())
-    while not self._run_unclaimed_levels():
+    trials = range(self.hparams.trials) if trials is None else trials
+    while not self._run_unclaimed_levels(trials):
       time.sleep(CLAIM_POLL_SECONDS)  # Other processes hold levels still to finish.
+    if not finish:
+      return self.run_dir
     self.summary = self.experiment.after_run(self)
     if self.hparams.probes and self.experiment.levels() > 0:
       self.summary = self._probes()
     return self.run_dir
 
-  def _run_unclaimed_levels(self) -> bool:
-    """Trains every level no other process holds, each trial's in order (see `claims`).
+  def _run_unclaimed_levels(self, trials) -> bool:
+    """Trains every level of `trials` no other process holds, each trial's in order
+    (see `claims`).
 
     Returns:
       True when every level is finished; False when others still hold some.
     """
     done = True
-    for trial in range(self.hparams.trials):
+    for trial in trials:
       for level in range(self.experiment.levels()):
         directory = level_dir(self.run_dir, trial, level)
         if is_finished(directory):
