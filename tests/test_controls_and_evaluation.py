@@ -125,7 +125,8 @@ def test_attack_labels_reach_the_attack_and_eval_attacks_add_robust_columns(digi
   assert last["adv_acc_fgsm"] <= last["adv_acc"] + 1e-9
   assert last["adv_acc_pgd_steps5_restarts2"] <= last["adv_acc_fgsm"] + 0.02
   from analysis import load, report  # pylint: disable=import-outside-toplevel
-  note = report._attack_labels_note(load.load_study(str(tmp_path)).runs)  # pylint: disable=protected-access
+  runs = load.load_study(str(tmp_path)).runs
+  note = report._attack_labels_note(runs)  # pylint: disable=protected-access
   assert "true labels" in note[0]
 
 

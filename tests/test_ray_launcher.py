@@ -17,8 +17,8 @@ from robust_sparse import claims
 from robust_sparse.hparams import Hparams
 from tests.conftest import one_line_error, run_cli_batch
 
-HP = dict(dataset="sklearn_digits", valid_size=300, experiment="reinit_orig", trials=4, prune_iters=1,
-          train_iters=240, eval_every=60, eps=0.1, sharpness_examples=0)
+HP = dict(dataset="sklearn_digits", valid_size=300, experiment="reinit_orig", trials=4,
+          prune_iters=1, train_iters=240, eval_every=60, eps=0.1, sharpness_examples=0)
 
 
 def _kill_one_worker_mid_level(run_dir, killed, stop):
