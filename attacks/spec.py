@@ -16,23 +16,16 @@ in a CSV header: the attack and the parameters given, in a fixed order
 """
 
 import dataclasses
-import re
 from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
 from attacks.registry import AttackConfig, make_attack
+from robust_sparse import specs
 
 FLAG = "--eval_attacks"
 # `apgd_ce` iterations unless the spec says otherwise (Croce & Hein 2020).
 APGD_STEPS = 100
-
-_TOKEN = re.compile(r"""\s*(?:
-    (?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
-  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<punct>[(),=])
-  | (?P<bad>\S))""", re.VERBOSE)
-
 
 def _non_negative_float(text):
   value = float(text)
@@ -86,52 +79,15 @@ def _parse(spec: str) -> Tuple[str, Dict[str, str]]:
   """Parses `name` or `name(key=value,...)` into the name and the value texts."""
   if not isinstance(spec, str) or not spec.strip():
     raise ValueError(f"{FLAG}: an attack spec must be a non-empty string, got {spec!r}")
-  tokens = []
-  for match in _TOKEN.finditer(spec):
-    if match.lastgroup is None:  # Trailing whitespace.
-      continue
-    if match.lastgroup == "bad":
-      raise _error(spec, f"unexpected character {match.group('bad')!r}")
-    tokens.append((match.lastgroup, match.group(match.lastgroup)))
-  position = 0
-
-  def take(kind, value=None):
-    nonlocal position
-    if (position < len(tokens) and tokens[position][0] == kind
-        and (value is None or tokens[position][1] == value)):
-      position += 1
-      return tokens[position - 1][1]
-    return None
-
-  def fail(expected):
-    found = tokens[position][1] if position < len(tokens) else "end of spec"
-    raise _error(spec, f"expected {expected}, found {found!r}")
-
-  name = take("name")
-  if name is None:
-    fail("an attack name")
+  parsed = specs.parse(spec, what=FLAG, noun="an attack name")
   params = {}
-  if take("punct", "("):
-    if not take("punct", ")"):
-      while True:
-        key = take("name")
-        if key is None:
-          fail("a parameter name")
-        if key in params:
-          raise _error(spec, f"parameter {key!r} given twice")
-        if not take("punct", "="):
-          fail(f"'=' after {key!r}")
-        value = take("number") or take("name")
-        if value is None:
-          fail(f"a value for {key!r}")
-        params[key] = value
-        if take("punct", ")"):
-          break
-        if not take("punct", ","):
-          fail("',' or ')'")
-  if position != len(tokens):
-    fail("end of spec")
-  return name, params
+  for key, value in parsed.params.items():
+    if isinstance(value, specs.Spec):
+      if value.params:  # Attack parameters are numbers or words (norm=inf), not specs.
+        raise _error(spec, f"parameter {key!r} takes a number or a word, not a spec")
+      value = value.name
+    params[key] = value
+  return parsed.name, params
 
 
 def _format(value) -> str:

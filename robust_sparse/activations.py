@@ -46,8 +46,7 @@ the activation has no such region (used to measure activation sparsity).
 """
 
 import dataclasses
-import re
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -55,6 +54,7 @@ import tensorflow as tf
 from custom_ops.layers import JSquaredReLU
 from custom_ops.jsrelu_op import jsrelu
 from custom_ops.jsrelu_op import supports_xla as jsrelu_supports_xla
+from robust_sparse import specs
 from robust_sparse.registry import Registry
 
 # Stands for an unbounded end of a habitat interval, as in the seed.
@@ -85,80 +85,12 @@ def _register(name: str, layer_class: type, **defaults) -> None:
 # ----------------------------------------------------------------------------
 # Spec strings.
 
-_TOKEN = re.compile(r"""\s*(?:
-    (?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
-  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<punct>[(),=])
-  | (?P<bad>\S))""", re.VERBOSE)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Parsed:
-  name: str
-  params: Dict[str, Union[str, "_Parsed"]]  # number text or nested spec
-
-
-def _tokenize(spec: str) -> List[Tuple[str, str]]:
-  tokens = []
-  for match in _TOKEN.finditer(spec):
-    kind = match.lastgroup
-    if kind is None:  # Trailing whitespace.
-      continue
-    if kind == "bad":
-      raise ValueError(f"activation spec {spec!r}: unexpected character "
-                       f"{match.group(kind)!r}")
-    tokens.append((kind, match.group(kind)))
-  return tokens
+_Parsed = specs.Spec
 
 
 def _parse(spec: str) -> _Parsed:
   """Parses `name` or `name(key=value, ...)`; values are numbers or specs."""
-  if not isinstance(spec, str) or not spec.strip():
-    raise ValueError(f"activation spec must be a non-empty string, got {spec!r}")
-  tokens = _tokenize(spec)
-  position = 0
-
-  def fail(expected):
-    found = tokens[position][1] if position < len(tokens) else "end of spec"
-    raise ValueError(f"activation spec {spec!r}: expected {expected}, found "
-                     f"{found!r}")
-
-  def take(kind, value=None):
-    nonlocal position
-    if (position < len(tokens) and tokens[position][0] == kind
-        and (value is None or tokens[position][1] == value)):
-      position += 1
-      return tokens[position - 1][1]
-    return None
-
-  def parse_spec():
-    name = take("name")
-    if name is None:
-      fail("an activation name")
-    params = {}
-    if take("punct", "("):
-      if not take("punct", ")"):
-        while True:
-          key = take("name")
-          if key is None:
-            fail("a parameter name")
-          if key in params:
-            raise ValueError(f"activation spec {spec!r}: parameter {key!r} "
-                             "given twice")
-          if not take("punct", "="):
-            fail(f"'=' after {key!r}")
-          number = take("number")
-          params[key] = number if number is not None else parse_spec()
-          if take("punct", ")"):
-            break
-          if not take("punct", ","):
-            fail("',' or ')'")
-    return _Parsed(name, params)
-
-  parsed = parse_spec()
-  if position != len(tokens):
-    fail("end of spec")
-  return parsed
+  return specs.parse(spec, what="activation spec", noun="an activation name")
 
 
 def _format_number(value) -> str:

@@ -24,6 +24,13 @@ def data_dir():
   pytest.fail("real data not found: set ROBUST_SPARSE_DATA_DIR to a folder holding mnist/")
 
 
+@pytest.fixture(scope="session")
+def digits():
+  """sklearn's embedded 8x8 digits with 300 validation images (needs no data folder)."""
+  from data import load_dataset  # pylint: disable=import-outside-toplevel
+  return load_dataset("sklearn_digits", None, 300)
+
+
 def run_module(module, *args, timeout=600):
   """Runs `python -m module args` in the repository root; returns the CompletedProcess."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)

@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 
-from data import load_dataset
 from experiments import flatness as experiment
 from experiments.runner import Runner, assign_weights, checkpoints, level_dir
 from models import build_model
@@ -76,11 +75,6 @@ def example(tmp_path_factory):
     os.chdir(here)
   lines = stdout.strip().splitlines()
   return folder, source, lines[-2], lines
-
-
-@pytest.fixture(scope="module")
-def digits():
-  return load_dataset("sklearn_digits", None, 300)
 
 
 def _measured_again(run_dir, base_dir, digits, **changes):

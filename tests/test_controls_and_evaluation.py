@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data import load_dataset
 from experiments.runner import Runner, level_dir
 from robust_sparse import files
 from robust_sparse.hparams import Hparams
@@ -14,11 +13,6 @@ from tests.conftest import one_line_error, run_cli_batch
 
 BASE = dict(dataset="sklearn_digits", model="dense-300-100", trials=1, prune_iters=2,
             train_iters=30, eval_every=30, attack="fgsm", eps=0.1, sharpness_examples=0)
-
-
-@pytest.fixture(scope="module")
-def digits():
-  return load_dataset("sklearn_digits", None, 300)
 
 
 @pytest.fixture(scope="module")

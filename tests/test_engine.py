@@ -28,11 +28,6 @@ from robust_sparse.steps import LossScale, OptimizerGroup, standard_loss_grad_fn
 from tests.conftest import REPO, one_line_error, run_cli_batch, run_module
 
 
-@pytest.fixture(scope="module")
-def digits():
-  return load_dataset("sklearn_digits", None, 300)
-
-
 def test_bn_lottery_run_on_cifar_rewinds_bn_statistics(tmp_path, data_dir):
   """A 2-level rewind run of a BN convnet on 2000 CIFAR-10 images."""
   dataset = load_dataset("cifar10", data_dir, 500)

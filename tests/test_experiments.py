@@ -3,20 +3,13 @@
 import os
 
 import numpy as np
-import pytest
 
-from data import load_dataset
 from experiments.runner import Runner, level_dir
 from robust_sparse import files
 from robust_sparse.hparams import Hparams
 
 TINY = dict(dataset="sklearn_digits", train_iters=6, eval_every=3, prune_iters=2, trials=1,
             batch_size=32, valid_size=300, attack="fgsm", pgd_steps=2)
-
-
-@pytest.fixture(scope="module")
-def digits():
-  return load_dataset("sklearn_digits", None, 300)
 
 
 def _run(tmp_path, digits, **overrides):

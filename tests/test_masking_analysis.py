@@ -19,7 +19,6 @@ import pytest
 
 from analysis import load
 from analysis import masking
-from data import load_dataset
 from experiments.runner import Runner, assign_weights, level_dir
 from models import build_model
 from robust_sparse import files
@@ -33,11 +32,6 @@ PGD_RUN = dict(BASE, experiment="reinit_orig", prune_iters=1, train_iters=150,
 FGSM_TRAINED = dict(BASE, experiment="train", trials=1, train_iters=150, eval_every=150,
                     attack="fgsm", eps=0.3, pgd_step_size=0.05, adv_train=True)
 EXAMPLES = 200
-
-
-@pytest.fixture(scope="module")
-def digits():
-  return load_dataset("sklearn_digits", None, 300)
 
 
 @pytest.fixture(scope="module")

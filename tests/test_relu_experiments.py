@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data import load_dataset
 from experiments.runner import Runner, level_dir
 from robust_sparse import files
 from robust_sparse.hparams import Hparams
@@ -24,11 +23,6 @@ BASE = dict(dataset="sklearn_digits", model="dense-300-100", trials=1, batch_siz
             attack="fgsm", eps=0.1, sharpness_examples=0)
 PRUNE = dict(BASE, experiment="relu_prune", relu_sparsity=0.5, mask_epochs=6.0,
              alpha_lr=0.01, epochs=2.0, optimizer="sgd", learning_rate=0.01, momentum=0.9)
-
-
-@pytest.fixture(scope="module")
-def digits():
-  return load_dataset("sklearn_digits", None, 300)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data import load_dataset
 from experiments.runner import Runner, level_dir
 from models import build_model
 from robust_sparse import files
@@ -17,11 +16,6 @@ TINY = dict(model="vit", vit_preset="mnist", patch_size=4, depth=1, heads=2, wid
             mlp_width=32)
 BASE = dict(dataset="sklearn_digits", train_examples=240, trials=1, batch_size=60, attack="none",
             sharpness_examples=0, optimizer="adamw", learning_rate=3e-3, **TINY)
-
-
-@pytest.fixture(scope="module")
-def digits():
-  return load_dataset("sklearn_digits", None, 300)
 
 
 @pytest.fixture(scope="module")
