@@ -37,7 +37,11 @@ def _alive(pid: int) -> bool:
     return False
   except PermissionError:  # Someone else's live process.
     return True
-  return True
+  try:  # A killed process its parent has not reaped yet (a zombie) is dead too.
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+  except (OSError, IndexError):
+    return True
 
 
 def read_claim(directory: str) -> Optional[dict]:

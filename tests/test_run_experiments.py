@@ -35,7 +35,7 @@ def _tree(run_dir):
       out[rel] = np.load(path).tobytes()
     elif path.endswith("metadata.json"):
       meta = json.load(open(path))
-      meta.pop("seconds")
+      meta.pop("seconds"), meta.pop("worker")  # Who trained it, and how long.
       out[rel] = meta
   return out
 
