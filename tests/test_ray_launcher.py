@@ -18,7 +18,7 @@ from robust_sparse.hparams import Hparams
 from tests.conftest import one_line_error, run_cli_batch
 
 HP = dict(dataset="sklearn_digits", valid_size=300, experiment="reinit_orig", trials=4,
-          prune_iters=1, train_iters=240, eval_every=60, eps=0.1, sharpness_examples=0)
+          prune_iters=1, train_iters=120, eval_every=40, eps=0.1, sharpness_examples=0)
 
 
 def _kill_one_worker_mid_level(run_dir, killed, stop):

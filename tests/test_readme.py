@@ -18,8 +18,9 @@ def _block_after(marker):
 
 def test_test_command_is_what_ci_runs():
   text = open(os.path.join(REPO, "README.md")).read()
-  assert "python -m pytest -q tests" in text
-  assert "python -m pytest -q tests" in open(os.path.join(REPO, ".ci", "run")).read()
+  command = "python -m pytest -q -n 2 --dist loadfile tests"
+  assert command in text
+  assert command in open(os.path.join(REPO, ".ci", "run")).read()
 
 
 def test_quickstart_runs_as_written(tmp_path):

@@ -88,7 +88,9 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
 
   base = tmp_path / "b"
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
-  for kill_at in ("prune_iter_0", "prune_iter_1"):
+  # Killed in the pruned level: the resume re-reads the finished dense level's kernels and
+  # masks too (tests/test_engine.py kills a first level at random points).
+  for kill_at in ("prune_iter_1",):
     process = subprocess.Popen([sys.executable, "-m", "run_experiments", *args,
                                 f"--base_dir={base}"], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
