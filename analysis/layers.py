@@ -117,7 +117,7 @@ def plot_layer_profile(layers: List[str], saturation: List[float], test_acc: flo
                        probe: Optional[pd.DataFrame], receptive: Dict[str, float],
                        title: str) -> plt.Figure:
   """The paper's per-layer figure (see the module docstring)."""
-  figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(layers) + 2), 4.8))
+  figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(layers) + 2), 5.6))
   x = np.arange(len(layers))
   axis.plot(x, saturation, marker="o", color="tab:blue", label="saturation (train)")
   if probe is not None:
@@ -136,8 +136,9 @@ def plot_layer_profile(layers: List[str], saturation: List[float], test_acc: flo
   twin.set_ylabel("receptive field (px)", color="tab:red")
   handles, labels = axis.get_legend_handles_labels()
   more_handles, more_labels = twin.get_legend_handles_labels()
-  axis.legend(handles + more_handles, labels + more_labels, fontsize=8, loc="best",
-              framealpha=0.85)
+  # Below the axes: inside, "best" sees only the left axis and can cover the twin's line.
+  axis.legend(handles + more_handles, labels + more_labels, fontsize=8, frameon=False,
+              loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=2)
   axis.grid(True, alpha=0.3)
   axis.set_title(title)
   figure.tight_layout()
