@@ -298,20 +298,24 @@ def plot_accuracy_vs_sparsity(end_points: pd.DataFrame, when: str
     when: "end of training" or "early stopping", for the title.
 
   Returns:
-    A 2x2 figure: rows = accuracy, adversarial accuracy; columns = natural,
-    adversarial training. None if `end_points` is empty.
+    A figure with a row per metric: accuracy, adversarial accuracy under
+    `--attack`, and the robust accuracy of each `--eval_attacks` attack the
+    runs logged (`adv_acc_<name>`); columns = natural, adversarial training.
+    None if `end_points` is empty.
   """
   if end_points.empty:
     return None
   first = end_points.iloc[0]
+  extra = [c for c in end_points.columns
+           if c.startswith("adv_acc_") and end_points[c].notna().any()]
+  values = ["acc", "adv_acc"] + extra
   summary = _ordered(metrics.summarize(
-      end_points, ["training_mode", "experiment", "prune_iteration"],
-      ["acc", "adv_acc"]))
+      end_points, ["training_mode", "experiment", "prune_iteration"], values))
   levels = summary["percent_weights_remaining"].tolist()
-  figure, axes = _by_mode_figure(2, 3.6)
+  figure, axes = _by_mode_figure(len(values), 3.6)
   for column, mode in enumerate(TRAINING_MODES):
     rows = summary[summary["training_mode"] == mode]
-    for row, value in enumerate(("acc", "adv_acc")):
+    for row, value in enumerate(values):
       axis = axes[row, column]
       _percent_axis(axis, levels)
       if rows.empty:
@@ -320,8 +324,10 @@ def plot_accuracy_vs_sparsity(end_points: pd.DataFrame, when: str
       _series_lines(axis, rows, value, 100.0)
     axes[0, column].set_title(f"{mode} training", fontsize=11)
   axes[0, 0].set_ylabel(f"Test accuracy (%)\nat {when}")
-  axes[1, 0].set_ylabel(f"Adversarial test accuracy (%)\nat {when}")
-  for axis in axes[0]:
+  axes[1, 0].set_ylabel(f"Adversarial test accuracy (%)\n{first['attack']}, at {when}")
+  for row, value in enumerate(extra, start=2):
+    axes[row, 0].set_ylabel(f"Robust accuracy (%)\n{value[len('adv_acc_'):]}, at {when}")
+  for axis in axes[:-1].flat:
     axis.set_xlabel("")
   _shared_legend(figure, axes)
   figure.suptitle(title(first["dataset"], first["model"], first["attack"],
