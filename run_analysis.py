@@ -28,9 +28,13 @@ import sys
 from absl import app
 from absl import flags
 
-from analysis import load
-from analysis import masking
-from analysis import report
+from robust_sparse import startup
+
+startup.import_tensorflow_when_needed()  # Quietly, if and when the analysis needs it.
+
+from analysis import load  # noqa: E402
+from analysis import masking  # noqa: E402
+from analysis import report  # noqa: E402
 
 FIGURE_FORMATS = ("png", "svg", "pdf")
 

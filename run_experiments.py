@@ -10,10 +10,11 @@ the hyper-parameters, printed as the last line of standard output; re-running
 the same command resumes it, --force starts it over. Only this file reads FLAGS.
 """
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from robust_sparse import startup
+
+startup.import_tensorflow()  # First: quietly, and without Keras' unused imports.
 
 from absl import app, flags, logging  # noqa: E402
 
@@ -196,4 +197,9 @@ def _launch_with_ray(jobs):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  try:
+    app.run(main)
+  except SystemExit as done:
+    if not done.code:  # Finished: skip the interpreter's slow teardown.
+      startup.exit_now(0)
+    raise

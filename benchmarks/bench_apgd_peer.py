@@ -8,9 +8,10 @@ random starts differ, so a few examples may fall either way). Also prints the
 wall time of both (ours called eagerly, as a notebook calls it: the first call
 compiles, so the time is given with and without it).
 
-torch is needed only here, not by the toolkit:
+torch and torchattacks are needed only here, not by the toolkit: what is
+missing is installed into a folder of their own (`--peers_dir`,
+`benchmarks/peers/install.py`), appended to this process's path only.
 
-  pip install torch==2.13.0 && pip install --no-deps torchattacks
   python -m benchmarks.bench_apgd_peer --data_dir=DIR [--examples=1000]
 
 The last line: `apgd_ce robust accuracy ours vs torchattacks: A vs B (diff D points)`
@@ -21,6 +22,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import keras  # noqa: E402
@@ -29,6 +31,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from attacks import apgd_ce  # noqa: E402
+from benchmarks.peers import install  # noqa: E402
 from data import load_dataset  # noqa: E402
 from models import build_model  # noqa: E402
 
@@ -40,16 +43,17 @@ flags.DEFINE_list("l2_eps", ["1.5"], "L2 budgets (empty: none)")
 flags.DEFINE_integer("train_epochs", 1, "epochs of Keras training before the attacks")
 flags.DEFINE_integer("batch_size", 500, "examples per attack call (both implementations)")
 flags.DEFINE_integer("seed", 0, "training and attack seed")
+flags.DEFINE_string("peers_dir", install.DEFAULT_FOLDER, "folder for the peer's torch and "
+                    "torchattacks (never this environment)")
 FLAGS = flags.FLAGS
 
 
 def _import_peer():
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-    import torchattacks  # pylint: disable=import-outside-toplevel
-  except ImportError as error:
-    raise SystemExit(f"error: {error}; this benchmark needs the peer: "
-                     "pip install torch==2.13.0 && pip install --no-deps torchattacks")
+  if install.ensure(["torch", "torchattacks"], FLAGS.peers_dir) is None:
+    raise SystemExit(1)
+  sys.path.append(FLAGS.peers_dir)  # After site-packages: this process's numpy stays.
+  import torch  # pylint: disable=import-outside-toplevel
+  import torchattacks  # pylint: disable=import-outside-toplevel
   return torch, torchattacks
 
 

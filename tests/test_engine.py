@@ -18,6 +18,7 @@ from data import augment as augment_lib
 from data import load_dataset
 from experiments.runner import DivergedError, Runner, level_dir
 from models import build_model
+from robust_sparse import engine as engine_lib
 from robust_sparse import files
 from robust_sparse.engine import Engine, index_stream
 from robust_sparse.hparams import Hparams
@@ -271,3 +272,59 @@ def test_bad_engine_flags_fail_in_one_line(bad_engine_flags_results, args, messa
   [(status, stderr)] = [outcome for argv, outcome in bad_engine_flags_results.items()
                         if list(argv[2:-1]) == args]
   one_line_error(status, stderr, message)
+
+@pytest.mark.parametrize("jit_compile", [None, False])
+def test_engine_compiles_each_function_once(digits, jit_compile):
+  """Chunks of any length and evaluation sets of any size retrace nothing, with XLA or
+  without (layers that have no XLA kernel)."""
+  attack = make_attack(AttackConfig("pgd", eps=0.2, step_size=0.05, steps=3))
+  model = build_model("dense-300-100", digits.input_shape, digits.num_classes)
+  engine = Engine(model, standard_loss_grad_fn(model, num_classes=10, attack=attack),
+                  [OptimizerGroup("weights", make_optimizer("adam", 1e-3))],
+                  x_train=digits.x_train, y_train=digits.y_train, batch_size=32,
+                  attack=attack, adv_train=True, eval_batch_size=128, jit_compile=jit_compile)
+  engine.reset(0)
+  stream = iter(index_stream(len(digits.x_train), 32, 3))
+  for steps in (5, 3, 30):
+    assert np.isfinite(engine.train(stream, steps)["loss"])
+  assert int(engine.iteration.numpy()) == 38
+  for count in (300, 200, 100, 50):
+    assert 0 <= engine.evaluate(digits.x_valid[:count], digits.y_valid[:count], 1)["acc"] <= 1
+  for name in ("_train_chunk", "_train_step", "_eval_dataset", "_eval_batch", "_enforce_masks"):
+    function = getattr(engine, name)
+    assert not function.autograph, name
+    assert function.function.experimental_get_tracing_count() == 1, name
+
+
+def test_code_that_needs_autograph_is_traced_with_it(digits):
+  """Python control flow on tensors (say, in a user's own loss) still works."""
+
+  def absolute_sum(x):
+    total = tf.reduce_sum(x)
+    if total < 0:
+      total = -total
+    return total
+
+  traced = engine_lib._Traced(absolute_sum)  # pylint: disable=protected-access
+  assert float(traced(tf.constant([-1.0, -2.0]))) == 3.0
+  assert traced.autograph
+  assert float(traced(tf.constant([1.0, 2.0]))) == 3.0
+  plain = engine_lib._Traced(lambda x: tf.reduce_sum(x) * 2)  # pylint: disable=protected-access
+  assert float(plain(tf.constant([1.0, 2.0]))) == 6.0
+  assert not plain.autograph
+
+  model = build_model("dense-300-100", digits.input_shape, digits.num_classes)
+  standard = standard_loss_grad_fn(model, num_classes=10)
+
+  def clipped(trainable, non_trainable, batch):
+    grads, new, aux = standard(trainable, non_trainable, batch)
+    if tf.linalg.global_norm(grads) > 1.0:  # Needs AutoGraph.
+      grads, _ = tf.clip_by_global_norm(grads, 1.0)
+    return grads, new, aux
+
+  engine = Engine(model, clipped, [OptimizerGroup("weights", make_optimizer("sgd", 0.1))],
+                  x_train=digits.x_train, y_train=digits.y_train, batch_size=32,
+                  attack=make_attack(AttackConfig("fgsm", eps=0.1)))
+  engine.reset(0)
+  assert np.isfinite(engine.train(iter(index_stream(len(digits.x_train), 32, 0)), 5)["loss"])
+  assert engine._train_step.autograph and not engine._train_chunk.autograph

@@ -1,0 +1,116 @@
+"""What both PyTorch peers share: MNIST from the IDX files, the network, evaluation.
+
+numpy reads the official `.gz` files of `<data_dir>/mnist/`; the first 10000
+training images validate and the other 50000 train, as `--dataset=digits`
+does. The network is the toolkit's dense-300-100 (784-300-100-10, ReLU, no
+biases). Labels of the attacks are the model's own predictions on the clean
+images (the toolkit's default `--attack_labels=predicted`).
+"""
+
+import argparse
+import gzip
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+VALID_SIZE = 10000
+
+
+def read_idx(path):
+  """A uint8 array from an IDX file (gzip-compressed)."""
+  with gzip.open(path, "rb") as f:
+    data = f.read()
+  ndim = data[3]
+  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_mnist(data_dir):
+  """{train, valid, test}: (images float32 [n, 784] in [0, 1], labels int64 [n]) tensors."""
+  folder = os.path.join(data_dir, "mnist")
+
+  def split(prefix):
+    images = read_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"))
+    labels = read_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"))
+    return (torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0),
+            torch.from_numpy(labels.astype(np.int64)))
+
+  x, y = split("train")
+  x_test, y_test = split("t10k")
+  return {"train": (x[VALID_SIZE:], y[VALID_SIZE:]), "valid": (x[:VALID_SIZE], y[:VALID_SIZE]),
+          "test": (x_test, y_test)}
+
+
+def dense_300_100():
+  return torch.nn.Sequential(
+      torch.nn.Linear(784, 300, bias=False), torch.nn.ReLU(),
+      torch.nn.Linear(300, 100, bias=False), torch.nn.ReLU(),
+      torch.nn.Linear(100, 10, bias=False))
+
+
+def batches(x, y, batch_size, iterations, seed=0):
+  """`iterations` shuffled training batches, epoch after epoch (last partial batch dropped)."""
+  generator = torch.Generator().manual_seed(seed)
+  done = 0
+  while True:
+    order = torch.randperm(len(x), generator=generator)
+    for start in range(0, len(x) - batch_size + 1, batch_size):
+      if done == iterations:
+        return
+      index = order[start:start + batch_size]
+      yield x[index], y[index]
+      done += 1
+
+
+def evaluate(model, attack, x, y, batch_size=1000):
+  """Natural and adversarial loss and accuracy; `attack(images, labels) -> images`."""
+  model.eval()
+  sums = np.zeros(4)
+  for start in range(0, len(x), batch_size):
+    images, labels = x[start:start + batch_size], y[start:start + batch_size]
+    with torch.no_grad():
+      logits = model(images)
+    predicted = logits.argmax(1)
+    adversarial = attack(images, predicted)
+    with torch.no_grad():
+      adv_logits = model(adversarial)
+    sums += [F.cross_entropy(logits, labels, reduction="sum").item(),
+             (predicted == labels).sum().item(),
+             F.cross_entropy(adv_logits, labels, reduction="sum").item(),
+             (adv_logits.argmax(1) == labels).sum().item()]
+  model.train()
+  loss, acc, adv_loss, adv_acc = sums / len(x)
+  return {"loss": loss, "acc": acc, "adv_loss": adv_loss, "adv_acc": adv_acc}
+
+
+def evaluate_splits(model, attack, data, when, log):
+  for split in ("valid", "test"):
+    result = evaluate(model, attack, *data[split])
+    log(f"{when} {split}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
+
+
+def arguments(description):
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--data_dir", required=True, help="folder with mnist/ (IDX .gz files)")
+  parser.add_argument("--seed", type=int, default=0)
+  return parser
+
+
+class Clock:
+  """Wall-time marks since `start` (the time the script began importing)."""
+
+  def __init__(self, start):
+    self.start = start
+    self.last = start
+    self.marks = []
+
+  def mark(self, name):
+    now = time.perf_counter()
+    self.marks.append(f"{name} {now - self.last:.2f}")
+    self.last = now
+
+  def summary(self):
+    return "peer phases (s): " + ", ".join(self.marks)

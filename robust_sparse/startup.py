@@ -1,0 +1,216 @@
+"""Start-up of the command-line entry points: quiet, and without imports a run never uses.
+
+`import_tensorflow()` imports TensorFlow and Keras at once (`run_experiments`);
+`import_tensorflow_when_needed()` makes the first `import tensorflow` of the
+process, wherever it happens, import them the same way (`run_analysis`, which
+needs TensorFlow only for some checks). Either way:
+
+- Quiet on a machine without an NVIDIA driver. TensorFlow 2.21 writes its
+  first log lines through absl before absl logging is initialised, so
+  `TF_CPP_MIN_LOG_LEVEL` does not reach them: "WARNING: All log messages
+  before absl::InitializeLog() ...", "oneDNN custom operations are on ..." and
+  "Could not find cuda drivers ..." (twice, once per library that carries
+  absl), then "failed call to cuInit" when the devices are listed. Setting
+  `TF_ENABLE_ONEDNN_OPTS=1` or `CUDA_VISIBLE_DEVICES` silences none of them
+  (checked), and `TF_ENABLE_ONEDNN_OPTS=0` would change the numbers. So file
+  descriptor 2 goes to a temporary file while TensorFlow is imported and the
+  devices are listed; afterwards exactly those lines are dropped and
+  everything else is written to stderr as it came (Python warnings, and a
+  failed import's own messages before its traceback). The cuInit line is
+  kept where `/proc/driver/nvidia` exists (there it means something).
+  `ROBUST_SPARSE_VERBOSE_STARTUP=1` keeps every line, for debugging.
+- Faster. Keras imports, for features a run never touches, modules that cost
+  a second of start-up: `scipy.stats` (through scikit-learn's
+  `utils.fixes`, which uses it only inside a function), `IPython` (the
+  `.keras` file editor) and `matplotlib.pyplot` (the image-gallery plots).
+  Those are loaded lazily (`importlib.util.LazyLoader`): the module object
+  exists at once and runs on its first attribute access, so code that uses
+  it sees no difference. (pandas and scikit-learn's base classes are used
+  while Keras imports, so they stay eager.)
+
+`exit_now(status)` ends a finished command without the interpreter's
+teardown, which after importing TensorFlow spends a second or two in garbage
+collection of module state.
+"""
+
+import contextlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+
+VERBOSE_ENV = "ROBUST_SPARSE_VERBOSE_STARTUP"
+
+# Imported by Keras at start-up, used by no run (see the module docstring).
+LAZY_MODULES = ("scipy.stats", "IPython", "matplotlib.pyplot")
+
+_NOISE = (
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR",
+    r"I\d{4} [\d:.]+ +\d+ port\.cc:\d+\] oneDNN custom operations are on\. .*",
+    r"I\d{4} [\d:.]+ +\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine, "
+    r"GPU will not be used\.",
+)
+# Only noise where no NVIDIA driver is installed.
+_NO_DRIVER_NOISE = (r"E\d{4} [\d:.]+ +\d+ cuda_platform\.cc:\d+\] failed call to cuInit: .*",)
+
+
+def verbose() -> bool:
+  """Whether `ROBUST_SPARSE_VERBOSE_STARTUP` asks for TensorFlow's start-up lines."""
+  return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def noise_pattern(has_nvidia_driver: bool):
+  """The compiled pattern of the start-up lines `import_tensorflow` drops."""
+  lines = _NOISE + (() if has_nvidia_driver else _NO_DRIVER_NOISE)
+  return re.compile("|".join(f"(?:{line})" for line in lines))
+
+
+def has_nvidia_driver() -> bool:
+  return os.path.exists("/proc/driver/nvidia")
+
+
+@contextlib.contextmanager
+def filtered_stderr(pattern):
+  """Sends file descriptor 2 to a temporary file; on exit writes back what `pattern`
+  (matched against whole lines) does not drop, also when the body raises.
+
+  A file, not a pipe: nothing has to read while the body writes.
+  """
+  sys.stderr.flush()
+  try:
+    saved = os.dup(2)
+  except OSError:  # No stderr to filter.
+    yield
+    return
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      kept = [line for line in captured.read().decode(errors="replace").splitlines(True)
+              if not pattern.fullmatch(line.rstrip("\n"))]
+      if kept:
+        sys.stderr.write("".join(kept))
+        sys.stderr.flush()
+
+
+class _LazyFinder(importlib.abc.MetaPathFinder):
+  """Finds the modules `names` as the other finders do, with a lazy loader."""
+
+  def __init__(self, names):
+    self.names = frozenset(names)
+
+  def find_spec(self, fullname, path=None, target=None):
+    if fullname not in self.names:
+      return None
+    for finder in sys.meta_path:
+      if finder is self or not hasattr(finder, "find_spec"):
+        continue
+      spec = finder.find_spec(fullname, path, target)
+      if spec is not None:
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+          spec.loader = importlib.util.LazyLoader(spec.loader)
+        return spec
+    return None
+
+
+@contextlib.contextmanager
+def lazy_modules(names=LAZY_MODULES):
+  """Imports of `names` inside the block create modules that run on first use."""
+  finder = _LazyFinder(names)
+  sys.meta_path.insert(0, finder)
+  try:
+    yield
+  finally:
+    sys.meta_path.remove(finder)
+
+
+def import_tensorflow():
+  """Imports TensorFlow and Keras quietly and lazily (see the module docstring).
+
+  Call it before anything imports TensorFlow; later calls do nothing.
+
+  Returns:
+    The `tensorflow` module.
+  """
+  if "tensorflow" in sys.modules:
+    return sys.modules["tensorflow"]
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  with _quiet_and_lazy():
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    import keras  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    # Where TensorFlow first initialises CUDA (and says cuInit failed); the
+    # runtime still starts later, so --devices can choose the GPUs.
+    tf.config.list_physical_devices("GPU")
+  return tf
+
+
+@contextlib.contextmanager
+def _quiet_and_lazy():
+  quiet = (contextlib.nullcontext() if verbose()
+           else filtered_stderr(noise_pattern(has_nvidia_driver())))
+  with quiet, lazy_modules():
+    yield
+
+
+class _OnFirstImport(importlib.abc.MetaPathFinder):
+  """Runs TensorFlow's own import through `_quiet_and_lazy` the first time it is imported."""
+
+  def find_spec(self, fullname, path=None, target=None):
+    if fullname != "tensorflow":
+      return None
+    sys.meta_path.remove(self)
+    spec = importlib.util.find_spec(fullname)
+    if spec is not None and hasattr(spec.loader, "exec_module"):
+      spec.loader = _QuietLoader(spec.loader)
+    return spec
+
+
+class _QuietLoader(importlib.abc.Loader):
+  """Executes `loader`'s module inside `_quiet_and_lazy`."""
+
+  def __init__(self, loader):
+    self.loader = loader
+
+  def create_module(self, spec):
+    return self.loader.create_module(spec)
+
+  def exec_module(self, module):
+    with _quiet_and_lazy():
+      self.loader.exec_module(module)
+      module.config.list_physical_devices("GPU")
+
+
+def import_tensorflow_when_needed():
+  """The first `import tensorflow` of this process (if any) will be `import_tensorflow`'s."""
+  if "tensorflow" not in sys.modules and not any(
+      isinstance(finder, _OnFirstImport) for finder in sys.meta_path):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.meta_path.insert(0, _OnFirstImport())
+
+
+def exit_now(status: int):
+  """Flushes the output streams and the absl log and exits with `status` at once.
+
+  For a command that has finished its work (files written and closed): the
+  interpreter's teardown after TensorFlow takes seconds and does nothing a
+  finished run needs.
+  """
+  try:
+    from absl import logging  # pylint: disable=import-outside-toplevel
+    logging.flush()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  os._exit(status)  # pylint: disable=protected-access

@@ -1,0 +1,118 @@
+"""Start-up of the entry points: TensorFlow's pre-logging noise filtered, lazy modules, exit."""
+
+import os
+import re
+import subprocess
+import sys
+import types
+
+import pytest
+
+from robust_sparse import startup
+from tests.conftest import REPO
+
+NOISE = [
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "I0000 00:00:1796003206.541356    6965 port.cc:153] oneDNN custom operations are on. You "
+    "may see slightly different numerical results due to floating-point round-off errors from "
+    "different computation orders. To turn them off, set the environment variable "
+    "`TF_ENABLE_ONEDNN_OPTS=0`.",
+    "I0000 00:00:1796003206.541678    6965 cudart_stub.cc:31] Could not find cuda drivers on "
+    "your machine, GPU will not be used.",
+]
+CUINIT = ("E0000 00:00:1796003212.592818    6965 cuda_platform.cc:52] failed call to cuInit: "
+          "INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)")
+# What only the filter removes: the same lines in any process, any time.
+NOISE_RE = re.compile(r"absl::InitializeLog|port\.cc:\d+\] oneDNN|cudart_stub\.cc|"
+                      r"cuda_platform\.cc:\d+\] failed call to cuInit")
+
+
+def test_filtered_stderr_drops_exactly_the_noise(capfd):
+  kept = ["a Python warning: keep me", "E0000 00:00:1.0 1 other.cc:1] a real error",
+          "I0000 port.cc:153] oneDNN custom operations are on (no timestamp: not the line)"]
+  with startup.filtered_stderr(startup.noise_pattern(has_nvidia_driver=False)):
+    for line in NOISE[:1] + kept[:1] + NOISE[1:] + [CUINIT] + kept[1:]:
+      os.write(2, (line + "\n").encode())
+  assert capfd.readouterr().err.splitlines() == kept
+
+
+def test_the_cuinit_line_stays_where_a_driver_is_installed(capfd):
+  with startup.filtered_stderr(startup.noise_pattern(has_nvidia_driver=True)):
+    os.write(2, "\n".join(NOISE + [CUINIT, ""]).encode())
+  assert capfd.readouterr().err.splitlines() == [CUINIT]
+
+
+def test_filtered_stderr_writes_back_before_an_exception_escapes(capfd):
+  with pytest.raises(ImportError, match="broken"):
+    with startup.filtered_stderr(startup.noise_pattern(has_nvidia_driver=False)):
+      os.write(2, (NOISE[0] + "\nwhy it broke\n").encode())
+      raise ImportError("broken")
+  assert capfd.readouterr().err == "why it broke\n"
+  os.write(2, b"fd 2 is back\n")
+  assert capfd.readouterr().err == "fd 2 is back\n"
+
+
+def test_verbose_startup_variable(monkeypatch):
+  for value, expected in (("", False), ("0", False), ("1", True), ("yes", True)):
+    monkeypatch.setenv(startup.VERBOSE_ENV, value)
+    assert startup.verbose() is expected
+  monkeypatch.delenv(startup.VERBOSE_ENV)
+  assert not startup.verbose()
+
+
+def test_lazy_modules_run_on_first_use(tmp_path, monkeypatch):
+  (tmp_path / "lazy_probe.py").write_text("import os\nos.environ['LAZY_PROBE_RAN'] = '1'\n"
+                                          "VALUE = 42\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.delenv("LAZY_PROBE_RAN", raising=False)
+  monkeypatch.delitem(sys.modules, "lazy_probe", raising=False)
+  with startup.lazy_modules(("lazy_probe",)):
+    import lazy_probe  # pylint: disable=import-outside-toplevel
+  assert "LAZY_PROBE_RAN" not in os.environ
+  assert lazy_probe.VALUE == 42
+  assert os.environ["LAZY_PROBE_RAN"] == "1"
+  assert type(sys.modules["lazy_probe"]) is types.ModuleType
+  # Outside the block imports are eager again.
+  monkeypatch.delitem(sys.modules, "lazy_probe")
+  monkeypatch.delenv("LAZY_PROBE_RAN")
+  import lazy_probe  # noqa: F811  pylint: disable=import-outside-toplevel,reimported
+  assert os.environ["LAZY_PROBE_RAN"] == "1"
+
+
+def _cli(module, *args, verbose=False):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_CPP_MIN_LOG_LEVEL", startup.VERBOSE_ENV)}
+  env["PYTHONPATH"] = REPO
+  if verbose:
+    env[startup.VERBOSE_ENV] = "1"
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_run_experiments_and_run_analysis_start_quietly(tmp_path):
+  """No CUDA, oneDNN or absl start-up lines before the progress bar (or anywhere)."""
+  args = ["--dataset=sklearn_digits", "--experiment=train", "--trials=1", "--train_iters=20",
+          "--eval_every=10", "--batch_size=32", "--attack=fgsm", "--sharpness_examples=0"]
+  result = _cli("run_experiments", *args, f"--base_dir={tmp_path / 'quiet'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  progress = result.stderr.find("trial 0 prune_iter 0")
+  assert progress >= 0, result.stderr[-3000:]  # The progress bar is on stderr.
+  assert not NOISE_RE.search(result.stderr[:progress]), result.stderr[:progress]
+  assert not NOISE_RE.search(result.stderr), result.stderr[-3000:]
+  run_dir = result.stdout.splitlines()[-1]
+  assert os.path.exists(os.path.join(run_dir, "trial_0", "prune_iter_0", "metadata.json"))
+
+  # The analysis imports TensorFlow only for its gradient-masking checks: quietly too.
+  analysis = _cli("run_analysis", f"--base_dir={tmp_path / 'quiet'}", "--masking_examples=64",
+                  f"--out_dir={tmp_path / 'analysis'}")
+  assert analysis.returncode == 0, analysis.stderr[-3000:]
+  assert "gradient-masking checks" in analysis.stderr
+  assert not NOISE_RE.search(analysis.stderr), analysis.stderr[-3000:]
+
+  # The escape hatch keeps TensorFlow's lines (where this build prints any).
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  verbose = _cli("run_experiments", *args, f"--base_dir={tmp_path / 'verbose'}", "--noprogress",
+                 verbose=True)
+  assert verbose.returncode == 0, verbose.stderr[-3000:]
+  if tf.sysconfig.get_build_info().get("is_cuda_build") and not startup.has_nvidia_driver():
+    assert "cudart_stub.cc" in verbose.stderr, verbose.stderr[-3000:]
