@@ -19,8 +19,8 @@ startup.import_tensorflow()  # First: quietly, and without Keras' unused imports
 from absl import app, flags, logging  # noqa: E402
 
 from data import DataError, default_valid_size, load_dataset  # noqa: E402
-from experiments.runner import DivergedError, Runner  # noqa: E402
-from robust_sparse import activations, hparams as hparams_lib  # noqa: E402
+from experiments.runner import DivergedError, Runner, check_distribution  # noqa: E402
+from robust_sparse import activations, distribute, hparams as hparams_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -104,7 +104,10 @@ def _select_devices(devices):
   import tensorflow as tf
   gpus = tf.config.list_physical_devices("GPU")
   try:
-    wanted = [gpus[int(i)] for i in devices.split(",")]
+    indices = [int(i) for i in devices.split(",")]
+    if min(indices) < 0:
+      raise IndexError
+    wanted = [gpus[i] for i in indices]
   except (ValueError, IndexError):
     raise ValueError(f"--devices={devices}: this machine has {len(gpus)} GPU(s)") from None
   tf.config.set_visible_devices(wanted, "GPU")
@@ -130,6 +133,9 @@ def main(argv):
   try:
     _select_devices(FLAGS.devices)
     hparams = hparams_from_flags()
+    check_distribution(hparams)
+    if hparams.distribution == "mirrored":  # Before TensorFlow starts its devices.
+      distribute.configure_devices(hparams.cpu_replicas)
     if FLAGS.launcher == "ray" and FLAGS.force:
       raise ValueError("--force with --launcher=ray: delete the run folders first instead")
     if hparams.deterministic:

@@ -3,6 +3,8 @@
 import numpy as np
 import tensorflow as tf
 
+from robust_sparse.distribute import per_example_draw
+
 NORMS = (np.inf, 2)
 # Keeps a zero gradient or a zero perturbation from dividing by zero.
 _TINY = 1e-12
@@ -89,8 +91,13 @@ def random_l2_ball(shape, eps, dtype, seed=None):
     u = tf.random.uniform(shape[:1], dtype=dtype)
   else:
     seeds = tf.random.experimental.stateless_split(seed, 2)
-    direction = tf.random.stateless_normal(shape, seed=seeds[0], dtype=dtype)
-    u = tf.random.stateless_uniform(shape[:1], seed=seeds[1], dtype=dtype)
+    # Drawn for the global batch on a replica's shard (robust_sparse.distribute).
+    direction = per_example_draw(
+        lambda shape, seed: tf.random.stateless_normal(shape, seed=seed, dtype=dtype),
+        shape, seeds[0])
+    u = per_example_draw(
+        lambda shape, seed: tf.random.stateless_uniform(shape, seed=seed, dtype=dtype),
+        shape[:1], seeds[1])
   dim = tf.cast(tf.reduce_prod(shape[1:]), dtype)
   radius = eps * tf.pow(u, 1.0 / dim)
   return l2_normalize(direction) * per_example(radius, direction)

@@ -22,6 +22,7 @@ loss becomes NaN or infinite stops at once, keeps its CSVs and says `diverged`
 in `metadata.json`; re-running it is refused until `--force`.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,7 +42,7 @@ from attacks import make_attack
 from data import augment as augment_lib
 from experiments.registry import EXPERIMENTS, Defaults
 from models import NORMALIZATIONS, build_model
-from robust_sparse import claims, files, pruning, sparsity_modules, ssam
+from robust_sparse import claims, distribute, files, pruning, sparsity_modules, ssam
 from robust_sparse import measurements as measurements_lib
 from robust_sparse import saturation as saturation_lib
 from robust_sparse import tensorboard
@@ -253,7 +254,7 @@ def sharpness_wrapper(hp: Hparams, model, masks=None):
       inner, model, rho=hp.rho, adaptive=perturbation == "asam", eta=hp.asam_eta,
       bn_stats=hp.sam_bn_stats, batch_splits=hp.sam_batch_splits,
       mask_fn=None if hp.implicit else values,
-      implicit_mask_fn=values if hp.implicit else None)
+      implicit_mask_fn=values if hp.implicit else None, sync=hp.sam_sync)
 
 
 def has_perturbation_masks(hp: Hparams) -> bool:
@@ -306,12 +307,27 @@ def make_measurement(hp: Hparams, model):
                                        log_every=hp.log_every)
 
 
+def check_distribution(hp: Hparams) -> int:
+  """Checks the `--distribution` flags (see `distribute.check_options`); returns the
+  number of replicas.
+
+  Raises:
+    ValueError: one line naming the flag.
+  """
+  gpus = distribute.visible_gpus() if hp.distribution == "mirrored" else 0
+  return distribute.check_options(
+      distribution=hp.distribution, cpu_replicas=hp.cpu_replicas, num_gpus=gpus,
+      batch_size=hp.batch_size, sync_batch_norm=hp.sync_batch_norm, sam_sync=hp.sam_sync,
+      measure=hp.measure, mixed_precision=hp.mixed_precision)
+
+
 def check_hparams(hp: Hparams, num_train: int):
   """Checks what the flags alone cannot; errors name the flag.
 
   Raises:
     ValueError: bad combinations (e.g. a schedule longer than training).
   """
+  check_distribution(hp)
   measurements_lib.check_names(hp.measure)
   if hp.log_every < 1:
     raise ValueError(f"--log_every must be a positive integer, got --log_every={hp.log_every}")
@@ -376,6 +392,8 @@ class Runner:
       from experiments.phd_lab import check_probe_settings
       check_probe_settings(hparams, dataset)
     self.run_dir = hparams.run_dir(base_dir)
+    # None for --distribution=default: no strategy, nothing changes.
+    self.distribution = distribute.make_distribution(hparams.distribution, hparams.cpu_replicas)
     self.progress = progress
     self.callbacks = list(callbacks or [])
     self.attack = make_attack(hparams.attack_config())
@@ -456,6 +474,10 @@ class Runner:
     return fit_probes(self.hparams, model, self.dataset, self.run_dir)
 
   # ---- one level -----------------------------------------------------------
+  def _scope(self):
+    return (contextlib.nullcontext() if self.distribution is None
+            else self.distribution.scope())
+
   def build(self, trial, level):
     """The freshly initialised model of a level (the experiment's transform applied)."""
     hp = self.hparams
@@ -466,7 +488,10 @@ class Runner:
                         activation=self.experiment.activation(level, self.num_train),
                         l1_reg=hp.l1_reg, normalize=hp.normalize, dropout=hp.dropout,
                         **options)
-    return self.experiment.transform_model(model, trial, level)
+    model = self.experiment.transform_model(model, trial, level)
+    if hp.sync_batch_norm:
+      distribute.synchronize_batch_norm(model)
+    return model
 
   def teacher(self):
     """The `--teacher_dir` model (loaded once), or None."""
@@ -511,7 +536,8 @@ class Runner:
                   grad_clip_norm=hp.grad_clip_norm, loss_scale=loss_scale, top5=self.top5,
                   extra_state=(self._perturbation_masks.variables
                                if self._perturbation_masks else None),
-                  measurement=measurement, eval_attacks=self.eval_attacks)
+                  measurement=measurement, eval_attacks=self.eval_attacks,
+                  distribution=self.distribution)
 
   def _masks(self, trial, level, layers):
     if level == 0:
@@ -555,10 +581,11 @@ class Runner:
                                                  metadata.get("diverged_iteration")))
     began = time.time()
     logging.info("training %s", directory)
-    fresh = self.build(trial, level)
     phase = self.experiment.phase(level)
-    if phase not in self._engines:
-      self._engines[phase] = (fresh, self._make_engine(fresh, level))
+    with self._scope():  # Mirrored variables (model, masks, optimizers) when distributed.
+      fresh = self.build(trial, level)
+      if phase not in self._engines:
+        self._engines[phase] = (fresh, self._make_engine(fresh, level))
     model, engine = self._engines[phase]
     fresh_weights = model_weights(fresh)
     weights, start = self.experiment.start(level, LevelHistory(self.run_dir, trial),

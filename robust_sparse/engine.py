@@ -8,6 +8,12 @@ augmentation randomness are stateless functions of (seed, iteration) too, so
 restoring every variable at iteration `i` (`state()`) and continuing gives the
 same numbers as never stopping. A non-finite loss stops the loop at once.
 
+Under a `robust_sparse.distribute.Distribution` (`--distribution=mirrored`)
+the same loop runs k steps per call, each step `strategy.run` on the
+replicas' shards of the global batch (see `steps.make_train_step`), and
+evaluation sums the replicas' sums. The engine must then be made, with the
+model, in the distribution's scope.
+
 Compilation is a large part of a short job, so the functions are traced
 without AutoGraph (the loops are explicit `tf.while_loop` and `Dataset.reduce`),
 which more than halves their tracing; code that needs AutoGraph (Python
@@ -23,6 +29,7 @@ import tensorflow as tf
 import keras
 from absl import logging
 
+from robust_sparse import distribute
 from robust_sparse import layers as layers_lib
 from robust_sparse import sharpness as sharpness_lib
 from robust_sparse import steps as steps_lib
@@ -128,6 +135,13 @@ class Engine:
     eval_attacks: [(name, attack)] evaluated beside `attack`: `evaluate`
       reports `adv_acc_<name>`, the fraction of examples classified correctly
       both clean and under that attack.
+    distribution: data-parallel training and evaluation on its replicas
+      (`batch_size` divisible by them; `jit_compile` then compiles each
+      replica's pass); None: one device.
+
+  Raises:
+    ValueError: a distribution with a batch size it does not divide, or with
+      a measurement.
   """
 
   def __init__(self, model: keras.Model, loss_grad_fn, groups: Sequence[OptimizerGroup], *,
@@ -139,7 +153,15 @@ class Engine:
                loss_scale: Optional[steps_lib.LossScale] = None, top5: bool = False,
                jit_compile: Optional[bool] = None, eval_batch_size: int = 1000,
                extra_state: Optional[Dict[str, tf.Variable]] = None,
-               measurement=None, eval_attacks: Sequence[Tuple[str, Callable]] = ()):
+               measurement=None, eval_attacks: Sequence[Tuple[str, Callable]] = (),
+               distribution: Optional[distribute.Distribution] = None):
+    if distribution is not None:
+      if batch_size % distribution.num_replicas:
+        raise ValueError(f"--batch_size={batch_size} is not divisible by the "
+                         f"{distribution.num_replicas} replicas")
+      if measurement is not None:
+        raise ValueError("measurements are not supported with a distribution")
+    self.distribution = distribution
     self.model = model
     self.eval_attacks = list(eval_attacks)
     self.groups = list(groups)
@@ -165,16 +187,21 @@ class Engine:
     self.num_train = len(x_train)
     self.x_train = tf.constant(x_train)
     self.y_train = tf.constant(y_train, dtype=tf.int32)
+    if jit_compile is None:
+      # RandAugment's projective transforms have no XLA kernel.
+      jit_compile = supports_xla(model) and getattr(augment, "supports_jit", True)
     self._step = steps_lib.make_train_step(
         model, loss_grad_fn, self.groups, grad_clip_norm=grad_clip_norm,
         loss_scale=loss_scale, augment=augment, prepare=prepare, top5=top5,
         masks_hold=True,
-        on_taps=(lambda outputs: measurement.update(outputs, "train")) if measurement else None)
+        on_taps=(lambda outputs: measurement.update(outputs, "train")) if measurement else None,
+        distribution=distribution, replica_jit_compile=jit_compile)
     self._fresh = [np.asarray(v.numpy()) for v in self._resettable()]
-    if jit_compile is None:
-      # RandAugment's projective transforms have no XLA kernel.
-      jit_compile = supports_xla(model) and getattr(augment, "supports_jit", True)
     self.jit_compile = jit_compile
+    if distribution is not None:
+      # XLA compiles each replica's pass (above), not the step: MirroredStrategy's
+      # cross-replica calls cannot be compiled on CPU.
+      jit_compile = False
     # The loops stay outside XLA: one XLA loop over the steps (measured) ran
     # PGD training 11% slower on a CPU, its attack loop nested in it, and
     # compiled hardly faster.
@@ -374,11 +401,18 @@ class Engine:
           return tf.constant(True)
         tf.cond(tf.equal(stream, 2), feed, lambda: tf.constant(False))
 
-    with layers_lib.masks_hold():
-      return steps_lib.evaluation_sums(
-          self.model, self.attack, x, y,
-          steps_lib.stream_seed(self.seed, self.iteration, stream, index), self.top5,
-          taps=taps, on_taps=on_taps, eval_attacks=[fn for _, fn in self.eval_attacks])
+    seed = steps_lib.stream_seed(self.seed, self.iteration, stream, index)
+
+    def sums(x, y, seed):
+      with layers_lib.masks_hold():
+        return steps_lib.evaluation_sums(
+            self.model, self.attack, x, y, seed, self.top5, taps=taps, on_taps=on_taps,
+            eval_attacks=[fn for _, fn in self.eval_attacks])
+
+    if self.distribution is None:
+      return sums(x, y, seed)
+    return self.distribution.sum(self.distribution.run_sharded(
+        distribute.compile_on_replica(sums, self.jit_compile), (x, y), seed))
 
   def _eval_dataset_fn(self, dataset, stream):
 

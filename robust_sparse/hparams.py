@@ -404,6 +404,25 @@ class AttackHparams:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributionHparams:
+  """Data-parallel training of one run on several devices (`robust_sparse.distribute`)."""
+  distribution: str = _field(
+      "default", "default: one device; mirrored: tf.distribute.MirroredStrategy over the "
+      "visible GPUs (--devices) or --cpu_replicas logical CPU devices, each step's global "
+      "--batch_size split evenly over the replicas", choices=lambda: ["default", "mirrored"])
+  cpu_replicas: int = _field(
+      0, "--distribution=mirrored over N >= 2 logical devices made from the host CPU (for "
+      "testing without GPUs); 0: the GPUs", lower_bound=0)
+  sync_batch_norm: bool = _field(
+      False, "--distribution=mirrored: batch normalisation with the global batch's "
+      "statistics (Keras synchronized=True); default: each replica's own shard's")
+  sam_sync: bool = _field(
+      False, "--distribution=mirrored with SAM / ASAM / SSAM: perturb with the gradient "
+      "summed over the replicas (the single-device e); default: each replica with its own "
+      "shard's gradient, as google-research/sam")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunHparams:
   """Repetitions and randomness."""
   trials: int = _field(10, "number of trials per experiment", lower_bound=1)
@@ -414,11 +433,11 @@ class RunHparams:
 
 GROUPS = (DataHparams, ModelHparams, TrainingHparams, SharpnessHparams, MeasureHparams,
           SparsifyHparams, PruningHparams, ReLUHparams, FlatnessHparams, AttackHparams,
-          RunHparams)
+          DistributionHparams, RunHparams)
 
 
 @dataclasses.dataclass(frozen=True)
-class Hparams(RunHparams, AttackHparams, FlatnessHparams, ReLUHparams, PruningHparams,
+class Hparams(RunHparams, DistributionHparams, AttackHparams, FlatnessHparams, ReLUHparams, PruningHparams,
               SparsifyHparams, MeasureHparams, SharpnessHparams, TrainingHparams, ModelHparams,
               DataHparams):
   """Everything that defines an experiment (defaults: the lottery-ticket seed's)."""

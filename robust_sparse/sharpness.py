@@ -24,13 +24,17 @@ default (google-research/sam); `bn_stats="second"` keeps the perturbed pass's,
 `"both"` applies both updates in turn (the seed's PyTorch code). m-sharpness
 (`batch_splits` = m) computes one perturbation per split of the batch and
 averages the splits' gradients (google-research/sam's per-replica SAM on one
-device).
+device). Under `tf.distribute` (`robust_sparse.distribute`) each replica
+perturbs with its own shard's gradient, as google-research/sam does;
+`sync=True` perturbs with the replicas' summed gradient, so every replica
+takes the single-device `e`.
 """
 
 from typing import Callable, Optional
 
 import tensorflow as tf
 
+from robust_sparse import distribute
 from robust_sparse import layers as layers_lib
 
 BN_STATS = ("first", "second", "both")
@@ -115,7 +119,7 @@ def check_options(*, rho: float, bn_stats: str = "first", batch_splits: int = 1,
 def sharpness_aware(inner, model, *, rho: float = 0.05, adaptive: bool = False,
                     eta: float = 0.01, bn_stats: str = "first", batch_splits: int = 1,
                     mask_fn: Optional[Callable] = None,
-                    implicit_mask_fn: Optional[Callable] = None):
+                    implicit_mask_fn: Optional[Callable] = None, sync: bool = False):
   """Wraps the `LossGradFn` `inner` into SAM (or ASAM): gradients at `w + e`.
 
   Args:
@@ -132,6 +136,9 @@ def sharpness_aware(inner, model, *, rho: float = 0.05, adaptive: bool = False,
       sparse perturbation (spec 4.4): the ascent pass back-propagates input
       gradients of each masked layer through `kernel * mask` (its kernel's
       entry), while `e` itself stays dense.
+    sync: on the replicas of a `tf.distribute` strategy, the perturbation of
+      the gradient summed over them (`--sam_sync`), not of each shard's own.
+      Nothing changes on one device.
 
   Returns:
     A `LossGradFn`; `aux` gains `sharp_objective`, the objective at `w + e`.
@@ -167,6 +174,8 @@ def sharpness_aware(inner, model, *, rho: float = 0.05, adaptive: bool = False,
 
   def one(trainable, non_trainable, batch):
     grads, first_nt, aux = ascent(trainable, non_trainable, batch)
+    if sync:
+      grads = distribute.all_reduce_sum(grads)
     e = perturbation(trainable, grads, rho=rho, adaptive=adaptive, eta=eta, masks=masks())
     perturbed = [w if d is None else w + d for w, d in zip(trainable, e)]
     start = first_nt if bn_stats == "both" else non_trainable

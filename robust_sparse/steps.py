@@ -36,6 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from robust_sparse import distribute
 from robust_sparse import layers as layers_lib
 from robust_sparse.optimizers import AdamL2, TorchSGD
 
@@ -198,8 +199,8 @@ def loss_and_gradients(model: keras.Model, loss, loss_scale: Optional[LossScale]
       logits, new_non_trainable, losses, tapped = forward(trainable, non_trainable, batch["x"])
       per_example = loss(batch["x"], batch["y"], logits)
       objective = tf.reduce_sum(batch["weight"] * per_example)
-      total = objective + tf.add_n([tf.constant(0.0)] +
-                                   [tf.cast(l, tf.float32) for l in losses])
+      total = objective + distribute.replica_share(
+          tf.add_n([tf.constant(0.0)] + [tf.cast(l, tf.float32) for l in losses]))
       if loss_scale is not None:
         total = total * loss_scale.scale
     if tap_gradients:
@@ -262,7 +263,9 @@ def penalized(inner, penalty: Callable, name: str = "penalty"):
     with tf.GradientTape() as tape:
       tape.watch(trainable)
       value = tf.cast(penalty(trainable), tf.float32)
-    extra = tape.gradient(value, trainable)
+      # Each replica adds its share: the all-reduce sums the replicas' gradients.
+      share = distribute.replica_share(value)
+    extra = tape.gradient(share, trainable)
     grads = [e if g is None else (g if e is None else g + tf.cast(e, g.dtype))
              for g, e in zip(grads, extra)]
     return grads, new_non_trainable, dict(aux, **{name: value})
@@ -371,7 +374,9 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
                     loss_scale: Optional[LossScale] = None,
                     augment: Optional[Callable] = None,
                     prepare: Optional[Callable] = None, top5: bool = False,
-                    masks_hold: bool = False, on_taps: Optional[Callable] = None):
+                    masks_hold: bool = False, on_taps: Optional[Callable] = None,
+                    distribution: Optional[distribute.Distribution] = None,
+                    replica_jit_compile: bool = False):
   """One training step: `step(x, y, seed, iteration) -> {metric: scalar}`.
 
   Applies the data set's `prepare(x, seed) -> x` (resizing, random
@@ -398,11 +403,24 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
   examples of the batch when the loss-and-gradients function returns
   `aux["taps"]` (see `loss_and_gradients`), followed by the gradients at the
   taps when it also returns `aux["tap_gradients"]` (natural examples too).
+
+  With a `distribution` (`robust_sparse.distribute`; the variables and
+  optimizers created in its scope), `x`, `y` are the global batch: it is
+  prepared and augmented whole, then each replica runs the rest on its even
+  shard, weighting its examples by 1 / global batch; the gradients are summed
+  over the replicas once, before clipping (so the update is the
+  single-device one), changed non-trainable values (batch-norm statistics)
+  averaged, and the metrics summed. The batch size must be divisible by the
+  replicas. `replica_jit_compile`: each replica's pass (attack, forward and
+  backward) is XLA-compiled (see `distribute.compile_on_replica`).
   """
   trainable = model.trainable_variables
   non_trainable = model.non_trainable_variables
   indices = partition(groups, trainable)
   build_groups(groups, trainable)
+  if distribution is not None:
+    for group in groups:
+      distribute.take_reduced_gradients(group.optimizer)
   mask_grads = masks_hold and (grad_clip_norm is not None or loss_scale is not None or
                                not all(is_elementwise(g.optimizer) for g in groups))
 
@@ -411,13 +429,21 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
   def gradients(fn, batch):
     """One pass at the variables' current values; writes the new non-trainable values."""
     with layers_lib.masks_hold() if masks_hold else contextlib.nullcontext():
-      grads, new_non_trainable, aux = fn(
-          [tf.convert_to_tensor(v.value) for v in trainable],
-          [tf.convert_to_tensor(v.value) for v in non_trainable], batch)
+      current = [tf.convert_to_tensor(v.value) for v in non_trainable]
+      values = [tf.convert_to_tensor(v.value) for v in trainable]
+      if distribution is None:
+        grads, new_non_trainable, aux = fn(values, current, batch)
+      else:
+        grads, new_non_trainable, aux = _replica_pass(fn, replica_jit_compile)(
+            values, current, batch)
+    if distribution is not None:
+      grads = distribute.all_reduce_sum(grads)
+      new_non_trainable = _mean_of_changed(current, new_non_trainable)
     if mask_grads:
       grads = layers_lib.mask_gradients(model, trainable, grads)
     for variable, value in zip(non_trainable, new_non_trainable):
-      variable.assign(value)
+      if value is not None:
+        variable.assign(value)
     return global_norm_clip(grads, grad_clip_norm), aux
 
   def update(chosen, grads, rates):
@@ -446,8 +472,25 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
       x = prepare(x, stream_seed(seed, iteration, 4))
     if augment is not None:
       x, y = augment(x, y, stream_seed(seed, iteration, 3))
+    if distribution is None:
+      batch_size = tf.shape(y)[0]
+      return replica_step(x, y, seed, iteration,
+                          tf.fill([batch_size], 1.0 / tf.cast(batch_size, tf.float32)))
+    global_size = tf.shape(y)[0]
+
+    def on_replica(x, y, seed, iteration):
+      weight = tf.fill([tf.shape(y)[0]], 1.0 / tf.cast(global_size, tf.float32))
+      return replica_step(x, y, seed, iteration, weight)
+
+    stats = distribution.run_sharded(on_replica, (x, y), tf.convert_to_tensor(seed),
+                                     tf.convert_to_tensor(iteration))
+    rates = distribution.first({k: v for k, v in stats.items() if k.startswith("lr/")})
+    sums = distribution.sum({k: v for k, v in stats.items() if not k.startswith("lr/")})
+    return dict(sums, **rates)
+
+  def replica_step(x, y, seed, iteration, weight):
+    """The step on (a replica's shard of) the prepared batch; `weight` per example."""
     batch_size = tf.shape(y)[0]
-    weight = tf.fill([batch_size], 1.0 / tf.cast(batch_size, tf.float32))
     batch = dict(x=x, y=y, weight=weight, seed=stream_seed(seed, iteration, 0))
     rates = learning_rates(groups, iteration)
     if sequential:
@@ -464,19 +507,53 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
               + [g[:batch_size] for g in aux.get("tap_gradients", ())])
 
     nan = tf.constant(np.nan, tf.float32)
-    nat_loss = tf.reduce_mean(aux["per_example"])
-    stats = dict(loss=aux["objective"], acc=tf.reduce_mean(_correct(aux["logits"], y)),
+    if distribution is None:
+      mean = tf.reduce_mean
+    else:  # This shard's part of the global mean; the replicas' parts are summed.
+      mean = lambda values: tf.reduce_sum(values * weight)
+    nat_loss = mean(aux["per_example"])
+    stats = dict(loss=aux["objective"], acc=mean(_correct(aux["logits"], y)),
                  adv_acc=nan, nat_loss=nat_loss, adv_loss=nan, top5=nan)
     if "adv_logits" in aux:
-      stats["adv_acc"] = tf.reduce_mean(_correct(aux["adv_logits"], y))
-      stats["adv_loss"] = tf.reduce_mean(aux["adv_per_example"])
+      stats["adv_acc"] = mean(_correct(aux["adv_logits"], y))
+      stats["adv_loss"] = mean(aux["adv_per_example"])
     if top5:
-      stats["top5"] = tf.reduce_mean(_top5(aux["logits"], y))
+      stats["top5"] = mean(_top5(aux["logits"], y))
     for name, rate in rates.items():
       stats[f"lr/{name}"] = rate
     return stats
 
   return step
+
+
+def _replica_pass(fn, jit_compile: bool):
+  """The `LossGradFn` `fn` for a replica, compiled there when `jit_compile`; new
+  non-trainable values the pass did not change come back as the given tensors."""
+  changed = []
+
+  def changed_only(trainable, non_trainable, batch):
+    grads, new, aux = fn(trainable, non_trainable, batch)
+    changed[:] = [n is not c for n, c in zip(new, non_trainable)]
+    return grads, [n for n, c in zip(new, changed) if c], aux
+
+  def call(trainable, non_trainable, batch):
+    grads, new, aux = distribute.compile_on_replica(changed_only, jit_compile)(
+        trainable, non_trainable, batch)
+    new = iter(new)
+    return grads, [next(new) if c else v for c, v in zip(changed, non_trainable)], aux
+
+  return call
+
+
+def _mean_of_changed(current, new):
+  """Replica means of the float values in `new` that a pass changed (batch-norm
+  statistics), so the replicas keep one value; None where unchanged (masks)."""
+  changed = [i for i, (c, n) in enumerate(zip(current, new))
+             if n is not c and n.dtype.is_floating]
+  out = [None if n is c else n for c, n in zip(current, new)]
+  for i, value in zip(changed, distribute.all_reduce_mean([new[i] for i in changed])):
+    out[i] = value
+  return out
 
 
 def evaluation_sums(model: keras.Model, attack: Callable, x, y, seed, top5: bool = False,
