@@ -57,7 +57,8 @@ def check_options(*, distribution: str, cpu_replicas: int, num_gpus: int, batch_
     for flag, value in (("cpu_replicas", cpu_replicas), ("sync_batch_norm", sync_batch_norm),
                         ("sam_sync", sam_sync)):
       if value:
-        raise ValueError(f"--{flag}={value} needs --distribution=mirrored")
+        given = f"--{flag}" if value is True else f"--{flag}={value}"
+        raise ValueError(f"{given} needs --distribution=mirrored")
     return 1
   if cpu_replicas == 1:
     raise ValueError("--cpu_replicas=1: give 0 (the GPUs) or N >= 2 logical CPU devices")
