@@ -437,9 +437,9 @@ GROUPS = (DataHparams, ModelHparams, TrainingHparams, SharpnessHparams, MeasureH
 
 
 @dataclasses.dataclass(frozen=True)
-class Hparams(RunHparams, DistributionHparams, AttackHparams, FlatnessHparams, ReLUHparams, PruningHparams,
-              SparsifyHparams, MeasureHparams, SharpnessHparams, TrainingHparams, ModelHparams,
-              DataHparams):
+class Hparams(RunHparams, DistributionHparams, AttackHparams, FlatnessHparams, ReLUHparams,
+              PruningHparams, SparsifyHparams, MeasureHparams, SharpnessHparams,
+              TrainingHparams, ModelHparams, DataHparams):
   """Everything that defines an experiment (defaults: the lottery-ticket seed's)."""
 
   def __post_init__(self):
