@@ -304,4 +304,9 @@ def make_distribution(distribution: str, cpu_replicas: int = 0) -> Optional[Dist
     devices = [device.name for device in tf.config.list_logical_devices("GPU")]
     if not devices:
       raise ValueError("--distribution=mirrored needs a GPU or --cpu_replicas=N")
-  return Distribution(tf.distribute.MirroredStrategy(devices))
+  # tf.distribute logs every reduction it plans at INFO, twice (TensorFlow's
+  # logger and absl's); one line of ours says what runs.
+  tf.get_logger().setLevel("WARNING")
+  strategy = tf.distribute.MirroredStrategy(devices)
+  logging.info("MirroredStrategy over %d replicas: %s", len(devices), ", ".join(devices))
+  return Distribution(strategy)

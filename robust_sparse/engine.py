@@ -208,7 +208,8 @@ class Engine:
     self._train_step = _Traced(self._train_step_fn, jit_compile=jit_compile)
     self._train_chunk = _Traced(self._train_chunk_fn)
     self._eval_batch = _Traced(self._eval_batch_fn, jit_compile=jit_compile)
-    self._eval_dataset = _Traced(self._eval_dataset_fn)
+    self._eval_dataset = _Traced(self._eval_dataset_fn)  # Files, decoded by tf.data.
+    self._eval_tensors = {}  # In-memory sets: (image shape, dtype) -> traced function.
     self._enforce_masks = _Traced(lambda: layers_lib.enforce_masks(model))
     self._sharpness = None
 
@@ -414,6 +415,32 @@ class Engine:
     return self.distribution.sum(self.distribution.run_sharded(
         distribute.compile_on_replica(sums, self.jit_compile), (x, y), seed))
 
+  def _eval_tensors_fn(self, x, y, stream):
+    """Sums over batches of in-memory (x, y), sliced in a `tf.while_loop`.
+
+    Faster than a `tf.data` pipeline over the same arrays (on a 2-core CPU,
+    PGD-10 evaluation of 10000 MNIST images: 0.7 s against 0.75-1.3 s, whose
+    prefetching thread competes with the compute).
+    """
+    size = self.eval_batch_size
+    batches = (tf.shape(x, out_type=tf.int64)[0] + size - 1) // size
+
+    def body(index, sums):
+      rows = slice(index * size, (index + 1) * size)
+      return index + 1, sums + self._eval_batch(x[rows], y[rows], index, stream)
+
+    return tf.while_loop(lambda index, _: index < batches, body,
+                         (tf.constant(0, tf.int64), tf.zeros([5 + len(self.eval_attacks)])))[1]
+
+  def _eval_tensors_for(self, x):
+    """The traced `_eval_tensors_fn` for evaluation sets shaped as `x` (any length)."""
+    key = (tuple(x.shape[1:]), x.dtype.name)
+    if key not in self._eval_tensors:
+      self._eval_tensors[key] = _Traced(self._eval_tensors_fn, input_signature=(
+          tf.TensorSpec((None,) + key[0], x.dtype), tf.TensorSpec((None,), tf.int32),
+          tf.TensorSpec((), tf.int64)))
+    return self._eval_tensors[key]
+
   def _eval_dataset_fn(self, dataset, stream):
 
     def add(sums, element):
@@ -434,14 +461,19 @@ class Engine:
       nan = float("nan")
       return {m: nan for m in ("loss", "acc", "adv_acc", "nat_loss", "adv_loss", "top5",
                                *names)}
-    dataset = tf.data.Dataset.from_tensor_slices((x, tf.cast(y, tf.int32)))
-    if self.decode_eval is not None:
-      decode = self.decode_eval
-      dataset = dataset.map(lambda path, label: (decode(path), label),
-                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    dataset = dataset.batch(self.eval_batch_size).prefetch(tf.data.AUTOTUNE)
     self._enforce_masks()
-    sums = self._eval_dataset(dataset, tf.constant(stream, tf.int64)).numpy() / len(x)
+    stream = tf.constant(stream, tf.int64)
+    if self.decode_eval is None:
+      x = np.asarray(x)
+      sums = self._eval_tensors_for(x)(x, np.asarray(y, np.int32), stream)
+    else:
+      decode = self.decode_eval
+      dataset = (tf.data.Dataset.from_tensor_slices((x, tf.cast(y, tf.int32)))
+                 .map(lambda path, label: (decode(path), label),
+                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                 .batch(self.eval_batch_size).prefetch(tf.data.AUTOTUNE))
+      sums = self._eval_dataset(dataset, stream)
+    sums = sums.numpy() / len(x)
     nat_loss, correct, adv_correct, adv_loss, top5 = sums[:5]
     loss = ((1 - self.adv_mix) * nat_loss + self.adv_mix * adv_loss if self.adv_train
             else nat_loss)

@@ -35,9 +35,6 @@ import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score
 
 from robust_sparse.files import atomic_open, write_json
 from robust_sparse.saturation import tap_model, tapped_layers
@@ -275,6 +272,10 @@ def _load(path, position=None):
 
 def _fit_probe(folder, layer, position, result_path, settings):
   """Fits one probe (a joblib task); writes and returns its result dict."""
+  # Imported here: scikit-learn's import costs every run a second, and only probes use it.
+  from sklearn.exceptions import ConvergenceWarning  # pylint: disable=import-outside-toplevel
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=import-outside-toplevel
+  from sklearn.metrics import accuracy_score  # pylint: disable=import-outside-toplevel
   x_train = _load(_latent_path(folder, "train", layer), position)
   y_train = np.load(_latent_path(folder, "train", "labels"))
   x_eval = _load(_latent_path(folder, "eval", layer), position)

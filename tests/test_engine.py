@@ -290,8 +290,10 @@ def test_engine_compiles_each_function_once(digits, jit_compile):
   assert int(engine.iteration.numpy()) == 38
   for count in (300, 200, 100, 50):
     assert 0 <= engine.evaluate(digits.x_valid[:count], digits.y_valid[:count], 1)["acc"] <= 1
-  for name in ("_train_chunk", "_train_step", "_eval_dataset", "_eval_batch", "_enforce_masks"):
-    function = getattr(engine, name)
+  [eval_tensors] = engine._eval_tensors.values()  # pylint: disable=protected-access
+  for name, function in [(name, getattr(engine, name)) for name in (
+      "_train_chunk", "_train_step", "_eval_batch", "_enforce_masks")] + [
+          ("_eval_tensors", eval_tensors)]:
     assert not function.autograph, name
     assert function.function.experimental_get_tracing_count() == 1, name
 
