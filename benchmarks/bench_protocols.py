@@ -42,6 +42,17 @@ def _define_flags():
   flags.DEFINE_integer("steps", 5, "training steps per timed chunk")
   flags.DEFINE_integer("repeats", 3, "timed chunks")
   flags.DEFINE_integer("eval_images", 200, "images per timed evaluation")
+  # The GPU columns are derived, from these assumptions unless --gpu_costs gives
+  # measured step costs.
+  flags.DEFINE_float("gpu_tflops", 50.0, "assumed sustained TFLOP/s of one GPU")
+  flags.DEFINE_float("gpu_pass_ms", 0.05, "assumed least milliseconds per forward-pass "
+                     "equivalent of a step on a GPU (launch-bound tiny models)")
+  flags.DEFINE_float("mirrored_efficiency", 0.9, "assumed speed-up per GPU of one run "
+                     "over several GPUs of a machine (--distribution=mirrored)")
+  flags.DEFINE_integer("gpus_per_machine", 8, "GPUs one run can span (no multi-worker)")
+  flags.DEFINE_string("gpu_costs", None, "JSON file {protocol: seconds per step} measured "
+                      "on a GPU, replacing the assumed ones")
+  flags.DEFINE_list("gpus", ["1", "8", "64"], "GPU counts of the derived wall times")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +72,14 @@ class Protocol:
   eval_images: int
   cpu_batch: int = 0  # 0: the protocol's batch.
   script: str = ""
+  # Forward-pass equivalents per example per step (forward 1, backward 2; an attack
+  # step 2: forward and the input gradient; adversarial training on clean + adversarial
+  # halves 6): the step's FLOPs are passes x the measured forward FLOPs.
+  passes: float = 3.0
+  # Independent chains of runs (runs of one chain, e.g. a trial's levels, go in order).
+  chains: int = 1
+  # Whether one run uses several GPUs well (--distribution=mirrored): not a tiny MLP.
+  mirrored: bool = True
 
 
 DENSE = ("--dataset=digits", "--model=dense-300-100", "--batch_size=60",
@@ -72,11 +91,14 @@ CIFAR = ("--dataset=cifar10", "--batch_size=128", "--valid_size=0", "--sharpness
 CIFAR_STEPS = 200 * (50000 // 128)
 PROTOCOLS = {p.name: p for p in (
     Protocol("lth_natural", "robust-sparse-networks", DENSE + ("--attack=fgsm",), 60,
-             LTH_RUNS, 50000, 101, 20000, script="seed_protocol.sh (natural half)"),
+             LTH_RUNS, 50000, 101, 20000, script="seed_protocol.sh (natural half)",
+             chains=LTH_RUNS // 21, mirrored=False),
     Protocol("lth_fgsm_adv", "robust-sparse-networks", DENSE + ("--attack=fgsm", "--adv_train"),
-             60, LTH_RUNS // 2, 50000, 101, 20000, script="seed_protocol.sh (FGSM training)"),
+             60, LTH_RUNS // 2, 50000, 101, 20000, script="seed_protocol.sh (FGSM training)",
+             passes=1 + 2 + 6, chains=LTH_RUNS // 42, mirrored=False),
     Protocol("lth_pgd_adv", "robust-sparse-networks", DENSE + ("--attack=pgd", "--adv_train"),
-             60, LTH_RUNS // 2, 50000, 101, 20000, script="seed_protocol.sh (PGD training)"),
+             60, LTH_RUNS // 2, 50000, 101, 20000, script="seed_protocol.sh (PGD training)",
+             passes=1 + 2 * 10 + 6, chains=LTH_RUNS // 42, mirrored=False),
     Protocol("ssam_sgd", "SSAM", CIFAR + ("--model=resnet18", "--optimizer=sgd",
                                           "--augment=crop,flip,cutout", "--attack=none"),
              128, 1, CIFAR_STEPS, 200, 10000, script="ssam_protocol.sh (SGD run)"),
@@ -84,13 +106,14 @@ PROTOCOLS = {p.name: p for p in (
                                           "--rho=0.2", "--pattern=unstructured",
                                           "--sparsity=0.5", "--augment=crop,flip,cutout",
                                           "--attack=none"),
-             128, 6, CIFAR_STEPS, 200, 10000, script="ssam_protocol.sh (6 SAM/SSAM runs)"),
+             128, 6, CIFAR_STEPS, 200, 10000, script="ssam_protocol.sh (6 SAM/SSAM runs)",
+             passes=6, chains=6),
     Protocol("autorep_baseline", "AutoReP", CIFAR + (
         "--model=resnet18_maxpool", "--optimizer=sgd", "--augment=crop,flip", "--attack=pgd",
         "--eps=0.0078431", "--pgd_steps=10", "--pgd_step_size=0.0019608"),
              128, 27, CIFAR_STEPS, 200, 10000,
              script="relu_protocol.sh (baseline + 26 relu_prune runs, each costed as a "
-             "training step)"),
+             "training step)", chains=26),
     Protocol("phdlab_saturation", "phd-lab", CIFAR + (
         "--model=resnet18", "--optimizer=sgd", "--augment=crop,flip", "--attack=none",
         "--measure=saturation"), 128, 1, 30 * (50000 // 128), 30, 10000,
@@ -101,8 +124,23 @@ PROTOCOLS = {p.name: p for p in (
         "--sharpness_examples=0", "--batch_size=4"), 4096, 2, 300 * (1281167 // 4096), 300,
              50000, cpu_batch=4,
              script="activation_sparsity.sh (vanilla + sparsified ViT-B/16, 300 ImageNet "
-             "epochs)"),
+             "epochs)", chains=2),
 )}
+
+
+def _forward_flops(model, input_shape) -> float:
+  """Floating-point operations of one example's forward pass (TensorFlow's profiler)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel,no-name-in-module
+  from tensorflow.python.framework import convert_to_constants
+
+  function = tf.function(lambda x: model(x, training=False)).get_concrete_function(
+      tf.TensorSpec((1,) + tuple(input_shape), tf.float32))
+  frozen = convert_to_constants.convert_variables_to_constants_v2(function)
+  options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+  options["output"] = "none"
+  return float(tf.compat.v1.profiler.profile(graph=frozen.graph, options=options)
+               .total_float_ops)
 
 
 def measure_one(name, data_dir, steps, repeats, eval_images):
@@ -144,11 +182,59 @@ def measure_one(name, data_dir, steps, repeats, eval_images):
   engine.evaluate(x, y)
   per_image = (time.perf_counter() - began) / len(x)
   step = float(np.median(chunks))
+  forward_flops = _forward_flops(model, dataset.input_shape)
   if protocol.cpu_batch:
     step *= protocol.batch / protocol.cpu_batch
   print(json.dumps({"name": name, "step_seconds": step, "eval_image_seconds": per_image,
-                    "compile_seconds": compile_seconds, "measured_batch":
+                    "compile_seconds": compile_seconds, "forward_flops": forward_flops,
+                    "measured_batch":
                     protocol.cpu_batch or protocol.batch}), flush=True)
+
+
+def gpu_wall_hours(protocol, gpu_step_seconds, gpus, efficiency=0.9, per_machine=8):
+  """The protocol's training wall time on `gpus` GPUs, in hours.
+
+  Chains of runs go in parallel, a chain's runs in order; a run spans up to
+  `per_machine` GPUs (`--distribution=mirrored`, speed-up `efficiency` per
+  GPU) when `protocol.mirrored` and there are GPUs to spare, else one.
+  Evaluation is left out (it parallelises the same way).
+  """
+  run_hours = protocol.steps_per_run * gpu_step_seconds / 3600
+  chain_runs = -(-protocol.runs // protocol.chains)
+  if gpus >= protocol.chains:
+    span = min(gpus // protocol.chains, per_machine) if protocol.mirrored else 1
+    speed = 1.0 if span == 1 else span * efficiency
+    return chain_runs * run_hours / speed
+  # Fewer GPUs than chains: the runs queue, one per GPU.
+  return -(-protocol.runs // gpus) * run_hours
+
+
+def derived_table(results, gpu_costs, gpu_counts):
+  """Markdown: measured CPU costs and the derived GPU wall times."""
+  lines = ["| protocol | seed | runs x steps | batch | fwd GFLOP/example | CPU s/step | "
+           "CPU GFLOP/s | CPU hours | GPU s/step | " +
+           " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in gpu_counts) + " |",
+           "|" + "---|" * (9 + len(gpu_counts))]
+  for r in results:
+    p = PROTOCOLS[r["name"]]
+    flops_step = r["forward_flops"] * p.passes * p.batch
+    measured = r["name"] in gpu_costs
+    gpu_step = (gpu_costs[r["name"]] if measured else
+                max(flops_step / (FLAGS.gpu_tflops * 1e12), p.passes * FLAGS.gpu_pass_ms / 1e3))
+    walls = [gpu_wall_hours(p, gpu_step, n, FLAGS.mirrored_efficiency, FLAGS.gpus_per_machine)
+             for n in gpu_counts]
+    lines.append(
+        f"| {p.name} | {p.seed} | {p.runs} x {p.steps_per_run} | {p.batch} | "
+        f"{r['forward_flops'] / 1e9:.4g} | {r['step_seconds']:.4g} | "
+        f"{flops_step / r['step_seconds'] / 1e9:.0f} | {r['cpu_train_hours']:,.0f} | "
+        f"{gpu_step:.3g}{'' if measured else ' (assumed)'} | " +
+        " | ".join(_hours(w) for w in walls) + " |")
+  return "\n".join(lines)
+
+
+def _hours(hours):
+  return f"{hours * 60:.0f} min" if hours < 1 else (
+      f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} d")
 
 
 def main(argv):
@@ -183,6 +269,11 @@ def main(argv):
           f"evaluated image, compile {r['compile_seconds']:.1f} s; full protocol on this CPU: "
           f"{p.runs} runs x {p.steps_per_run} steps = {train_hours:,.0f} h training + "
           f"{eval_hours:,.0f} h evaluation", flush=True)
+  gpu_costs = {}
+  if FLAGS.gpu_costs:
+    with open(FLAGS.gpu_costs) as f:
+      gpu_costs = json.load(f)
+  print(derived_table(results, gpu_costs, [int(n) for n in FLAGS.gpus]))
   print(json.dumps(results))
   print("protocol cpu costs: " + ", ".join(
       f"{r['name']} {r['step_seconds']:.4f} s/step" for r in results))
