@@ -39,7 +39,8 @@ def _define_flags():
   # Not at import: the measuring child parses run_experiments' flags instead.
   flags.DEFINE_string("data_dir", None, "folder with mnist/ and cifar-10/")
   flags.DEFINE_list("protocols", None, "protocols to time (default: all)")
-  flags.DEFINE_integer("steps", 5, "training steps per timed chunk")
+  flags.DEFINE_integer("steps", 5, "training steps per timed chunk (x10 until a chunk "
+                       "takes a second)")
   flags.DEFINE_integer("repeats", 3, "timed chunks")
   flags.DEFINE_integer("eval_images", 200, "images per timed evaluation")
   # The GPU columns are derived, from these assumptions unless --gpu_costs gives
@@ -171,6 +172,13 @@ def measure_one(name, data_dir, steps, repeats, eval_images):
   began = time.perf_counter()
   engine.train(stream, 1)
   compile_seconds = time.perf_counter() - began
+  # Chunks of at least a second: a fast step's cost is the loop's, not one call's.
+  while True:
+    began = time.perf_counter()
+    engine.train(stream, steps)
+    if time.perf_counter() - began >= 1.0 or steps >= 5000:
+      break
+    steps *= 10
   chunks = []
   for _ in range(repeats):
     began = time.perf_counter()
@@ -187,7 +195,7 @@ def measure_one(name, data_dir, steps, repeats, eval_images):
     step *= protocol.batch / protocol.cpu_batch
   print(json.dumps({"name": name, "step_seconds": step, "eval_image_seconds": per_image,
                     "compile_seconds": compile_seconds, "forward_flops": forward_flops,
-                    "measured_batch":
+                    "steps_per_chunk": steps, "measured_batch":
                     protocol.cpu_batch or protocol.batch}), flush=True)
 
 

@@ -330,3 +330,18 @@ def test_code_that_needs_autograph_is_traced_with_it(digits):
   engine.reset(0)
   assert np.isfinite(engine.train(iter(index_stream(len(digits.x_train), 32, 0)), 5)["loss"])
   assert engine._train_step.autograph and not engine._train_chunk.autograph
+
+
+def test_xla_is_skipped_on_a_cpu_for_max_pooling_models_only(digits):
+  """XLA's CPU max-pool gradient is many times slower than TensorFlow's kernel."""
+  assert not tf.config.list_logical_devices("GPU")  # This test is about CPU-only machines.
+  pooled = build_model("conv-2", (32, 32, 3), 10)
+  plain = build_model("dense-300-100", digits.input_shape, digits.num_classes)
+  assert not engine_lib.xla_pays_off(pooled) and engine_lib.xla_pays_off(plain)
+  attack = make_attack(AttackConfig("fgsm", eps=0.1))
+  for model, expected in ((pooled, False), (plain, True)):
+    engine = Engine(model, standard_loss_grad_fn(model, num_classes=10),
+                    [OptimizerGroup("weights", make_optimizer("sgd", 0.1))],
+                    x_train=np.zeros((64,) + tuple(model.input_shape[1:]), np.float32),
+                    y_train=np.zeros(64, np.int32), batch_size=32, attack=attack)
+    assert engine.jit_compile is expected
