@@ -72,6 +72,7 @@ class Protocol:
   evals_per_run: int
   eval_images: int
   cpu_batch: int = 0  # 0: the protocol's batch.
+  cpu_eval_images: int = 0  # Images per timed evaluation; 0: --eval_images.
   script: str = ""
   # Forward-pass equivalents per example per step (forward 1, backward 2; an attack
   # step 2: forward and the input gradient; adversarial training on clean + adversarial
@@ -125,7 +126,7 @@ PROTOCOLS = {p.name: p for p in (
         "--sharpness_examples=0", "--batch_size=4"), 4096, 2, 300 * (1281167 // 4096), 300,
              50000, cpu_batch=4,
              script="activation_sparsity.sh (vanilla + sparsified ViT-B/16, 300 ImageNet "
-             "epochs)", chains=2),
+             "epochs)", chains=2, cpu_eval_images=8),
 )}
 
 
@@ -199,18 +200,21 @@ def measure_one(name, data_dir, steps, repeats, eval_images):
                     protocol.cpu_batch or protocol.batch}), flush=True)
 
 
-def gpu_wall_hours(protocol, gpu_step_seconds, gpus, efficiency=0.9, per_machine=8):
+def gpu_wall_hours(protocol, gpu_step_seconds, gpus, efficiency=0.9, per_machine=8,
+                   min_replica_batch=32):
   """The protocol's training wall time on `gpus` GPUs, in hours.
 
   Chains of runs go in parallel, a chain's runs in order; a run spans up to
   `per_machine` GPUs (`--distribution=mirrored`, speed-up `efficiency` per
-  GPU) when `protocol.mirrored` and there are GPUs to spare, else one.
+  GPU, each replica at least `min_replica_batch` examples of the batch) when
+  `protocol.mirrored` and there are GPUs to spare, else one.
   Evaluation is left out (it parallelises the same way).
   """
   run_hours = protocol.steps_per_run * gpu_step_seconds / 3600
   chain_runs = -(-protocol.runs // protocol.chains)
   if gpus >= protocol.chains:
-    span = min(gpus // protocol.chains, per_machine) if protocol.mirrored else 1
+    span = (max(1, min(gpus // protocol.chains, per_machine,
+                       protocol.batch // min_replica_batch)) if protocol.mirrored else 1)
     speed = 1.0 if span == 1 else span * efficiency
     return chain_runs * run_hours / speed
   # Fewer GPUs than chains: the runs queue, one per GPU.
@@ -241,6 +245,8 @@ def derived_table(results, gpu_costs, gpu_counts):
 
 
 def _hours(hours):
+  if hours * 60 < 1:
+    return "< 1 min"
   return f"{hours * 60:.0f} min" if hours < 1 else (
       f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} d")
 
@@ -261,7 +267,7 @@ def main(argv):
     p = PROTOCOLS[name]
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_protocols", MEASURE_ONE,
                           name, FLAGS.data_dir, str(FLAGS.steps), str(FLAGS.repeats),
-                          str(FLAGS.eval_images)],
+                          str(p.cpu_eval_images or FLAGS.eval_images)],
                          cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
       print(f"{name}: failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)

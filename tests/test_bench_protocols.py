@@ -53,13 +53,15 @@ def test_unknown_protocol_is_a_one_line_error():
 
 
 def test_derived_gpu_wall_time_follows_chains_and_spans():
-  p = bench_protocols.Protocol("p", "s", (), batch=1, runs=2, steps_per_run=3600,
+  p = bench_protocols.Protocol("p", "s", (), batch=1024, runs=2, steps_per_run=3600,
                                evals_per_run=0, eval_images=0, chains=2)
   wall = bench_protocols.gpu_wall_hours
   assert wall(p, 1.0, 1) == pytest.approx(2.0)  # Two one-hour runs, one after the other.
   assert wall(p, 1.0, 2) == pytest.approx(1.0)  # Side by side.
   assert wall(p, 1.0, 8) == pytest.approx(1.0 / (4 * 0.9))  # Each on 4 GPUs.
   assert wall(p, 1.0, 64) == pytest.approx(1.0 / (8 * 0.9))  # At most one machine's 8.
+  small_batch = dataclasses.replace(p, batch=128)  # Replicas of at least 32 examples.
+  assert wall(small_batch, 1.0, 64) == pytest.approx(1.0 / (4 * 0.9))
   tiny = dataclasses.replace(p, mirrored=False, runs=6, chains=3)
   assert wall(tiny, 1.0, 64) == pytest.approx(2.0)  # A chain's two runs in order.
   assert wall(tiny, 1.0, 2) == pytest.approx(3.0)  # Six runs queued on two GPUs.
