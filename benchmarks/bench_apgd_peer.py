@@ -18,9 +18,9 @@ The last line: `apgd_ce robust accuracy ours vs torchattacks: A vs B (diff D poi
 at the budget where the two differ most.
 """
 
-import os
+from robust_sparse import startup
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
 
 import sys  # noqa: E402
 import time  # noqa: E402

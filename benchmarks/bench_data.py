@@ -25,7 +25,9 @@ Not a test: timings depend on the machine; the ratio is the comparable number.
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from robust_sparse import startup  # noqa: E402
+
+startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -11,9 +11,9 @@ configuration. The ratio is engine steps/s over fit steps/s; target >= 1.0.
 Not a test: timings depend on the machine; only the ratio is meaningful.
 """
 
-import os
+from robust_sparse import startup
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -15,9 +15,9 @@ in tf.function >= 1. The last line prints both ratios.
 Not a test: timings depend on the machine; only the ratios are meaningful.
 """
 
-import os
+from robust_sparse import startup
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -16,10 +16,11 @@ target <= 2.05). Not a test: only the ratios are meaningful.
 """
 
 import math
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from robust_sparse import startup  # noqa: E402
+
+startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
 
 import keras  # noqa: E402
 from absl import app, flags  # noqa: E402

@@ -15,11 +15,12 @@ Last line: `saturation/plain step time: vgg16 X.XX, eval Y.YY` (issue 12's
 limit: 1.15). Not a test: only the ratios are meaningful.
 """
 
-import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from robust_sparse import startup  # noqa: E402
+
+startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
 
 import keras  # noqa: E402
 from absl import app, flags  # noqa: E402

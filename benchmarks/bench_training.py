@@ -17,9 +17,9 @@ constraint, fused into the optimizer update.
 Not a test: timings depend on the machine; only the ratio is meaningful.
 """
 
-import os
+from robust_sparse import startup
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
 
 import keras  # noqa: E402
 from absl import app, flags  # noqa: E402
