@@ -114,3 +114,37 @@ class Clock:
 
   def summary(self):
     return "peer phases (s): " + ", ".join(self.marks)
+
+
+def run_job(description, start, iterations, make_attack, train_step):
+  """The job both peers run, as the toolkit's runner does: seed, data, dense-300-100 with
+  Adam (lr 0.0012), evaluation of validation and test before and after `iterations`
+  training steps of batch 60, the phases' wall times last.
+
+  Args:
+    description: the command's help.
+    start: `time.perf_counter()` when the script began importing.
+    iterations: the default of `--iterations`.
+    make_attack: `make_attack(model) -> attack(images, labels) -> images`.
+    train_step: `train_step(model, optimizer, attack, images, labels)`: one update.
+  """
+  parser = arguments(description)
+  parser.add_argument("--iterations", type=int, default=iterations)
+  args = parser.parse_args()
+  clock = Clock(start)
+  clock.mark("import")
+  torch.manual_seed(args.seed)
+  data = load_mnist(args.data_dir)
+  clock.mark("data")
+  model = dense_300_100()
+  optimizer = torch.optim.Adam(model.parameters(), lr=0.0012)
+  attack = make_attack(model)
+  evaluate_splits(model, attack, data, "before", print)
+  clock.mark("eval")
+  model.train()
+  for images, labels in batches(*data["train"], 60, args.iterations, args.seed):
+    train_step(model, optimizer, attack, images, labels)
+  clock.mark("train")
+  evaluate_splits(model, attack, data, "after", print)
+  clock.mark("eval")
+  print(clock.summary())

@@ -26,34 +26,23 @@ import torchattacks  # noqa: E402
 from benchmarks.peers import common  # noqa: E402
 
 
+def pgd(model):
+  return torchattacks.PGD(model, eps=0.3, alpha=0.05, steps=10, random_start=True)
+
+
+def train_step(model, optimizer, attack, images, labels):
+  with torch.no_grad():
+    predicted = model(images).argmax(1)
+  adversarial = attack(images, predicted)  # torchattacks puts the model in eval mode.
+  logits = model(torch.cat([images, adversarial]))
+  loss = F.cross_entropy(logits, torch.cat([labels, labels]), label_smoothing=0.1)
+  optimizer.zero_grad()
+  loss.backward()
+  optimizer.step()
+
+
 def main():
-  parser = common.arguments(__doc__.splitlines()[0])
-  parser.add_argument("--iterations", type=int, default=1000)
-  args = parser.parse_args()
-  clock = common.Clock(START)
-  clock.mark("import")
-  torch.manual_seed(args.seed)
-  data = common.load_mnist(args.data_dir)
-  clock.mark("data")
-  model = common.dense_300_100()
-  optimizer = torch.optim.Adam(model.parameters(), lr=0.0012)
-  attack = torchattacks.PGD(model, eps=0.3, alpha=0.05, steps=10, random_start=True)
-  common.evaluate_splits(model, attack, data, "before", print)
-  clock.mark("eval")
-  model.train()
-  for images, labels in common.batches(*data["train"], 60, args.iterations, args.seed):
-    with torch.no_grad():
-      predicted = model(images).argmax(1)
-    adversarial = attack(images, predicted)  # torchattacks puts the model in eval mode.
-    logits = model(torch.cat([images, adversarial]))
-    loss = F.cross_entropy(logits, torch.cat([labels, labels]), label_smoothing=0.1)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-  clock.mark("train")
-  common.evaluate_splits(model, attack, data, "after", print)
-  clock.mark("eval")
-  print(clock.summary())
+  common.run_job(__doc__.splitlines()[0], START, 1000, pgd, train_step)
 
 
 if __name__ == "__main__":

@@ -37,30 +37,16 @@ def fgsm(model):
   return attack
 
 
+def train_step(model, optimizer, attack, images, labels):
+  del attack  # Natural training.
+  loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
+  optimizer.zero_grad()
+  loss.backward()
+  optimizer.step()
+
+
 def main():
-  parser = common.arguments(__doc__.splitlines()[0])
-  parser.add_argument("--iterations", type=int, default=5000)
-  args = parser.parse_args()
-  clock = common.Clock(START)
-  clock.mark("import")
-  torch.manual_seed(args.seed)
-  data = common.load_mnist(args.data_dir)
-  clock.mark("data")
-  model = common.dense_300_100()
-  optimizer = torch.optim.Adam(model.parameters(), lr=0.0012)
-  attack = fgsm(model)
-  common.evaluate_splits(model, attack, data, "before", print)
-  clock.mark("eval")
-  model.train()
-  for images, labels in common.batches(*data["train"], 60, args.iterations, args.seed):
-    loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-  clock.mark("train")
-  common.evaluate_splits(model, attack, data, "after", print)
-  clock.mark("eval")
-  print(clock.summary())
+  common.run_job(__doc__.splitlines()[0], START, 5000, fgsm, train_step)
 
 
 if __name__ == "__main__":
