@@ -15,7 +15,8 @@ evaluation sums the replicas' sums. The engine must then be made, with the
 model, in the distribution's scope.
 
 Compilation is a large part of a short job, so the functions are traced
-without AutoGraph (the loops are explicit `tf.while_loop` and `Dataset.reduce`),
+without AutoGraph (the loops are explicit `tf.while_loop`s, and
+`Dataset.reduce` over evaluation files),
 which more than halves their tracing; code that needs AutoGraph (Python
 control flow on tensors, e.g. in a user's own loss) is retraced with it
 (`_Traced`). Each function is traced once per engine: chunks of any length
