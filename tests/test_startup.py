@@ -116,3 +116,26 @@ def test_run_experiments_and_run_analysis_start_quietly(tmp_path):
   assert verbose.returncode == 0, verbose.stderr[-3000:]
   if tf.sysconfig.get_build_info().get("is_cuda_build") and not startup.has_nvidia_driver():
     assert "cudart_stub.cc" in verbose.stderr, verbose.stderr[-3000:]
+
+
+def test_import_tensorflow_pauses_collection_and_keeps_lazy_apis_working():
+  """After `import_tensorflow`: collection is on again, the import's objects are frozen,
+  and the lazily imported APIs (tf.compat, tf.feature_column, Keras' wrappers) still work
+  on first use."""
+  code = """
+import gc, sys
+from robust_sparse import startup
+tf = startup.import_tensorflow()
+import keras
+print(gc.isenabled(), gc.get_freeze_count() > 100000)
+print(type(sys.modules["tensorflow._api.v2.compat"]).__name__)
+print(tf.compat.v1.placeholder.__name__, tf.feature_column.numeric_column("a").key)
+print(keras.wrappers.SKLearnClassifier.__name__)
+print(type(sys.modules["tensorflow._api.v2.compat"]).__name__)
+"""
+  env = dict(os.environ, PYTHONPATH=REPO)
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split("\n")[:5] == ["True True", "_LazyModule", "placeholder a",
+                                           "SKLearnClassifier", "module"], result.stdout
