@@ -298,6 +298,35 @@ def test_engine_compiles_each_function_once(digits, jit_compile):
     assert function.function.experimental_get_tracing_count() == 1, name
 
 
+def test_xla_training_loop_compiles_once_and_matches_a_call_per_step(digits):
+  """Natural training on in-memory data runs each chunk as one XLA loop; chunks of any
+  length (longer than `XLA_CHUNK` too) reuse it, and it trains as a call per step does
+  (batch norm, augmentation, a schedule)."""
+  augment = augment_lib.build("crop,flip", num_classes=10)
+  attack = make_attack(AttackConfig("fgsm", eps=0.1))
+  engines = []
+  for loop_in_xla, model in zip((True, False), _engine_and_fit_models(digits)):
+    engine = Engine(model, standard_loss_grad_fn(model, num_classes=10), _groups(),
+                    x_train=digits.x_train, y_train=digits.y_train, batch_size=32,
+                    attack=attack, augment=augment)
+    assert engine.loop_in_xla
+    engine.loop_in_xla = loop_in_xla  # Read when the chunk is traced.
+    engine.reset(5)
+    stream = iter(index_stream(len(digits.x_train), 32, 9))
+    for steps in (5, 3, engine_lib.XLA_CHUNK + 8):
+      assert np.isfinite(engine.train(stream, steps)["loss"])
+    assert int(engine.iteration.numpy()) == engine_lib.XLA_CHUNK + 16
+    engines.append(engine)
+  looped, stepped = engines
+  for function in (looped._train_chunk, looped._train_loop):
+    assert function.function.experimental_get_tracing_count() == 1
+  assert stepped._train_loop.function.experimental_get_tracing_count() == 0
+  for a, b in zip(looped.model.variables, stepped.model.variables):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.path)
+  fresh, _ = _engine_and_fit_models(digits)
+  assert not np.allclose(fresh.variables[0].numpy(), looped.model.variables[0].numpy())
+
+
 def test_code_that_needs_autograph_is_traced_with_it(digits):
   """Python control flow on tensors (say, in a user's own loss) still works."""
 
@@ -329,7 +358,9 @@ def test_code_that_needs_autograph_is_traced_with_it(digits):
                   attack=make_attack(AttackConfig("fgsm", eps=0.1)))
   engine.reset(0)
   assert np.isfinite(engine.train(iter(index_stream(len(digits.x_train), 32, 0)), 5)["loss"])
-  assert engine._train_step.autograph and not engine._train_chunk.autograph
+  # The XLA loop of natural training holds the step: it alone is retraced.
+  assert engine.loop_in_xla
+  assert engine._train_loop.autograph and not engine._train_chunk.autograph
 
 
 def test_xla_is_skipped_on_a_cpu_for_max_pooling_models_only(digits):
