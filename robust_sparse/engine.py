@@ -31,6 +31,7 @@ import tensorflow as tf
 import keras
 from absl import logging
 
+from robust_sparse import arrays
 from robust_sparse import distribute
 from robust_sparse import layers as layers_lib
 from robust_sparse import sharpness as sharpness_lib
@@ -220,7 +221,7 @@ class Engine:
     self.decode_eval = decode_eval or decode
     self.prepare = prepare
     self.num_train = len(x_train)
-    self.x_train = tf.constant(x_train)
+    self.x_train = arrays.as_tensor(x_train)  # The data set's memory where it can.
     self.y_train = tf.constant(y_train, dtype=tf.int32)
     if jit_compile is None:
       # RandAugment's projective transforms have no XLA kernel.
@@ -530,7 +531,7 @@ class Engine:
     self._enforce_masks()
     stream = tf.constant(stream, tf.int64)
     if self.decode_eval is None:
-      x = np.asarray(x)
+      x = arrays.as_tensor(x)
       sums = self._eval_tensors_for(x)(x, np.asarray(y, np.int32), stream)
     else:
       decode = self.decode_eval
