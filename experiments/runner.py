@@ -610,6 +610,7 @@ class Runner:
     logs = {split: [] for split in SPLITS}
     self._tensorboard = tensorboard.LevelWriter(self.run_dir, trial, level,
                                                 fresh=not os.path.exists(checkpoint))
+    self._warm_up(engine)
     if os.path.exists(checkpoint):
       state = files.load_arrays(checkpoint)
       logs = json.loads(state.pop("logs").tobytes().decode())
@@ -763,6 +764,14 @@ class Runner:
       self._sharpness_set = engine.stored_examples(range(count), for_evaluation=True)
     return engine.sharpness(*self._sharpness_set, rho=hp.sharpness_rho,
                             batch_size=hp.batch_size)
+
+  def _warm_up(self, engine):
+    """Compiles the engine's training and evaluation at once (`Engine.warm_up`), with the
+    first set `_evaluate` evaluates."""
+    split, stream = ("valid", 1) if len(self.dataset.y_valid) else ("test", 2)
+    count = self.hparams.eval_examples
+    engine.warm_up(getattr(self.dataset, f"x_{split}")[:count],
+                   getattr(self.dataset, f"y_{split}")[:count], stream)
 
   def _evaluate(self, engine, logs, iteration, final=True):
     """Evaluates validation and test sets: all of them, or the first `--eval_examples`

@@ -327,6 +327,49 @@ def test_xla_training_loop_compiles_once_and_matches_a_call_per_step(digits):
   assert not np.allclose(fresh.variables[0].numpy(), looped.model.variables[0].numpy())
 
 
+@pytest.mark.parametrize("adv_train", [False, True])
+def test_warm_up_compiles_training_and_evaluation_and_changes_nothing(digits, adv_train):
+  """`Engine.warm_up` traces both functions (in two threads) and leaves every variable as it
+  was: training and evaluation then give what an engine without it gives, untraced again."""
+  attack = make_attack(AttackConfig("pgd", eps=0.1, step_size=0.05, steps=2))
+  augment = augment_lib.build("crop,flip", num_classes=10)
+  results = []
+  for warm in (True, False):
+    model, _ = _engine_and_fit_models(digits)
+    engine = Engine(model, standard_loss_grad_fn(
+        model, num_classes=10, attack=attack if adv_train else None), _groups(),
+                    x_train=digits.x_train, y_train=digits.y_train, batch_size=32,
+                    attack=attack, augment=augment, adv_train=adv_train, eval_batch_size=100)
+    assert engine.loop_in_xla != adv_train  # Both paths: one XLA loop, a call per step.
+    engine.reset(5, iteration=3)
+    before = engine.get_state()
+    if warm:
+      engine.warm_up(digits.x_valid, digits.y_valid)
+      after = engine.get_state()
+      assert after.keys() == before.keys()
+      for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+      traced = {name: getattr(engine, name).function.experimental_get_tracing_count()
+                for name in ("_train_chunk", "_eval_batch")}
+      assert traced == {"_train_chunk": 1, "_eval_batch": 1}
+      engine.warm_up(digits.x_valid, digits.y_valid)  # Once only.
+    first = engine.evaluate(digits.x_valid, digits.y_valid)
+    trained = engine.train(iter(index_stream(len(digits.x_train), 32, 9, 3)), 6)
+    results.append((first, trained, engine.evaluate(digits.x_test, digits.y_test, 2),
+                    engine.get_state()))
+    if warm:
+      for name in ("_train_chunk", "_eval_batch"):
+        assert getattr(engine, name).function.experimental_get_tracing_count() == 1, name
+  (first, trained, last, state), (first_0, trained_0, last_0, state_0) = results
+  assert first.keys() == first_0.keys()  # From the same weights: exactly the same.
+  np.testing.assert_array_equal(list(first.values()), list(first_0.values()))
+  for metrics, metrics_0 in ((trained, trained_0), (last, last_0)):
+    assert metrics.keys() == metrics_0.keys()
+    np.testing.assert_allclose(list(metrics.values()), list(metrics_0.values()), atol=1e-5)
+  for name in state:
+    np.testing.assert_allclose(state[name], state_0[name], atol=1e-5, err_msg=name)
+
+
 def test_code_that_needs_autograph_is_traced_with_it(digits):
   """Python control flow on tensors (say, in a user's own loss) still works."""
 
