@@ -67,6 +67,15 @@ def test_other_arrays_are_copied():
   assert _shares(frozen, arrays.as_tensor(frozen, tf.float32))
 
 
+@pytest.mark.parametrize("rows", [3, 4099])  # 4099 rows: 16 MB, divided in threads.
+def test_frozen_quotient_is_the_two_pass_quotient(rows):
+  values = np.random.default_rng(1).integers(0, 256, (rows, 32, 32), dtype=np.uint8)
+  quotient = arrays.frozen_quotient(values, 255)
+  assert quotient.dtype == np.float32 and not quotient.flags.writeable
+  assert quotient.ctypes.data % arrays.ALIGNMENT == 0
+  np.testing.assert_array_equal(quotient, values.astype(np.float32) / 255)
+
+
 def _write_idx(path, array):
   header = bytes([0, 0, 8, array.ndim]) + b"".join(
       int(d).to_bytes(4, "big") for d in array.shape)
