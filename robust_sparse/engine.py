@@ -475,9 +475,11 @@ class Engine:
         self._train_chunk(stream_of_indices, tf.constant(0, tf.int64))
       else:
         state = self.get_state()
-        self._enforce_masks()
-        self._train_chunk(stream_of_indices, tf.constant(1, tf.int64))
-        self.set_state(state)
+        try:
+          self._enforce_masks()
+          self._train_chunk(stream_of_indices, tf.constant(1, tf.int64))
+        finally:
+          self.set_state(state)
     finally:
       thread.join()
     if failed:
