@@ -36,13 +36,17 @@ the cores the peers slow down many times more than TensorFlow's thread pool
 exceeds the cores.
 
 Where our adversarial job's time goes (2-core CPU, quiet, timers around the
-engine's calls): TensorFlow + Keras import 1.8-2.1 s, data and model 1.0-1.5 s,
-the first evaluation 1.5 s (0.7 s of it tracing and XLA compilation), 1000
-training steps 9.1-9.6 s (8.4 ms per step once compiled), three more
-evaluations 0.7-0.8 s each. A PGD-10 step of batch 60 is as fast as the same
-step written by hand in Keras and compiled by XLA (8.2-8.8 ms): the time is the
-small matmuls, which run at 100-110 GFLOP/s on two threads (155 at batch 600).
-The natural job: import as above, 5000 steps at 0.74 ms, evaluations 0.1 s.
+engine's calls): TensorFlow + Keras import 1.8-1.9 s, data and model 0.4-0.6 s,
+`Engine.warm_up` 1.7-1.9 s (tracing, then XLA compiling the training step in
+1.1 s while the evaluation compiles in 0.7 s), four evaluations of 0.7 s,
+1000 training steps 7.7-8.5 s. A PGD-10 step of batch 60 is as fast as the
+same step written by hand in Keras and compiled by XLA (8.2-8.8 ms): the time
+is the small matmuls, which run at 100-110 GFLOP/s on two threads (155 at
+batch 600), and training keeps 1.6 of the 2 cores busy. The natural job:
+import as above, set-up 0.4-0.7 s, warm-up 1.1-1.2 s, 5000 steps at 0.68-0.71
+ms (3.4-3.6 s), evaluations 0.1 s each. Half of the PyTorch natural job
+(11.2-15.9 s measured) is 5.6-8 s; our import and training compute alone
+take 5.3 s.
 
 Not a test: timings depend on the machine; only the ratios are meaningful.
 """
