@@ -1,6 +1,5 @@
 """Read-only arrays that NumPy and TensorFlow share (robust_sparse/arrays.py)."""
 
-import gzip
 import os
 
 import numpy as np
@@ -13,6 +12,7 @@ from robust_sparse import arrays
 from robust_sparse.engine import Engine
 from robust_sparse.optimizers import make_optimizer
 from robust_sparse.steps import OptimizerGroup, standard_loss_grad_fn
+from tests.test_datasets import _write_idx  # The official IDX format.
 
 
 def _frozen(values):
@@ -74,13 +74,6 @@ def test_frozen_quotient_is_the_two_pass_quotient(rows):
   assert quotient.dtype == np.float32 and not quotient.flags.writeable
   assert quotient.ctypes.data % arrays.ALIGNMENT == 0
   np.testing.assert_array_equal(quotient, values.astype(np.float32) / 255)
-
-
-def _write_idx(path, array):
-  header = bytes([0, 0, 8, array.ndim]) + b"".join(
-      int(d).to_bytes(4, "big") for d in array.shape)
-  with gzip.open(path, "wb") as f:
-    f.write(header + array.astype(np.uint8).tobytes())
 
 
 def test_in_memory_data_sets_are_frozen_scaled_images_the_engine_shares(tmp_path):
