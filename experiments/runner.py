@@ -58,6 +58,9 @@ from robust_sparse.steps import (METRICS, LossScale, OptimizerGroup, cross_entro
                                  loss_and_gradients, standard_loss_grad_fn)
 
 SPLITS = ("train", "valid", "test")
+# The evaluated splits, in order, with the attack's random stream of each
+# (`Engine.evaluate`).
+EVAL_STREAMS = (("valid", 1), ("test", 2))
 CHECKPOINTS = "checkpoints"  # --save_every_epochs' folder in a level.
 # How often a process that has nothing left to claim looks again (levels held by others).
 CLAIM_POLL_SECONDS = 2.0
@@ -768,7 +771,8 @@ class Runner:
   def _warm_up(self, engine):
     """Compiles the engine's training and evaluation at once (`Engine.warm_up`), with the
     first set `_evaluate` evaluates."""
-    split, stream = ("valid", 1) if len(self.dataset.y_valid) else ("test", 2)
+    split, stream = next((split, stream) for split, stream in EVAL_STREAMS
+                         if len(getattr(self.dataset, f"y_{split}")))
     count = self.hparams.eval_examples
     engine.warm_up(getattr(self.dataset, f"x_{split}")[:count],
                    getattr(self.dataset, f"y_{split}")[:count], stream)
@@ -778,7 +782,7 @@ class Runner:
     images of each unless `final` (then column `examples` says how many)."""
     results = {}
     count = None if final else self.hparams.eval_examples
-    for split, stream in (("valid", 1), ("test", 2)):
+    for split, stream in EVAL_STREAMS:
       x = getattr(self.dataset, f"x_{split}")[:count]
       y = getattr(self.dataset, f"y_{split}")[:count]
       results[split] = self._row(engine, iteration, engine.evaluate(x, y, stream))

@@ -55,8 +55,8 @@ def frozen_quotient(values, divisor, dtype=np.float32) -> np.ndarray:
 
   bounds = np.linspace(0, len(out), parts + 1).astype(int)
   rows = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-  if parts == 1:
-    divide(slice(None))
+  if len(rows) == 1:
+    divide(rows[0])
   else:
     with concurrent.futures.ThreadPoolExecutor(parts) as pool:
       list(pool.map(divide, rows))  # NumPy's loops release the GIL.

@@ -470,14 +470,14 @@ class Engine:
     thread = threading.Thread(target=evaluation, name="warm_up_evaluation")
     thread.start()
     try:
-      stream_of_indices = iter(index_stream(self.num_train, self.batch_size, seed=0))
-      if self.loop_in_xla:
-        self._train_chunk(stream_of_indices, tf.constant(0, tf.int64))
+      if self.loop_in_xla:  # `train` would run no chunk for zero steps.
+        self._train_chunk(self.batches(seed=0), tf.constant(0, tf.int64))
       else:
         state = self.get_state()
         try:
-          self._enforce_masks()
-          self._train_chunk(stream_of_indices, tf.constant(1, tf.int64))
+          self.train(self.batches(seed=0), 1)
+        except Diverged:
+          pass  # Training proper will say so.
         finally:
           self.set_state(state)
     finally:

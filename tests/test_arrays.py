@@ -2,9 +2,9 @@
 
 import os
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
 from data import load_dataset
@@ -93,7 +93,7 @@ def test_in_memory_data_sets_are_frozen_scaled_images_the_engine_shares(tmp_path
   for split in (data.x_train, data.x_valid, data.x_test):
     assert split.dtype == np.float32 and not split.flags.writeable
   model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
-                               keras.layers.Dense(10)])
+                            keras.layers.Dense(10)])
   engine = Engine(model, standard_loss_grad_fn(model, num_classes=10),
                   [OptimizerGroup("weights", make_optimizer("sgd", 0.1))],
                   x_train=data.x_train, y_train=data.y_train, batch_size=5,
