@@ -540,7 +540,7 @@ class Runner:
                   extra_state=(self._perturbation_masks.variables
                                if self._perturbation_masks else None),
                   measurement=measurement, eval_attacks=self.eval_attacks,
-                  distribution=self.distribution)
+                  distribution=self.distribution, compile=hp.compile)
 
   def _masks(self, trial, level, layers):
     if level == 0:
@@ -713,7 +713,8 @@ class Runner:
           callbacks.on_epoch_begin(period)
     callbacks.on_train_end()
     bar.close()
-    self._finish(directory, trial, level, layers, model, masks, logs, began, iteration)
+    self._finish(directory, trial, level, layers, model, masks, logs, began, iteration,
+                 engine)
 
   # ---- logs --------------------------------------------------------------------
   def _row(self, engine, iteration, metrics, names=None):
@@ -823,7 +824,8 @@ class Runner:
       os.remove(checkpoint)
     raise DivergedError(self._diverged_message(trial, level, iteration))
 
-  def _finish(self, directory, trial, level, layers, model, masks, logs, began, iteration):
+  def _finish(self, directory, trial, level, layers, model, masks, logs, began, iteration,
+              engine):
     self._write_csvs(directory, logs)
     self._tensorboard.close()
     _save_layer_arrays(directory, "post_kernels", _kernels(layers))
@@ -840,6 +842,7 @@ class Runner:
         "final_iteration": iteration,
         "completed": True,
         "seconds": time.time() - began,
+        "compile": engine.compile_mode,
         "worker": {"host": socket.gethostname(), "pid": os.getpid()},
         **self.experiment.metadata(level, model, directory, logs),
     })

@@ -1,9 +1,9 @@
 """The compiled training loop and evaluation that the runner drives.
 
 `Engine` runs k training steps per call inside one `tf.function` (a
-`tf.while_loop` around the step of `robust_sparse.steps`, XLA-compiled when
-every layer supports it; without adversarial training, on in-memory data, the
-whole loop is one XLA computation), drawing batch indices from a `tf.data`
+`tf.while_loop` around the step of `robust_sparse.steps`; `compile` says
+whether the whole loop is one XLA computation, each step one XLA call, or a
+plain graph, chosen by `robust_sparse.compilation` unless named), drawing batch indices from a `tf.data`
 stream whose order is a pure function of the seed and the iteration. Attack and
 augmentation randomness are stateless functions of (seed, iteration) too, so
 restoring every variable at iteration `i` (`state()`) and continuing gives the
@@ -33,11 +33,16 @@ import keras
 from absl import logging
 
 from robust_sparse import arrays
+from robust_sparse import compilation
 from robust_sparse import distribute
 from robust_sparse import layers as layers_lib
 from robust_sparse import sharpness as sharpness_lib
 from robust_sparse import steps as steps_lib
 from robust_sparse.steps import METRICS, OptimizerGroup
+
+# Re-exported: the engine's XLA rules live in `robust_sparse.compilation`.
+supports_xla = compilation.supports_xla
+xla_pays_off = compilation.xla_pays_off
 
 
 # The most steps one call of the XLA training loop runs (`Engine.loop_in_xla`):
@@ -103,26 +108,6 @@ class _Traced:
       return self.function(*args)
 
 
-def supports_xla(model) -> bool:
-  """False when any layer says it has no XLA kernel (e.g. the compiled JSReLU op)."""
-  return all(getattr(layer, "supports_jit", True)
-             for layer in model._flatten_layers(include_self=True))
-
-
-def xla_pays_off(model) -> bool:
-  """False on a CPU-only machine for a model with max pooling.
-
-  XLA's CPU backend computes max pooling's gradient (select-and-scatter)
-  7-10x slower than TensorFlow's own kernel (a [32, 32, 32, 64] input: 13.6
-  against 1.7 ms), which made a ResNet-18 with a max-pool stem train 10x
-  slower compiled (1.9 against 0.19 s per step of 32) on a 2-core CPU.
-  """
-  if tf.config.list_logical_devices("GPU"):
-    return True
-  return not any("MaxPool" in type(layer).__name__
-                 for layer in model._flatten_layers(include_self=True))
-
-
 class Diverged(Exception):
   """The training loss became NaN or infinite at `iteration`."""
 
@@ -148,8 +133,8 @@ class Engine:
     batch_size: training batch size.
     attack: `attack(model, x, y, seed)` used for evaluation.
     adv_train, adv_mix: to report the evaluation `loss` as the training
-      objective (the mixed loss with adversarial training); `adv_train` also
-      keeps the training loop out of XLA (see `loop_in_xla`).
+      objective (the mixed loss with adversarial training); with `adv_train`,
+      "auto" compiles a call per step, not a loop (`compilation.choose`).
     augment: `augment(x, y, seed) -> (x, y)` applied to training batches, or None.
     prepare: the data set's `prepare(x, seed) -> x` (resizing, random
       positioning), applied to every training and evaluation batch, or None.
@@ -158,8 +143,13 @@ class Engine:
       centre crop); default `decode`.
     grad_clip_norm, loss_scale: see `make_train_step`.
     top5: also report top-5 accuracy.
-    jit_compile: XLA for the step and evaluation; None: when the layers allow
-      and it is faster (`xla_pays_off`).
+    compile: how training and evaluation compile, one of
+      `compilation.MODES`: "xla_loop" (a chunk of steps is one XLA loop),
+      "xla_step" (an XLA call per step), "graph" (a plain `tf.function` per
+      step), or "auto" (`compilation.choose`: the fastest by measured rules).
+      The choice is `compile_mode`.
+    jit_compile: the older switch: True is "xla_loop" where it applies (else
+      "xla_step"), False is "graph"; None leaves `compile` to decide.
     extra_state: more variables the step reads (e.g. SSAM's perturbation
       masks), checkpointed with the rest under `engine/<name>`.
     measurement: layer measurements fed without a second forward pass (e.g.
@@ -188,6 +178,7 @@ class Engine:
                decode: Optional[Callable] = None, decode_eval: Optional[Callable] = None,
                grad_clip_norm: Optional[float] = None,
                loss_scale: Optional[steps_lib.LossScale] = None, top5: bool = False,
+               compile: str = "auto",  # pylint: disable=redefined-builtin
                jit_compile: Optional[bool] = None, eval_batch_size: int = 1000,
                extra_state: Optional[Dict[str, tf.Variable]] = None,
                measurement=None, eval_attacks: Sequence[Tuple[str, Callable]] = (),
@@ -224,10 +215,15 @@ class Engine:
     self.num_train = len(x_train)
     self.x_train = arrays.as_tensor(x_train)  # The data set's memory where it can.
     self.y_train = tf.constant(y_train, dtype=tf.int32)
-    if jit_compile is None:
-      # RandAugment's projective transforms have no XLA kernel.
-      jit_compile = (supports_xla(model) and xla_pays_off(model)
-                     and getattr(augment, "supports_jit", True))
+    if jit_compile is not None and compile == "auto":
+      compile = (("xla_loop" if decode is None and not adv_train else "xla_step")
+                 if jit_compile else "graph")
+    mode = compilation.choose(model, compile, augment=augment, in_memory=decode is None,
+                              adv_train=adv_train)
+    if distribution is not None and mode == "xla_loop":
+      mode = "xla_step"  # Each replica's pass is compiled, not the loop (below).
+    self.compile_mode = mode
+    jit_compile = mode != "graph"
     self._step = steps_lib.make_train_step(
         model, loss_grad_fn, self.groups, grad_clip_norm=grad_clip_norm,
         loss_scale=loss_scale, augment=augment, prepare=prepare, top5=top5,
@@ -240,14 +236,12 @@ class Engine:
       # XLA compiles each replica's pass (above), not the step: MirroredStrategy's
       # cross-replica calls cannot be compiled on CPU.
       jit_compile = False
-    # In-memory data under XLA, without adversarial training: the steps of a
-    # chunk run in one XLA loop over their batches' indices, gathered first
-    # (`_train_loop_fn`); a call per step cost a quarter of natural training
-    # (dense-300-100, batch 60, 2-core CPU: 0.97 against 0.74 ms per step).
-    # Else each step is one call, XLA-compiled where it can be, from a
-    # TensorFlow loop: with the attack's loop nested in the XLA loop, PGD-10
-    # training ran 5-11% slower (measured twice).
-    self.loop_in_xla = bool(jit_compile) and decode is None and not adv_train
+    # "xla_loop": the steps of a chunk run in one XLA loop over their batches'
+    # indices, gathered first (`_train_loop_fn`); a call per step cost a
+    # quarter of natural training (dense-300-100, batch 60, 2-core CPU: 0.97
+    # against 0.74 ms per step). Else each step is one call from a TensorFlow
+    # loop, XLA-compiled for "xla_step".
+    self.loop_in_xla = mode == "xla_loop"
     self._train_step = _Traced(self._train_step_fn, jit_compile=jit_compile)
     self._train_loop = _Traced(self._train_loop_fn, jit_compile=True)
     self._train_chunk = _Traced(self._train_chunk_fn)

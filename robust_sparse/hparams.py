@@ -429,6 +429,12 @@ class RunHparams:
   seed: int = _field(0, "random seed; fixed seeds give identical results", lower_bound=0)
   deterministic: bool = _field(False, "TensorFlow op determinism, so GPU runs repeat "
                                "exactly too (slower on GPU)")
+  compile: str = _field(
+      "auto", "how training and evaluation compile (robust_sparse/compilation.py): "
+      "xla_loop (a chunk of steps is one XLA loop), xla_step (an XLA call per step), graph "
+      "(a tf.function per step, TensorFlow's own kernels), auto (no XLA for convolutions on "
+      "a CPU; metadata.json records the choice)",
+      choices=lambda: ["auto", "xla_loop", "xla_step", "graph"])
 
 
 GROUPS = (DataHparams, ModelHparams, TrainingHparams, SharpnessHparams, MeasureHparams,

@@ -21,7 +21,7 @@ import keras
 import tensorflow as tf
 
 from robust_sparse import steps as steps_lib
-from robust_sparse.engine import supports_xla, xla_pays_off
+from robust_sparse.compilation import supports_xla, xla_pays_off
 from robust_sparse.steps import METRICS, OptimizerGroup
 
 
@@ -87,7 +87,7 @@ class RobustModel(keras.Model):
       **kwargs: as `keras.Model.compile` (`steps_per_execution`, ...); `loss` and
         `metrics` are not used: the step computes them. `jit_compile` defaults
         to the engine's choice (XLA when every layer supports it and it is
-        faster, `engine.xla_pays_off`), because
+        faster, `compilation.xla_pays_off`), because
         stateless random draws (PGD's random start) differ between XLA and
         plain TensorFlow, and `fit` should train exactly as the runner does.
     """

@@ -305,12 +305,11 @@ def test_xla_training_loop_compiles_once_and_matches_a_call_per_step(digits):
   augment = augment_lib.build("crop,flip", num_classes=10)
   attack = make_attack(AttackConfig("fgsm", eps=0.1))
   engines = []
-  for loop_in_xla, model in zip((True, False), _engine_and_fit_models(digits)):
+  for mode, model in zip(("xla_loop", "xla_step"), _engine_and_fit_models(digits)):
     engine = Engine(model, standard_loss_grad_fn(model, num_classes=10), _groups(),
                     x_train=digits.x_train, y_train=digits.y_train, batch_size=32,
-                    attack=attack, augment=augment)
-    assert engine.loop_in_xla
-    engine.loop_in_xla = loop_in_xla  # Read when the chunk is traced.
+                    attack=attack, augment=augment, compile=mode)
+    assert engine.loop_in_xla == (mode == "xla_loop")
     engine.reset(5)
     stream = iter(index_stream(len(digits.x_train), 32, 9))
     for steps in (5, 3, engine_lib.XLA_CHUNK + 8):
@@ -327,8 +326,9 @@ def test_xla_training_loop_compiles_once_and_matches_a_call_per_step(digits):
   assert not np.allclose(fresh.variables[0].numpy(), looped.model.variables[0].numpy())
 
 
-@pytest.mark.parametrize("adv_train", [False, True])
-def test_warm_up_compiles_training_and_evaluation_and_changes_nothing(digits, adv_train):
+@pytest.mark.parametrize("adv_train,mode", [(False, "xla_loop"), (True, "xla_step"),
+                                             (False, "graph")])
+def test_warm_up_compiles_training_and_evaluation_and_changes_nothing(digits, adv_train, mode):
   """`Engine.warm_up` traces both functions (in two threads) and leaves every variable as it
   was: training and evaluation then give what an engine without it gives, untraced again."""
   attack = make_attack(AttackConfig("pgd", eps=0.1, step_size=0.05, steps=2))
@@ -339,8 +339,10 @@ def test_warm_up_compiles_training_and_evaluation_and_changes_nothing(digits, ad
     engine = Engine(model, standard_loss_grad_fn(
         model, num_classes=10, attack=attack if adv_train else None), _groups(),
                     x_train=digits.x_train, y_train=digits.y_train, batch_size=32,
-                    attack=attack, augment=augment, adv_train=adv_train, eval_batch_size=100)
-    assert engine.loop_in_xla != adv_train  # Both paths: one XLA loop, a call per step.
+                    attack=attack, augment=augment, adv_train=adv_train, eval_batch_size=100,
+                    compile=mode)
+    assert engine.compile_mode == mode
+    assert engine.loop_in_xla == (mode == "xla_loop")
     engine.reset(5, iteration=3)
     before = engine.get_state()
     if warm:
