@@ -7,20 +7,24 @@ Three ways, each a `tf.function`:
   * "graph": each step is one plain TensorFlow graph call (TensorFlow's own,
     oneDNN, kernels; no XLA).
 
-"auto" (`choose`) picks by rules that `benchmarks/bench_models.py` measured
-(docs/scaling.md has the tables):
+"auto" (`choose`) picks by rules that `benchmarks/bench_compile.py` measured
+(docs/scaling.md has the numbers):
   * layers without an XLA kernel (the compiled JSReLU op) or augmentation
     without one (RandAugment's projective transforms): "graph";
-  * on a CPU-only machine, a model with convolutions or pooling: "graph".
-    XLA's CPU backend runs convolutions and their gradients on Eigen, not
-    oneDNN, and pooling gradients as select-and-scatter: ResNet-18 (CIFAR-10,
-    batch 32, 2 cores) trained 10-20x slower compiled, and its compilation
-    took minutes;
-  * else, natural training on in-memory data: "xla_loop" (dense-300-100,
-    batch 60: 0.74 ms per step against 0.97 for a call per step); adversarial
-    training or data read from files: "xla_step" (the attack's loop nested in
-    the XLA loop ran 5-11 % slower).
-On a GPU every model that allows it is compiled.
+  * a model with convolutions or pooling: "graph" on a CPU-only machine,
+    "xla_step" on a GPU. XLA's CPU backend runs convolutions on Eigen, not
+    oneDNN, and pooling gradients as select-and-scatter (a ResNet-18 with a
+    max-pool stem trained 10x slower compiled); inside one XLA loop it was
+    worse still: conv-bn (CIFAR-10, batch 32, 2 cores) ran 2.3 steps/s as
+    one loop against 27 as a call per step and 29 as a graph, and a
+    ResNet-18's loop had not compiled after 17 minutes. No GPU has measured
+    the loop, so conv nets there keep the per-step XLA call that Keras' own
+    `jit_compile` uses;
+  * else (dense layers, attention, normalisation), natural training on
+    in-memory data: "xla_loop" (dense-300-100, batch 60: 406 steps/s against
+    370 as a call per step and 200 as a graph); adversarial training or data
+    read from files: "xla_step" (the attack's loop nested in the XLA loop ran
+    5-11 % slower).
 """
 
 from typing import Callable, Optional
@@ -43,17 +47,20 @@ def on_gpu() -> bool:
   return bool(tf.config.list_logical_devices("GPU"))
 
 
+def has_convolutions(model) -> bool:
+  """Whether any layer is a convolution or a pooling (class name with "Conv" or "Pool")."""
+  return any(part in type(layer).__name__ for layer in model._flatten_layers(include_self=True)
+             for part in _SLOW_ON_XLA_CPU)
+
+
 def xla_pays_off(model) -> bool:
   """Whether XLA makes this model faster on this machine (see the module docstring).
 
   False on a CPU-only machine for a model with a convolution or pooling layer
-  (any class whose name holds "Conv" or "Pool": Keras' and the masked ones);
-  True on a GPU, and for models of dense layers, attention and normalisation.
+  (Keras' and the masked ones); True on a GPU, and for models of dense
+  layers, attention and normalisation.
   """
-  if on_gpu():
-    return True
-  return not any(part in type(layer).__name__ for layer in model._flatten_layers(include_self=True)
-                 for part in _SLOW_ON_XLA_CPU)
+  return on_gpu() or not has_convolutions(model)
 
 
 def choose(model, mode: str = "auto", *, augment: Optional[Callable] = None,
@@ -77,7 +84,8 @@ def choose(model, mode: str = "auto", *, augment: Optional[Callable] = None,
   if mode == "auto":
     if not (xla_possible and xla_pays_off(model)):
       return "graph"
-    return "xla_loop" if in_memory and not adv_train else "xla_step"
+    loop = in_memory and not adv_train and not has_convolutions(model)
+    return "xla_loop" if loop else "xla_step"
   if mode != "graph" and not xla_possible:
     raise ValueError(f"--compile={mode}: a layer or the augmentation has no XLA kernel; "
                      "use --compile=graph (or auto)")
