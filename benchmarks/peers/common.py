@@ -5,6 +5,10 @@ training images validate and the other 50000 train, as `--dataset=digits`
 does. The network is the toolkit's dense-300-100 (784-300-100-10, ReLU, no
 biases). Labels of the attacks are the model's own predictions on the clean
 images (the toolkit's default `--attack_labels=predicted`).
+
+For the step-rate peer (`torch_step_rate.py`), `load_cifar10_train` reads
+the training records of the binary CIFAR-10 (`<data_dir>/cifar-10/
+cifar-10-batches-bin/`).
 """
 
 import argparse
@@ -42,6 +46,28 @@ def load_mnist(data_dir):
   x_test, y_test = split("t10k")
   return {"train": (x[VALID_SIZE:], y[VALID_SIZE:]), "valid": (x[:VALID_SIZE], y[:VALID_SIZE]),
           "test": (x_test, y_test)}
+
+
+CIFAR10_RECORD = 1 + 3 * 32 * 32  # A label byte, then the R, G, B planes of 32x32.
+
+
+def load_cifar10_train(data_dir, examples=None):
+  """The first `examples` (all: None) CIFAR-10 training images, in file order.
+
+  Returns:
+    (images float32 [n, 3, 32, 32] in [0, 1], labels int64 [n]) tensors.
+  """
+  folder = os.path.join(data_dir, "cifar-10", "cifar-10-batches-bin")
+  records = []
+  for index in range(1, 6):
+    with open(os.path.join(folder, f"data_batch_{index}.bin"), "rb") as f:
+      data = np.frombuffer(f.read(), np.uint8)
+    records.append(data.reshape(-1, CIFAR10_RECORD))
+    if examples is not None and sum(len(r) for r in records) >= examples:
+      break
+  records = np.concatenate(records)[:examples]
+  images = records[:, 1:].reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
+  return torch.from_numpy(images), torch.from_numpy(records[:, 0].astype(np.int64))
 
 
 def dense_300_100():
