@@ -14,11 +14,15 @@ runs without pruning levels (`--experiment=train`, `no_pruning`) get learning
 curves and a final table; diverged levels are listed, never plotted. The
 output (default `<base_dir>/analysis`) holds `report.md`, which shows every
 figure and table. Every run with an attack also gets the gradient-masking
-checks (`analysis.masking`; `--nomasking_checks` skips them): its final
-weights are attacked again on the first `--masking_examples` test images
-(MNIST and CIFAR runs read them from `--data_dir`, else from the run's own
-`--data_dir`). Bad input (a missing or empty folder, no run, filters that
-match nothing) ends with a one-line message on stderr and exit status 1.
+checks (`analysis.masking`; `--nomasking_checks` skips them): the runner
+attacks each level's final weights as it finishes (`run_experiments
+--masking_checks`, on for adversarially trained runs) and keeps the results in
+the level's folder, which the analysis reads; levels without them are attacked
+here once, with a progress bar, on the first `--masking_examples` test images
+(read from `--data_dir`, else from the run's own `--data_dir`), and the
+results are written into their folders, so the next analysis only reads. Bad
+input (a missing or empty folder, no run, filters that match nothing) ends with
+a one-line message on stderr and exit status 1.
 """
 
 import os
@@ -60,10 +64,12 @@ _FORMAT = flags.DEFINE_list(
 _MASKING_CHECKS = flags.DEFINE_boolean(
     "masking_checks", True, "Gradient-masking checks of every run with an --attack: FGSM, "
     "PGD, a 5x stronger PGD, eps 1.0 and a transfer attack on its final weights "
-    "(tables/gradient_masking.*).")
+    "(tables/gradient_masking.*), read from the level folders where the runner kept them.")
 _MASKING_EXAMPLES = flags.DEFINE_integer(
-    "masking_examples", 500, "Test images the gradient-masking checks attack (the first N).",
-    lower_bound=1)
+    "masking_examples", None, "Test images the gradient-masking checks attack (the first "
+    "N); unset: the checks stored in the level folders, whatever their N (levels without "
+    "them: the run's --masking_examples, 500 by default). Stored checks of another N are "
+    "made again with this one and replace them.", lower_bound=1)
 _MASKING_TOLERANCE = flags.DEFINE_float(
     "masking_tolerance", 0.01, "Slack of the gradient-masking checks, as a fraction "
     "(0.01: 1 point of robust accuracy).", lower_bound=0.0)

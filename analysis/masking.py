@@ -6,14 +6,17 @@ gradient attacks it was trained and evaluated with, but fails simple sanity
 checks (Carlini et al. 2019, "On evaluating adversarial robustness"). For
 every run whose `--attack` is not "none", the final weights of each trial
 (the last level every trial finished, or every level) are attacked on the
-first `Options.examples` test images, with the true labels, by
+first test images, with the true labels, by FGSM, PGD, a stronger PGD, PGD at
+eps 1.0 and a transfer attack (`experiments/masking_checks.py` says how).
 
-  fgsm        FGSM at the run's eps;
-  pgd         PGD at the run's eps, step size and steps, random start;
-  pgd_strong  the same PGD with 5x the steps and 5 random restarts;
-  eps1        PGD with eps 1.0 (the whole [0, 1] pixel range), step 0.1, 20 steps;
-  transfer    the `pgd` examples crafted on trial (t + 1) mod T of the same run,
-              shown to trial t (skipped when the run has one trial).
+The runner makes the attacks at the end of every level (`--masking_checks`,
+on by default for adversarially trained runs) and keeps them in the level's
+folder; this module reads them and never attacks again. Levels without them
+(runs finished before, or with `--nomasking_checks`) are attacked once, with a
+progress bar naming the run, trial and level, and the results are written
+into their folders as the runner writes them, so the next analysis only
+reads. The transfer check, a forward pass of trial t on the stored examples of
+trial (t + 1) mod T, is cached in the level's folder too.
 
 Each number is a robust accuracy: the fraction of images classified correctly
 both clean and attacked. Over the mean of the trials, five checks give
@@ -37,9 +40,9 @@ both clean and attacked. Over the mean of the trials, five checks give
      without any masking.
 
 A run is "suspected" when any check is. Runs whose weights or data cannot be
-loaded get a row that says why. One Keras model serves every run and trial
-of an architecture (the trials' weights are assigned into it), so each attack
-compiles once per architecture and budget; the attacks run on whole batches.
+loaded get a row that says why. Where attacks must be made, one Keras model
+serves every run and trial of an architecture (the trials' weights are
+assigned into it), so each attack compiles once per architecture and budget.
 
 Output: `tables/gradient_masking.{csv,md}` (one row per run, or per run and
 level) and `figures/gradient_masking.<format>`.
@@ -50,7 +53,7 @@ import json
 import os
 import re
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from absl import logging
 import matplotlib
@@ -65,24 +68,14 @@ from analysis import load
 
 HEADING = "Gradient-masking checks"
 TABLE_STEM = "gradient_masking"
-# Robust accuracies, in the order of the table: name -> column heading.
-MEASURES = {
-    "clean": "Clean",
-    "fgsm": "FGSM",
-    "pgd": "PGD",
-    "pgd_strong": "PGD 5x steps, 5 restarts",
-    "eps1": "PGD eps 1",
-    "transfer": "Transfer",
-}
-STRONG_STEPS_FACTOR = 5
-STRONG_RESTARTS = 5
-LARGE_EPS = 1.0
-LARGE_EPS_STEP_SIZE = 0.1
-LARGE_EPS_STEPS = 20
+# The robust accuracies, in the order of the table (headings: `measure_headings`).
+MEASURES = ("clean", "fgsm", "pgd", "pgd_strong", "eps1", "transfer")
 # Check 3's bound on the robust accuracy at eps 1.0 (absolute, not a tolerance).
 LARGE_EPS_MAX_ACCURACY = 0.05
 PASS, SUSPECTED, NOT_APPLICABLE = "pass", "suspected", "n/a"
-# name -> (short heading, the check in one sentence; {tol} is the tolerance in points).
+# name -> (short heading, the check in one sentence). Filled in by `check_texts`:
+# {tol} is the tolerance in points, the others `experiments.masking_checks`' budgets
+# (read there, lazily: it imports TensorFlow, which bad input should not wait for).
 CHECKS = {
     "pgd_vs_fgsm": (
         "PGD ≤ FGSM",
@@ -90,14 +83,12 @@ CHECKS = {
         "most FGSM accuracy + {tol}"),
     "more_steps": (
         "stronger PGD ≤ PGD",
-        f"more steps and restarts are not weaker: the accuracy under PGD with "
-        f"{STRONG_STEPS_FACTOR}x the steps and {STRONG_RESTARTS} restarts is at most PGD "
-        "accuracy + {tol}"),
+        "more steps and restarts are not weaker: the accuracy under PGD with "
+        "{factor}x the steps and {restarts} restarts is at most PGD accuracy + {tol}"),
     "large_eps": (
-        "eps 1 ≈ 0",
-        f"an eps of {LARGE_EPS:g} (the whole [0, 1] pixel range) can reach any image, so "
-        f"at most {100 * LARGE_EPS_MAX_ACCURACY:g} % of the images may stay correctly "
-        "classified"),
+        "eps {large_eps:g} ≈ 0",
+        "an eps of {large_eps:g} (the whole [0, 1] pixel range) can reach any image, so "
+        "at most {bound:g} % of the images may stay correctly classified"),
     "transfer": (
         "transfer ≥ PGD",
         "a transfer attack (PGD examples crafted on another trial's model of the same run) "
@@ -116,141 +107,56 @@ _CSV_COLUMNS = (["run", "label", "prune_iteration", "percent_weights_remaining",
                 + [f"check_{name}" for name in CHECKS] + ["verdict", "note"])
 
 
+def _budgets() -> dict:
+  """The checks' fixed budgets, by the names `CHECKS` and `measure_headings` format."""
+  from experiments import masking_checks  # pylint: disable=import-outside-toplevel
+  return dict(factor=masking_checks.STRONG_STEPS_FACTOR,
+              restarts=masking_checks.STRONG_RESTARTS, large_eps=masking_checks.LARGE_EPS,
+              large_eps_step=masking_checks.LARGE_EPS_STEP_SIZE,
+              large_eps_steps=masking_checks.LARGE_EPS_STEPS,
+              bound=100 * LARGE_EPS_MAX_ACCURACY)
+
+
+def measure_headings() -> Dict[str, str]:
+  """{measure: column heading}, in the order of `MEASURES`."""
+  budgets = _budgets()
+  return {"clean": "Clean", "fgsm": "FGSM", "pgd": "PGD",
+          "pgd_strong": "PGD {factor}x steps, {restarts} restarts".format(**budgets),
+          "eps1": "PGD eps {large_eps:g}".format(**budgets), "transfer": "Transfer"}
+
+
+def check_texts(tolerance: float) -> Dict[str, tuple]:
+  """{check: (short heading, sentence)} with the budgets and `tolerance` filled in."""
+  tol = f"{100 * tolerance:g} point{'s' if tolerance != 0.01 else ''}"
+  budgets = dict(_budgets(), tol=tol)
+  return {name: (heading.format(**budgets), sentence.format(**budgets))
+          for name, (heading, sentence) in CHECKS.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """How the checks run (`run_analysis --masking_*`).
+  """How the checks are read or made (`run_analysis --masking_*`).
 
   Attributes:
-    examples: the first this many test images are attacked.
+    examples: the checks of the first this many test images; None: those
+      stored in the level folders, whatever their number (levels without them:
+      the run's `--masking_examples`, 500 by default). Stored checks of another
+      number are made again with this one (and replace them).
     tolerance: the slack of checks 1, 2, 4 and 5, as a fraction (0.01: 1 point).
-    data_dir: the raw data folder; None: each run's own `--data_dir`.
+    data_dir: the raw data folder, where attacks must be made; None: each
+      run's own `--data_dir`.
     all_levels: check every finished level, not only the last one.
-    batch_size: images per attack batch (every batch is padded to this size,
-      so each compiled attack sees one shape).
-    seed: the attacks' random starts derive from it.
   """
-  examples: int = 500
+  examples: Optional[int] = None
   tolerance: float = 0.01
   data_dir: Optional[str] = None
   all_levels: bool = False
-  batch_size: int = 500
-  seed: int = 0
 
   def __post_init__(self):
-    if self.examples < 1:
+    if self.examples is not None and self.examples < 1:
       raise ValueError(f"masking examples must be >= 1, got {self.examples}")
     if not self.tolerance >= 0:
       raise ValueError(f"masking tolerance must be >= 0, got {self.tolerance}")
-    if self.batch_size < 1:
-      raise ValueError(f"masking batch size must be >= 1, got {self.batch_size}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-  """A run's L-infinity attack budget (`--eps`, `--pgd_step_size`, `--pgd_steps`)."""
-  eps: float
-  step_size: float
-  steps: int
-
-
-def attack_configs(budget: Budget) -> dict:
-  """{measure: `attacks.AttackConfig`} of the four white-box attacks (true labels)."""
-  from attacks import AttackConfig  # pylint: disable=import-outside-toplevel
-  pgd = AttackConfig("pgd", eps=budget.eps, step_size=budget.step_size, steps=budget.steps,
-                     random_start=True, labels="true")
-  return {
-      "fgsm": AttackConfig("fgsm", eps=budget.eps, labels="true"),
-      "pgd": pgd,
-      "pgd_strong": dataclasses.replace(pgd, steps=STRONG_STEPS_FACTOR * budget.steps,
-                                        restarts=STRONG_RESTARTS),
-      "eps1": AttackConfig("pgd", eps=LARGE_EPS, step_size=LARGE_EPS_STEP_SIZE,
-                           steps=LARGE_EPS_STEPS, random_start=True, labels="true"),
-  }
-
-
-def _in_batches(fn: Callable, count: int, batch_size: int) -> np.ndarray:
-  """`fn(indices, batch_number)` over `range(count)` in equal batches, concatenated.
-
-  The last batch is padded with the first images (and the padding dropped), so
-  a compiled function sees one batch shape and XLA compiles it once.
-  """
-  size = min(batch_size, count)
-  outputs = []
-  for number, start in enumerate(range(0, count, size)):
-    indices = np.arange(start, start + size) % count
-    real = min(size, count - start)
-    outputs.append(np.asarray(fn(indices, number))[:real])
-  return np.concatenate(outputs)
-
-
-def _correct(model, x: np.ndarray, y: np.ndarray, batch_size: int) -> np.ndarray:
-  """Boolean [n]: `model` classifies each image of `x` as `y`."""
-  def predict(indices, _):
-    logits = model(x[indices], training=False)
-    return np.argmax(np.asarray(logits), axis=-1)
-  return _in_batches(predict, len(y), batch_size) == y
-
-
-def evaluate_trials(model_of: Callable[[int], object], trials: int, x: np.ndarray,
-                    y: np.ndarray, budget: Budget, *, seed: int = 0,
-                    batch_size: int = 500) -> List[Dict[str, float]]:
-  """Robust accuracies of each trial of one run under the five attacks.
-
-  Args:
-    model_of: `model_of(t)` returns trial t's model, ready to call. It may
-      return the same model object every time with trial t's weights assigned
-      (the attacks then compile once); it is called twice per trial (the
-      transfer attack needs every trial's examples first).
-    trials: the number of trials T.
-    x: float32 images in [0, 1], [n, ...], as the model sees them.
-    y: int true labels [n].
-    budget: the run's attack budget.
-    seed: the attacks' random starts derive from it and the trial.
-    batch_size: images per attack batch.
-
-  Returns:
-    One dict per trial: `MEASURES` -> robust accuracy in [0, 1] ("clean" is the
-    clean accuracy; "transfer" is NaN when T == 1), and "transfer_from": the
-    trial whose PGD examples were transferred (-1 when T == 1).
-  """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from attacks import make_attack  # pylint: disable=import-outside-toplevel
-  from experiments.runner import derived_seed  # pylint: disable=import-outside-toplevel
-
-  x = np.asarray(x, np.float32)
-  y = np.asarray(y).astype(np.int64)
-  y_tensor = tf.constant(y, tf.int32)
-  configs = attack_configs(budget)
-  attacks = {name: make_attack(config) for name, config in configs.items()}
-  results, clean, crafted = [], [], []
-  for trial in range(trials):
-    model = model_of(trial)
-    correct = _correct(model, x, y, batch_size)
-    row = {"clean": float(correct.mean())}
-    for name, attack in attacks.items():
-      # The strong PGD's first restart starts where PGD does: a luckier random
-      # start cannot make either look stronger than the other.
-      stream = "pgd" if name == "pgd_strong" else name
-
-      def craft(indices, number, attack=attack, stream=stream, model=model, trial=trial):
-        seed_pair = tf.constant([derived_seed(seed, trial, stream, int(number)), 0], tf.int64)
-        return attack(model, x[indices], tf.gather(y_tensor, indices), seed=seed_pair)
-
-      adversarial = _in_batches(craft, len(y), batch_size)
-      row[name] = float((correct & _correct(model, adversarial, y, batch_size)).mean())
-      if name == "pgd":
-        crafted.append(adversarial)
-    clean.append(correct)
-    results.append(row)
-  for trial, row in enumerate(results):
-    if trials < 2:
-      row.update(transfer=float("nan"), transfer_from=-1)
-      continue
-    source = (trial + 1) % trials
-    model = model_of(trial)
-    survived = _correct(model, crafted[source], y, batch_size)
-    row.update(transfer=float((clean[trial] & survived).mean()), transfer_from=source)
-  return results
 
 
 def run_checks(accuracies: Mapping[str, float], tolerance: float = 0.01,
@@ -373,19 +279,6 @@ class _Builder:
     return self._models.setdefault(signature, model)
 
 
-def test_images(dataset, count: int):
-  """The first `count` test images as the model sees them (decoded, prepared), and labels."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  count = min(count, len(dataset.y_test))
-  x, y = dataset.x_test[:count], np.asarray(dataset.y_test[:count])
-  if dataset.decode_eval is not None:
-    x = np.stack([dataset.decode_eval(tf.constant(path)).numpy() for path in x])
-  if dataset.prepare is not None:
-    # A fixed seed: the runner's evaluation seeds its random positioning per batch.
-    x = dataset.prepare(tf.constant(x, tf.float32), tf.constant([0, 7], tf.int64)).numpy()
-  return np.asarray(x, np.float32), y
-
-
 def _run_label(run: Mapping) -> str:
   mode = load.training_mode(bool(run.get("adv_train", False)))
   label = " / ".join(str(run.get(key, "?")) for key in ("dataset", "model", "experiment",
@@ -394,12 +287,111 @@ def _run_label(run: Mapping) -> str:
   return label + (f" [{setting}]" if setting else "")
 
 
+class _Run:
+  """One run folder's stored checks, and what making missing ones needs (loaded once)."""
+
+  def __init__(self, run_dir: str, hp, shown: str, options: Options, builder: _Builder,
+               datasets: Dict[tuple, object]):
+    self.run_dir, self.hp, self.shown = run_dir, hp, shown
+    self._options, self._builder, self._datasets = options, builder, datasets
+
+  def dataset(self):
+    """The run's data set (one load per analysis and data set), or why it is not loaded."""
+    # pylint: disable=import-outside-toplevel
+    from data import load_dataset
+    hp = self.hp
+    data_dir = self._options.data_dir or hp.data_dir
+    key = (hp.dataset, data_dir, hp.valid_size, hp.resolution)
+    if key not in self._datasets:
+      try:
+        try:
+          dataset = load_dataset(hp.dataset, data_dir, hp.valid_size, resolution=hp.resolution)
+        except ValueError:
+          # The test split does not depend on valid_size, and a run started from
+          # code (not the command line) may record one its data did not use.
+          dataset = load_dataset(hp.dataset, data_dir, None, resolution=hp.resolution)
+        self._datasets[key] = dataset
+      except Exception as error:  # pylint: disable=broad-except
+        self._datasets[key] = (f"data not loaded ({type(error).__name__}: {error}); pass "
+                               "--data_dir")
+    return self._datasets[key]
+
+  def model(self, trial: int, level: int):
+    """Trial `trial`'s network holding its final weights of `level`."""
+    # pylint: disable=import-outside-toplevel
+    from experiments.runner import assign_weights, level_dir
+    from robust_sparse import files
+    dataset = self.dataset()
+    if isinstance(dataset, str):
+      raise _DataMissing(dataset)
+    model = self._builder.model(self.hp, dataset, trial, level)
+    path = os.path.join(level_dir(self.run_dir, trial, level), "weights_final.npz")
+    assign_weights(model, files.load_arrays(path), path)
+    return model
+
+  def level_checks(self, level: int, trials: Sequence[int]) -> List[dict]:
+    """Each trial's accuracies at `level` (`MEASURES`, "transfer_from"): read where stored,
+    else made once and stored (see the module docstring)."""
+    # pylint: disable=import-outside-toplevel
+    from experiments import masking_checks
+    from experiments.runner import level_dir
+    hp = self.hp
+    directories = {trial: level_dir(self.run_dir, trial, level) for trial in trials}
+    wanted = self._options.examples
+    if wanted is None:  # What is stored, if the trials agree; else the run's own number.
+      counts = {stored["examples"] for stored in
+                (masking_checks.load_level(d, hp) for d in directories.values()) if stored}
+      wanted = counts.pop() if len(counts) == 1 else hp.masking_examples
+    stored = {trial: masking_checks.load_level(directory, hp, wanted)
+              for trial, directory in directories.items()}
+    for trial in trials:
+      if stored[trial] is not None:
+        continue
+      place = f"{self.shown} trial {trial} prune_iter {level}"
+      logging.info("gradient-masking checks: no stored checks of %d images in %s; attacking "
+                   "it once (the results go into its folder)", wanted, place)
+      dataset = self.dataset()
+      if isinstance(dataset, str):
+        raise _DataMissing(dataset)
+      stored[trial] = masking_checks.check_level(
+          hp, self.model(trial, level), dataset, trial, directories[trial], examples=wanted,
+          desc=f"masking checks: {place}")
+    rows = []
+    for index, trial in enumerate(trials):
+      row = dict(stored[trial]["accuracies"], examples=stored[trial]["examples"],
+                 transfer=float("nan"), transfer_from=-1)
+      if len(trials) > 1:
+        source = trials[(index + 1) % len(trials)]
+        row.update(transfer_from=source, transfer=masking_checks.transfer(
+            directories[trial], directories[source], source,
+            lambda trial=trial: self._transfer_model(trial, source, level)))
+      rows.append(row)
+    return rows
+
+  def _transfer_model(self, trial: int, source: int, level: int):
+    logging.info("gradient-masking checks: transfer attack of %s trial %d prune_iter %d from "
+                 "trial %d (a forward pass; cached in its folder)", self.shown, trial, level,
+                 source)
+    return self.model(trial, level)
+
+
+class _DataMissing(Exception):
+  """The run's data set could not be loaded (the message says why)."""
+
+
 def check_run(run_dir: str, options: Options, builder: "_Builder",
-              datasets: Dict[tuple, object]) -> List[dict]:
-  """The table rows of one run folder (one per checked level, or one saying why none)."""
+              datasets: Dict[tuple, object], shown: str = "") -> List[dict]:
+  """The table rows of one run folder (one per checked level, or one saying why none).
+
+  Args:
+    run_dir: the run folder.
+    options: how the checks are read or made.
+    builder: builds the runs' models (shared by the runs of one analysis).
+    datasets: the data sets loaded so far, shared likewise.
+    shown: the run's name in log lines and progress bars; default `run_dir`.
+  """
   # pylint: disable=import-outside-toplevel
-  from data import load_dataset
-  from experiments.runner import assign_weights, level_dir
+  from experiments.runner import level_dir
   from robust_sparse import files
   from robust_sparse.hparams import Hparams
 
@@ -410,47 +402,24 @@ def check_run(run_dir: str, options: Options, builder: "_Builder",
     hp = Hparams.from_dict(files.read_json(os.path.join(run_dir, load.HPARAMS_FILE)))
   except (OSError, ValueError, TypeError) as error:
     return note_row(f"hparams.json not readable: {error}")
-  budget = Budget(float(hp.eps), float(hp.pgd_step_size), int(hp.pgd_steps))
-  base = dict(eps=budget.eps, step_size=budget.step_size, steps=budget.steps)
+  base = dict(eps=float(hp.eps), step_size=float(hp.pgd_step_size), steps=int(hp.pgd_steps))
   levels = chosen_levels(finished_levels(run_dir), options.all_levels)
   if not levels:
     return note_row("not checked: no finished level holds weights_final.npz", **base)
-  data_dir = options.data_dir or hp.data_dir
-  key = (hp.dataset, data_dir, hp.valid_size, hp.resolution)
-  if key not in datasets:
-    try:
-      try:
-        dataset = load_dataset(hp.dataset, data_dir, hp.valid_size, resolution=hp.resolution)
-      except ValueError:
-        # The test split does not depend on valid_size, and a run started from
-        # code (not the command line) may record one its data did not use.
-        dataset = load_dataset(hp.dataset, data_dir, None, resolution=hp.resolution)
-      datasets[key] = (dataset, test_images(dataset, options.examples))
-    except Exception as error:  # pylint: disable=broad-except
-      datasets[key] = f"data not loaded ({type(error).__name__}: {error}); pass --data_dir"
-  if isinstance(datasets[key], str):
-    return note_row(datasets[key], **base)
-  dataset, (x, y) = datasets[key]
+  run = _Run(run_dir, hp, shown or run_dir, options, builder, datasets)
   rows = []
   for level, trials in levels.items():
-    row = dict(base, prune_iteration=level, trials=len(trials), examples=len(y))
-    weights, percent = {}, []
+    row = dict(base, prune_iteration=level, trials=len(trials))
     try:
-      for trial in trials:
-        directory = level_dir(run_dir, trial, level)
-        weights[trial] = files.load_arrays(os.path.join(directory, "weights_final.npz"))
-        percent.append(files.read_json(os.path.join(directory, load.METADATA_FILE))
-                       .get("percent_weights_remaining", np.nan))
-      model = builder.model(hp, dataset, trials[0], level)
-
-      def model_of(index, model=model, weights=weights, trials=trials, level=level):
-        trial = trials[index]
-        assign_weights(model, weights[trial],
-                       f"{level_dir(run_dir, trial, level)}/weights_final.npz")
-        return model
-
-      per_trial = evaluate_trials(model_of, len(trials), x, y, budget, seed=options.seed,
-                                  batch_size=options.batch_size)
+      per_trial = run.level_checks(level, trials)
+      percent = [files.read_json(os.path.join(level_dir(run_dir, trial, level),
+                                              load.METADATA_FILE))
+                 .get("percent_weights_remaining", np.nan) for trial in trials]
+    except _DataMissing as missing:
+      if not rows and len(levels) == 1:
+        return note_row(str(missing), **base)
+      rows.append(dict(row, note=str(missing)))
+      continue
     except Exception as error:  # pylint: disable=broad-except
       logging.exception("gradient-masking checks of %s, level %d", run_dir, level)
       rows.append(dict(row, note=f"not checked: {type(error).__name__}: {error}"))
@@ -460,6 +429,7 @@ def check_run(run_dir: str, options: Options, builder: "_Builder",
                   for name in MEASURES}
     checks = run_checks(accuracies, options.tolerance, adversarially_trained=hp.adv_train)
     row.update(percent_weights_remaining=float(np.mean(percent)),
+               examples=per_trial[0]["examples"],
                **{f"acc_{name}": value for name, value in accuracies.items()},
                **{f"check_{name}": verdict for name, verdict in checks.items()},
                verdict=overall_verdict(checks),
@@ -477,23 +447,19 @@ def check_study(study: load.Study, options: Options, source: str = "") -> pd.Dat
   runs = study.runs[study.runs["attack"].astype(str) != "none"]
   if runs.empty:
     return pd.DataFrame(columns=_CSV_COLUMNS)
-  policy = None
+  import keras  # pylint: disable=import-outside-toplevel
+  policy = keras.mixed_precision.global_policy()
   builder, datasets, rows = _Builder(), {}, []
   began = time.time()
   try:
     for number, run in enumerate(runs.to_dict("records"), start=1):
       run_dir = run["run_dir"]
-      if policy is None and finished_levels(run_dir):
-        import keras  # pylint: disable=import-outside-toplevel
-        policy = keras.mixed_precision.global_policy()
-      logging.info("gradient-masking checks: run %d of %d: %s", number, len(runs), run_dir)
       shown = os.path.relpath(run_dir, source) if source else run_dir
-      for row in check_run(run_dir, options, builder, datasets):
+      logging.info("gradient-masking checks: run %d of %d: %s", number, len(runs), shown)
+      for row in check_run(run_dir, options, builder, datasets, shown):
         rows.append({"run": shown, "label": _run_label(run), **row})
   finally:
-    if policy is not None:
-      import keras  # pylint: disable=import-outside-toplevel
-      keras.mixed_precision.set_global_policy(policy)
+    keras.mixed_precision.set_global_policy(policy)
   logging.info("gradient-masking checks of %d runs took %.1f s", len(runs),
                time.time() - began)
   frame = pd.DataFrame(rows, columns=_CSV_COLUMNS)
@@ -513,13 +479,14 @@ def _verdict_cell(verdict) -> str:
   return f"**{verdict}**" if verdict == SUSPECTED else verdict
 
 
-def table_markdown(frame: pd.DataFrame) -> str:
+def table_markdown(frame: pd.DataFrame, tolerance: float = 0.01) -> str:
   """The table as GitHub Markdown: accuracies in %, verdicts (suspected in bold)."""
+  texts = check_texts(tolerance)
   by_level = frame["prune_iteration"].nunique(dropna=True) > 1 or any(
       frame.groupby("run").size() > 1)
   headers = (["Run"] + (["Level (% weights)"] if by_level else ["% weights"]) + ["Trials"]
-             + [f"{heading} (%)" for heading in MEASURES.values()]
-             + [f"{i}. {CHECKS[name][0]}" for i, name in enumerate(CHECKS, start=1)]
+             + [f"{heading} (%)" for heading in measure_headings().values()]
+             + [f"{i}. {texts[name][0]}" for i, name in enumerate(CHECKS, start=1)]
              + ["Verdict", "Note"])
   lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
   for row in frame.to_dict("records"):
@@ -553,7 +520,7 @@ def plot_accuracies(frame: pd.DataFrame) -> Optional[plt.Figure]:
             for row in checked.to_dict("records")]
   figure, axis = plt.subplots(figsize=(9.5, 1.6 + 0.5 * len(checked)))
   positions = np.arange(len(checked))[::-1]
-  for name, heading in MEASURES.items():
+  for name, heading in measure_headings().items():
     marker, colour = _MARKERS[name]
     axis.scatter(100 * checked[f"acc_{name}"].to_numpy(float), positions, marker=marker,
                  color=colour, s=46, label=heading, zorder=3)
@@ -594,30 +561,35 @@ def sections(study: load.Study, source: str, out_dir: str, formats: Sequence[str
     return []
   stem = os.path.join(out_dir, tables_dir, TABLE_STEM)
   frame.to_csv(stem + ".csv", index=False, float_format="%.6g")
-  markdown = table_markdown(frame)
+  markdown = table_markdown(frame, options.tolerance)
   with open(stem + ".md", "w") as f:
     f.write(markdown)
   saved = []
   save(plot_accuracies(frame), out_dir, TABLE_STEM, formats,
        "Gradient-masking checks: robust accuracy of each run under every attack (mean over "
        "trials); suspected runs in red; dotted: the large-eps bound", saved)
-  tol = f"{100 * options.tolerance:g} point{'s' if options.tolerance != 0.01 else ''}"
   links = "".join(f" [{ext}]({os.path.relpath(stem + '.' + ext, out_dir)})"
                   for ext in ("csv", "md"))
   level = ("every finished level" if options.all_levels
            else "the last level every trial finished")
-  checks = "\n".join(f"{i}. **{heading}**: {sentence.format(tol=tol)}."
-                     for i, (heading, sentence) in enumerate(CHECKS.values(), start=1))
+  counts = sorted({int(n) for n in frame["examples"].dropna()})
+  images = (f"the first {counts[0]} test images" if len(counts) == 1 else
+            "the first test images (how many: the CSV's `examples`)")
+  checks = "\n".join(f"{i}. **{heading}**: {sentence}."
+                     for i, (heading, sentence) in enumerate(
+                         check_texts(options.tolerance).values(), start=1))
+  budgets = _budgets()
   suspected = int((frame["verdict"] == SUSPECTED).sum())
   text = (
       "Is the robustness real, or are the gradients hidden (Athalye et al. 2018)? Every run "
       f"with an `--attack` is attacked again: the final weights of each trial at {level}, "
-      f"on the first {options.examples} test images (all of them where the test set is "
-      "smaller), with the true labels. Numbers are "
+      f"on {images}, with the true labels (the runner attacks every level as it "
+      "finishes, `--masking_checks`; levels without stored checks were attacked by this "
+      "analysis, once). Numbers are "
       "robust accuracies (correct both clean and attacked), means over trials, in percent: "
       "FGSM and PGD at the run's eps (PGD with its step size and steps, random start), PGD "
-      f"with {STRONG_STEPS_FACTOR}x the steps and {STRONG_RESTARTS} restarts, PGD at eps "
-      f"{LARGE_EPS:g} (step {LARGE_EPS_STEP_SIZE:g}, {LARGE_EPS_STEPS} steps), and transfer "
+      "with {factor}x the steps and {restarts} restarts, PGD at eps {large_eps:g} (step "
+      "{large_eps_step:g}, {large_eps_steps} steps), and transfer ".format(**budgets) +
       "(trial t's model shown the PGD examples crafted on trial (t + 1) mod T's model of the "
       "same run). The checks:\n\n"
       f"{checks}\n\nA run is *suspected* when any check is. Suspected: {suspected} of "

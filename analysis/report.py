@@ -286,9 +286,9 @@ def write_analysis(study: load.Study, out_dir: str,
     formats: figure formats, e.g. ("png", "svg", "pdf").
     source: the base directory, named in the report.
     command: the command line that produced the analysis, for the report.
-    masking_options: run the gradient-masking checks (`analysis.masking`) of
-      every run with an attack, loading its weights and test images; None:
-      skip them.
+    masking_options: the gradient-masking checks (`analysis.masking`) of
+      every run with an attack, read from its level folders (levels without
+      them are attacked once, and the results stored there); None: skip them.
 
   Returns:
     The path of the report.

@@ -12,6 +12,9 @@ Layout (`run_dir = hparams.run_dir(base_dir)`):
     weights_init.npz weights_final.npz [weights_rewind.npz]
                                    every model variable by path (trainable or
                                    not: batch-norm statistics, masks, counters)
+    masking.json masking_examples.npz
+                                   --masking_checks: the gradient-masking checks'
+                                   attacks on the final network (experiments/masking_checks.py)
     metadata.json                  written last: the level is finished (or diverged)
 
 Each stage checks for its own output first: finished levels are skipped, and an
@@ -340,6 +343,8 @@ def check_hparams(hp: Hparams, num_train: int):
                      f"not --experiment={hp.experiment}")
   if hp.adv_train and hp.attack == "none":
     raise ValueError("--adv_train needs an --attack (fgsm or pgd), got --attack=none")
+  from experiments import masking_checks  # pylint: disable=import-outside-toplevel
+  masking_checks.check_options(hp)
   if hp.batch_size > num_train:
     raise ValueError(f"--batch_size={hp.batch_size} is larger than the {num_train} "
                      "training images")
@@ -830,6 +835,7 @@ class Runner:
     self._tensorboard.close()
     _save_layer_arrays(directory, "post_kernels", _kernels(layers))
     files.save_arrays(os.path.join(directory, "weights_final.npz"), model_weights(model))
+    self._masking_checks(model, trial, level, directory)
     remaining = int(sum(m.sum() for m in masks.values()))
     total = int(sum(m.size for m in masks.values()))
     files.write_json(os.path.join(directory, "metadata.json"), {
@@ -847,6 +853,15 @@ class Runner:
         **self.experiment.metadata(level, model, directory, logs),
     })
     os.remove(os.path.join(directory, "checkpoint.npz"))
+
+  def _masking_checks(self, model, trial, level, directory):
+    """`--masking_checks`: the gradient-masking checks' attacks on the level's final
+    network, kept in its folder before `metadata.json` (so a killed run redoes them)."""
+    from experiments import masking_checks  # It imports this module.
+    if masking_checks.enabled(self.hparams):
+      masking_checks.check_level(
+          self.hparams, model, self.dataset, trial, directory,
+          desc=f"trial {trial} prune_iter {level} masking checks" if self.progress else None)
 
 
 def _first_train_examples(dataset, count):

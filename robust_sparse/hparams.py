@@ -27,7 +27,7 @@ from attacks.registry import AttackConfig
 _ATTACK = AttackConfig()
 
 # Fields that do not change the numbers of a trial.
-NOT_HASHED = ("trials", "data_dir", "save_every_epochs")
+NOT_HASHED = ("trials", "data_dir", "save_every_epochs", "masking_checks", "masking_examples")
 # Always hashed, default or not: they name the folder, and hashing them keeps
 # folders of different studies distinct when moved under one base folder.
 REQUIRED = ("dataset", "model", "experiment", "attack", "adv_train")
@@ -401,6 +401,15 @@ class AttackHparams:
   adv_train: bool = _field(False, "use adversarial training for the given attack")
   adv_mix: float = _field(0.5, "weight of the adversarial loss in adversarial training",
                           lower_bound=0.0, upper_bound=1.0)
+  masking_checks: Optional[bool] = _field(
+      None, "at the end of every level, attack the final network with the gradient-masking "
+      "checks (FGSM, PGD, PGD with 5x the steps and 5 restarts, PGD at eps 1; true labels) "
+      "on the first --masking_examples test images and keep the results in the level's "
+      "folder (masking.json, masking_examples.npz), which run_analysis reads; unset: on for "
+      "adversarially trained runs. Does not change the run folder")
+  masking_examples: int = _field(
+      500, "test images the gradient-masking checks attack (the first N). Does not change "
+      "the run folder", lower_bound=1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""Gradient-masking checks (`analysis.masking`, `run_analysis --masking_checks`).
+"""Gradient-masking checks: made by the runner at the end of a level (`--masking_checks`,
+`experiments.masking_checks`), read (or made once) by the analysis (`analysis.masking`).
 
 A tiny study is trained in-process on sklearn_digits: a naturally trained
-lottery run evaluated with PGD (2 trials, 2 levels) and an FGSM-trained run at
-a large eps (FGSM training overfits to its single step: FGSM accuracy far
-above PGD).
+lottery run evaluated with PGD (2 trials, 2 levels; no checks while training,
+so the analysis makes them, as for a run finished before the runner made any)
+and an FGSM-trained run at a large eps (checks made by the runner; FGSM
+training overfits to its single step: FGSM accuracy far above PGD).
 """
 
 import json
@@ -19,6 +21,7 @@ import pytest
 
 from analysis import load
 from analysis import masking
+from experiments import masking_checks
 from experiments.runner import Runner, assign_weights, level_dir
 from models import build_model
 from robust_sparse import files
@@ -32,26 +35,93 @@ PGD_RUN = dict(BASE, experiment="reinit_orig", prune_iters=1, train_iters=150,
 FGSM_TRAINED = dict(BASE, experiment="train", trials=1, train_iters=150, eval_every=150,
                     attack="fgsm", eps=0.3, pgd_step_size=0.05, adv_train=True)
 EXAMPLES = 200
+STORED = (masking_checks.RESULTS_FILE, masking_checks.EXAMPLES_FILE)
+
+
+def _stored_levels(run_dir):
+  """[(trial, level)] whose folder holds the runner's check files."""
+  return sorted((trial, level) for trial in range(2) for level in range(2)
+                if all(os.path.exists(os.path.join(level_dir(run_dir, trial, level), name))
+                       for name in STORED))
 
 
 @pytest.fixture(scope="module")
-def study_dir(digits, tmp_path_factory):
+def study(digits, tmp_path_factory):
+  """(base folder, {run: levels holding checks right after training})."""
   base_dir = str(tmp_path_factory.mktemp("masking_study"))
-  for hparams in (PGD_RUN, FGSM_TRAINED):
-    Runner(Hparams(**hparams), digits, base_dir, progress=False).run()
-  return base_dir
+  after_training = {}
+  for name, hparams in (("pgd", PGD_RUN), ("fgsm", FGSM_TRAINED)):
+    run_dir = Runner(Hparams(**hparams, masking_examples=EXAMPLES), digits, base_dir,
+                     progress=False).run()
+    after_training[name] = _stored_levels(run_dir)
+  return base_dir, after_training
+
+
+@pytest.fixture(scope="module")
+def study_dir(study):
+  return study[0]
 
 
 @pytest.fixture(scope="module")
 def table(study_dir):
-  return masking.check_study(load.load_study(study_dir), masking.Options(examples=EXAMPLES),
-                             study_dir)
+  """The first analysis: the PGD run's checks are made here (and stored)."""
+  return masking.check_study(load.load_study(study_dir), masking.Options(), study_dir)
 
 
 def _row(table, experiment):
   rows = table[table["label"].str.contains(f"/ {experiment} /")]
   assert len(rows) == 1, table
   return rows.iloc[0]
+
+
+def _final_model(run_dir, trial, level, digits):
+  model = build_model("dense-300-100", digits.input_shape, digits.num_classes)
+  assign_weights(model, files.load_arrays(
+      os.path.join(level_dir(run_dir, trial, level), "weights_final.npz")))
+  return model
+
+
+def test_the_runner_keeps_checks_of_adversarially_trained_runs_only(study):
+  _, after_training = study
+  assert after_training == {"pgd": [], "fgsm": [(0, 0)]}
+
+
+QUICK = dict(BASE, experiment="train", trials=1, train_iters=10, eval_every=10,
+             attack="pgd", pgd_steps=2, masking_examples=30)
+
+
+def test_the_flag_turns_them_off_for_adversarial_training_and_moves_no_folder(digits,
+                                                                             tmp_path):
+  adversarial = Runner(Hparams(**QUICK, adv_train=True, masking_checks=False), digits,
+                       str(tmp_path), progress=False).run()
+  assert _stored_levels(adversarial) == []
+  for fields in (PGD_RUN, FGSM_TRAINED):
+    assert (Hparams(**fields, masking_checks=not fields.get("adv_train", False),
+                    masking_examples=7).run_dir("b") == Hparams(**fields).run_dir("b"))
+  with pytest.raises(ValueError, match="--masking_checks .*--attack=none"):
+    Runner(Hparams(**dict(QUICK, attack="none"), masking_checks=True), digits, str(tmp_path))
+
+
+def test_stored_checks_are_what_the_checks_compute_on_the_final_weights(study_dir, digits):
+  run_dir = Hparams(**FGSM_TRAINED).run_dir(study_dir)
+  directory = level_dir(run_dir, 0, 0)
+  stored = files.read_json(os.path.join(directory, masking_checks.RESULTS_FILE))
+  arrays = masking_checks.load_examples(directory)
+  assert stored["examples"] == EXAMPLES and stored["seed"] == 0
+  assert (stored["eps"], stored["step_size"], stored["steps"]) == (0.3, 0.05, 10)
+  x, y = masking_checks.test_images(digits, EXAMPLES)
+  model = _final_model(run_dir, 0, 0, digits)
+  budget = masking_checks.Budget(eps=0.3, step_size=0.05, steps=10)
+  # The in-memory computation the analysis made before the runner kept the checks.
+  [direct] = masking_checks.evaluate_trials(lambda _: model, 1, x, y, budget)
+  assert {name: direct[name] for name in stored["accuracies"]} == stored["accuracies"]
+  accuracies, direct_arrays = masking_checks.attack_network(model, x, y, budget, seed=0,
+                                                            trial=0)
+  assert accuracies == stored["accuracies"]
+  for name, array in direct_arrays.items():
+    np.testing.assert_array_equal(arrays[name], array)
+  assert arrays["adversarial"].shape == (EXAMPLES, *digits.input_shape)
+  assert np.abs(arrays["adversarial"] - x).max() <= 0.3 + 1e-6
 
 
 def test_one_row_per_attacked_run_with_accuracies_and_verdicts(table):
@@ -64,6 +134,7 @@ def test_one_row_per_attacked_run_with_accuracies_and_verdicts(table):
   assert ((accuracies >= 0) & (accuracies <= 1)).all()  # NaN fails too.
   verdicts = table[[f"check_{name}" for name in masking.CHECKS] + ["verdict"]]
   assert set(verdicts.to_numpy().ravel()) <= {"pass", "suspected", "n/a"}
+  # The PGD run's checks were made by the analysis with the run's --masking_examples.
   assert (table["examples"] == EXAMPLES).all()
 
   natural = _row(table, "reinit_orig")
@@ -76,6 +147,120 @@ def test_one_row_per_attacked_run_with_accuracies_and_verdicts(table):
   assert natural["acc_pgd"] < natural["acc_clean"]
   assert natural["check_fgsm_not_overstated"] == "n/a"  # Naturally trained.
   assert natural["verdict"] == "pass", natural.to_dict()
+
+
+def test_a_run_without_stored_checks_gets_them_made_once_and_stored(table, study_dir, digits,
+                                                                     monkeypatch):
+  run_dir = Hparams(**PGD_RUN).run_dir(study_dir)
+  # The checked level only (the last one), both trials, and the transfer cache.
+  assert _stored_levels(run_dir) == [(0, 1), (1, 1)]
+  for trial in range(2):
+    cache = files.read_json(os.path.join(level_dir(run_dir, trial, 1),
+                                         masking_checks.TRANSFER_FILE))
+    assert list(cache) == [str(1 - trial)]
+  # The numbers are those of the in-memory computation on both trials' final weights.
+  x, y = masking_checks.test_images(digits, EXAMPLES)
+  model = _final_model(run_dir, 0, 1, digits)
+
+  def model_of(trial):
+    assign_weights(model, files.load_arrays(
+        os.path.join(level_dir(run_dir, trial, 1), "weights_final.npz")))
+    return model
+
+  direct = masking_checks.evaluate_trials(model_of, 2, x, y,
+                                          masking_checks.Budget(0.1, 0.025, 10))
+  natural = _row(table, "reinit_orig")
+  for name in masking.MEASURES:
+    assert natural[f"acc_{name}"] == pytest.approx(np.mean([r[name] for r in direct]),
+                                                   abs=1e-12), name
+
+  # A second analysis reads everything: no attack, no forward pass.
+  def never(*args, **kwargs):
+    raise AssertionError("the analysis attacked again")
+
+  monkeypatch.setattr(masking_checks, "attack_network", never)
+  monkeypatch.setattr(masking_checks, "transfer_accuracy", never)
+  again = masking.check_study(load.load_study(study_dir), masking.Options(), study_dir)
+  pd.testing.assert_frame_equal(again, table)
+
+
+def test_the_analysis_shows_the_stored_numbers(table, study_dir, tmp_path, monkeypatch):
+  copy = str(tmp_path / "fgsm_run")
+  shutil.copytree(Hparams(**FGSM_TRAINED).run_dir(study_dir), copy)
+  path = os.path.join(level_dir(copy, 0, 0), masking_checks.RESULTS_FILE)
+  stored = files.read_json(path)
+  stored["accuracies"] = dict(clean=0.987654, fgsm=0.123456, pgd=0.111111,
+                              pgd_strong=0.101010, eps1=0.042)
+  files.write_json(path, stored)
+  monkeypatch.setattr(masking_checks, "attack_network", None)  # Calling it fails.
+  [row] = masking.check_study(load.load_study(str(tmp_path)), masking.Options(),
+                              str(tmp_path)).to_dict("records")
+  assert {name: row[f"acc_{name}"] for name in stored["accuracies"]} == stored["accuracies"]
+  assert row["check_large_eps"] == "pass"  # 4.2 % <= 5 %.
+  assert row["examples"] == EXAMPLES
+  original = _row(table, "train")
+  assert original["acc_fgsm"] != 0.123456
+
+
+def test_checks_of_another_number_of_images_are_made_again_and_replace_them(study_dir,
+                                                                            tmp_path):
+  copy = str(tmp_path / "fgsm_run")
+  shutil.copytree(Hparams(**FGSM_TRAINED).run_dir(study_dir), copy)
+  frame = masking.check_study(load.load_study(str(tmp_path)), masking.Options(examples=40),
+                              str(tmp_path))
+  assert frame["examples"].tolist() == [40]
+  stored = files.read_json(os.path.join(level_dir(copy, 0, 0), masking_checks.RESULTS_FILE))
+  assert stored["examples"] == 40
+
+
+def test_stored_checks_serve_every_request_that_gets_the_same_images(tmp_path):
+  hp = Hparams(**FGSM_TRAINED)
+  directory = str(tmp_path)
+  files.save_arrays(os.path.join(directory, masking_checks.EXAMPLES_FILE), {})
+  stored = dict(accuracies={}, examples=360, requested_examples=500, seed=0, batch_size=500,
+                eps=0.3, step_size=0.05, steps=10, digest="")
+  files.write_json(os.path.join(directory, masking_checks.RESULTS_FILE), stored)
+  # 500 asked of a test set of 360: any request of 360 or more gets these images.
+  for examples in (None, 360, 400, 500, 10000):
+    assert masking_checks.load_level(directory, hp, examples) == stored, examples
+  for examples in (359, 100):
+    assert masking_checks.load_level(directory, hp, examples) is None, examples
+  # Other settings than the run's: made again.
+  assert masking_checks.load_level(directory, Hparams(**FGSM_TRAINED, seed=1)) is None
+  assert masking_checks.load_level(directory, Hparams(**dict(FGSM_TRAINED, eps=0.2))) is None
+  files.write_json(os.path.join(directory, masking_checks.RESULTS_FILE),
+                   dict(stored, requested_examples=360))
+  assert masking_checks.load_level(directory, hp, 360) is not None
+  assert masking_checks.load_level(directory, hp, 400) is None  # The test set may be larger.
+
+
+def test_the_flag_turns_them_on_for_natural_training_and_a_killed_level_redoes_them(
+    digits, tmp_path, monkeypatch):
+  hp = Hparams(**QUICK, masking_checks=True)
+  write_json = files.write_json
+
+  class Killed(Exception):
+    pass
+
+  def killed_at_metadata(path, obj):
+    if path.endswith("metadata.json"):
+      raise Killed(path)
+    write_json(path, obj)
+
+  monkeypatch.setattr(files, "write_json", killed_at_metadata)
+  runner = Runner(hp, digits, str(tmp_path), progress=False)
+  with pytest.raises(Killed):
+    runner.run()
+  monkeypatch.setattr(files, "write_json", write_json)
+  directory = level_dir(hp.run_dir(str(tmp_path)), 0, 0)
+  # The checks come before metadata.json: the killed level kept them, unfinished.
+  first = files.read_json(os.path.join(directory, masking_checks.RESULTS_FILE))
+  assert not os.path.exists(os.path.join(directory, "metadata.json"))
+  os.remove(os.path.join(directory, masking_checks.RESULTS_FILE))
+  runner.run()  # Resumes from the level's checkpoint (its model: attacks compiled already).
+  assert files.read_json(os.path.join(directory, "metadata.json"))["completed"]
+  assert files.read_json(os.path.join(directory, masking_checks.RESULTS_FILE)) == first
+  assert first["examples"] == 30 and _stored_levels(hp.run_dir(str(tmp_path))) == [(0, 0)]
 
 
 def test_fgsm_trained_run_is_suspected_of_overstated_fgsm_robustness(table):
@@ -131,9 +316,9 @@ def test_a_gradient_masked_model_is_flagged(study_dir, digits):
     scale.scale.assign(1000.0 if trial == 0 else 1.0)
     return model
 
-  x, y = masking.test_images(digits, EXAMPLES)
-  budget = masking.Budget(eps=0.1, step_size=0.025, steps=10)
-  masked, plain = masking.evaluate_trials(model_of, 2, x, y, budget)
+  x, y = masking_checks.test_images(digits, EXAMPLES)
+  budget = masking_checks.Budget(eps=0.1, step_size=0.025, steps=10)
+  masked, plain = masking_checks.evaluate_trials(model_of, 2, x, y, budget)
   assert masked["transfer_from"] == 1 and plain["transfer_from"] == 0
   assert masked["fgsm"] > masked["clean"] - 0.05  # White-box attacks barely work ...
   assert plain["fgsm"] < plain["clean"] - 0.1
@@ -146,8 +331,9 @@ def test_a_gradient_masked_model_is_flagged(study_dir, digits):
 
 
 def _copy_run(study_dir, run_dir, **changes):
-  """A copy of the PGD run whose hparams.json says `changes`."""
-  shutil.copytree(Hparams(**PGD_RUN).run_dir(study_dir), run_dir)
+  """A copy of the PGD run, without stored checks, whose hparams.json says `changes`."""
+  shutil.copytree(Hparams(**PGD_RUN).run_dir(study_dir), run_dir,
+                  ignore=shutil.ignore_patterns("masking*"))
   path = os.path.join(run_dir, "hparams.json")
   with open(path) as f:
     hparams = json.load(f)
@@ -168,20 +354,30 @@ def test_unloadable_data_gets_a_row_saying_so_and_unattacked_runs_none(study_dir
   assert "data not loaded" in masking.table_markdown(frame)
 
 
-def test_run_analysis_writes_the_table_figure_and_report_section(study_dir, tmp_path):
-  out_dir = str(tmp_path / "analysis")
-  # The runs without pruning levels only: their figures are few.
-  result = subprocess.run(
-      [sys.executable, "-m", "run_analysis", f"--base_dir={study_dir}", f"--out_dir={out_dir}",
-       "--experiment=train", f"--masking_examples={EXAMPLES}", "--masking_tolerance=0.02"],
-      cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+def _run_analysis(base_dir, out_dir, *args):
+  return subprocess.run(
+      [sys.executable, "-m", "run_analysis", f"--base_dir={base_dir}", f"--out_dir={out_dir}",
+       *args], cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO))
+
+
+def test_run_analysis_makes_missing_checks_once_with_progress_then_reads_them(study_dir,
+                                                                              tmp_path):
+  # A copy of the FGSM-trained run as a run finished before the runner kept checks.
+  base_dir = str(tmp_path / "study")
+  run_dir = os.path.join(base_dir, "fgsm_run")
+  shutil.copytree(Hparams(**FGSM_TRAINED).run_dir(study_dir), run_dir,
+                  ignore=shutil.ignore_patterns("masking*"))
+  out_dir = str(tmp_path / "analysis")
+  result = _run_analysis(base_dir, out_dir, "--masking_tolerance=0.02")
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "fgsm_run trial 0 prune_iter 0" in result.stderr  # Progress names what it attacks.
+  stored = os.path.join(level_dir(run_dir, 0, 0), masking_checks.RESULTS_FILE)
+  modified = os.stat(stored).st_mtime_ns
   frame = pd.read_csv(os.path.join(out_dir, "tables", "gradient_masking.csv"))
-  assert len(frame) == 1  # The FGSM-trained run.
-  assert frame["run"].iloc[0] == os.path.relpath(Hparams(**FGSM_TRAINED).run_dir(study_dir),
-                                                 study_dir)
+  assert len(frame) == 1 and frame["run"].iloc[0] == "fgsm_run"
   assert frame["verdict"].iloc[0] == "suspected"
+  assert frame["examples"].iloc[0] == EXAMPLES  # The run's own --masking_examples.
   with open(os.path.join(out_dir, "tables", "gradient_masking.md")) as f:
     markdown = f.read()
   with open(os.path.join(out_dir, "report.md")) as f:
@@ -192,3 +388,12 @@ def test_run_analysis_writes_the_table_figure_and_report_section(study_dir, tmp_
   assert "(figures/gradient_masking.png)" in report
   assert os.path.exists(os.path.join(out_dir, "figures", "gradient_masking.png"))
   assert "at most FGSM accuracy + 2 points" in report  # --masking_tolerance=0.02
+  assert f"on the first {EXAMPLES} test images" in report
+
+  again = _run_analysis(base_dir, str(tmp_path / "again"))
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "prune_iter 0" not in again.stderr  # Nothing attacked ...
+  assert os.stat(stored).st_mtime_ns == modified  # ... nor written.
+  pd.testing.assert_frame_equal(
+      pd.read_csv(os.path.join(str(tmp_path / "again"), "tables", "gradient_masking.csv")),
+      frame)
