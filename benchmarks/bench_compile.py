@@ -44,6 +44,8 @@ flags.DEFINE_list("models", ["dense-300-100", "conv-bn", "vit_tiny", "resnet18"]
                   "models to measure (dense-300-100 on MNIST, the others on CIFAR-10)")
 flags.DEFINE_enum("kind", "natural", ["natural", "pgd"], "natural or PGD-10 adversarial "
                   "training")
+flags.DEFINE_list("modes", ["xla_loop", "xla_step", "graph"], "the modes to measure (a "
+                  "mode left out is not timed; auto's pick must be among them)")
 flags.DEFINE_integer("batch_size", 32, "CIFAR-10 batch size (dense-300-100: 60)")
 flags.DEFINE_integer("steps", 5, "timed steps per repeat (dense-300-100: 100x)")
 flags.DEFINE_integer("warm_steps", 1, "steps of the first (compiling) call")
@@ -75,7 +77,7 @@ def measure(model_name, dataset, batch_size, steps):
   weights = build_model(model_name, dataset.input_shape, dataset.num_classes).get_weights()
   engines, streams, results = {}, {}, {}
   auto = _engine(model_name, dataset, batch_size, "auto", weights).compile_mode
-  for mode in MODES:
+  for mode in FLAGS.modes:
     engine = _engine(model_name, dataset, batch_size, mode, weights)
     stream = iter(index_stream(len(dataset.x_train), batch_size, seed=0))
     start = time.perf_counter()
@@ -86,10 +88,9 @@ def measure(model_name, dataset, batch_size, steps):
                             for mode in engines}, warmup=0, repeats=FLAGS.repeats)
   for mode, s in seconds.items():
     results[mode][1] = steps / s
-  for mode in MODES:
+  for mode in FLAGS.modes:
     first, rate = results[mode]
-    if first is not None:
-      print(f"{model_name:>16} {mode:>9}: first call {first:7.1f} s, {rate:9.2f} steps/s"
+    print(f"{model_name:>16} {mode:>9}: first call {first:7.1f} s, {rate:9.2f} steps/s"
             f"{'  <- auto' if mode == auto else ''}", flush=True)
   return results, auto
 
@@ -105,6 +106,11 @@ def main(argv):
   except (DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  unknown = sorted(set(FLAGS.modes) - set(MODES))
+  if unknown:
+    print(f"error: --modes: unknown {', '.join(unknown)} (choose from {', '.join(MODES)})",
+          file=sys.stderr)
+    return 2
   print(f"{FLAGS.kind} training, device: "
         f"{'GPU' if compilation.on_gpu() else 'CPU only'}", flush=True)
   ratios = {}
