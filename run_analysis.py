@@ -28,9 +28,11 @@ a one-line message on stderr and exit status 1.
 import os
 import shlex
 import sys
+import time
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from robust_sparse import startup
 
@@ -94,6 +96,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   base_dir = _BASE_DIR.value
   out_dir = _OUT_DIR.value or f"{base_dir.rstrip('/')}/analysis"
+  began = time.time()
   try:
     study = load.load_study(
         base_dir, datasets=_DATASET.value, models=_MODEL.value,
@@ -107,8 +110,12 @@ def main(argv):
       examples=_MASKING_EXAMPLES.value, tolerance=_MASKING_TOLERANCE.value,
       data_dir=_DATA_DIR.value, all_levels=_MASKING_ALL_LEVELS.value) if (
           _MASKING_CHECKS.value) else None
+  logging.info("loaded %d runs (%d evaluations) in %.1f s; writing the figures, tables and "
+               "report to %s", len(study.runs), len(study.evaluations), time.time() - began,
+               out_dir)
   path = report.write_analysis(study, out_dir, _FORMAT.value, base_dir,
                                command, masking_options)
+  logging.info("analysis written in %.1f s", time.time() - began)
   print(f"Analysed {len(study.runs)} runs; report: {path}")
 
 
