@@ -343,7 +343,7 @@ def check_hparams(hp: Hparams, num_train: int):
                      f"not --experiment={hp.experiment}")
   if hp.adv_train and hp.attack == "none":
     raise ValueError("--adv_train needs an --attack (fgsm or pgd), got --attack=none")
-  from experiments import masking_checks  # pylint: disable=import-outside-toplevel
+  from experiments import masking_checks  # It imports this module.
   masking_checks.check_options(hp)
   if hp.batch_size > num_train:
     raise ValueError(f"--batch_size={hp.batch_size} is larger than the {num_train} "
