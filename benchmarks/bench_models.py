@@ -55,8 +55,11 @@ a SAM step two forward-backward passes (2 natural steps).
       [--kinds=natural,pgd10,sam] [--torch_kinds=natural] [--fit=jit,nojit]
       [--torch_wait_policies=default,passive] [--quick]
 
-The whole default run takes about 15-25 minutes on a 2-core CPU; `--quick`
-(natural rows only, no jit `fit`, one timed chunk each) a few. The last line:
+The whole default run took 18 and 24 minutes on a 2-core CPU that other jobs
+shared (load 3 to 8); `--quick` (natural rows only, no jit `fit`, one timed
+chunk each) takes a few. Under such load one chunk can run 2-4x slower than
+the next: compare rows of one run, and rerun a model with more `--repeats`
+and `--other_repeats` before trusting a single ratio. The last line:
 `models engine/pytorch steps/s: min X.XX (model), median Y.YY`, over the
 models, of the engine's natural steps/s over PyTorch's (the faster PyTorch
 setting). Each model's lines end with the machine's load; above the number
