@@ -20,9 +20,9 @@ import numpy as np
 import tensorflow as tf
 
 from attacks import compiled
-from robust_sparse.distribute import per_example_draw
 from attacks.common import (attack_labels, check_budget, check_norm, l2_normalize,
-                            loss_logits_gradient, misclassified, per_example, project_l2)
+                            loss_logits_gradient, misclassified, per_example, project_l2,
+                            stateless_normal, stateless_uniform)
 
 # The weight of the new step against the previous one (the paper's alpha).
 MOMENTUM = 0.75
@@ -88,19 +88,14 @@ def _random_start(x, eps, norm, seed):
     if seed is None:
       t = tf.random.uniform(tf.shape(x), -1.0, 1.0, dtype=x.dtype)
     else:
-      t = per_example_draw(
-          lambda shape, seed: tf.random.stateless_uniform(shape, seed=seed, minval=-1.0,
-                                                          maxval=1.0, dtype=x.dtype),
-          tf.shape(x), seed)
+      t = stateless_uniform(tf.shape(x), seed, -1.0, 1.0, x.dtype)
     axes = tf.range(1, tf.rank(x))
     largest = tf.reduce_max(tf.abs(t), axis=axes, keepdims=True)
     return x + eps * t / tf.maximum(largest, tf.cast(1e-12, x.dtype))
   if seed is None:
     t = tf.random.normal(tf.shape(x), dtype=x.dtype)
   else:
-    t = per_example_draw(
-        lambda shape, seed: tf.random.stateless_normal(shape, seed=seed, dtype=x.dtype),
-        tf.shape(x), seed)
+    t = stateless_normal(tf.shape(x), seed, x.dtype)
   return x + eps * l2_normalize(t)
 
 

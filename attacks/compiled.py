@@ -2,13 +2,19 @@
 
 Inside a `tf.function` (a compiled train step, a user's own function) an attack
 is plain graph code. Called eagerly it would run op by op, several times slower
-than the same code compiled, so `run` traces it once into a `tf.function` (XLA
-where the model allows it) and caches that per model and static arguments (the
-budget, the number of steps, which of `y` and `seed` are given, the shape of
-one example). The batch dimension is left unknown in the input signature, so
-new batches never retrace. The cache holds models weakly: a function is
-dropped with its model, and the function itself reaches the model only through
-a weak reference.
+than the same code compiled, so `run` traces it once into a `tf.function` and
+caches that per model and static arguments (the budget, the number of steps,
+which of `y` and `seed` are given, the shape of one example). The batch
+dimension is left unknown in the input signature, so new batches never
+retrace. The cache holds models weakly: a function is dropped with its model,
+and the function itself reaches the model only through a weak reference.
+
+Any built Keras model (Sequential, functional, subclassed) is compiled, with
+XLA where its layers allow it and XLA makes it faster on this machine
+(`robust_sparse.compilation`: not for convolutions or pooling on a CPU, where
+the engine does not use it either); a model not built yet runs its first call
+uncompiled, which builds it. A plain callable (a lambda around a model) is
+compiled as a plain graph, since it may hide layers without XLA kernels.
 """
 
 import weakref
@@ -16,6 +22,8 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import tensorflow as tf
+
+from robust_sparse import compilation
 
 # model -> {key: tf.function}; see `run`.
 _CACHE: "weakref.WeakKeyDictionary[Any, Dict[tuple, Any]]" = weakref.WeakKeyDictionary()
@@ -101,7 +109,7 @@ def _cached_function(graph_fn, model, x, y, seed, static) -> Optional[Any]:
   if key not in functions:
     functions[key] = _compile(graph_fn, weakref.ref(model), values, signature,
                               has_y=y is not None, has_seed=seed is not None,
-                              jit=_supports_xla(model))
+                              jit=_use_xla(model))
   return functions[key]
 
 
@@ -121,13 +129,12 @@ def _ready(model) -> bool:
   return getattr(model, "built", True)
 
 
-def _supports_xla(model) -> bool:
-  """XLA for Keras models whose layers all have XLA kernels; plain graphs for other callables.
+def _use_xla(model) -> bool:
+  """XLA for a Keras model whose layers all have XLA kernels and run faster in it.
 
   A plain callable (a lambda around a model) may hide layers without XLA
   kernels, so it is not jit-compiled.
   """
   if not hasattr(model, "_flatten_layers"):
     return False
-  from robust_sparse.engine import supports_xla  # pylint: disable=import-outside-toplevel
-  return supports_xla(model)
+  return compilation.supports_xla(model) and compilation.xla_pays_off(model)

@@ -4,10 +4,9 @@ import numpy as np
 import tensorflow as tf
 
 from attacks import compiled
-from robust_sparse.distribute import per_example_draw
 from attacks.common import (attack_labels, check_budget, check_norm, l2_normalize,
                             loss_gradient, misclassified, per_example, per_example_loss,
-                            project_l2, random_l2_ball)
+                            project_l2, random_l2_ball, stateless_uniform)
 
 
 def pgd(model, x, y=None, *, eps, step_size, steps, random_start=True,
@@ -101,9 +100,7 @@ def _one_start(model, x, y, seed, *, eps, step_size, steps, random_start, clip_m
       if seed is None:
         noise = tf.random.uniform(tf.shape(x), -eps, eps, dtype=x.dtype)
       else:
-        noise = per_example_draw(
-            lambda shape, seed: tf.random.stateless_uniform(
-                shape, seed=seed, minval=-eps, maxval=eps, dtype=x.dtype), tf.shape(x), seed)
+        noise = stateless_uniform(tf.shape(x), seed, -eps, eps, x.dtype)
       x_adv = tf.clip_by_value(x + noise, clip_min, clip_max)
     else:
       x_adv = x

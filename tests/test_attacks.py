@@ -8,7 +8,8 @@ import keras
 import pytest
 import tensorflow as tf
 
-from attacks import AttackConfig, compiled, fgsm, make_attack, pgd
+from attacks import AttackConfig, apgd_ce, common, compiled, fgsm, make_attack, pgd
+from robust_sparse import compilation
 
 EPS = 0.1
 
@@ -219,3 +220,124 @@ def test_compiled_cache_does_not_keep_models_alive(batch):
   del model
   gc.collect()
   assert reference() is None
+
+
+# ---- eager calls on any Keras model, plain callables, random draws ------------------------
+class SubclassedMLP(keras.Model):
+  def __init__(self):
+    super().__init__()
+    self.hidden = keras.layers.Dense(16, activation="relu")
+    self.out = keras.layers.Dense(3)
+
+  def call(self, x, training=False):
+    return self.out(self.hidden(x))
+
+
+def _sequential():
+  return keras.Sequential([keras.Input((10,)), keras.layers.Dense(16, activation="relu"),
+                           keras.layers.Dense(3)])
+
+
+def _deferred_sequential():
+  model = keras.Sequential([keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)])
+  model(np.zeros((1, 10), np.float32))  # Built by a first call, as users' models are.
+  return model
+
+
+def _functional():
+  inputs = keras.Input((10,))
+  hidden = keras.layers.Dense(16, activation="relu")(inputs)
+  return keras.Model(inputs, keras.layers.Dense(3)(hidden))
+
+
+def _subclassed():
+  model = SubclassedMLP()
+  model(np.zeros((1, 10), np.float32))
+  return model
+
+
+PLAIN_KERAS_MODELS = {"sequential": _sequential, "deferred-sequential": _deferred_sequential,
+                      "functional": _functional, "subclassed": _subclassed}
+EAGER_ATTACKS = {
+    "fgsm": lambda model, x, seed: fgsm(model, x, eps=EPS),
+    "pgd": lambda model, x, seed: pgd(model, x, eps=EPS, step_size=0.03, steps=4, seed=seed),
+    "pgd-l2": lambda model, x, seed: pgd(model, x, eps=0.5, step_size=0.1, steps=4, norm=2,
+                                         seed=seed),
+    "apgd": lambda model, x, seed: apgd_ce(model, x, eps=EPS, steps=5, seed=seed),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(EAGER_ATTACKS))
+@pytest.mark.parametrize("kind", sorted(PLAIN_KERAS_MODELS))
+def test_eager_calls_on_plain_keras_models_are_compiled_once(kind, attack, batch):
+  keras.utils.set_random_seed(11)
+  model = PLAIN_KERAS_MODELS[kind]()
+  run = EAGER_ATTACKS[attack]
+  seed = tf.constant([3, 4])
+  first = run(model, batch, seed).numpy()
+  functions = compiled.cached_functions(model)
+  assert len(functions) == 1
+  function = next(iter(functions.values()))
+  assert function.experimental_get_tracing_count() == 1
+  other = run(model, batch[::-1].copy(), seed).numpy()  # Another batch: no new trace.
+  assert function.experimental_get_tracing_count() == 1
+  assert len(compiled.cached_functions(model)) == 1
+  assert np.any(first != batch) and np.any(other != first)
+  # The same attack inside a user's own function, compiled as the cache compiles it
+  # (XLA for these dense networks on a CPU: stateless draws differ between XLA and
+  # plain graphs).
+  inside = tf.function(lambda x: run(model, x, seed), jit_compile=compiled._use_xla(model))
+  np.testing.assert_allclose(inside(batch).numpy(), first, atol=1e-5)
+
+
+def _convnet():
+  keras.utils.set_random_seed(12)
+  return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+                           keras.layers.MaxPooling2D(), keras.layers.Flatten(),
+                           keras.layers.Dense(3)])
+
+
+def test_conv_nets_are_compiled_as_the_engine_compiles_them():
+  """On a CPU, a conv net's attack is a plain graph (robust_sparse.compilation), a dense one XLA."""
+  model = _convnet()
+  x = np.random.default_rng(13).random((16, 8, 8, 1)).astype(np.float32)
+  seed = tf.constant([5, 6])
+  expected = compilation.supports_xla(model) and compilation.xla_pays_off(model)
+  assert compiled._use_xla(model) == expected
+  assert compiled._use_xla(_sequential())
+  eager = pgd(model, x, eps=EPS, step_size=0.03, steps=3, seed=seed).numpy()
+  # Bit for bit the function a user compiles the same way (XLA draws other numbers).
+  inside = tf.function(lambda x: pgd(model, x, eps=EPS, step_size=0.03, steps=3, seed=seed),
+                       jit_compile=expected)
+  np.testing.assert_array_equal(inside(x).numpy(), eager)
+  assert next(iter(compiled.cached_functions(model).values())).experimental_get_tracing_count() == 1
+
+
+def test_plain_callables_still_work(batch):
+  model, _ = _small_classifier()
+  call = lambda x, training=False: model(x, training=training)  # noqa: E731
+  kwargs = dict(eps=EPS, step_size=0.03, steps=4, random_start=False)
+  np.testing.assert_allclose(pgd(call, batch, **kwargs).numpy(),
+                             pgd(model, batch, **kwargs).numpy(), atol=1e-5)
+  np.testing.assert_allclose(fgsm(call, batch, eps=EPS).numpy(),
+                             fgsm(model, batch, eps=EPS).numpy(), atol=1e-5)
+  assert not compiled._use_xla(call)  # It may hide layers without XLA kernels.
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+@pytest.mark.parametrize("shape", [(64, 30), (8, 6, 5, 1), (300,)])
+def test_stateless_draws_are_tensorflows_default_draws(shape, jit):
+  """Naming the algorithm (attacks.common.RANDOM_ALGORITHM) changes no number."""
+  seed = tf.constant([17, 4])
+
+  def ours(seed):
+    return (common.stateless_uniform(shape, seed, -0.3, 0.3, tf.float32),
+            common.stateless_normal(shape, seed, tf.float32))
+
+  def default(seed):
+    return (tf.random.stateless_uniform(shape, seed, -0.3, 0.3),
+            tf.random.stateless_normal(shape, seed))
+
+  for a, b in zip(tf.function(ours, jit_compile=jit)(seed),
+                  tf.function(default, jit_compile=jit)(seed)):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
