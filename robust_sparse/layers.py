@@ -12,7 +12,9 @@ How the mask holds everywhere:
   * `call` computes with `kernel * mask`: a pruned weight contributes nothing to
     the outputs and receives an exactly zero gradient, whatever value the
     variable holds (also for `tf.SparseTensor` inputs, whose kernel gradient
-    stays a sparse `tf.IndexedSlices` as in `Dense`).
+    stays a sparse `tf.IndexedSlices` as in `Dense`). Where the kernel is known
+    to be zero wherever masked, `call` skips the multiplication (the fast paths
+    below), which computes the same.
   * The kernel variable's constraint is the user's `kernel_constraint` (if any)
     followed by the mask. Keras optimizers apply `variable.constraint` after
     every update, so pruned weights are exact zeros after each step of a user's
@@ -40,19 +42,42 @@ How the mask holds everywhere:
   * A `.keras` file or weights file stores Keras' own entries ("0": kernel,
     "1": bias) plus the mask under the key "mask", as earlier versions did.
 
-Cost, and the engine's fast path: computing `kernel * mask` in every forward
-pass and `grad * mask` in every backward pass are two elementwise passes over
-each kernel per step, memory-bound and about 10 % of a small dense network's
-step on a CPU. Both are redundant while the invariant "every kernel is already
-zero where its mask is" holds, which the constraint restores after every
-update. Code that guarantees the invariant (the training engine: it applies
-`enforce_masks` before each compiled chunk) traces its step inside
-`masks_hold()`, where `call` uses the kernel variable directly. The gradient
-then also reaches pruned weights; an element-wise optimizer's update there is
-wiped by the constraint, so the weights are exactly those of the masked
-computation, and `mask_gradients` masks them where the value matters (global
-clipping norms, loss-scale checks, SAM perturbations). See
-benchmarks/bench_training.py for the measured ratio.
+Cost, and the fast paths: computing `kernel * mask` in every forward pass and
+`grad * mask` in every backward pass are two elementwise passes over each
+kernel per step, memory-bound and about 10 % of a small dense network's step on
+a CPU. Both are redundant while the invariant "every kernel is already zero
+where its mask is" holds, which the constraint restores after every update.
+  * The training engine guarantees the invariant itself (`enforce_masks` before
+    each compiled chunk) and traces its step inside `masks_hold()`, where
+    `call` uses the kernel variable directly. The gradient then also reaches
+    pruned weights; an element-wise optimizer's update there is wiped by the
+    constraint, so the weights are exactly those of the masked computation, and
+    `mask_gradients` masks them where the value matters (global clipping norms,
+    loss-scale checks, SAM perturbations).
+  * Everywhere else a layer tracks the invariant in a flag variable of its own:
+    every write of the kernel or the mask through Keras (`assign`,
+    `set_weights`, loading a file or a checkpoint; not the constraint's own,
+    masked, write) clears it. A training call (`training=True`) first restores
+    the invariant if the flag is clear (`kernel.assign(kernel * mask)`, one
+    `tf.cond` per layer, whose masking branch runs once after such writes),
+    then computes with the kernel variable. A value written to a pruned weight
+    thus stays readable until the next training call zeroes it (the first
+    update did before). Inference calls (attacks, evaluation) still multiply. A user's own `fit` thus drops the
+    forward pass's multiplication; the gradient's is dropped too where the
+    model's compiled optimizer updates each weight from its own gradient alone
+    (`_ELEMENTWISE_OPTIMIZERS`, without norm clipping), so that the pruned
+    weights' gradients, wiped with their update by the constraint, change
+    nothing (a weight that a later mask revives then carries the optimizer
+    slots those gradients fed, as under `masks_hold`; compile again for fresh
+    ones). Writing the variables' TensorFlow values directly
+    (`layer.kernel.value.assign(...)`) bypasses the flag: call
+    `enforce_masks(model)` afterwards. Stateless calls (`stateless_call`, the
+    step library's), mixed precision, LoRA, sparse inputs and several replicas
+    keep the multiplications.
+What remains is the constraint: an elementwise pass per kernel after each
+update, separate in a plain TensorFlow graph (Keras' default on a CPU), fused
+into the update by XLA (`compile(jit_compile=True)`). See
+benchmarks/bench_training.py for the measured ratios.
 """
 
 import contextlib
@@ -61,6 +86,8 @@ import threading
 import keras
 import tensorflow as tf
 from keras import ops
+from keras.src.backend.common import global_state
+from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 _QUANTIZATION_REFUSED = (
     "{cls} '{name}' cannot be quantized (received: {received}): Keras' quantized "
@@ -125,7 +152,7 @@ def _implicit_mask(layer):
 def enforce_masks(model):
   """Zeroes every masked kernel of `model` where its mask is 0 (the constraint)."""
   for layer in masked_layers(model):
-    layer.raw_kernel.assign(layer.raw_kernel * ops.cast(layer.mask, layer.raw_kernel.dtype))
+    layer._enforce_mask()
 
 
 def mask_gradients(model, variables, grads):
@@ -142,14 +169,110 @@ class _MaskedKernelConstraint(keras.constraints.Constraint):
   reports the user's constraint alone, as Keras' own layer does.
   """
 
-  def __init__(self, mask, constraint=None):
+  def __init__(self, mask, constraint=None, state=None):
     self.mask = mask
     self.constraint = constraint
+    self.state = state
 
   def __call__(self, w):
     if self.constraint is not None:
       w = self.constraint(w)
-    return ops.multiply(w, ops.cast(self.mask, w.dtype))
+    w = ops.multiply(w, ops.cast(self.mask, w.dtype))
+    if self.state is not None:
+      self.state.expect_masked_write(w)  # The optimizer assigns it next.
+    return w
+
+
+class _MaskState:
+  """Whether a layer's kernel is known to be zero wherever its mask is.
+
+  `applied` is a boolean variable, True while the invariant holds. It is not a
+  weight of the layer (not saved, not in `layer.weights`, not checkpointed, so
+  a restore cannot set it against the kernel it restores).
+  """
+
+  def __init__(self, name):
+    with tf.init_scope():
+      self.applied = tf.Variable(True, trainable=False, name=f"{name}_masks_applied",
+                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    self._masked_value = None
+
+  def expect_masked_write(self, value):
+    """`value`, already masked, is what the kernel is assigned next."""
+    self._masked_value = value
+
+  def written(self, value=None):
+    """A write of the kernel or the mask: clears the flag unless `value` was announced."""
+    announced = self._masked_value is not None and value is self._masked_value
+    self._masked_value = None
+    if not announced:
+      self.applied.assign(False)
+
+
+class _WatchedVariable(keras.Variable):
+  """A kernel or mask variable that tells its layer's `_MaskState` of every write.
+
+  Keras' `add_weight` creates the variables; the layer's `build` turns them
+  into this class (`_watch`). Every Keras write (`assign`, `assign_add`,
+  `assign_sub`, `set_weights`, file loading) goes through `assign`; checkpoint
+  restores through `_restore_from_tensors`.
+  """
+
+  def assign(self, value):
+    result = super().assign(value)
+    self._mask_state.written(value)
+    return result
+
+  def _restore_from_tensors(self, restored_tensors):
+    result = super()._restore_from_tensors(restored_tensors)
+    self._mask_state.written()
+    return result
+
+
+def _watch(variable, state) -> bool:
+  """Makes `variable` report its writes to `state`; False where it cannot."""
+  if type(variable) is not keras.Variable:  # pylint: disable=unidiomatic-typecheck
+    return False
+  variable.__class__ = _WatchedVariable
+  variable._mask_state = state  # pylint: disable=protected-access
+  return True
+
+
+# Keras optimizers whose update of a weight reads that weight's gradient and
+# slots only (no norms across weights): the pruned weights' gradients, whose
+# update the constraint wipes, then change no other weight.
+_ELEMENTWISE_OPTIMIZERS = (keras.optimizers.SGD, keras.optimizers.Adam, keras.optimizers.AdamW,
+                           keras.optimizers.Adamax, keras.optimizers.Nadam,
+                           keras.optimizers.RMSprop, keras.optimizers.Adagrad,
+                           keras.optimizers.Adadelta, keras.optimizers.Ftrl,
+                           keras.optimizers.Lion)
+
+
+def _trained_by_elementwise_optimizer() -> bool:
+  """Whether the model being called was compiled with an element-wise optimizer, unclipped.
+
+  Read from Keras' call context when a training call is traced: in
+  `model.fit` the entry layer is the model whose `optimizer` applies the
+  gradients. Norm clipping (`clipnorm`, `global_clipnorm`) would count the
+  pruned weights' gradients, so it keeps them masked.
+  """
+  context = global_state.get_global_attribute("current_call_ctx")
+  optimizer = getattr(getattr(context, "entry_layer", None), "optimizer", None)
+  if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+    optimizer = optimizer.inner_optimizer
+  return (isinstance(optimizer, _ELEMENTWISE_OPTIMIZERS)
+          and getattr(optimizer, "clipnorm", None) is None
+          and getattr(optimizer, "global_clipnorm", None) is None)
+
+
+@tf.custom_gradient
+def _with_masked_gradient(kernel, mask):
+  """`kernel` itself, whose gradient is multiplied by `mask`."""
+
+  def grad(upstream):
+    return upstream * mask, None
+
+  return kernel, grad
 
 
 class _MaskedKernelRegularizer(keras.regularizers.Regularizer):
@@ -182,6 +305,8 @@ def _mask_keeping_sparse_gradient(kernel, mask):
 
 class _MaskedKernelMixin:
   """What `MaskedDense` and `MaskedConv2D` share: the mask and its plumbing."""
+
+  _mask_state = None  # A `_MaskState` once built (None: the fast path is off).
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
@@ -234,7 +359,12 @@ class _MaskedKernelMixin:
     self.mask = self.add_weight(
         name="mask", shape=tuple(kernel.shape), initializer="ones", trainable=False,
         dtype=self.variable_dtype)
-    kernel.constraint = _MaskedKernelConstraint(self.mask, self.kernel_constraint)
+    # Not a Keras attribute: the flag is no weight of the layer (see `_MaskState`).
+    state = _MaskState(self.name)
+    if not (_watch(kernel, state) and _watch(self.mask, state)):
+      state = None
+    object.__setattr__(self, "_mask_state", state)
+    kernel.constraint = _MaskedKernelConstraint(self.mask, self.kernel_constraint, state)
     if self.kernel_regularizer is not None:
       kernel.regularizer = _MaskedKernelRegularizer(self.mask, self.kernel_regularizer)
     if lora_rank:
@@ -267,6 +397,44 @@ class _MaskedKernelMixin:
       return self._kernel
     return ops.multiply(self._kernel, self.mask)
 
+  def _enforce_mask(self):
+    """Zeroes the kernel where the mask is 0; the invariant then holds."""
+    kernel = self._kernel
+    value = kernel * ops.cast(self.mask, kernel.dtype)
+    if self._mask_state is None:
+      kernel.assign(value)
+      return
+    self._mask_state.expect_masked_write(value)
+    kernel.assign(value)
+    self._mask_state.applied.assign(True)
+
+  def _call_kernel(self, training):
+    """The kernel `call` computes with: `masked_kernel`, or the fast path's variable.
+
+    In a training call of a layer whose flag is tracked (see the module
+    docstring), the kernel is first made zero where masked if a write has
+    left it otherwise, then used as it is.
+    """
+    state = self._mask_state
+    replica = tf.distribute.get_replica_context()
+    # A stateless call (the step library's) computes with given values, of
+    # which the flag knows nothing.
+    if (not training or state is None or self.lora_enabled or _masks_held()
+        or in_stateless_scope() or self.compute_dtype != self.variable_dtype
+        or replica is None or replica.num_replicas_in_sync > 1):
+      return self.masked_kernel
+
+    def enforce():
+      self._enforce_mask()
+      return tf.constant(True)
+
+    applied = tf.cond(state.applied.read_value(), lambda: tf.constant(True), enforce)
+    with tf.control_dependencies([applied]):
+      kernel = tf.convert_to_tensor(self._kernel)
+    if _trained_by_elementwise_optimizer():
+      return kernel
+    return _with_masked_gradient(kernel, tf.convert_to_tensor(self.mask))
+
   # ---- saving ---------------------------------------------------------------------
   # Keras' entries, then the mask under a key of its own (the format earlier
   # versions wrote, so their files still load).
@@ -294,15 +462,17 @@ class MaskedDense(_MaskedKernelMixin, keras.layers.Dense):
   """
 
   def call(self, inputs, training=None):
+    implicit = _implicit_mask(self)
     if (isinstance(inputs, tf.SparseTensor) and not self.lora_enabled
         and not _masks_held()):
       # Tensors, not variables: `tf.custom_gradient` differentiates through
       # the reads, so the variable still gets the gradient.
       kernel = _mask_keeping_sparse_gradient(tf.convert_to_tensor(self._kernel),
                                              tf.convert_to_tensor(self.mask))
-    else:
+    elif implicit is not None:
       kernel = self.masked_kernel
-    implicit = _implicit_mask(self)
+    else:
+      kernel = self._call_kernel(training)
     if implicit is not None and len(inputs.shape) == 2:
       from robust_sparse import ssam  # pylint: disable=import-outside-toplevel
       x = ssam.implicit_dense(inputs, kernel, implicit)
@@ -327,7 +497,7 @@ class MaskedConv2D(_MaskedKernelMixin, keras.layers.Conv2D):
   `(batch_size, channels, height, width)`. Output shape: as `Conv2D`'s.
   """
 
-  def call(self, inputs):
+  def call(self, inputs, training=None):
     implicit = _implicit_mask(self)
     if (implicit is not None and self.data_format == "channels_last" and self.groups == 1
         and self.padding in ("same", "valid")):
@@ -337,7 +507,8 @@ class MaskedConv2D(_MaskedKernelMixin, keras.layers.Conv2D):
                                      padding=self.padding.upper(),
                                      dilations=list(self.dilation_rate))
     else:
-      outputs = self.convolution_op(inputs, self.masked_kernel)
+      outputs = self.convolution_op(
+          inputs, self.masked_kernel if implicit is not None else self._call_kernel(training))
     if self.use_bias:
       if self.data_format == "channels_last":
         bias_shape = (1,) * (self.rank + 1) + (self.filters,)
