@@ -19,7 +19,12 @@ each ratio compares runs made under the same machine load.
 Targets: on the toolkit's network (issue 9) ours eager / cleverhans eager >= 2
 and / cleverhans in tf.function >= 1; on the plain Keras networks (issue 27)
 ours eager >= cleverhans eager, ideally >= cleverhans in tf.function. The last
-line prints the toolkit's two ratios, then the plain networks'.
+line prints the toolkit's two ratios, then the plain networks'. Measured on 2
+quiet cores (cleverhans eager, cleverhans in tf.function): plain Keras MLP 0.99,
+0.49 when PGD's random start used TensorFlow's default algorithm, which XLA's
+CPU backend drew 35x slower for 2-D inputs (attacks.common.RANDOM_ALGORITHM),
+3.05, 1.55 since; the conv net 0.19, 0.13 compiled with XLA, 1.43, 1.00 as a
+plain graph (robust_sparse.compilation); the toolkit's network 3.06, 1.53.
 
   python -m benchmarks.bench_pgd --data_dir=DIR [--batch_size=256]
 
