@@ -126,31 +126,36 @@ SETTINGS = {
     "wideresnet16x4": CIFAR, "vit_tiny": CIFAR, "dense-300-100": MNIST,
 }
 
-flags.DEFINE_string("data_dir", None, "folder with mnist/ and cifar-10/ (the official files)")
-flags.DEFINE_list("models", list(SETTINGS), f"models to time: {', '.join(SETTINGS)}")
-flags.DEFINE_list("kinds", list(KINDS), f"the engine's step kinds: {', '.join(KINDS)}")
-flags.DEFINE_list("torch_kinds", ["natural"], f"PyTorch's step kinds: {', '.join(KINDS)}")
-flags.DEFINE_list("fit", list(FIT_MODES), "Keras fit rows: jit, nojit (empty: none)")
-flags.DEFINE_list("torch_wait_policies", list(WAIT_POLICIES),
-                  "PyTorch rows per OpenMP wait policy: default (torch's own), passive "
-                  "(OMP_WAIT_POLICY=PASSIVE: threads sleep, not spin, while they wait)")
-flags.DEFINE_integer("steps", 1, "steps per timed chunk (CIFAR-10 nets)", lower_bound=1)
-flags.DEFINE_integer("dense_steps", 300, "steps per timed chunk (dense-300-100)",
-                     lower_bound=1)
-flags.DEFINE_integer("repeats", 3, "timed chunks of the engine's and PyTorch's natural rows",
-                     lower_bound=1)
-flags.DEFINE_integer("other_repeats", 1, "timed chunks of each other row (fit, PGD-10, SAM)",
-                     lower_bound=1)
-flags.DEFINE_integer("warmup", 1, "untimed chunks of each row first (the first call: "
-                     "compilation)", lower_bound=1)
-flags.DEFINE_integer("examples", 4096, "CIFAR-10 training images used (the first ones)",
-                     lower_bound=128)
-flags.DEFINE_bool("quick", False, "a quicker run: --kinds=natural --torch_kinds=natural "
-                  "--fit=nojit --repeats=1")
-flags.DEFINE_string("peers_dir", install.DEFAULT_FOLDER, "folder the peers' torch is "
-                    "installed into (never this environment)")
-flags.DEFINE_bool("install_peers", True, "install torch into --peers_dir if missing")
-flags.mark_flag_as_required("data_dir")
+
+def define_flags():
+  """The flags, defined when run as a program (tests import SETTINGS without them)."""
+  flags.DEFINE_string("data_dir", None, "folder with mnist/ and cifar-10/ (the official files)")
+  flags.DEFINE_list("models", list(SETTINGS), f"models to time: {', '.join(SETTINGS)}")
+  flags.DEFINE_list("kinds", list(KINDS), f"the engine's step kinds: {', '.join(KINDS)}")
+  flags.DEFINE_list("torch_kinds", ["natural"], f"PyTorch's step kinds: {', '.join(KINDS)}")
+  flags.DEFINE_list("fit", list(FIT_MODES), "Keras fit rows: jit, nojit (empty: none)")
+  flags.DEFINE_list("torch_wait_policies", list(WAIT_POLICIES),
+                    "PyTorch rows per OpenMP wait policy: default (torch's own), passive "
+                    "(OMP_WAIT_POLICY=PASSIVE: threads sleep, not spin, while they wait)")
+  flags.DEFINE_integer("steps", 1, "steps per timed chunk (CIFAR-10 nets)", lower_bound=1)
+  flags.DEFINE_integer("dense_steps", 300, "steps per timed chunk (dense-300-100)",
+                       lower_bound=1)
+  flags.DEFINE_integer("repeats", 3, "timed chunks of the engine's and PyTorch's natural rows",
+                       lower_bound=1)
+  flags.DEFINE_integer("other_repeats", 1, "timed chunks of each other row (fit, PGD-10, SAM)",
+                       lower_bound=1)
+  flags.DEFINE_integer("warmup", 1, "untimed chunks of each row first (the first call: "
+                       "compilation)", lower_bound=1)
+  flags.DEFINE_integer("examples", 4096, "CIFAR-10 training images used (the first ones)",
+                       lower_bound=128)
+  flags.DEFINE_bool("quick", False, "a quicker run: --kinds=natural --torch_kinds=natural "
+                    "--fit=nojit --repeats=1")
+  flags.DEFINE_string("peers_dir", install.DEFAULT_FOLDER, "folder the peers' torch is "
+                      "installed into (never this environment)")
+  flags.DEFINE_bool("install_peers", True, "install torch into --peers_dir if missing")
+  flags.mark_flag_as_required("data_dir")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -425,4 +430,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

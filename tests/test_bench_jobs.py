@@ -9,10 +9,16 @@ import sys
 from tests.conftest import REPO
 
 HIDE_PEERS = """
-import importlib.util, sys
+import importlib.machinery, importlib.util, sys
 from absl import app
 real = importlib.util.find_spec
-importlib.util.find_spec = lambda name, *a: None if name in {missing} else real(name, *a)
+def find_spec(name, *a):
+  if name in {missing}:
+    return None
+  if name in {present}:  # Found, whether or not this machine has it (never imported here).
+    return importlib.machinery.ModuleSpec(name, None)
+  return real(name, *a)
+importlib.util.find_spec = find_spec
 from benchmarks import bench_jobs
 sys.argv = ["bench_jobs", "--data_dir=/nonexistent", "--jobs={jobs}", "--noinstall_peers",
             "--peers_dir=/nonexistent/peers"]
@@ -20,8 +26,9 @@ app.run(bench_jobs.main)
 """
 
 
-def _bench(missing, jobs):
-  return subprocess.run([sys.executable, "-c", HIDE_PEERS.format(missing=missing, jobs=jobs)],
+def _bench(missing, jobs, present=()):
+  code = HIDE_PEERS.format(missing=missing, jobs=jobs, present=present)
+  return subprocess.run([sys.executable, "-c", code],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
@@ -47,7 +54,7 @@ def test_the_benchmark_and_its_peers_never_import_tensorflow():
 
 
 def test_only_the_jobs_asked_for_need_their_peer():
-  result = _bench(("torchattacks",), "adversarial")
+  result = _bench(("torchattacks",), "adversarial", present=("torch",))
   assert result.returncode == 0 and "need torchattacks," in result.stdout, result.stdout
 
 
