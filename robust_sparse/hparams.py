@@ -23,6 +23,7 @@ import os
 from typing import Optional, Tuple
 
 from attacks.registry import AttackConfig
+from robust_sparse import seed_defaults
 
 _ATTACK = AttackConfig()
 
@@ -607,4 +608,5 @@ def from_flags(flag_values, **overrides) -> Hparams:
         raise ValueError(f"--{field.name}={','.join(value)}: expected numbers") from None
     values[field.name] = value
   values.update(overrides)
-  return Hparams(**values)
+  explicit = {f.name for f in dataclasses.fields(Hparams) if flag_values[f.name].present}
+  return Hparams(**seed_defaults.apply(values, explicit | set(overrides)))
