@@ -30,19 +30,42 @@ coefficient times the activations' L0 norm, the value's a coefficient times
 their L2 norm (the paper's argument that flat minima favour sparse
 activations).
 
-The measurement is pure, as the seed's protocol (learning rate 0, weight
-decay 0, `--post-training-only --augmented-flatness-only`): the model runs in
-inference mode and nothing is updated (no optimizer, no state changes, e.g.
-a `mixed` activation's step stays). Per sample b, G is the gradient of that
-sample's loss (`loss_reduction="sum"`: the loss summed over the batch), so
-the values do not depend on the batch size; `loss_reduction="mean"` takes the
-gradient of the batch-mean loss, as backward hooks on a training loss see it
-(every gradient-squared term then shrinks by 1 / B^2, B the measured samples
-of the batch). With `correct_samples_only` (the seed's CIFAR protocol) only
-the samples the model classifies correctly count, and every mean is over
-them. The seed's notebook divides its columns by `augmented_flatness_acc`
-(spec 2.3), i.e. turns means over the batch with the other samples counting
-zero into means over the correct ones; `summary/accuracy` is that accuracy.
+The protocol is the seed's (`imagenet1k.py: train_one_epoch` with
+`--post-training-only --augmented-flatness-only`, learning rate 0 and weight
+decay 0), which measures on the *training* loader in *train* mode:
+
+  * the model runs with `training=True` (dropout on, batch normalisation on
+    batch statistics), as `model.train()`; nothing is updated (no optimizer;
+    non-trainable state such as batch-norm moving statistics or a `mixed`
+    activation's step is restored afterwards);
+  * the batches are what the caller passes: the seed's are augmented training
+    batches (its augmentation, MixUp / CutMix); soft labels are turned into
+    their argmax, as the seed does (`minibatch_target.argmax(dim=-1)`), and
+    the default loss is cross-entropy with `label_smoothing` (the seed's
+    `nn.CrossEntropyLoss(label_smoothing=...)`);
+  * G is the gradient of the batch-mean loss (`loss_reduction="mean"`): with
+    `correct_samples_only` the seed's `(loss * correct).mean()`, a mean over
+    all B samples in which the misclassified ones count zero, so every
+    gradient term is a mean over the batch with zeros for them;
+  * each term is computed per batch (the hooks' `observe`) and averaged over
+    the batches (the seed's loss manager, never reset in this mode); the
+    per-batch accuracy is averaged likewise (`augmented_flatness_acc`);
+  * with `correct_samples_only` and `divide_by_accuracy` (the default) the
+    gradient terms (`key`, `value`, `L0_sum`, `L0_preview`, `L2`, `L2_term`)
+    are divided by that accuracy, as the seed's notebook divides its columns
+    by `augmented_flatness_acc`: a mean over the batch with zeros for the
+    misclassified samples becomes a mean over the correct ones.
+  * `loss_scale`: the seed runs with `--amp`, and its hooks read the gradients
+    of `scaler.scale(loss)`: GradScaler's initial scale 2^16 (it grows only
+    after 2000 steps, more than an epoch of CIFAR-10 at batch 128), so its
+    logged gradient terms are 2^32 times the unscaled ones (and computed in
+    float16). The default 1 gives the unscaled values (the paper's
+    quantities); `loss_scale=65536` the logged ones.
+
+`training=False, loss_reduction="sum", label_smoothing=0` on test batches is
+the toolkit's earlier measurement (the experiment's `--flatness_data=test`):
+inference mode, G of each sample's own loss (so the values do not depend on
+the batch size), plain cross-entropy.
 
 Blocks (`mlp_blocks`): every top-level registry activation layer (one with a
 `habitat`) fed directly by a dense layer without its own activation (the key);
@@ -55,8 +78,8 @@ without a value layer have only the key-side terms (`key`, `L0_*`).
 
 Usage:
 
-  results = augmented_flatness(model, test_batches, correct_samples_only=True,
-                               max_iterations=128)
+  results = augmented_flatness(model, augmented_train_batches, correct_samples_only=True,
+                               label_smoothing=0.11, max_iterations=128)
   results["block1_mlp"]["key"], results["average"]["value"]
   write_csv(results, "epoch_10/augmented_flatness.csv")
   plot_augmented_flatness({10: "epoch_10/augmented_flatness.csv",
@@ -64,7 +87,7 @@ Usage:
 
 Each batch is one compiled `tf.function` call (one forward and one backward
 pass to the tapped layer outputs, through a weight-sharing tap model); the
-sums come back as float64 and are added up over batches.
+batch's terms come back as float64 and are averaged over batches.
 """
 
 import csv
@@ -201,13 +224,24 @@ def mlp_blocks(model: keras.Model,
 # The measurement.
 
 
-def per_example_cross_entropy(y, logits):
-  """Softmax cross-entropy per example: int labels [B] or soft labels [B, classes]."""
+def per_example_cross_entropy(y, logits, label_smoothing: float = 0.0):
+  """Softmax cross-entropy per example against class indices, with label smoothing.
+
+  Int labels [B] or one-hot / soft labels [B, classes]; soft labels are turned
+  into their argmax first, as the seed does before its loss
+  (`minibatch_target.argmax(dim=-1)`), and the target is then
+  `(1 - label_smoothing) * one_hot + label_smoothing / classes`, PyTorch's
+  `cross_entropy(..., label_smoothing=...)`.
+  """
   logits = tf.cast(logits, tf.float32)
-  if y.dtype.is_integer:
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(y, tf.int32),
+  labels = _labels_of(y)
+  if not label_smoothing:
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(labels, tf.int32),
                                                           logits=logits)
-  return tf.nn.softmax_cross_entropy_with_logits(labels=tf.cast(y, tf.float32), logits=logits)
+  classes = logits.shape[-1]
+  targets = (tf.one_hot(labels, classes) * (1.0 - label_smoothing)
+             + label_smoothing / classes)
+  return tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
 
 
 def _labels_of(y):
@@ -258,8 +292,8 @@ class _Tap:
       self.slots.append(slots)
     self.model = keras.Model(model.inputs[0], tensors, name=f"{model.name}_flatness_tap")
 
-  def __call__(self, x):
-    return self.model(x, training=False)
+  def __call__(self, x, training):
+    return self.model(x, training=training)
 
 
 def _check_max_iterations(max_iterations):
@@ -272,16 +306,30 @@ def _check_max_iterations(max_iterations):
   return int(max_iterations)
 
 
+def _check_number(name, value, low, high=None):
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= low
+      or (high is not None and not value <= high)):
+    bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+    raise ValueError(f"{name} must be a number {bound}, received {value!r}")
+  return float(value)
+
+
+# The terms built from G (zero for the samples a correct-only loss leaves out):
+# the ones the seed's notebook divides by the accuracy, and `loss_scale` scales.
+GRADIENT_TERMS = ("key", "L0_sum", "L0_preview", "value", "L2", "L2_term")
+
+
 def _batch_function(tap: _Tap, blocks: Sequence[MLPBlock], loss_fn: Callable,
-                    correct_samples_only: bool, loss_reduction: str):
-  """The compiled per-batch measurement: float64 sums per block and counts."""
+                    correct_samples_only: bool, loss_reduction: str, training: bool,
+                    loss_scale: float):
+  """The compiled per-batch measurement: float64 terms per block and the batch's counts."""
 
   # No AutoGraph: there is no tensor-dependent control flow, and a bad
   # loss_fn then raises its one-line ValueError unwrapped.
   @tf.function(reduce_retracing=True, autograph=False)
   def measure(x, y):
     with tf.GradientTape() as tape:
-      outputs = tap(x)
+      outputs = tap(x, training)
       logits = outputs[0]
       losses = tf.convert_to_tensor(loss_fn(y, logits))
       if losses.shape.rank != 1:
@@ -291,8 +339,9 @@ def _batch_function(tap: _Tap, blocks: Sequence[MLPBlock], loss_fn: Callable,
       keep = (tf.cast(correct, tf.float32) if correct_samples_only
               else tf.ones_like(losses, tf.float32))
       loss = tf.reduce_sum(tf.cast(losses, tf.float32) * keep)
-      if loss_reduction == "mean":
-        loss = loss / tf.maximum(tf.reduce_sum(keep), 1.0)
+      if loss_reduction == "mean":  # The seed's `(loss * correct).mean()`: over all B.
+        loss = loss / tf.cast(tf.size(losses), tf.float32)
+      loss = loss * loss_scale
     sources = []
     for slots in tap.slots:
       sources += [outputs[slots["key_output"]], outputs[slots["activation"]]]
@@ -302,39 +351,33 @@ def _batch_function(tap: _Tap, blocks: Sequence[MLPBlock], loss_fn: Callable,
     if any(gradient is None for gradient in gradients):
       raise ValueError("augmented_flatness: the loss does not depend on every tapped layer "
                        "output (a block outside the path to the logits?)")
-    keep64 = tf.cast(keep, tf.float64)
-    sums = {"examples": tf.cast(tf.size(losses), tf.float64),
-            "correct": tf.reduce_sum(tf.cast(correct, tf.float64)),
-            "samples": tf.reduce_sum(keep64)}
+    terms = {"examples": tf.cast(tf.size(losses), tf.float64),
+             "accuracy": tf.reduce_mean(tf.cast(correct, tf.float64)),
+             "samples": tf.reduce_sum(tf.cast(keep, tf.float64))}
     gradients = iter(gradients)
     for block, slots in zip(blocks, tap.slots):
-      key_x = _tokens(outputs[slots["key_input"]])
+      # The seed's hooks, per batch: means over all B samples (and tokens, units).
+      key_x2 = _squared_norms(_tokens(outputs[slots["key_input"]]))  # [B, T]
       key_g = _tokens(next(gradients))
       activation = _tokens(outputs[slots["activation"]])
       activation_g = _tokens(next(gradients))
-      key_x2 = _squared_norms(key_x)  # [B, T]
-      per_sample = tf.reduce_sum(_squared_norms(key_g) * key_x2, axis=1)
       active = tf.cast(activation > 0, tf.float64)
       coefficient = tf.cast(tf.square(activation_g), tf.float64) * active * key_x2[..., None]
-      kept = keep64[:, None, None]
-      tokens = tf.cast(tf.shape(activation)[1], tf.float64)
-      units = tf.cast(tf.shape(activation)[2], tf.float64)
       prefix = block.name + "/"
-      sums[prefix + "key"] = tf.reduce_sum(keep64 * per_sample)
-      sums[prefix + "L0_sum"] = tf.reduce_sum(kept * coefficient)
-      sums[prefix + "L0_active"] = tf.reduce_sum(kept * active)
-      sums[prefix + "entries"] = sums["samples"] * tokens * units
+      terms[prefix + "key"] = tf.reduce_mean(
+          tf.reduce_sum(_squared_norms(key_g) * key_x2, axis=1))
+      terms[prefix + "L0_sum"] = tf.reduce_mean(coefficient)
+      terms[prefix + "L0_weight"] = tf.reduce_mean(active)
+      terms[prefix + "L0_preview"] = terms[prefix + "L0_sum"] / terms[prefix + "L0_weight"]
       if "value_output" in slots:
         value_x2 = _squared_norms(_tokens(outputs[slots["value_input"]]))
         value_g2 = _squared_norms(_tokens(next(gradients)))
         activation2 = _squared_norms(activation)
-        kept = keep64[:, None]
-        sums[prefix + "value"] = tf.reduce_sum(keep64 * tf.reduce_sum(value_g2 * value_x2, 1))
-        sums[prefix + "L2"] = tf.reduce_sum(kept * value_g2)
-        sums[prefix + "a2"] = tf.reduce_sum(kept * activation2)
-        sums[prefix + "L2_term"] = tf.reduce_sum(kept * activation2 * value_g2)
-        sums[prefix + "tokens"] = sums["samples"] * tokens
-    return sums
+        terms[prefix + "value"] = tf.reduce_mean(tf.reduce_sum(value_g2 * value_x2, axis=1))
+        terms[prefix + "L2"] = tf.reduce_mean(value_g2)
+        terms[prefix + "a2"] = tf.reduce_mean(activation2)
+        terms[prefix + "L2_term"] = tf.reduce_mean(activation2 * value_g2)
+    return terms
 
   return measure
 
@@ -345,77 +388,101 @@ def _ratio(numerator, denominator):
 
 def augmented_flatness(model: keras.Model, dataset_batches: Iterable, *,
                        loss_fn: Optional[Callable] = None, correct_samples_only: bool = False,
-                       max_iterations: Optional[int] = None, loss_reduction: str = "sum",
+                       max_iterations: Optional[int] = None, loss_reduction: str = "mean",
+                       training: bool = True, label_smoothing: float = 0.0,
+                       divide_by_accuracy: bool = True, loss_scale: float = 1.0,
                        blocks: Optional[Mapping[str, Tuple[str, str, Optional[str]]]] = None
                        ) -> Results:
   """Augmented flatness and the L0 / L2 coefficient terms of every MLP block (spec 2.3).
 
-  A pure measurement (learning rate 0 and weight decay 0: nothing changes):
-  see the module docstring for the formulas.
+  Learning rate 0 and weight decay 0: nothing changes (non-trainable state is
+  restored). The defaults are the seed's protocol; see the module docstring
+  for the formulas and the protocol.
 
   Args:
     model: a functional `keras.Model` with one input and one output (logits),
       or a wrapper with such a `network` (`RobustModel`).
     dataset_batches: an iterable of `(x, y, ...)` batches (a `tf.data.Dataset`,
       a list of arrays); `y` int labels [B] or one-hot / soft labels [B, C].
+      The seed's: augmented training batches.
     loss_fn: `loss_fn(y, logits) -> per-example losses [B]`; default
-      softmax cross-entropy (`per_example_cross_entropy`). Keras losses with
+      `per_example_cross_entropy` with `label_smoothing`. Keras losses with
       `reduction=None` fit.
-    correct_samples_only: measure only the samples the model classifies
-      correctly (argmax of the logits equals the label's).
+    correct_samples_only: only the samples the model classifies correctly
+      (argmax of the logits equals the label's) enter the loss.
     max_iterations: measure at most this many batches; None: all.
-    loss_reduction: "sum" (default: G of each sample's own loss) or "mean"
-      (G of the batch-mean loss over the measured samples, as the seed's
-      hooks).
+    loss_reduction: "mean" (default, the seed's: G of the loss averaged over
+      the batch's B samples, the left-out ones counting zero) or "sum" (G of
+      each sample's own loss).
+    training: call the model in training mode (the seed's `model.train()`);
+      False: inference mode.
+    label_smoothing: the default loss' label smoothing (the seed's CIFAR-10 and
+      ImageNet runs: 0.11).
+    divide_by_accuracy: with `correct_samples_only`, divide the gradient terms
+      (`GRADIENT_TERMS`) by the accuracy, as the seed's notebook does.
+    loss_scale: multiply the loss by this before differentiating (the seed's
+      AMP loss scale, 65536, reproduces its logged values).
     blocks: explicit blocks, as `mlp_blocks`; default: found from the graph.
 
   Returns:
     {block: {term: value}} for every block (the `KEY_TERMS`, plus the
-    `VALUE_TERMS` where the block has a value layer), `AVERAGE`: each term's
-    mean over the blocks that have it, and `SUMMARY`: `batches`, `examples`
-    (seen), `samples` (measured), `accuracy` (correct / examples). Values
-    are NaN where no sample was measured.
+    `VALUE_TERMS` where the block has a value layer): each term's mean over
+    the batches of its per-batch value; `AVERAGE`: each term's mean over the
+    blocks that have it; `SUMMARY`: `batches`, `examples` (seen), `samples`
+    (in the loss), `accuracy` (mean over batches of the batch's accuracy).
 
   Raises:
     ValueError: max_iterations not a positive integer, an unknown
-      loss_reduction, a model without MLP blocks or not functional, no
-      batches, a loss_fn that does not return per-example losses.
+      loss_reduction, label_smoothing outside [0, 1], loss_scale not
+      positive, a model without MLP blocks or not functional, no batches, a
+      loss_fn that does not return per-example losses.
   """
   max_iterations = _check_max_iterations(max_iterations)
   if loss_reduction not in LOSS_REDUCTIONS:
     raise ValueError(f"loss_reduction must be one of {', '.join(LOSS_REDUCTIONS)}, received "
                      f"{loss_reduction!r}")
+  label_smoothing = _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
+  loss_scale = _check_number("loss_scale", loss_scale, 0.0)
+  if not loss_scale > 0:
+    raise ValueError(f"loss_scale must be positive, received {loss_scale!r}")
+  if loss_fn is None:
+    def loss_fn(y, logits):
+      return per_example_cross_entropy(y, logits, label_smoothing)
   network = _network(model)
   found = mlp_blocks(network, blocks)
   tap = _Tap(network, found)
-  measure = _batch_function(tap, found, loss_fn or per_example_cross_entropy,
-                            bool(correct_samples_only), loss_reduction)
+  measure = _batch_function(tap, found, loss_fn, bool(correct_samples_only), loss_reduction,
+                            bool(training), loss_scale)
+  # A training call may move state (batch-norm moving statistics, a `mixed`
+  # activation's step): the measurement puts it back.
+  state = list(network.non_trainable_variables)
+  saved = [variable.numpy() for variable in state]
   totals: Dict[str, float] = {}
   batches = 0
-  for batch in itertools.islice(dataset_batches, max_iterations):
-    x, y = batch[0], batch[1]
-    sums = measure(tf.convert_to_tensor(x), tf.convert_to_tensor(y))
-    for name, value in sums.items():
-      totals[name] = totals.get(name, 0.0) + float(value.numpy())
-    batches += 1
+  try:
+    for batch in itertools.islice(dataset_batches, max_iterations):
+      x, y = batch[0], batch[1]
+      terms = measure(tf.convert_to_tensor(x), tf.convert_to_tensor(y))
+      for name, value in terms.items():
+        totals[name] = totals.get(name, 0.0) + float(value.numpy())
+      batches += 1
+  finally:
+    for variable, value in zip(state, saved):
+      variable.assign(value)
   if not batches:
     raise ValueError("dataset_batches gave no batches to measure")
 
+  accuracy = totals["accuracy"] / batches
+  divisor = accuracy if correct_samples_only and divide_by_accuracy else 1.0
   results: Results = {}
-  samples = totals["samples"]
   for block in found:
     prefix = block.name + "/"
-    terms = {
-        "key": _ratio(totals[prefix + "key"], samples),
-        "L0_sum": _ratio(totals[prefix + "L0_sum"], totals[prefix + "entries"]),
-        "L0_weight": _ratio(totals[prefix + "L0_active"], totals[prefix + "entries"]),
-        "L0_preview": _ratio(totals[prefix + "L0_sum"], totals[prefix + "L0_active"]),
-    }
-    if block.value is not None:
-      terms["value"] = _ratio(totals[prefix + "value"], samples)
-      for term in ("L2", "a2", "L2_term"):
-        terms[term] = _ratio(totals[prefix + term], totals[prefix + "tokens"])
-    results[block.name] = {term: terms[term] for term in TERMS if term in terms}
+    terms = {}
+    for term in TERMS:
+      if prefix + term in totals:
+        value = totals[prefix + term] / batches
+        terms[term] = _ratio(value, divisor) if term in GRADIENT_TERMS else value
+    results[block.name] = terms
   average = {}
   for term in TERMS:
     values = [terms[term] for terms in results.values() if term in terms]
@@ -423,8 +490,7 @@ def augmented_flatness(model: keras.Model, dataset_batches: Iterable, *,
       average[term] = float(np.mean(values))
   results[AVERAGE] = average
   results[SUMMARY] = {"batches": float(batches), "examples": totals["examples"],
-                      "samples": samples,
-                      "accuracy": _ratio(totals["correct"], totals["examples"])}
+                      "samples": totals["samples"], "accuracy": accuracy}
   return results
 
 

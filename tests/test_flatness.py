@@ -75,18 +75,26 @@ def _expected(model, x, y, squared):
           "L2_term": np.concatenate(l2_term).mean()}
 
 
+# The toolkit's earlier measurement (`--flatness_data=test`): inference mode,
+# G of each sample's own loss, plain cross-entropy.
+PER_SAMPLE = dict(training=False, loss_reduction="sum")
+
+
 @pytest.mark.parametrize("tokens", [None, 3])
 def test_equals_hand_computed_values(tokens):
   model = _mlp(tokens)
   x, y = _data(tokens)
   before = [w.copy() for w in model.get_weights()]
-  # Two batches of different sizes: the means are over all samples.
-  results = flatness.augmented_flatness(model, [(x[:5], y[:5]), (x[5:], y[5:])])
-  expected = _expected(model, x, y, squared=True)
+  # Two batches: each term is the mean of its per-batch values (the seed's logging).
+  results = flatness.augmented_flatness(model, [(x[:4], y[:4]), (x[4:], y[4:])], **PER_SAMPLE)
+  halves = [_expected(model, x[:4], y[:4], True), _expected(model, x[4:], y[4:], True)]
   assert list(results) == ["mlp", flatness.AVERAGE, flatness.SUMMARY]
   assert list(results["mlp"]) == list(flatness.TERMS)
-  for term, value in expected.items():
+  for term in flatness.TERMS:
+    value = np.mean([half[term] for half in halves])
     assert results["mlp"][term] == pytest.approx(value, rel=1e-5), term
+  whole = _expected(model, x, y, squared=True)  # Equal halves: the pooled mean, but L0_preview.
+  assert results["mlp"]["key"] == pytest.approx(whole["key"], rel=1e-5)
   assert results[flatness.AVERAGE] == results["mlp"]
   assert results[flatness.SUMMARY]["batches"] == 2
   assert results[flatness.SUMMARY]["samples"] == len(x)
@@ -94,33 +102,71 @@ def test_equals_hand_computed_values(tokens):
     np.testing.assert_array_equal(old, new)
 
 
-def test_correct_samples_only_and_max_iterations():
+def test_correct_samples_only_divides_by_the_accuracy_and_max_iterations():
   model = _mlp(3)
   x, _ = _data(3, n=12)
   predicted = np.argmax(model(x).numpy(), -1)
   y = np.where(np.arange(12) % 3 == 0, predicted, (predicted + 1) % CLASSES)
-  batches = [(x[:5], y[:5]), (x[5:9], y[5:9]), (x[9:], y[9:])]
+  batches = [(x[:6], y[:6]), (x[6:], y[6:])]
   results = flatness.augmented_flatness(model, batches, correct_samples_only=True,
-                                        max_iterations=2)
-  correct = np.flatnonzero(y[:9] == predicted[:9])  # The third batch is not measured.
+                                        max_iterations=1, **PER_SAMPLE)
+  correct = np.flatnonzero(y[:6] == predicted[:6])  # The second batch is not measured.
   expected = _expected(model, x[correct], y[correct], squared=True)
-  for term, value in expected.items():
-    assert results["mlp"][term] == pytest.approx(value, rel=1e-5), term
-  assert results[flatness.SUMMARY] == {"batches": 2.0, "examples": 9.0,
+  every = _expected(model, x[:6], y[:6], squared=True)
+  # Means over the batch with zeros for the others, divided by the accuracy:
+  # the gradient terms are means over the correct samples (L0_* over entries).
+  for term in ("key", "value"):
+    assert results["mlp"][term] == pytest.approx(expected[term], rel=1e-5), term
+  share = len(correct) / 6
+  for term in ("L0_sum", "L2", "L2_term"):
+    assert results["mlp"][term] == pytest.approx(expected[term], rel=1e-5), term
+  for term in ("L0_weight", "a2"):  # No gradient: over every sample, not divided.
+    assert results["mlp"][term] == pytest.approx(every[term], rel=1e-5), term
+  assert results["mlp"]["L0_preview"] == pytest.approx(
+      expected["L0_sum"] / every["L0_weight"], rel=1e-5)
+  assert results[flatness.SUMMARY] == {"batches": 1.0, "examples": 6.0,
                                        "samples": float(len(correct)),
-                                       "accuracy": pytest.approx(len(correct) / 9)}
-  every = flatness.augmented_flatness(model, batches[:2])
-  assert every["mlp"]["key"] != pytest.approx(results["mlp"]["key"])
+                                       "accuracy": pytest.approx(share)}
+  undivided = flatness.augmented_flatness(model, batches, correct_samples_only=True,
+                                          max_iterations=1, divide_by_accuracy=False,
+                                          **PER_SAMPLE)
+  assert undivided["mlp"]["key"] == pytest.approx(expected["key"] * share, rel=1e-5)
 
 
-def test_mean_loss_reduction_scales_the_gradient_terms_by_one_over_batch_squared():
+def test_seed_protocol_defaults_mean_loss_smoothing_and_loss_scale():
   model = _mlp(3)
   x, y = _data(3)
-  summed = flatness.augmented_flatness(model, [(x, y)])["mlp"]
-  mean = flatness.augmented_flatness(model, [(x, y)], loss_reduction="mean")["mlp"]
+  summed = flatness.augmented_flatness(model, [(x, y)], loss_reduction="sum")["mlp"]
+  mean = flatness.augmented_flatness(model, [(x, y)])["mlp"]  # Default: the batch mean.
+  scaled = flatness.augmented_flatness(model, [(x, y)], loss_scale=4.0)["mlp"]
   for term in flatness.TERMS:
-    scale = 1.0 if term in ("L0_weight", "a2") else 1.0 / len(x) ** 2
+    gradient = term not in ("L0_weight", "a2")
+    scale = 1.0 / len(x) ** 2 if gradient else 1.0
     assert mean[term] == pytest.approx(summed[term] * scale, rel=1e-5), term
+    assert scaled[term] == pytest.approx(mean[term] * (16.0 if gradient else 1.0),
+                                         rel=1e-5), term
+  # Soft labels count as their argmax (the seed's), smoothing changes the loss.
+  soft = np.eye(CLASSES, dtype=np.float32)[y] * 0.6 + 0.4 / CLASSES
+  assert flatness.augmented_flatness(model, [(x, soft)])["mlp"] == pytest.approx(mean)
+  smoothed = flatness.augmented_flatness(model, [(x, y)], label_smoothing=0.11)["mlp"]
+  assert smoothed["key"] != pytest.approx(mean["key"])
+
+
+def test_training_mode_uses_batch_statistics_and_restores_state():
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input((4,))
+  h = keras.layers.BatchNormalization(name="norm")(inputs)
+  h = MaskedDense(6, name="mlp_key")(h)
+  a = activations.build("relu", name="mlp_activation")(h)
+  model = keras.Model(inputs, MaskedDense(CLASSES, name="mlp_value")(a))
+  x, y = _data()
+  x = x * 3 + 1  # Far from the initial moving statistics (0, 1).
+  before = [w.copy() for w in model.get_weights()]
+  trained = flatness.augmented_flatness(model, [(x, y)])["mlp"]
+  inference = flatness.augmented_flatness(model, [(x, y)], training=False)["mlp"]
+  assert trained["a2"] != pytest.approx(inference["a2"], rel=1e-3)
+  for old, new in zip(before, model.get_weights()):  # Moving statistics put back.
+    np.testing.assert_array_equal(old, new)
 
 
 def test_stateful_activation_is_not_advanced_and_keras_losses_fit():
@@ -128,7 +174,7 @@ def test_stateful_activation_is_not_advanced_and_keras_losses_fit():
   x, y = _data()
   loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
   results = flatness.augmented_flatness(model, tf.data.Dataset.from_tensor_slices(
-      (x, y)).batch(4), loss_fn=loss)
+      (x, y)).batch(8), loss_fn=loss, loss_reduction="sum")
   expected = _expected(model, x, y, squared=False)
   for term, value in expected.items():
     assert results["mlp"][term] == pytest.approx(value, rel=1e-5), term
@@ -188,6 +234,8 @@ def test_csv_round_trip_and_log_figure(tmp_path):
     (dict(max_iterations=0), "max_iterations must be a positive integer"),
     (dict(max_iterations=1.5), "max_iterations must be a positive integer"),
     (dict(loss_reduction="max"), "loss_reduction must be one of sum, mean"),
+    (dict(label_smoothing=1.5), "label_smoothing must be a number in [0.0, 1.0]"),
+    (dict(loss_scale=0.0), "loss_scale must be positive"),
     (dict(loss_fn=lambda y, logits: tf.reduce_mean(logits)), "per-example losses"),
     (dict(blocks={"b": ("mlp_activation", "mlp_activation", None)}), "dense layer"),
 ])
