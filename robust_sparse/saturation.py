@@ -5,7 +5,8 @@ of a layer's output space its outputs really use: the share of principal
 directions needed to explain a fraction `delta` of the variance of the raw
 output of every conv and dense layer (before batch norm and activation).
 
-How it is measured, as delve 0.1.41 does:
+How it is measured, as delve computes it (0.1.41, which the paper's phd-lab
+ran, and 0.1.50, the fidelity reference, share the formula):
   * `tap_model(model)` is a weight-sharing functional model whose outputs are
     the model's output followed by the raw output of every conv and dense layer,
     so the taps cost no second forward pass.
@@ -17,12 +18,25 @@ How it is measured, as delve 0.1.41 does:
   * `CovarianceAccumulator`s (Keras metrics, so their float64 variables are
     summed across replicas under `tf.distribute`) add up sum(x x^T), sum(x) and
     n over every batch of the epoch, separately for training batches ("train")
-    and evaluation batches ("eval"). `update` is plain TensorFlow: it runs
-    inside a compiled `tf.function` (XLA too).
+    and evaluation batches ("eval"), as delve 0.1.41's tracker does. (delve
+    0.1.50's tracker replaces a layer's accumulator at every batch, so it
+    reports the last batch only; phd-lab cannot import that version, and its
+    formula below is unchanged.) `update` is plain TensorFlow: it runs inside a
+    compiled `tf.function` (XLA too).
   * At the epoch end: the biased centred covariance sum(x x^T)/n - mu mu^T in
-    float64, its eigenvalues (`numpy.linalg.eigvalsh`) clamped at 0,
+    float64 and its eigenvalues (`numpy.linalg.eigvalsh`) clamped at 0. A
+    total variance at the level of float64 cancellation (at most
+    `ZERO_VARIANCE_RTOL` of the mean squared norm sum ||x||^2 / n, e.g. a
+    constant channel such as MNIST's black corner under `downsampling: 1`)
+    counts as no variance, so k does not depend on rounding noise (which gave
+    5, 7 or 8 for the same data at different batch sizes). Then
     `intrinsic_dimensionality` at `delta` and `saturation` = k / d. A split
     that saw no batch reports NaN.
+  * `rule="delve"` (the default) is what delve's code returns and the paper's
+    figures show: k = the number of cumulative variance ratios below delta,
+    0 for a layer without variance. `rule="intended"` applies the two rules
+    delve's docstring promises but its code never reaches (k = 0 becomes 1;
+    one more direction when the last ratio is more than 0.02 short of delta).
 
 Two front-ends feed the same `SaturationTracker`:
   * A researcher's own `fit`: wrap the model, fit the wrapper, pass the
@@ -72,8 +86,17 @@ SPLITS = ("train", "eval")
 # MaskedConv2D / MaskedDense subclass these.
 TAPPED_TYPES = (keras.layers.Conv2D, keras.layers.Dense)
 
-# delve adds 1 to k when the last ratio below delta is more than this below it.
+# The rules of the intrinsic dimensionality: what delve's code returns (the paper's
+# numbers), and what its docstring intends.
+RULES = ("delve", "intended")
+
+# The intended rule adds 1 to k when the last ratio below delta is more than this below it.
 _GAP = 0.02
+
+# A covariance whose total variance is at most this share of the mean squared norm is
+# float64 cancellation noise (measured: below 1e-14 for constant layers over 6e3 to 5e6
+# rows), not variance: it counts as none.
+ZERO_VARIANCE_RTOL = 1e-10
 
 
 # ---- the formula ------------------------------------------------------------------
@@ -92,6 +115,18 @@ def check_delta(delta: float) -> float:
   return value
 
 
+def check_rule(rule: str) -> str:
+  """Returns `rule`.
+
+  Raises:
+    ValueError: unless it is one of `RULES`.
+  """
+  if rule not in RULES:
+    raise ValueError(f"saturation rule must be one of {', '.join(RULES)}, received "
+                     f"rule={rule!r}")
+  return rule
+
+
 def _sorted_clamped(eigenvalues) -> np.ndarray:
   values = np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
   if values.size == 0:
@@ -99,30 +134,37 @@ def _sorted_clamped(eigenvalues) -> np.ndarray:
   return np.clip(np.sort(values)[::-1], 0.0, None)
 
 
-def intrinsic_dimensionality(eigenvalues, delta: float) -> int:
+def intrinsic_dimensionality(eigenvalues, delta: float, rule: str = "delve") -> int:
   """delve's intrinsic dimensionality: principal directions for `delta` of the variance.
 
   The eigenvalues are sorted in descending order and clamped at 0; with the
   cumulative ratios c_i = sum_{j<=i} lambda_j / sum(lambda), k is the number of
-  c_i < delta; k = 0 becomes 1, and k grows by one when delta - c_k > 0.02
-  (never beyond the number of eigenvalues). All-zero eigenvalues give 1.
+  c_i < delta. With `rule="delve"` that count is returned as it is (delve's
+  code: 0 when lambda_1 alone reaches delta or there is no variance). With
+  `rule="intended"` (delve's docstring), k = 0 becomes 1 and k grows by one
+  when delta - c_k > 0.02 (never beyond the number of eigenvalues); all-zero
+  eigenvalues give 1.
 
   Args:
     eigenvalues: the covariance's eigenvalues, in any order [d].
     delta: the explained-variance threshold, in (0, 1].
+    rule: "delve" or "intended".
 
   Returns:
-    k, an int in [1, d].
+    k, an int in [0, d] ("delve") or [1, d] ("intended").
 
   Raises:
-    ValueError: for a delta outside (0, 1] or no eigenvalues.
+    ValueError: for a delta outside (0, 1], an unknown rule or no eigenvalues.
   """
   delta = check_delta(delta)
+  check_rule(rule)
   values = _sorted_clamped(eigenvalues)
   with np.errstate(invalid="ignore", divide="ignore"):
     ratios = np.cumsum(values) / np.sum(values)
   below = ratios < delta  # NaN ratios (no variance) count as not below.
   k = int(np.count_nonzero(below))
+  if rule == "delve":
+    return k
   if k == 0:
     return 1
   if delta - ratios[k - 1] > _GAP:
@@ -130,20 +172,45 @@ def intrinsic_dimensionality(eigenvalues, delta: float) -> int:
   return min(k, values.size)
 
 
-def saturation(eigenvalues, delta: float) -> float:
-  """Layer saturation: `intrinsic_dimensionality(eigenvalues, delta) / d`.
+def saturation(eigenvalues, delta: float, rule: str = "delve") -> float:
+  """Layer saturation: `intrinsic_dimensionality(eigenvalues, delta, rule) / d`.
 
   Args:
     eigenvalues: the covariance's d eigenvalues, in any order.
     delta: the explained-variance threshold, in (0, 1].
+    rule: "delve" or "intended".
 
   Returns:
-    A float in (0, 1].
+    A float in [0, 1] ("delve") or (0, 1] ("intended").
 
   Raises:
-    ValueError: for a delta outside (0, 1] or no eigenvalues.
+    ValueError: for a delta outside (0, 1], an unknown rule or no eigenvalues.
   """
-  return intrinsic_dimensionality(eigenvalues, delta) / np.asarray(eigenvalues).size
+  return intrinsic_dimensionality(eigenvalues, delta, rule) / np.asarray(eigenvalues).size
+
+
+def eigenvalues_from_sums(sum_outer, sum_x, count) -> np.ndarray:
+  """The eigenvalues of the covariance of streamed sums, zero where it is only rounding.
+
+  Args:
+    sum_outer: sum of x x^T [d, d].
+    sum_x: sum of x [d].
+    count: n, the number of rows summed (> 0).
+
+  Returns:
+    The d eigenvalues (float64, ascending) of `covariance_from_sums`; all zero
+    when the clamped total variance is at most `ZERO_VARIANCE_RTOL` times
+    trace(sum_outer) / n (the covariance is then cancellation noise).
+
+  Raises:
+    ValueError: if count is not positive.
+  """
+  covariance = covariance_from_sums(sum_outer, sum_x, count)
+  eigenvalues = np.linalg.eigvalsh(covariance)
+  scale = float(np.trace(np.asarray(sum_outer, np.float64))) / float(count)
+  if np.sum(np.clip(eigenvalues, 0.0, None)) <= ZERO_VARIANCE_RTOL * scale:
+    return np.zeros_like(eigenvalues)
+  return eigenvalues
 
 
 def covariance_from_sums(sum_outer, sum_x, count) -> np.ndarray:
@@ -401,15 +468,19 @@ class SaturationTracker:
     downsampling: see `channelwise`; None: no resize.
     channels_first: per layer, whether its conv output is [B, C, H, W];
       default all False.
+    rule: "delve" (its code, the default) or "intended" (its docstring); see
+      `intrinsic_dimensionality`.
 
   Raises:
-    ValueError: for a delta outside (0, 1], mismatched lists or a bad width.
+    ValueError: for a delta outside (0, 1], an unknown rule, mismatched lists or
+      a bad width.
   """
 
   def __init__(self, layer_names: Sequence[str], widths: Sequence[int], *, delta: float = 0.99,
                downsampling: Optional[int] = None,
-               channels_first: Optional[Sequence[bool]] = None):
+               channels_first: Optional[Sequence[bool]] = None, rule: str = "delve"):
     self.delta = check_delta(delta)
+    self.rule = check_rule(rule)
     self.layer_names = list(layer_names)
     channels_first = list(channels_first or [False] * len(self.layer_names))
     if not len(self.layer_names) == len(widths) == len(channels_first):
@@ -426,12 +497,12 @@ class SaturationTracker:
 
   @classmethod
   def for_model(cls, model, layers=None, *, delta: float = 0.99,
-                downsampling: Optional[int] = None) -> "SaturationTracker":
+                downsampling: Optional[int] = None, rule: str = "delve") -> "SaturationTracker":
     """A tracker for `tapped_layers(model, layers)`, in the order `tap_model` emits them."""
     taps = tapped_layers(model, layers)
     widths = [int(layer.output.shape[1 if _channels_first(layer) else -1]) for layer in taps]
     return cls([layer.name for layer in taps], widths, delta=delta, downsampling=downsampling,
-               channels_first=[_channels_first(layer) for layer in taps])
+               channels_first=[_channels_first(layer) for layer in taps], rule=rule)
 
   @property
   def variables(self) -> List[keras.Variable]:
@@ -490,8 +561,8 @@ class SaturationTracker:
       for name, accumulator in zip(self.layer_names, self.accumulators[split]):
         sum_outer, sum_x, count = accumulator.sums()
         if count > 0:
-          eigenvalues = np.linalg.eigvalsh(covariance_from_sums(sum_outer, sum_x, count))
-          k = intrinsic_dimensionality(eigenvalues, self.delta)
+          eigenvalues = eigenvalues_from_sums(sum_outer, sum_x, count)
+          k = intrinsic_dimensionality(eigenvalues, self.delta, self.rule)
           values[f"{split}-saturation_{name}"] = k / accumulator.width
           values[f"{split}-intrinsic-dimensionality_{name}"] = float(k)
         else:
@@ -555,18 +626,20 @@ class SaturationCallback(keras.callbacks.Callback):
     downsampling: conv maps larger than this are resized to it first
       (nearest); None: no resize.
     layers: names of the conv / dense layers to track; None: all.
-    tracker: an existing tracker (then delta, downsampling and layers are
-      its own and `wrap` is not needed).
+    rule: "delve" (its code, the default) or "intended" (its docstring).
+    tracker: an existing tracker (then delta, downsampling, rule and layers
+      are its own and `wrap` is not needed).
 
   Raises:
-    ValueError: for a delta outside (0, 1].
+    ValueError: for a delta outside (0, 1] or an unknown rule.
   """
 
   def __init__(self, *, delta: float = 0.99, downsampling: Optional[int] = None,
-               layers: Optional[Sequence[str]] = None,
+               layers: Optional[Sequence[str]] = None, rule: str = "delve",
                tracker: Optional[SaturationTracker] = None):
     super().__init__()
     self.delta = check_delta(delta) if tracker is None else tracker.delta
+    self.rule = check_rule(rule) if tracker is None else tracker.rule
     self.downsampling = downsampling if tracker is None else tracker.downsampling
     self.layers = layers
     self.tracker = tracker
@@ -583,7 +656,7 @@ class SaturationCallback(keras.callbacks.Callback):
     """
     if self.tracker is None:
       self.tracker = SaturationTracker.for_model(model, self.layers, delta=self.delta,
-                                                 downsampling=self.downsampling)
+                                                 downsampling=self.downsampling, rule=self.rule)
     self._wrapped = SaturationModel(model, self.tracker)
     return self._wrapped
 

@@ -15,10 +15,10 @@ import tensorflow as tf
 from robust_sparse import saturation
 from robust_sparse.layers import MaskedConv2D, MaskedDense
 
-# d = 16: c = .533, .800, .933, .9998, ... -> at delta .99 three ratios are
-# below and .99 - .933 > .02, so k = 4; at delta .95, .95 - .933 < .02, so k = 3.
+# d = 16: c = .533, .800, .933, .9998, ... -> at delta .99 three ratios are below, so
+# delve's k = 3 (the intended rule adds one: .99 - .933 > .02); at delta .95 k = 3 (both).
 DENSE_SPECTRUM = [4.0, 2.0, 1.0, 0.5] + [1e-4] * 12
-# d = 6: c = .667, .889, .99993, ... -> k = 3 at delta .99.
+# d = 6: c = .667, .889, .99993, ... -> delve's k = 2 at delta .99 (intended: 3).
 CONV_SPECTRUM = [3.0, 1.0, 0.5, 1e-4, 1e-4, 1e-4]
 
 
@@ -33,16 +33,17 @@ def _with_spectrum(n, spectrum, seed=0, mean=0.5):
   return (u * math.sqrt(n)) * np.sqrt(spectrum) @ rotation.T + mean
 
 
-def _reference(rows, delta):
-  """(saturation, k) of rows by the issue's formula, with np.cov in float64."""
+def _reference(rows, delta, rule="delve"):
+  """(saturation, k) of rows by delve's formula (or its docstring's), np.cov in float64."""
   covariance = np.cov(np.asarray(rows, np.float64), rowvar=False, bias=True)
   eigenvalues = np.clip(np.sort(np.linalg.eigvalsh(covariance))[::-1], 0.0, None)
   ratios = np.cumsum(eigenvalues) / eigenvalues.sum()
   k = int(np.sum(ratios < delta))
-  if k == 0:
-    k = 1
-  elif delta - ratios[k - 1] > 0.02:
-    k += 1
+  if rule == "intended":
+    if k == 0:
+      k = 1
+    elif delta - ratios[k - 1] > 0.02:
+      k += 1
   return k / len(eigenvalues), k
 
 
@@ -75,17 +76,64 @@ def _feed(model, tracker, batches, split="train"):
 
 
 # ---- the rule -----------------------------------------------------------------------
-@pytest.mark.parametrize("eigenvalues,delta,expected", [
-    ([0.5, 0.3, 0.15, 0.05], 0.99, 4),  # c_3 = .95: .04 short of delta, so one more.
-    ([0.5, 0.3, 0.18, 0.02], 0.99, 3),  # c_3 = .98: only .01 short.
-    ([100.0, 1e-3, 1e-3], 0.99, 1),  # No ratio below delta: k = 0 becomes 1.
-    ([1.0, -0.5, 1.0], 0.99, 2),  # Clamped to [1, 1, 0] and sorted: c = .5, 1, 1.
-    ([0.0, 0.0, 0.0], 0.99, 1),  # No variance at all.
-    ([1.0, 1.0, 1.0, 1.0], 1.0, 4),  # Capped at d.
+# Each case as delve 0.1.50's compute_intrinsic_dimensionality returns it (its k = 0 -> 1
+# and +1 slices act on the already filtered eigenvectors), and as its docstring intends.
+@pytest.mark.parametrize("eigenvalues,delta,delve,intended", [
+    ([0.5, 0.3, 0.15, 0.05], 0.99, 3, 4),  # c_3 = .95: .04 short of delta.
+    ([0.5, 0.3, 0.18, 0.02], 0.99, 3, 3),  # c_3 = .98: only .01 short.
+    ([100.0, 1e-3, 1e-3], 0.99, 0, 1),  # No ratio below delta.
+    ([1.0, -0.5, 1.0], 0.99, 1, 2),  # Clamped to [1, 1, 0] and sorted: c = .5, 1, 1.
+    ([0.0, 0.0, 0.0], 0.99, 0, 1),  # No variance at all (a dead layer).
+    ([1.0, 1.0, 1.0, 1.0], 1.0, 3, 4),  # c_4 = 1 is not below 1; intended: capped at d.
+    # A 10-unit output layer with c_1 = .843, c_2 = .993: saturation .1 (intended .2).
+    ([0.843, 0.15] + [0.007 / 8] * 8, 0.99, 1, 2),
 ])
-def test_intrinsic_dimensionality_follows_delve(eigenvalues, delta, expected):
-  assert saturation.intrinsic_dimensionality(eigenvalues, delta) == expected
-  assert saturation.saturation(eigenvalues, delta) == expected / len(eigenvalues)
+def test_intrinsic_dimensionality_follows_delve(eigenvalues, delta, delve, intended):
+  assert saturation.intrinsic_dimensionality(eigenvalues, delta) == delve
+  assert saturation.saturation(eigenvalues, delta) == delve / len(eigenvalues)
+  assert saturation.intrinsic_dimensionality(eigenvalues, delta, "intended") == intended
+  assert saturation.saturation(eigenvalues, delta, rule="intended") == (
+      intended / len(eigenvalues))
+
+
+def test_unknown_rule_is_refused():
+  with pytest.raises(ValueError, match="rule"):
+    saturation.intrinsic_dimensionality([1.0, 2.0], 0.99, "docstring")
+  with pytest.raises(ValueError, match="rule"):
+    saturation.SaturationTracker(["a"], [2], rule="docstring")
+  with pytest.raises(ValueError, match="rule"):
+    saturation.SaturationCallback(rule="docstring")
+
+
+@pytest.mark.parametrize("batch", [16, 50, 64, 100])
+def test_a_constant_layer_has_no_variance_whatever_the_batch_size(batch):
+  # A conv on MNIST's black corner under downsampling 1 outputs its bias for every image;
+  # the float64 cancellation in sum(xx^T)/n - mu mu^T must not become directions.
+  rng = np.random.default_rng(batch)
+  bias = rng.normal(scale=3.0, size=16).astype(np.float32)
+  model = _identity_dense(16)
+  rows = np.tile(bias, (400, 1))
+  for rule, expected in (("delve", 0), ("intended", 1)):
+    tracker = saturation.SaturationTracker.for_model(model, rule=rule)
+    _feed(model, tracker, [rows[i:i + batch] for i in range(0, 400, batch)])
+    sum_outer, sum_x, count = tracker.accumulators["train"][0].sums()
+    covariance = saturation.covariance_from_sums(sum_outer, sum_x, count)
+    results = tracker.results()
+    assert results["train-intrinsic-dimensionality_dense"] == expected, (rule, covariance)
+    assert results["train-saturation_dense"] == expected / 16
+  # Real variance far below the mean is still variance.
+  rows = rows + rng.normal(scale=1e-3, size=rows.shape).astype(np.float32)
+  tracker = saturation.SaturationTracker.for_model(model)
+  _feed(model, tracker, [rows])
+  assert tracker.results()["train-intrinsic-dimensionality_dense"] == _reference(
+      rows, 0.99)[1] > 10
+
+
+def test_a_dead_layer_saturates_at_zero():
+  model = _identity_dense(16)
+  tracker = saturation.SaturationTracker.for_model(model)
+  _feed(model, tracker, [np.zeros((32, 16))])
+  assert tracker.results()["train-saturation_dense"] == 0.0
 
 
 @pytest.mark.parametrize("delta", [0, 1.01, -0.5, float("nan"), "many"])
@@ -99,14 +147,15 @@ def test_delta_outside_the_unit_interval_is_refused(delta):
 
 
 # ---- streaming accumulation in a compiled step -----------------------------------------
-@pytest.mark.parametrize("delta,designed", [(0.99, 4), (0.95, 3)])
-def test_dense_saturation_equals_numpy_on_a_known_spectrum(delta, designed):
+@pytest.mark.parametrize("delta,rule,designed", [
+    (0.99, "delve", 3), (0.95, "delve", 3), (0.99, "intended", 4), (0.95, "intended", 3)])
+def test_dense_saturation_equals_numpy_on_a_known_spectrum(delta, rule, designed):
   rows = _with_spectrum(300, DENSE_SPECTRUM, mean=2.0)
   model = _identity_dense(16)
-  tracker = saturation.SaturationTracker.for_model(model, delta=delta)
+  tracker = saturation.SaturationTracker.for_model(model, delta=delta, rule=rule)
   outputs = _feed(model, tracker, [rows[:100], rows[100:250], rows[250:]])
   results = tracker.results()
-  expected_saturation, expected_k = _reference(np.concatenate(outputs), delta)
+  expected_saturation, expected_k = _reference(np.concatenate(outputs), delta, rule)
   assert expected_k == designed
   assert results["train-intrinsic-dimensionality_dense"] == expected_k
   assert results["train-saturation_dense"] == expected_saturation == designed / 16
@@ -135,10 +184,10 @@ def test_conv_saturation_uses_the_nearest_pixels_channelwise(downsampling):
   outputs = np.concatenate(_feed(model, tracker, [maps[:5], maps[5:]]))
   selected = outputs[:, kept][:, :, kept].reshape(-1, 6)
   expected_saturation, expected_k = _reference(selected, 0.99)
-  assert expected_k == 3
+  assert expected_k == 2
   results = tracker.results()
   assert results["train-intrinsic-dimensionality_conv"] == expected_k
-  assert results["train-saturation_conv"] == expected_saturation == 0.5
+  assert results["train-saturation_conv"] == expected_saturation == 2 / 6
 
 
 def test_train_and_eval_accumulate_separately_and_reset():
@@ -159,9 +208,9 @@ def test_train_and_eval_accumulate_separately_and_reset():
   assert list(results) == tracker.columns() == [
       "train-saturation_dense", "train-intrinsic-dimensionality_dense",
       "eval-saturation_dense", "eval-intrinsic-dimensionality_dense"]
-  assert results["train-intrinsic-dimensionality_dense"] == 4
+  assert results["train-intrinsic-dimensionality_dense"] == 3
   assert results["eval-intrinsic-dimensionality_dense"] == _reference(
-      np.concatenate(eval_outputs), 0.99)[1] > 4
+      np.concatenate(eval_outputs), 0.99)[1] > 3
   assert twin.results()["eval-saturation_dense"] == results["eval-saturation_dense"]
   assert math.isnan(twin.results()["train-saturation_dense"])
   tracker.reset()

@@ -1,11 +1,12 @@
 """The peers' packages, installed into a folder of their own, never into the toolkit's environment.
 
-torch and torchattacks are the PyTorch peers' only: installed beside the
-toolkit they would break `pip check` (torchattacks pins `requests~=2.25` and
-wants torchvision, which its attacks never import). `ensure` installs what is
-missing into `folder` with `pip install --target` (torchattacks without its
-dependencies) and returns the environment that puts `folder` first on the
-peers' `PYTHONPATH`; a torch already installed system-wide is used as it is.
+torch, torchattacks and delve are the PyTorch peers' only: installed beside
+the toolkit they would break `pip check` (torchattacks pins `requests~=2.25`
+and wants torchvision, which its attacks never import; delve wants torch).
+`ensure` installs what is missing into `folder` with `pip install --target`
+(torchattacks and delve without their dependencies) and returns the
+environment that puts `folder` first on the peers' `PYTHONPATH`; a torch
+already installed system-wide is used as it is.
 """
 
 import importlib.util
@@ -20,6 +21,10 @@ DEFAULT_FOLDER = os.path.join(os.path.expanduser("~"), ".cache", "robust_sparse"
 PACKAGES = {
     "torch": ("torch==2.13.0", True),
     "torchattacks": ("torchattacks==3.5.1", False),
+    # Saturation's reference. Without its dependencies: numpy, pandas, matplotlib and tqdm
+    # are the toolkit's own (requirements.txt, seen by the peers' process), torch is above,
+    # and tensorboardX is optional (delve imports it in a try).
+    "delve": ("delve==0.1.50", False),
 }
 
 
