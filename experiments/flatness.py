@@ -5,11 +5,22 @@ checkpoint of the finished run DIR (its trial 0, level 0, in iteration order:
 `weights_init.npz`, the weights `--save_every_epochs` saved, and
 `weights_final.npz`; see `experiments.runner.checkpoints`). For each, it
 loads the weights into `--model` (which, with `--dataset`, must be DIR's) and
-computes `robust_sparse.flatness.augmented_flatness` on the test set, in
-batches of `--batch_size`, at most `--max_iterations` of them, counting only
-the correctly classified samples with `--correct_samples_only`. This is the
-seed's protocol (learning rate 0, weight decay 0: nothing is updated). It
-trains nothing and writes, in its own run folder:
+computes `robust_sparse.flatness.augmented_flatness` in batches of
+`--batch_size`, at most `--max_iterations` of them, the loss counting only the
+correctly classified samples with `--correct_samples_only` (whose gradient
+terms are then divided by the accuracy, as the seed's notebook does).
+
+`--flatness_data=train` (default) is the seed's protocol (cdgyp/sparsity,
+`augmented_flatness_cifar10.sh`: the training loader, `model.train()`,
+learning rate 0 and weight decay 0): one epoch (or `--max_iterations`
+batches) of training batches in the engine's order for `--seed`, each
+prepared and augmented by `--augment` as a training step would see it (full
+batches only, as its `drop_last`), the model in training mode, the loss the
+batch mean of the cross-entropy with `--label_smoothing`, times
+`--flatness_loss_scale` (its AMP scale 65536 gives the logged values).
+`--flatness_data=test` is the toolkit's earlier measurement: the test set in
+order, inference mode, each sample's own plain cross-entropy. Nothing is
+trained; it writes, in its own run folder:
 
   augmented_flatness/iteration_<iteration>.csv
                           one per checkpoint: `block,term,value` rows
@@ -39,10 +50,12 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
+from data import augment as augment_lib
 from experiments.registry import EXPERIMENTS, Measurement
 from robust_sparse import files
 from robust_sparse import flatness as flatness_lib
 from robust_sparse.hparams import ModelHparams
+from robust_sparse.engine import index_stream
 from robust_sparse.steps import stream_seed
 
 FOLDER = "augmented_flatness"
@@ -79,6 +92,41 @@ def evaluation_batches(dataset, batch_size: int, seed: int) -> tf.data.Dataset:
         lambda index, batch: (prepare(batch[0], stream_seed(seed, 0, TEST_PREPARATION_STREAM,
                                                             index)), batch[1]))
   return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def training_batches(dataset, batch_size: int, seed: int, augment=None,
+                     max_iterations=None) -> tf.data.Dataset:
+  """Training batches as the engine's steps see them: (x, y) of `batch_size`, one epoch.
+
+  Batch i holds the indices the engine's stream gives iteration i for `seed`
+  (`engine.index_stream`), decoded, prepared (stream 4) and augmented
+  (stream 3) with that iteration's seeds; soft labels where the augmentation
+  mixes them. Full batches only: floor(n / batch_size) of them, or
+  `max_iterations`.
+  """
+  steps = len(dataset.y_train) // batch_size
+  if max_iterations is not None:
+    steps = min(steps, max_iterations)
+  if steps < 1:
+    raise ValueError(f"--batch_size={batch_size} is larger than the {len(dataset.y_train)} "
+                     "training examples: augmented_flatness measures full batches")
+  x_train = tf.convert_to_tensor(dataset.x_train)
+  y_train = tf.convert_to_tensor(dataset.y_train)
+  decode = dataset.decode
+
+  def load(iteration, indices):
+    x = tf.gather(x_train, indices)
+    if decode is not None:
+      x = tf.map_fn(decode, x, fn_output_signature=tf.float32)
+    y = tf.gather(y_train, indices)
+    if dataset.prepare is not None:
+      x = dataset.prepare(x, stream_seed(seed, iteration, 4))
+    if augment is not None:
+      x, y = augment(x, y, stream_seed(seed, iteration, 3))
+    return x, y
+
+  return (index_stream(len(dataset.y_train), batch_size, seed).take(steps).enumerate()
+          .map(load).prefetch(2))
 
 
 def _write_results_atomically(results, path):
@@ -171,8 +219,10 @@ class AugmentedFlatness(Measurement):
   def check(self, dataset, num_train):
     hp = self.hparams
     if hp.max_iterations is not None and hp.max_iterations < 1:
-      raise ValueError(f"--max_iterations must be >= 1 (unset: the whole test set), got "
-                       f"{hp.max_iterations}")
+      raise ValueError(f"--max_iterations must be >= 1 (unset: one epoch or the whole test "
+                       f"set), got {hp.max_iterations}")
+    if not hp.flatness_loss_scale > 0:
+      raise ValueError(f"--flatness_loss_scale must be positive, got {hp.flatness_loss_scale}")
     if not hp.pretrained_run:
       raise ValueError("augmented_flatness needs --pretrained_run=DIR, the finished run whose "
                        "checkpoints to measure")
@@ -205,7 +255,20 @@ class AugmentedFlatness(Measurement):
                        "activation layer) for augmented_flatness to measure; e.g. "
                        "--model=residual_mlp or a vit") from None
     logging.info("augmented flatness of blocks %s", ", ".join(b.name for b in blocks))
-    batches = evaluation_batches(runner.dataset, hp.batch_size, hp.seed)
+    seed_protocol = hp.flatness_data == "train"
+    if seed_protocol:
+      from experiments.runner import normalization_mean
+      augment = augment_lib.build(hp.augment, num_classes=runner.dataset.num_classes,
+                                  fill=normalization_mean(hp.normalize))
+      batches = training_batches(runner.dataset, hp.batch_size, hp.seed, augment,
+                                 hp.max_iterations)
+      protocol = dict(training=True, loss_reduction="mean",
+                      label_smoothing=hp.label_smoothing,
+                      loss_scale=hp.flatness_loss_scale)
+    else:
+      batches = evaluation_batches(runner.dataset, hp.batch_size, hp.seed)
+      protocol = dict(training=False, loss_reduction="sum", label_smoothing=0.0,
+                      loss_scale=hp.flatness_loss_scale)
     measured, computed = {}, 0
     for iteration, path in self._checkpoints:
       target = checkpoint_csv(runner.run_dir, iteration)
@@ -219,7 +282,7 @@ class AugmentedFlatness(Measurement):
                          f"does not fit --model={hp.model}: {str(e).splitlines()[0]}") from None
       results = flatness_lib.augmented_flatness(
           model, batches, correct_samples_only=hp.correct_samples_only,
-          max_iterations=hp.max_iterations)
+          max_iterations=hp.max_iterations, **protocol)
       _write_results_atomically(results, target)
       measured[iteration] = flatness_lib.read_csv(target)
       computed += 1

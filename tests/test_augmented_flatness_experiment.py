@@ -8,12 +8,14 @@ import re
 import shlex
 import shutil
 
+import numpy as np
 import pytest
 
 from experiments import flatness as experiment
 from experiments.runner import Runner, assign_weights, checkpoints, level_dir
 from models import build_model
 from robust_sparse import files, flatness
+from robust_sparse.engine import index_stream
 from robust_sparse.hparams import Hparams
 from tests.conftest import REPO, one_line_error, run_cli_batch
 
@@ -108,11 +110,18 @@ def test_every_checkpoint_is_measured_as_the_library_measures_it(example, digits
   assert [row["epoch"] for row in rows] == [round(i / 19, 6) for i in iterations]
 
   model = build_model("residual_mlp", digits.input_shape, digits.num_classes)
-  batches = [(digits.x_test[i:i + BATCH_SIZE], digits.y_test[i:i + BATCH_SIZE])
-             for i in range(0, MAX_ITERATIONS * BATCH_SIZE, BATCH_SIZE)]
+  hparams = Hparams.from_dict(files.read_json(os.path.join(run_dir, "hparams.json")))
+  assert hparams.flatness_data == "train"  # The seed's protocol, by default.
+  # The engine's first training batches for the run's seed (no --augment here).
+  batches = list(experiment.training_batches(digits, BATCH_SIZE, hparams.seed))
+  assert len(batches) == MAX_ITERATIONS or len(batches) == len(digits.y_train) // BATCH_SIZE
+  first = next(iter(index_stream(len(digits.y_train), BATCH_SIZE, hparams.seed)))
+  np.testing.assert_array_equal(batches[0][1], digits.y_train[first.numpy()])
   for (iteration, path), row in zip(saved, rows):
     assign_weights(model, files.load_arrays(path))
-    expected = flatness.augmented_flatness(model, batches, correct_samples_only=True)
+    expected = flatness.augmented_flatness(
+        model, batches, correct_samples_only=True, max_iterations=MAX_ITERATIONS,
+        label_smoothing=hparams.label_smoothing)
     written = flatness.read_csv(experiment.checkpoint_csv(run_dir, iteration))
     assert list(written) == list(expected)
     assert expected[flatness.SUMMARY]["batches"] == MAX_ITERATIONS
@@ -150,6 +159,25 @@ def test_a_rerun_measures_only_the_missing_checkpoint(example, digits, tmp_path,
       f"iteration_{i:08d}.csv" for i in (0, 19, 38)]
 
 
+def test_flatness_data_test_is_the_earlier_test_set_measurement(example, digits, tmp_path,
+                                                                monkeypatch):
+  folder, source, run_dir, _ = example
+  monkeypatch.chdir(folder)
+  runner = _measured_again(run_dir, tmp_path / "runs", digits, flatness_data="test")
+  model = build_model("residual_mlp", digits.input_shape, digits.num_classes)
+  iteration, path = checkpoints(level_dir(source, 0, 0))[-1]
+  assign_weights(model, files.load_arrays(path))
+  batches = [(digits.x_test[i:i + BATCH_SIZE], digits.y_test[i:i + BATCH_SIZE])
+             for i in range(0, MAX_ITERATIONS * BATCH_SIZE, BATCH_SIZE)]
+  expected = flatness.augmented_flatness(model, batches, correct_samples_only=True,
+                                         training=False, loss_reduction="sum")
+  written = flatness.read_csv(experiment.checkpoint_csv(runner.run_dir, iteration))
+  for block, terms in expected.items():
+    assert written[block] == pytest.approx(terms, rel=1e-12), block
+  seed = flatness.read_csv(experiment.checkpoint_csv(run_dir, iteration))
+  assert seed["average"]["key"] != pytest.approx(expected["average"]["key"])
+
+
 def test_a_run_with_only_initial_and_final_weights_says_how_to_get_more(example, digits,
                                                                         tmp_path, monkeypatch):
   folder, source, run_dir, _ = example
@@ -185,6 +213,8 @@ def test_bad_input_fails_in_one_line(example, tmp_path):
       (*base, "--model=conv-bn", f"--pretrained_run={conv}"): "--model=conv-bn has no MLP",
       (*base, "--model=residual_mlp", f"--pretrained_run={source}", "--max_iterations=0"):
           "max_iterations",
+      (*base, "--model=residual_mlp", f"--pretrained_run={source}",
+       "--flatness_loss_scale=0"): "--flatness_loss_scale",
   }
   outcomes = run_cli_batch(list(cases))
   for case, message in cases.items():
