@@ -5,9 +5,12 @@ into one that returns the gradient at the perturbed weights `w + e`:
 
 1. `g = grad L(w)` from `inner` (the clean pass: its logits and losses are
    the step's metrics);
-2. `e = rho * T^2 g / (||T g||_2 + 1e-12)`, the norm over every perturbed
-   weight; T = 1 for SAM (Foret et al.), T = |w| + eta for ASAM (Kwon et al.,
-   davda54/sam `adaptive=True`);
+2. `e = rho * m * T^2 g / (||T g||_2 + epsilon)`, the norm over every live
+   weight (see `perturbation`): T = 1 for SAM (Foret et al.); for ASAM (Kwon
+   et al.) T = |w| + eta on kernels and gamma, 1 on biases and beta (the
+   official code, `asam_rule="official"`) or T = |w| everywhere (davda54/sam
+   `adaptive=True`, `asam_rule="davda54"`); m = 1 except for SSAM, whose mask
+   multiplies `e` but not the norm's gradient (the original code);
 3. `g' = grad L(w + e)` from `inner` again, on the `w + e` tensors: the
    variables are never moved, so nothing has to be subtracted back (in
    float32 `(w + e) - e != w` for about 0.1 % of the weights);
@@ -17,7 +20,9 @@ The seed's released code zeroes `g'` before the base step (spec 4.1 [BUG]);
 that is not offered: standard SAM is what its paper and every peer run.
 
 Masks hold: a pruned weight's gradient is masked before the norm and the
-perturbation, so it gets no perturbation and stays exactly zero. With
+perturbation, so it gets no perturbation and stays exactly zero. (Pruned
+weights do not exist, so they leave the norm; SSAM's unperturbed weights do
+exist, so they stay in it.) With
 adversarial training, `adversarial(sharpness_aware(...))` runs both passes on
 the same adversarial batch. Batch-norm statistics come from the clean pass by
 default (google-research/sam); `bn_stats="second"` keeps the perturbed pass's,
@@ -38,45 +43,122 @@ from robust_sparse import distribute
 from robust_sparse import layers as layers_lib
 
 BN_STATS = ("first", "second", "both")
-# The norm's guard, as davda54/sam and google-research/sam (the seed uses 1e-7).
+ASAM_RULES = ("official", "davda54")
+SSAM_NORMS = ("full", "masked")
+# The norm's guard of each original: Mi-Peng's SAM / SSAM (spec 4.1, 4.2), the
+# official ASAM (SamsungLabs/ASAM), davda54/sam's `adaptive=True` (also
+# google-research/sam's).
+SAM_EPSILON = 1e-7
+ASAM_OFFICIAL_EPSILON = 1e-16
 NORM_EPSILON = 1e-12
+# Keras names of the variables that PyTorch calls `weight` (conv and linear
+# kernels, batch / layer norm gamma, embeddings): the official ASAM scales
+# only these by |w| + eta; biases, beta and other parameters get T = 1.
+_ASAM_WEIGHT_NAMES = ("kernel", "gamma", "embeddings")
+
+
+def is_asam_weight(variable) -> bool:
+  """True for a variable the official ASAM scales by `|w| + eta` (PyTorch's `*.weight`).
+
+  Kernels (dense, conv, depthwise, LoRA-free masked kernels), batch / layer
+  norm `gamma` and embeddings; False for biases, `beta` and anything else
+  (class tokens, position embeddings, mask logits), whose PyTorch names carry
+  no "weight".
+  """
+  name = (getattr(variable, "path", None) or getattr(variable, "name", "")).split("/")[-1]
+  name = name.split(":")[0]
+  return name.endswith(_ASAM_WEIGHT_NAMES)
+
+
+def check_asam_rule(rule: str):
+  if rule not in ASAM_RULES:
+    raise ValueError(f"--asam_rule must be one of {', '.join(ASAM_RULES)}, got {rule!r}")
 
 
 def perturbation(weights, grads, *, rho: float, adaptive: bool = False, eta: float = 0.01,
-                 masks=None):
-  """SAM's / ASAM's ascent step `e` for each weight (None where its gradient is None).
+                 masks=None, sparse_masks=None, asam_rule: str = "official",
+                 asam_weights=None, sparse_norm: str = "full", epsilon=None):
+  """SAM's / ASAM's / SSAM's ascent step `e` for each weight (None where its gradient is None).
+
+  `e = rho * m * T^2 g / (||T g|| + epsilon)`, the norm over every weight:
+
+  - SAM: T = 1 (Foret et al.; Mi-Peng's `first_step`, epsilon 1e-7);
+  - ASAM, `asam_rule="official"` (SamsungLabs/ASAM): T = |w| + eta for the
+    weights `asam_weights` marks (kernels, gamma), T = 1 for the others
+    (biases, beta), epsilon 1e-16; `"davda54"` (davda54/sam `adaptive=True`):
+    T = |w| for every weight, no eta, epsilon 1e-12;
+  - SSAM (`sparse_masks` m): the full gradient's norm, so `||e|| <= rho` (both
+    Mi-Peng repositories' `first_step`, spec 4.2); `sparse_norm="masked"`
+    normalises the masked gradient instead (`||e|| = rho`).
 
   Args:
     weights: weight tensors w.
     grads: their gradients g (None for weights that get none).
     rho: the neighbourhood radius (of `T^-1 e` for ASAM).
-    adaptive: ASAM's elementwise scaling T = |w| + eta.
-    eta: ASAM's eta.
-    masks: per weight, None or a 0/1 tensor: the perturbation keeps to it
-      (pruned weights, sparse perturbations); the norm is over the masked
-      gradient, so `||e|| = rho` over the weights that move.
+    adaptive: ASAM's elementwise scaling.
+    eta: the official ASAM's eta.
+    masks: per weight, None or a 0/1 tensor: pruning masks. A pruned weight
+      does not exist: its gradient is left out of the norm and it gets no
+      perturbation.
+    sparse_masks: per weight, None or a 0/1 tensor: SSAM's perturbation masks
+      (only `e` is masked, the norm is `sparse_norm`'s).
+    asam_rule: "official" or "davda54".
+    asam_weights: per weight, whether the official rule scales it (default:
+      every weight).
+    sparse_norm: "full" (the originals) or "masked".
+    epsilon: the norm's guard; None: the original's for the method (above).
 
   Returns:
     A list of tensors (or None) matching `weights`.
+
+  Raises:
+    ValueError: an unknown `asam_rule` or `sparse_norm`.
   """
-  masks = masks if masks is not None else [None] * len(weights)
-  scaled = []
-  for w, g, m in zip(weights, grads, masks):
+  check_asam_rule(asam_rule)
+  if sparse_norm not in SSAM_NORMS:
+    raise ValueError(f"--ssam_norm must be one of {', '.join(SSAM_NORMS)}, got "
+                     f"{sparse_norm!r}")
+  count = len(weights)
+  masks = masks if masks is not None else [None] * count
+  sparse_masks = sparse_masks if sparse_masks is not None else [None] * count
+  asam_weights = asam_weights if asam_weights is not None else [True] * count
+  if epsilon is None:
+    epsilon = (SAM_EPSILON if not adaptive else
+               ASAM_OFFICIAL_EPSILON if asam_rule == "official" else NORM_EPSILON)
+  parts = []
+  for w, g, m, s, scaled in zip(weights, grads, masks, sparse_masks, asam_weights):
     if g is None:
-      scaled.append(None)
+      parts.append(None)
       continue
     g = tf.cast(g, tf.float32)
     if m is not None:
       g = g * tf.cast(m, g.dtype)
-    scale = tf.abs(tf.cast(w, tf.float32)) + eta if adaptive else None
-    scaled.append((g, scale))
-  norm = tf.sqrt(tf.add_n([tf.constant(0.0)] + [
-      tf.reduce_sum(tf.square(g if t is None else t * g)) for g, t in
-      (s for s in scaled if s is not None)]))
-  factor = rho / (norm + NORM_EPSILON)
-  return [None if s is None else
-          tf.cast((s[0] if s[1] is None else tf.square(s[1]) * s[0]) * factor, w.dtype)
-          for w, s in zip(weights, scaled)]
+    t = None
+    if adaptive and asam_rule == "davda54":
+      t = tf.abs(tf.cast(w, tf.float32))
+    elif adaptive and scaled:
+      t = tf.abs(tf.cast(w, tf.float32)) + eta
+    s = None if s is None else tf.cast(s, tf.float32)
+    parts.append((g, t, s))
+  squares = []
+  for g, t, s in (p for p in parts if p is not None):
+    normed = g if t is None else t * g
+    if s is not None and sparse_norm == "masked":
+      normed = normed * s
+    squares.append(tf.reduce_sum(tf.square(normed)))
+  norm = tf.sqrt(tf.add_n([tf.constant(0.0)] + squares))
+  factor = rho / (norm + epsilon)
+  out = []
+  for w, p in zip(weights, parts):
+    if p is None:
+      out.append(None)
+      continue
+    g, t, s = p
+    e = (g if t is None else tf.square(t) * g) * factor
+    if s is not None:
+      e = e * s
+    out.append(tf.cast(e, w.dtype))
+  return out
 
 
 def _split(tensor, splits):
@@ -100,11 +182,15 @@ def _merge(parts):
 
 
 def check_options(*, rho: float, bn_stats: str = "first", batch_splits: int = 1,
-                  batch_size: Optional[int] = None):
+                  batch_size: Optional[int] = None, asam_rule: str = "official",
+                  ssam_norm: str = "full"):
   """Raises a ValueError naming the flag unless the SAM options are valid.
 
   `batch_size`, when given, must be divisible by `batch_splits`.
   """
+  check_asam_rule(asam_rule)
+  if ssam_norm not in SSAM_NORMS:
+    raise ValueError(f"--ssam_norm must be one of {', '.join(SSAM_NORMS)}, got {ssam_norm!r}")
   if not rho > 0:
     raise ValueError(f"--rho must be > 0, got {rho}")
   if bn_stats not in BN_STATS:
@@ -117,7 +203,8 @@ def check_options(*, rho: float, bn_stats: str = "first", batch_splits: int = 1,
 
 
 def sharpness_aware(inner, model, *, rho: float = 0.05, adaptive: bool = False,
-                    eta: float = 0.01, bn_stats: str = "first", batch_splits: int = 1,
+                    eta: float = 0.01, asam_rule: str = "official", ssam_norm: str = "full",
+                    bn_stats: str = "first", batch_splits: int = 1,
                     mask_fn: Optional[Callable] = None,
                     implicit_mask_fn: Optional[Callable] = None, sync: bool = False):
   """Wraps the `LossGradFn` `inner` into SAM (or ASAM): gradients at `w + e`.
@@ -126,16 +213,20 @@ def sharpness_aware(inner, model, *, rho: float = 0.05, adaptive: bool = False,
     inner: the loss-and-gradients function to sharpen.
     model: the model whose `trainable_variables` the weight lists follow (for
       the pruning masks).
-    rho, adaptive, eta: see `perturbation`.
+    rho, adaptive, eta, asam_rule: see `perturbation`.
+    ssam_norm: `perturbation`'s `sparse_norm`: "full" (the originals: the
+      norm of the whole gradient, `||e|| <= rho`) or "masked".
     bn_stats: whose batch-norm statistics to keep: "first" (clean pass),
       "second" (perturbed pass) or "both" (first, then second).
     batch_splits: m of m-sharpness; the batch size must be divisible by it.
     mask_fn: `() -> list` of per-weight perturbation masks (None entries for
-      dense ones), e.g. SSAM's Fisher masks, combined with the pruning masks.
+      dense ones), e.g. SSAM's Fisher masks; `e` is zero outside them (and
+      outside the pruning masks).
     implicit_mask_fn: `() -> list` of per-weight masks for SSAM's implicit
       sparse perturbation (spec 4.4): the ascent pass back-propagates input
-      gradients of each masked layer through `kernel * mask` (its kernel's
-      entry), while `e` itself stays dense.
+      gradients of each convolution through `kernel * mask` (its kernel's
+      entry), while `e` itself stays dense. As the seed's SAMConv, only
+      convolutions take part: dense layers (the classifier) stay dense.
     sync: on the replicas of a `tf.distribute` strategy, the perturbation of
       the gradient summed over them (`--sam_sync`), not of each shard's own.
       Nothing changes on one device.
@@ -146,23 +237,18 @@ def sharpness_aware(inner, model, *, rho: float = 0.05, adaptive: bool = False,
   Raises:
     ValueError: rho <= 0, an unknown `bn_stats`, or batch_splits < 1.
   """
-  check_options(rho=rho, bn_stats=bn_stats, batch_splits=batch_splits)
+  check_options(rho=rho, bn_stats=bn_stats, batch_splits=batch_splits, asam_rule=asam_rule,
+                ssam_norm=ssam_norm)
   variables = model.trainable_variables
   pruning = pruning_masks(model)
+  asam_weights = [is_asam_weight(v) for v in variables]
 
   def masks():
-    extra = mask_fn() if mask_fn is not None else [None] * len(variables)
-    combined = []
-    for p, m in zip(pruning, extra):
-      if p is None:
-        combined.append(m)
-      else:
-        p = tf.convert_to_tensor(p.value)
-        combined.append(p if m is None else p * tf.cast(m, p.dtype))
-    return combined
+    return [None if p is None else tf.convert_to_tensor(p.value) for p in pruning]
 
   kernel_layers = {id(layer.raw_kernel): layer.name
-                   for layer in layers_lib.masked_layers(model)}
+                   for layer in layers_lib.masked_layers(model)
+                   if isinstance(layer, layers_lib.MaskedConv2D)}
 
   def ascent(trainable, non_trainable, batch):
     if implicit_mask_fn is None:
@@ -176,7 +262,9 @@ def sharpness_aware(inner, model, *, rho: float = 0.05, adaptive: bool = False,
     grads, first_nt, aux = ascent(trainable, non_trainable, batch)
     if sync:
       grads = distribute.all_reduce_sum(grads)
-    e = perturbation(trainable, grads, rho=rho, adaptive=adaptive, eta=eta, masks=masks())
+    e = perturbation(trainable, grads, rho=rho, adaptive=adaptive, eta=eta, masks=masks(),
+                     sparse_masks=mask_fn() if mask_fn is not None else None,
+                     asam_rule=asam_rule, asam_weights=asam_weights, sparse_norm=ssam_norm)
     perturbed = [w if d is None else w + d for w, d in zip(trainable, e)]
     start = first_nt if bn_stats == "both" else non_trainable
     sharp_grads, second_nt, sharp_aux = inner(perturbed, start, batch)
@@ -275,10 +363,10 @@ def measure_sharpness(model, x, y, *, rho: float, batch_size: int):
     grads = [tf.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
     total_loss += loss
     total_grad = [t + g for t, g in zip(total_grad, grads)]
-    e = perturbation(weights, grads, rho=rho, masks=masks)
+    e = perturbation(weights, grads, rho=rho, masks=masks, epsilon=NORM_EPSILON)
     m_sum += (loss_sum(shifted(e), xb, yb) - loss) / float(size)
   used = float(batches * size)
-  e = perturbation(weights, total_grad, rho=rho, masks=masks)
+  e = perturbation(weights, total_grad, rho=rho, masks=masks, epsilon=NORM_EPSILON)
   perturbed = shifted(e)
   total_perturbed = tf.constant(0.0)
   for b in tf.range(batches):

@@ -12,6 +12,11 @@ When (spec 4.2 / 4.3): at the first batch of every epoch `e` with
 `e * steps_per_epoch + 1`; `refresh_points` lists them so the runner can stop
 its compiled chunks there.
 
+Implicit sparse perturbation (`FisherMasks(..., implicit=True)`, spec 4.4)
+refreshes *before* the first batch of every due epoch instead (iteration
+`e * steps_per_epoch`, epoch 0 included, so the first step already uses a
+Fisher mask), and its masks start at ones, as the seed's SAMConv.
+
 - SSAM-F (`FisherMasks`): masks start all zero (the first epoch's first step
   is plain SGD at SAM's cost, as the seed); a refresh sums squared
   single-example gradients over `num_samples` training examples drawn without
@@ -65,15 +70,24 @@ class PerturbationMasks:
     """The current masks as tensors (`sharpness_aware`'s `mask_fn`)."""
     return [tf.convert_to_tensor(m) for m in self.masks]
 
+  # Iterations into a due epoch after which its refresh comes: 1 (after the
+  # epoch's first step, SSAM-F / SSAM-D) or 0 (before it, implicit).
+  refresh_offset = 1
+
   def refresh_points(self, total_iterations: int, steps_per_epoch: int) -> List[int]:
-    """Iterations after which a refresh is due (after the first batch of each due epoch)."""
+    """Iterations after which a refresh is due (after, or for `refresh_offset` 0 before,
+    the first batch of each due epoch; 0 means before the first step)."""
     points = []
     epoch = 0
     while epoch * steps_per_epoch + 1 <= total_iterations:
       if epoch % self.update_freq == 0:
-        points.append(epoch * steps_per_epoch + 1)
+        points.append(epoch * steps_per_epoch + self.refresh_offset)
       epoch += 1
     return points
+
+  def epoch_at(self, iteration: int, steps_per_epoch: int) -> int:
+    """The epoch whose refresh comes after `iteration` (a point of `refresh_points`)."""
+    return (iteration - self.refresh_offset) // steps_per_epoch
 
   def lived_weight(self) -> float:
     """The fraction of perturbed entries (the seed's "Mask Lived Weight")."""
@@ -100,13 +114,17 @@ class FisherMasks(PerturbationMasks):
     num_samples: examples in each Fisher estimate.
     sparsity, pattern, n, m, nm_conv_layout: as `ssam.fisher_masks`.
     update_freq: refresh every this many epochs.
+    implicit: the masks of implicit sparse perturbation (start at ones,
+      refresh before the due epoch's first batch; see the module docstring).
   """
 
   def __init__(self, model, loss, *, augment: Optional[Callable], num_samples: int,
                sparsity: float, pattern: str, n: Optional[int] = None,
                m: Optional[int] = None, nm_conv_layout: str = "correct",
-               update_freq: int = 5):
+               update_freq: int = 5, implicit: bool = False):
     super().__init__(model, update_freq=update_freq)
+    self.implicit = bool(implicit)
+    self.refresh_offset = 0 if self.implicit else 1
     ssam.check_sparsity(sparsity)
     if pattern == "nm":
       ssam.check_nm(n, m)
@@ -120,7 +138,8 @@ class FisherMasks(PerturbationMasks):
 
   def initialize(self, seed: int):
     del seed
-    self._assign([tf.zeros(m.shape) for m in self.masks])
+    fill = tf.ones if self.implicit else tf.zeros
+    self._assign([fill(m.shape) for m in self.masks])
 
   def refresh(self, epoch: int, seed: int, batch_fn: Callable):
     """Recomputes the masks from `num_samples` examples of `batch_fn("sample", ...)`."""
