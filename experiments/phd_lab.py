@@ -6,10 +6,19 @@ receptive_field`, spec 5.5: conv and max-pool layers in call order, skip paths
 ignored) and `computational_info.json` (MACs, FLOPs, parameters; an analytic
 count of the conv and dense layers). It trains nothing.
 
+`computational_info.json` is phd-lab's: "flops", "macs", "params" and
+"total flops" = macs * 2 * 3 * samples * epochs, where samples is what
+phd-lab counts per epoch, its training loader's batches times the nominal
+batch size (50048 = 782 x 64 for CIFAR-10 at batch 64), and epochs is
+`--epochs` (phd-lab's 30 when unset).
+
 `--experiment=probes --pretrained_run=DIR` fits a linear probe on the output
 of every conv and dense layer of the finished run DIR (its trial 0, level 0):
 the latents of the training set (training mode unless
-`--noprobe_train_mode`, as phd-lab) and of the test set, adaptive-average-
+`--noprobe_train_mode`; read as phd-lab's training loader gives it:
+shuffled, augmented with `--augment`, in batches of `--probe_batch_size`,
+default `--batch_size`; `--noprobe_augment`: un-augmented, in order) and
+of the test set (inference mode), adaptive-average-
 pooled to DxD for each D of `--probe_pool`, stored as `.npy` under
 `latents_<D>/`, then scikit-learn's multinomial saga logistic regression per
 layer (`--probe_jobs` in parallel), cached per layer, so a re-run fits only
@@ -21,12 +30,26 @@ what is missing. Results: `<D>x<D>_probe_performances.csv`
 during training (`--measure`).
 """
 
+import math
 import os
 
+import numpy as np
+import tensorflow as tf
+
+from data import augment as augment_lib
 from experiments.registry import EXPERIMENTS, Measurement
 from robust_sparse import files
 from robust_sparse import probes as probes_lib
 from robust_sparse import receptive_field as receptive_field_lib
+
+
+# phd-lab's DEFAULT_CONFIG epochs (the paper's configs: 30, 60 for resnet50).
+PHD_LAB_EPOCHS = 30
+
+
+def phd_lab_samples(num_train: int, batch_size: int) -> int:
+  """Training samples per epoch as phd-lab counts them: len(train loader) x batch size."""
+  return math.ceil(int(num_train) / int(batch_size)) * int(batch_size)
 
 
 @EXPERIMENTS.register("receptive_field")
@@ -38,9 +61,10 @@ class ReceptiveField(Measurement):
     rows = receptive_field_lib.receptive_fields(model)
     path = os.path.join(runner.run_dir, "receptive_field.csv")
     receptive_field_lib.write_receptive_field_csv(path, rows)
+    hp = self.hparams
     info = receptive_field_lib.computational_info(
-        model, n_samples=runner.num_train,
-        epochs=int(self.hparams.epochs or 1))
+        model, n_samples=phd_lab_samples(runner.num_train, hp.batch_size),
+        epochs=int(hp.epochs or PHD_LAB_EPOCHS))
     files.write_json(os.path.join(runner.run_dir, "computational_info.json"), info)
     return f"receptive field of the last conv layer: {rows[-1].receptive_field}"
 
@@ -81,20 +105,56 @@ def check_probe_settings(hp, dataset):
                        "integers >= 1")
 
 
+def probe_training_batches(hp, dataset):
+  """The training set as the probes read it: `(batches, count, source)`.
+
+  With `--probe_augment` (default), phd-lab's training loader: a shuffled
+  permutation of every training example (seeded by `--seed`), batches of
+  `--probe_batch_size` (default `--batch_size`) with a smaller last one, each
+  augmented with `--augment` under its own stateless seed. Otherwise the
+  arrays in order, in batches of 256.
+  """
+  if not hp.probe_augment:
+    return (dataset.x_train, dataset.y_train), len(dataset.y_train), {"augment": None}
+  from experiments.runner import normalization_mean
+  batch_size = int(hp.probe_batch_size or hp.batch_size)
+  augment = augment_lib.build(hp.augment, num_classes=dataset.num_classes,
+                              fill=normalization_mean(hp.normalize))
+  count = len(dataset.y_train)
+  order = np.random.default_rng([hp.seed, 4]).permutation(count)
+
+  def batches():
+    for index, start in enumerate(range(0, count, batch_size)):
+      chosen = order[start:start + batch_size]
+      x = tf.convert_to_tensor(np.asarray(dataset.x_train[chosen], np.float32))
+      y = tf.convert_to_tensor(np.asarray(dataset.y_train[chosen]))
+      if augment is not None:
+        x, y = augment(x, y, tf.constant([hp.seed, index], tf.int64))
+      yield x, y
+
+  source = {"augment": hp.augment, "batch_size": batch_size, "seed": hp.seed}
+  return batches(), count, source
+
+
 def fit_probes(hp, model, dataset, out_dir) -> str:
   """Latents and probes of every layer of `model` for each `--probe_pool`, into `out_dir`.
 
   Returns:
     One line per pool size: the last layer's probe accuracies.
   """
+  def extract(folder, pool):
+    data, count, source = probe_training_batches(hp, dataset)
+    probes_lib.extract_latents(model, data, folder, split="train", pool=pool,
+                               training=hp.probe_train_mode, num_examples=count,
+                               source=source)
+    probes_lib.extract_latents(model, (dataset.x_test, dataset.y_test), folder,
+                               split="eval", pool=pool, training=False)
+
   lines = []
   for pool in (int(p) for p in hp.probe_pool):
     folder = os.path.join(out_dir, f"latents_{pool}")
     try:
-      probes_lib.extract_latents(model, (dataset.x_train, dataset.y_train), folder,
-                                 split="train", pool=pool, training=hp.probe_train_mode)
-      probes_lib.extract_latents(model, (dataset.x_test, dataset.y_test), folder,
-                                 split="eval", pool=pool, training=False)
+      extract(folder, pool)
     except ValueError as e:
       raise ValueError(f"--probe_pool={pool}: {e}") from None
     csv = os.path.join(out_dir, probes_lib.probe_csv_name(pool))
@@ -104,10 +164,7 @@ def fit_probes(hp, model, dataset, out_dir) -> str:
                  f"eval {last['eval_acc']:.4f}")
   if hp.pixelwise_probes:
     folder = os.path.join(out_dir, "latents_full")
-    probes_lib.extract_latents(model, (dataset.x_train, dataset.y_train), folder,
-                               split="train", pool=None, training=hp.probe_train_mode)
-    probes_lib.extract_latents(model, (dataset.x_test, dataset.y_test), folder,
-                               split="eval", pool=None, training=False)
+    extract(folder, None)
     probes_lib.train_pixelwise_probes(
         folder, output_csv=os.path.join(out_dir, probes_lib.probe_csv_name(None)),
         n_jobs=hp.probe_jobs)
@@ -115,5 +172,8 @@ def fit_probes(hp, model, dataset, out_dir) -> str:
   files.write_json(os.path.join(out_dir, "probes.json"),
                    {"source": hp.pretrained_run or out_dir,
                     "pools": [int(p) for p in hp.probe_pool],
-                    "train_mode": hp.probe_train_mode, "pixelwise": hp.pixelwise_probes})
+                    "train_mode": hp.probe_train_mode, "augment": hp.probe_augment,
+                    "batch_size": (int(hp.probe_batch_size or hp.batch_size)
+                                   if hp.probe_augment else 256),
+                    "pixelwise": hp.pixelwise_probes})
   return "\n".join(lines)

@@ -13,7 +13,10 @@ information (Richter et al., "Size matters").
    `adaptive_avg_pool2d`) and flattened channel-major (C, d, d) as the seed's
    `view`; `pool=None` keeps whole maps [n, H, W, C] for pixel-wise probes.
    The "train" split runs in training mode by default, as the seed (batch
-   statistics, dropout); the model's variables are never changed.
+   statistics, dropout); the model's variables are never changed. Its
+   batches may be an iterable (the seed reads the training set through its
+   shuffled, augmented training loader, whose batch size sets the batch
+   statistics); `experiments/phd_lab.py` builds that.
 2. `train_probes` fits scikit-learn's `LogisticRegression` (multinomial, saga,
    C 1.0, max_iter 100, tol 1e-4, no feature scaling, as the seed) per layer
    in parallel (joblib), caches each layer's result in `probes/<layer>.json`
@@ -111,6 +114,7 @@ def extract_latents(model: keras.Model, data, folder: str, *, split: str,
                     pool: Optional[int] = 4, training: Optional[bool] = None,
                     layers: Optional[Sequence[str]] = None, batch_size: int = 256,
                     num_examples: Optional[int] = None, upsample_small_maps: bool = True,
+                    source: Optional[Dict[str, object]] = None,
                     overwrite: bool = False) -> Dict[str, str]:
   """Stores every conv and dense layer's output over a data set as `.npy` files.
 
@@ -132,8 +136,11 @@ def extract_latents(model: keras.Model, data, folder: str, *, split: str,
     upsample_small_maps: pool maps smaller than `pool` as PyTorch does,
       repeating pixels (the seed's `-d 4` on vgg16 at 32 px meets 2x2 maps);
       False makes them an error.
+    source: how the batches were made (e.g. augmentation and batch size),
+      JSON-serialisable; stored with the split, whose latents are extracted
+      again when it differs.
     overwrite: extract again even when the split is stored for the same
-      layers and pool.
+      layers, pool, mode and source.
 
   Returns:
     layer name (and "labels") -> file path.
@@ -168,8 +175,9 @@ def extract_latents(model: keras.Model, data, folder: str, *, split: str,
                        f"({manifest.get('pool')}); use another folder or overwrite=True")
     manifest = {}
   done = manifest.get("splits", {}).get(split)
-  if done and done.get("training") == training and not overwrite and all(
-      os.path.exists(p) for p in paths.values()):
+  source = dict(source or {})
+  if done and done.get("training") == training and done.get("source", {}) == source and (
+      not overwrite) and all(os.path.exists(p) for p in paths.values()):
     return paths
 
   if isinstance(data, tuple) and len(data) == 2:
@@ -201,7 +209,9 @@ def extract_latents(model: keras.Model, data, folder: str, *, split: str,
           files[name] = np.lib.format.open_memmap(_partial(paths[name]), "w+", np.float32,
                                                   (count,) + value.shape[1:])
         files[name][offset:offset + size] = value
-      labels[offset:offset + size] = np.asarray(y).reshape(-1)
+      y = np.asarray(y)
+      # Soft labels (mixup, cutmix) count as their largest class, as the seed's argmax.
+      labels[offset:offset + size] = (y.argmax(-1) if y.ndim == 2 else y).reshape(-1)
       offset += size
     if offset != count:
       raise ValueError(f"data held {offset} examples, expected {count}")
@@ -216,7 +226,8 @@ def extract_latents(model: keras.Model, data, folder: str, *, split: str,
       if os.path.exists(path):
         os.remove(path)
   manifest.update(layers=names, pool=pool)
-  manifest.setdefault("splits", {})[split] = {"training": training, "examples": count}
+  manifest.setdefault("splits", {})[split] = {"training": training, "examples": count,
+                                              "source": source}
   write_json(os.path.join(folder, MANIFEST), manifest)
   return paths
 

@@ -314,16 +314,20 @@ def computational_info(model, input_shape: Optional[Sequence[int]] = None, *,
 
   Args:
     model, input_shape: see `compute_cost`.
-    n_samples: training examples per epoch.
+    n_samples: training samples per epoch as phd-lab counts them (its
+      loader's batches times the batch size: 50048 for CIFAR-10 at 64).
     epochs: training epochs.
 
   Returns:
-    flops, macs, params, total_flops = macs * 2 * 3 * n_samples * epochs (a
-    forward and a backward pass of about twice its cost, per example and
-    epoch, as phd-lab), and their strings.
+    phd-lab's keys: "flops", "macs", "params" and "total flops" = macs * 2 *
+    3 * n_samples * epochs (a forward and a backward pass of about twice its
+    cost, per sample and epoch), their strings ("flops_str", ...), and the
+    "n_samples" and "epochs" used.
   """
   cost = compute_cost(model, input_shape)
   total = cost["macs"] * 2 * 3 * int(n_samples) * int(epochs)
-  return dict(cost, total_flops=total, flops_str=_human(cost["flops"], "Flop"),
-              macs_str=_human(cost["macs"], "Mac"), params_str=_human(cost["params"], ""),
-              total_flops_str=_human(total, "Flop"))
+  return {"flops": cost["flops"], "macs": cost["macs"], "params": cost["params"],
+          "total flops": total, "flops_str": _human(cost["flops"], "Flop"),
+          "macs_str": _human(cost["macs"], "Mac"), "params_str": _human(cost["params"], ""),
+          "total flops_str": _human(total, "Flop"), "n_samples": int(n_samples),
+          "epochs": int(epochs)}

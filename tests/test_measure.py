@@ -1,6 +1,7 @@
 """`--measure=saturation` in the runner: fed from the training step, equal to NumPy, resumable."""
 
 import glob
+import json
 import os
 
 import numpy as np
@@ -14,19 +15,20 @@ from robust_sparse.engine import index_stream
 from robust_sparse.hparams import Hparams
 
 
-def _expected(layer_outputs, delta=0.99):
+def _expected(layer_outputs, delta=0.99, rule="delve"):
   centred = layer_outputs - layer_outputs.mean(0)
   covariance = centred.T @ centred / len(layer_outputs)
-  k = saturation.intrinsic_dimensionality(np.linalg.eigvalsh(covariance), delta)
+  k = saturation.intrinsic_dimensionality(np.linalg.eigvalsh(covariance), delta, rule)
   return k / layer_outputs.shape[1], k
 
 
-def test_runner_saturation_equals_numpy_on_the_batches_it_trained_on(tmp_path):
+@pytest.mark.parametrize("rule", ["delve", "intended"])
+def test_runner_saturation_equals_numpy_on_the_batches_it_trained_on(tmp_path, rule):
   digits = load_dataset("sklearn_digits", None, 300)
   hp = Hparams(dataset="sklearn_digits", model="dense-300-100", experiment="train", trials=1,
                train_iters=20, eval_every=10, batch_size=60, learning_rate=0.0,
                measure=("saturation",), attack="fgsm", adv_train=True, eps=0.1,
-               sharpness_examples=0)
+               sharpness_examples=0, saturation_rule=rule)
   run_dir = Runner(hp, digits, str(tmp_path), progress=False).run()
   rows = open(os.path.join(level_dir(run_dir, 0, 0), "train.csv")).read().splitlines()
   header = rows[0].split(",")
@@ -44,10 +46,10 @@ def test_runner_saturation_equals_numpy_on_the_batches_it_trained_on(tmp_path):
   test_outputs = taps(tf.constant(digits.x_test), training=False)[1:]
   for name, train, test in zip(["hidden_1", "hidden_2", "output"], train_outputs,
                                test_outputs):
-    value, k = _expected(np.asarray(train, np.float64))
+    value, k = _expected(np.asarray(train, np.float64), rule=rule)
     assert second[f"train-saturation_{name}"] == pytest.approx(value)
     assert second[f"train-intrinsic-dimensionality_{name}"] == k
-    value, k = _expected(np.asarray(test, np.float64))
+    value, k = _expected(np.asarray(test, np.float64), rule=rule)
     assert second[f"eval-saturation_{name}"] == pytest.approx(value)
 
 
@@ -90,7 +92,13 @@ def test_probes_receptive_fields_and_the_layer_figures(tmp_path):
   fields.run()
   rows = open(os.path.join(fields.run_dir, "receptive_field.csv")).read().splitlines()
   assert [row.split(";")[-1] for row in rows[1:]] == ["3.0", "5.0"]
-  assert os.path.exists(os.path.join(fields.run_dir, "computational_info.json"))
+  with open(os.path.join(fields.run_dir, "computational_info.json")) as f:
+    info = json.load(f)
+  # phd-lab counts its loader's batches x the batch size, 30 epochs unless set.
+  assert info["n_samples"] == -(-fields.num_train // 32) * 32 != fields.num_train
+  assert info["total flops"] == info["macs"] * 2 * 3 * info["n_samples"] * 30
+  with open(os.path.join(trained, "probes.json")) as f:
+    assert json.load(f)["batch_size"] == 32  # The training loader's, as phd-lab.
   study = load.load_study(str(tmp_path))
   report.write_analysis(study, str(tmp_path / "analysis"), source=str(tmp_path))
   figures = tmp_path / "analysis" / "figures"

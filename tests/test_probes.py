@@ -141,3 +141,40 @@ def test_pixelwise_probes_one_per_position(tmp_path):
   probes.extract_latents(model, _data(8, 1), pooled, split="eval", pool=2)
   with pytest.raises(ValueError, match="pool=None"):
     probes.train_pixelwise_probes(pooled)
+
+
+def test_training_latents_come_from_the_augmented_loader_at_the_training_batch(tmp_path):
+  import types
+  from experiments.phd_lab import probe_training_batches
+  from robust_sparse.hparams import Hparams
+  x_train, y_train = _data(150, 0)
+  dataset = types.SimpleNamespace(x_train=x_train, y_train=y_train, num_classes=3)
+  hp = Hparams(augment="flip", batch_size=64, seed=3)
+  batches, count, source = probe_training_batches(hp, dataset)
+  batches = list(batches)
+  assert count == 150 and source == {"augment": "flip", "batch_size": 64, "seed": 3}
+  assert [len(y) for _, y in batches] == [64, 64, 22]  # phd-lab's loader: a smaller last one.
+  labels = np.concatenate([y.numpy() for _, y in batches])
+  assert sorted(labels) == sorted(y_train) and not np.array_equal(labels, y_train)  # Shuffled.
+  images = np.concatenate([x.numpy() for x, _ in batches])
+  order = np.random.default_rng([3, 4]).permutation(150)
+  flipped = np.all(images == x_train[order][:, :, ::-1], axis=(1, 2, 3))
+  assert 0 < flipped.sum() < 150  # Some images flipped, each either as it was or mirrored.
+  assert np.all(flipped | np.all(images == x_train[order], axis=(1, 2, 3)))
+
+  # Train-mode batch norm sees batches of 64: the latents differ from batches of 150.
+  model = _model()
+  folder = str(tmp_path / "latents")
+  paths = probes.extract_latents(model, iter(batches), folder, split="train", pool=2,
+                                 num_examples=count, source=source)
+  np.testing.assert_array_equal(np.load(paths["labels"]), labels)
+  loader = np.load(paths["dense"])
+  whole = probes.extract_latents(model, (images, labels), str(tmp_path / "whole"),
+                                 split="train", pool=2, batch_size=150)
+  assert not np.allclose(loader, np.load(whole["dense"]), atol=1e-4)
+  # Another source (the old un-augmented, in-order extraction) is extracted again.
+  old, count, source = probe_training_batches(
+      Hparams(augment="flip", batch_size=64, seed=3, probe_augment=False), dataset)
+  assert source == {"augment": None} and count == 150
+  paths = probes.extract_latents(model, old, folder, split="train", pool=2, source=source)
+  np.testing.assert_array_equal(np.load(paths["labels"]), y_train)

@@ -101,7 +101,7 @@ def test_compute_cost_counts_conv_and_dense_multiply_accumulates():
   bigger = compute_cost(model, (16, 16, 3))
   assert bigger["macs"] == 4 * (6912 + 1536) + 60
   info = computational_info(model, n_samples=100, epochs=2)
-  assert info["total_flops"] == macs * 2 * 3 * 100 * 2
+  assert info["total flops"] == macs * 2 * 3 * 100 * 2
 
 
 def test_masks_are_not_parameters():
