@@ -59,7 +59,10 @@ seed's forward does, without changing any state. With t = 0 the update is
 1[alpha > 0] whatever M holds: the plain gate is the t = 0 case.
 
 Mask dropout (`mask_dropout` p, AutoReP's fine-tuning option): in a training
-call, with probability p the whole site computes plain relu(x). The draw is
+call, with probability p the whole site computes plain relu(x). As in AutoReP,
+only `identity_relu_grad`, `poly`, `autopoly1` and `autopoly2` have it
+(`has_mask_dropout`); AutoReP's `ReLU_masked` and trainable polynomials accept
+the ratio and ignore it, and so do `identity` and `trainable_poly*`. The draw is
 stateless: a pure function of (`seed`, the layer's name, the number of
 training calls so far), the last held in the non-trainable int64 weight
 `training_calls`. That weight is saved with the model and the engine's
@@ -179,10 +182,13 @@ class _Replacement:
 
   `make` may add weights to the layer (the trainable polynomials).
   `needs_site`: g depends on the layer's `site`, which must then be one of
-  `SITES`.
+  `SITES`. `mask_dropout`: the replacement has AutoReP's mask dropout (its
+  spgrad, poly and autopoly modules, relay variants included); the others
+  (`ReLU_masked`, the trainable polynomials of af8dc5a) ignore the ratio.
   """
   make: Callable
   needs_site: bool = False
+  mask_dropout: bool = True
 
 
 REPLACEMENTS: Registry[_Replacement] = Registry("relu replacement")
@@ -233,15 +239,23 @@ def _make_trainable_poly(degree):
   return make
 
 
-REPLACEMENTS.register("identity")(_Replacement(lambda layer, channels: _identity))
+REPLACEMENTS.register("identity")(_Replacement(lambda layer, channels: _identity,
+                                               mask_dropout=False))
 REPLACEMENTS.register("identity_relu_grad")(
     _Replacement(lambda layer, channels: identity_with_relu_grad))
 REPLACEMENTS.register("poly")(_Replacement(_make_poly))
 REPLACEMENTS.register("autopoly1")(_Replacement(lambda layer, channels: _identity,
                                                 needs_site=True))
 REPLACEMENTS.register("autopoly2")(_Replacement(_make_autopoly2, needs_site=True))
-REPLACEMENTS.register("trainable_poly")(_Replacement(_make_trainable_poly(2)))
-REPLACEMENTS.register("trainable_poly1")(_Replacement(_make_trainable_poly(1)))
+REPLACEMENTS.register("trainable_poly")(_Replacement(_make_trainable_poly(2),
+                                                     mask_dropout=False))
+REPLACEMENTS.register("trainable_poly1")(_Replacement(_make_trainable_poly(1),
+                                                      mask_dropout=False))
+
+
+def has_mask_dropout(replacement: str) -> bool:
+  """Whether `replacement` applies `mask_dropout` (AutoReP: spgrad, poly, autopoly only)."""
+  return REPLACEMENTS.get(replacement).mask_dropout
 
 
 # ----------------------------------------------------------------------------
@@ -278,7 +292,9 @@ class MaskedReLU(keras.layers.Layer):
       scale_x2: x^2 coefficient of `poly`; the scale s of the trainable x^2 term.
       scale_x: x coefficient of `poly`.
       hysteresis_threshold: t >= 0; 0 is the plain gate 1[alpha > 0].
-      mask_dropout: probability that a training call computes plain relu.
+      mask_dropout: probability that a training call computes plain relu
+        (ignored by the replacements without AutoReP's mask dropout:
+        `has_mask_dropout`).
       seed: integer seed of the mask-dropout draws.
       frozen: alpha is not trainable (fine-tuning with fixed masks).
       site: the site's class, needed by the autopoly replacements.
@@ -391,7 +407,7 @@ class MaskedReLU(keras.layers.Layer):
     relu = tf.nn.relu(inputs)
     source = relu if self.relu_forward == "released" else inputs
     outputs = gate * relu + (1 - gate) * self._replace(source)
-    if training and self._mask_dropout > 0:
+    if training and self._mask_dropout > 0 and has_mask_dropout(self.replacement):
       seed = tf.stack([tf.constant(self._draw_key, tf.int64),
                        tf.convert_to_tensor(self.training_calls)])
       drop = tf.random.stateless_uniform([], seed=seed) < self._mask_dropout

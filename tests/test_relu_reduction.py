@@ -250,7 +250,8 @@ def dropout_decisions(layer, calls):
 
 def test_mask_dropout_frequency_and_determinism():
   def make(seed, name="site"):
-    return site_layer(CLOSED, replacement="identity", mask_dropout=0.3, seed=seed, name=name)
+    return site_layer(CLOSED, replacement="identity_relu_grad", mask_dropout=0.3, seed=seed,
+                      name=name)
 
   first = dropout_decisions(make(7), 400)
   # Binomial(400, 0.3): mean 120, standard deviation 9.2.
@@ -266,6 +267,17 @@ def test_mask_dropout_frequency_and_determinism():
   layer = make(7)
   assert not any(float(layer(tf.fill([1, 4], -1.0))[0, 0]) == 0.0 for _ in range(50))
   assert int(layer.training_calls.numpy()) == 0
+
+
+@pytest.mark.parametrize("replacement", sorted(rr.REPLACEMENTS.names()))
+def test_mask_dropout_only_where_autorep_has_it(replacement):
+  """AutoReP's spgrad, poly and autopoly modules drop out to relu; ReLU_masked and the
+  trainable polynomials have no mask dropout (p = 1: every training call would)."""
+  site = "after_bn" if rr.REPLACEMENTS.get(replacement).needs_site else None
+  layer = site_layer(CLOSED, replacement=replacement, mask_dropout=1.0, site=site)
+  drops = replacement in ("identity_relu_grad", "poly", "autopoly1", "autopoly2")
+  assert rr.has_mask_dropout(replacement) == drops
+  assert dropout_decisions(layer, 3).all() == drops
 
 
 # ---- validation and freezing -------------------------------------------------------------
