@@ -11,7 +11,8 @@ import tensorflow as tf
 from models import build_model
 from robust_sparse.layers import MaskedDense, masked_layers
 from robust_sparse.optimizers import make_optimizer, split_optimizer
-from robust_sparse.sharpness import _merge, _split, perturbation, sharpness_aware
+from robust_sparse.sharpness import (_merge, _split, is_asam_weight, perturbation,
+                                    sharpness_aware)
 from robust_sparse.steps import (OptimizerGroup, cross_entropy, loss_and_gradients,
                                  make_train_step)
 from tests.conftest import one_line_error, run_cli_batch, run_module
@@ -171,6 +172,8 @@ BAD_SHARPNESS_FLAGS = [
     (["--optimizer=ssamf-sgd", "--pattern=nm", "--n_structured=2"], "--m_structured"),
     (["--optimizer=ssamf-sgd", "--pattern=nm", "--n_structured=4", "--m_structured=2"],
      "--n_structured"),
+    (["--optimizer=asam-sgd", "--asam_rule=adaptive"], "--asam_rule"),
+    (["--optimizer=ssamf-sgd", "--ssam_norm=l2"], "--ssam_norm"),
 ]
 
 
@@ -308,3 +311,108 @@ def test_implicit_ascent_masks_the_input_gradient_but_not_the_output():
   np.testing.assert_allclose(implicit[0].numpy(), upstream @ (b * mask.numpy()).T @ a.T,
                              rtol=1e-5)
   assert np.abs(implicit[0].numpy() - dense[0].numpy()).max() > 1e-4
+
+
+# ---- the originals' rules (issue 23) ---------------------------------------------------------
+def test_ssam_perturbation_divides_by_the_full_gradient_norm():
+  rng = np.random.default_rng(0)
+  weights = [tf.constant(rng.normal(size=s), tf.float32) for s in [(6, 4), (4,)]]
+  grads = [tf.constant(rng.normal(size=w.shape), tf.float32) for w in weights]
+  sparse = [tf.constant((rng.random(w.shape) < 0.5).astype(np.float32)) for w in weights]
+  e = perturbation(weights, grads, rho=0.3, sparse_masks=sparse)
+  norm = np.sqrt(sum(float(np.sum(g.numpy() ** 2)) for g in grads))
+  for got, g, m in zip(e, grads, sparse):  # Mi-Peng's first_step: m * rho g / (||g|| + 1e-7).
+    np.testing.assert_allclose(got.numpy(), m.numpy() * 0.3 * g.numpy() / (norm + 1e-7),
+                               rtol=1e-6, atol=1e-8)
+  length = np.sqrt(sum(float(np.sum(d.numpy() ** 2)) for d in e))
+  assert 0.1 < length < 0.29  # ||e|| < rho with a random half of the entries.
+  masked = perturbation(weights, grads, rho=0.3, sparse_masks=sparse, sparse_norm="masked")
+  assert np.sqrt(sum(float(np.sum(d.numpy() ** 2)) for d in masked)) == pytest.approx(0.3)
+  with pytest.raises(ValueError, match="--ssam_norm"):
+    perturbation(weights, grads, rho=0.3, sparse_norm="l1")
+
+
+def test_asam_official_rule_scales_kernels_and_gamma_and_davda54_every_weight():
+  model = _bn_model()
+  kinds = {v.path.split("/")[-1]: is_asam_weight(v) for v in model.trainable_variables}
+  assert kinds == {"kernel": True, "gamma": True, "beta": False, "bias": False}
+  rng = np.random.default_rng(1)
+  weights = [tf.constant(rng.normal(size=v.shape), tf.float32)
+             for v in model.trainable_variables]
+  grads = [tf.constant(rng.normal(size=w.shape), tf.float32) for w in weights]
+  scaled = [is_asam_weight(v) for v in model.trainable_variables]
+  rho, eta = 0.5, 0.01
+  t = [np.abs(w.numpy()) + eta if s else np.ones(w.shape) for w, s in zip(weights, scaled)]
+  norm = np.sqrt(sum(np.sum((ti * g.numpy()) ** 2) for ti, g in zip(t, grads)))
+  official = perturbation(weights, grads, rho=rho, adaptive=True, eta=eta,
+                          asam_weights=scaled)
+  for got, ti, g in zip(official, t, grads):  # SamsungLabs/ASAM.
+    np.testing.assert_allclose(got.numpy(), rho * ti ** 2 * g.numpy() / norm, rtol=1e-5,
+                               atol=1e-8)
+  norm = np.sqrt(sum(np.sum((np.abs(w.numpy()) * g.numpy()) ** 2)
+                     for w, g in zip(weights, grads)))
+  davda54 = perturbation(weights, grads, rho=rho, adaptive=True, eta=eta, asam_rule="davda54",
+                         asam_weights=scaled)
+  for got, w, g in zip(davda54, weights, grads):  # davda54/sam adaptive=True: T = |w|.
+    np.testing.assert_allclose(got.numpy(), rho * w.numpy() ** 2 * g.numpy() / norm,
+                               rtol=1e-5, atol=1e-8)
+  with pytest.raises(ValueError, match="--asam_rule"):
+    sharpness_aware(None, model, adaptive=True, asam_rule="adaptive")
+
+
+def _conv_dense_model():
+  from robust_sparse.layers import MaskedConv2D
+  keras.utils.set_random_seed(4)
+  inputs = keras.Input((5, 5, 2))
+  x = MaskedConv2D(3, 3, padding="same", name="conv1")(inputs)
+  x = keras.layers.ReLU()(x)
+  x = MaskedConv2D(3, 3, padding="same", name="conv2")(x)
+  x = keras.layers.ReLU()(x)
+  x = keras.layers.Flatten()(x)
+  x = MaskedDense(4, name="hidden")(x)
+  return keras.Model(inputs, MaskedDense(3, name="classifier")(x))
+
+
+def test_implicit_perturbation_masks_convolutions_only():
+  model = _conv_dense_model()
+  rng = np.random.default_rng(2)
+  batch = dict(x=tf.constant(rng.random((4, 5, 5, 2)), tf.float32),
+               y=tf.constant([0, 1, 2, 1]), weight=tf.fill([4], 0.25),
+               seed=tf.zeros([2], tf.int64))
+  trainable = [tf.convert_to_tensor(v) for v in model.trainable_variables]
+  non_trainable = [tf.convert_to_tensor(v) for v in model.non_trainable_variables]
+  base = loss_and_gradients(model, cross_entropy(3))
+  names = [v.path for v in model.trainable_variables]
+
+  def sam_grads(masks):
+    fn = sharpness_aware(base, model, rho=0.5,
+                         implicit_mask_fn=None if masks is None else lambda: masks)
+    return fn(trainable, non_trainable, batch)[0]
+
+  dense = sam_grads(None)
+  # Zero masks on the dense layers only: as the seed's SAMConv, nothing changes.
+  zeros_on_dense = [tf.zeros_like(w) if "hidden" in n or "classifier" in n else tf.ones_like(w)
+                    for w, n in zip(trainable, names)]
+  for got, want in zip(sam_grads(zeros_on_dense), dense):
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-7)
+  # A zero mask on conv2 cuts conv1 off the ascent: its e is 0, so conv1's gradient
+  # is the one at w (conv2's own perturbation still moves the rest).
+  zeros_on_conv2 = [tf.zeros_like(w) if "conv2" in n else tf.ones_like(w)
+                    for w, n in zip(trainable, names)]
+  cut = sam_grads(zeros_on_conv2)
+  conv1 = names.index(next(n for n in names if "conv1" in n and n.endswith("kernel")))
+  assert np.abs(cut[conv1].numpy() - dense[conv1].numpy()).max() > 1e-5
+
+
+def test_implicit_masks_start_at_ones_and_refresh_before_the_due_epochs_first_batch():
+  from robust_sparse.sparse_perturbation import FisherMasks
+  model = _bn_model()
+  implicit = FisherMasks(model, cross_entropy(10), augment=None, num_samples=4,
+                         sparsity=0.5, pattern="structured", update_freq=2, implicit=True)
+  implicit.initialize(0)
+  assert implicit.lived_weight() == 1.0
+  assert implicit.refresh_points(total_iterations=50, steps_per_epoch=10) == [0, 20, 40]
+  assert [implicit.epoch_at(i, 10) for i in (0, 20, 40)] == [0, 2, 4]
+  explicit = FisherMasks(model, cross_entropy(10), augment=None, num_samples=4,
+                         sparsity=0.5, pattern="structured", update_freq=2)
+  assert [explicit.epoch_at(i, 10) for i in (1, 21, 41)] == [0, 2, 4]
