@@ -32,9 +32,11 @@ How the mask holds everywhere:
   * Quantization is refused. Keras' quantized kernels (int8, int4, float8,
     gptq, awq) compute without the mask: the LoRA delta and float8 training
     would revive pruned weights, and the int4 / gptq / awq call paths are Keras
-    internals that change between releases. `layer.quantize(...)`,
-    `model.quantize(...)` and quantized dtype policies such as
-    "int8_from_float32" raise a `ValueError` instead. To quantize a pruned
+    internals that change between releases. `layer.quantize(...)` raises
+    `NotImplementedError`, Keras' contract for a layer that does not quantize,
+    so `model.quantize(...)` warns and skips the masked layers (quantizing the
+    plain ones, every layer left whole); quantized dtype policies such as
+    "int8_from_float32" raise a `ValueError`. To quantize a pruned
     model, `strip_masks(model)` returns the same network with plain Keras layers
     whose kernels are `kernel * mask` (pruned weights exact zeros, which
     symmetric int8 / per-channel int4 quantization keeps at zero); quantize
@@ -324,7 +326,11 @@ class _MaskedKernelMixin:
           cls=type(self).__name__, name=self.name, received=f"dtype policy {policy.name!r}"))
 
   def quantize(self, mode=None, type_check=True, config=None):
-    raise ValueError(_QUANTIZATION_REFUSED.format(
+    # Keras' contract for a layer without quantization (`Layer.quantize`):
+    # NotImplementedError, which `Model.quantize` turns into a warning and
+    # skips the layer, so a model mixing plain and masked layers quantizes
+    # the plain ones and is left consistent (no half-quantized masked layer).
+    raise self._not_implemented_error(self.quantize, _QUANTIZATION_REFUSED.format(
         cls=type(self).__name__, name=self.name, received=f"mode={mode!r}"))
 
   def quantized_call(self, *args, **kwargs):
@@ -455,7 +461,7 @@ class MaskedDense(_MaskedKernelMixin, keras.layers.Dense):
 
   Takes `keras.layers.Dense`'s arguments (LoRA included); see the module
   docstring for how the mask composes with constraints, regularisers, LoRA,
-  saving, and why quantization raises a `ValueError`.
+  saving, and why `quantize` raises `NotImplementedError`.
 
   Input shape: `(batch_size, ..., input_dim)`, dense or a `tf.SparseTensor`.
   Output shape: `(batch_size, ..., units)`.
@@ -491,7 +497,7 @@ class MaskedConv2D(_MaskedKernelMixin, keras.layers.Conv2D):
 
   Takes `keras.layers.Conv2D`'s arguments (LoRA included); see the module
   docstring for how the mask composes with constraints, regularisers, LoRA,
-  saving, and why quantization raises a `ValueError`.
+  saving, and why `quantize` raises `NotImplementedError`.
 
   Input shape: `(batch_size, height, width, channels)` ("channels_last") or
   `(batch_size, channels, height, width)`. Output shape: as `Conv2D`'s.

@@ -328,8 +328,11 @@ def test_lora_with_kernel_constraint_is_refused_as_in_keras():
                          ids=["dense", "conv"])
 def test_quantize_is_refused_with_a_way_out(make_layer, mode):
   layer = make_layer()
-  with pytest.raises(ValueError, match="strip_masks"):
+  with pytest.raises(NotImplementedError, match="strip_masks") as raised:
     layer.quantize(mode)
+  # Keras' own message for a layer without quantization, then the way out.
+  assert str(raised.value).startswith(
+      f"Layer {type(layer).__name__} does not have a `quantize` method implemented.")
   assert layer.quantization_mode is None
 
 
@@ -352,10 +355,22 @@ def test_quantized_entry_of_a_policy_map_is_refused_at_build():
     layer.build((None, 3))
 
 
-def test_model_quantize_is_refused():
-  model = _model()
-  with pytest.raises(ValueError, match="cannot be quantized"):
-    model.quantize("int8")
+def test_model_quantize_skips_masked_layers_and_leaves_no_half_quantized_layer():
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, name="plain"),
+                            MaskedDense(3, name="masked")])
+  masked = model.get_layer("masked")
+  masked.mask.assign((np.arange(15).reshape(5, 3) % 2).astype(np.float32))
+  x = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
+  before = model(x).numpy()
+  with pytest.warns(UserWarning, match="does not have a `quantize` method"):
+    model.quantize("int8")  # One call, no exception.
+  assert model.get_layer("plain").quantization_mode == "int8"
+  assert masked.quantization_mode is None and masked.dtype_policy.name == "float32"
+  assert masked.mask.dtype == "float32" and masked.kernel.dtype == "float32"
+  np.testing.assert_allclose(model(x).numpy(), before, atol=0.1)  # int8 rounding only.
+  assert np.all(masked.masked_kernel.numpy()[masked.mask.numpy() == 0] == 0)
+  model.predict(x, verbose=0)
 
 
 def test_strip_masks_then_quantize():
