@@ -756,7 +756,8 @@ class Runner:
             tf.range(self.num_train), seed=tf.constant([data_seed, epoch], tf.int64))
         return engine.examples(order[:min(count, self.num_train)].numpy())
       first = epoch * steps_per_epoch  # The batch the step trained on, as it saw it.
-      indices = next(iter(index_stream(self.num_train, hp.batch_size, data_seed, first)))
+      indices = next(iter(index_stream(self.num_train, hp.batch_size, data_seed, first,
+                                       whole_epochs=True)))  # `Engine.batches`' order.
       return engine.examples(indices.numpy(), augment_iteration=first)
 
     self._perturbation_masks.refresh(epoch, seed, batch_fn)

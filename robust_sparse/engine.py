@@ -57,29 +57,89 @@ def _autotune(enabled: bool) -> tf.data.Options:
   return options
 
 
-def index_stream(num_examples: int, batch_size: int, seed: int, start_iteration: int = 0):
-  """Batches of training indices: epoch e is a permutation seeded by (seed, e).
+def batches_per_epoch(num_examples: int, batch_size: int) -> Tuple[int, int]:
+  """(batches of one epoch, size of its last batch): ceil(n / B) and n - (ceil(n / B) - 1) B.
 
-  Epochs are concatenated and cut into full batches, so batch `i` always holds
-  the same indices however the stream was started; `start_iteration` skips to it.
+  PyTorch's `DataLoader(shuffle=True, drop_last=False)`, and Keras' `fit`:
+  every example once per epoch, the last batch smaller unless B divides n.
+  """
+  batches = max(1, -(-num_examples // batch_size))
+  return batches, num_examples - (batches - 1) * batch_size
+
+
+def epoch_permutation(num_examples: int, seed, epoch) -> tf.Tensor:
+  """The order of epoch `epoch`: a permutation of range(n) seeded by (seed, epoch) (int32)."""
+  return tf.random.experimental.stateless_shuffle(
+      tf.range(num_examples, dtype=tf.int32),
+      seed=tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)]))
+
+
+def index_stream(num_examples: int, batch_size: int, seed: int, start_iteration: int = 0,
+                 *, whole_epochs: bool = False):
+  """Batches of training indices from batch `start_iteration` on; a pure function of the seed.
+
+  Epoch e is `epoch_permutation(n, seed, e)`. Batch `i` always holds the same
+  indices however the stream was started.
+
+  Args:
+    num_examples, batch_size: n and B.
+    seed: the data seed.
+    start_iteration: the first batch to yield.
+    whole_epochs: True: the training order (`Engine.batches`): epoch e is
+      batches i in [e ceil(n/B), (e + 1) ceil(n/B)), its permutation cut in
+      order, the last batch of the n - (ceil(n/B) - 1) B left (smaller unless
+      B divides n), so every example is seen once per epoch, as PyTorch's
+      DataLoader (drop_last=False) and Keras' `fit` do; the batch dimension
+      is then unknown. False: the epochs are concatenated and cut into full
+      batches of static shape [B] (an epoch boundary may fall inside a batch),
+      for timing loops that want one batch shape.
 
   Computed where the step asks for the next batch, without prefetching or
   tf.data's autotuning: a batch of indices costs microseconds, and an
   autotuned iterator's destructor waited up to 2 s (in about half of the runs
   measured, at the end of every level) for tf.data's model thread.
   """
+  permutation = tf.autograph.experimental.do_not_convert(  # AutoGraph's start-up is 0.7 s.
+      lambda epoch: epoch_permutation(num_examples, seed, epoch))
+  if whole_epochs:
+    per_epoch, _ = batches_per_epoch(num_examples, batch_size)
+    first_epoch, offset = divmod(start_iteration, per_epoch)
+    return (tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
+            .flat_map(lambda epoch: tf.data.Dataset.from_tensor_slices(permutation(epoch))
+                      .batch(batch_size))
+            .skip(offset).with_options(_autotune(False)))
   start = start_iteration * batch_size
   first_epoch, offset = divmod(start, num_examples)
-
-  @tf.autograph.experimental.do_not_convert  # Plain graph code: AutoGraph's start-up is 0.7 s.
-  def permutation(epoch):
-    return tf.random.experimental.stateless_shuffle(
-        tf.range(num_examples, dtype=tf.int32),
-        seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
-
   return (tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
           .map(permutation).unbatch().skip(offset)
           .batch(batch_size, drop_remainder=True).with_options(_autotune(False)))
+
+
+class EpochBatches:
+  """The training batches of `Engine.batches`: whole epochs, the last batch smaller.
+
+  The order of `index_stream(..., whole_epochs=True)`, split so that every
+  compiled function sees static shapes: `full` iterates over the full
+  batches of every epoch (shape [B], what the compiled loops take), and
+  `last(epoch)` gives an epoch's smaller last batch, which `Engine.train`
+  runs through a step traced for its own shape (a genuinely smaller batch:
+  padding it would change batch-norm statistics). `position` is the iteration
+  of the next batch; `full_ahead()` says how many full batches come before the
+  next last batch (all of them, None, when B divides n and no batch is smaller).
+  """
+
+  def __init__(self, full, last: Callable, *, position: int, per_epoch: int,
+               smaller_last: bool):
+    self.full = full
+    self.last = last
+    self.position = position
+    self.per_epoch = per_epoch
+    self.smaller_last = smaller_last
+
+  def full_ahead(self) -> Optional[int]:
+    if not self.smaller_last:
+      return None
+    return self.per_epoch - 1 - self.position % self.per_epoch
 
 
 class _Traced:
@@ -318,22 +378,46 @@ class Engine:
     return {name: float(rate.numpy()) for name, rate in rates.items()}
 
   # ---- training --------------------------------------------------------------------
-  def batches(self, seed: int, start_iteration: int = 0):
-    """The training batches from `start_iteration` on, for `train`.
+  def batches(self, seed: int, start_iteration: int = 0) -> EpochBatches:
+    """The training batches from `start_iteration` on, for `train`: whole epochs.
 
-    In-memory data: batches of indices (the step gathers the images). File
-    paths: decoded (images, labels) batches, read in parallel, in order.
+    Every epoch visits each training example exactly once, in the order of
+    `index_stream(..., whole_epochs=True)`: ceil(n / B) batches, the last of
+    the n - (ceil(n / B) - 1) B examples left (PyTorch's DataLoader with
+    drop_last=False, Keras' `fit`). In-memory data: batches of indices (the
+    step gathers the images). File paths: decoded (images, labels) batches,
+    read in parallel, in order.
     """
-    stream = index_stream(self.num_train, self.batch_size, seed, start_iteration)
-    if self.decode is None:
-      return iter(stream)
+    n, size = self.num_train, self.batch_size
+    per_epoch, last_size = batches_per_epoch(n, size)
+    full_per_epoch = n // size  # per_epoch - 1 when the last batch is smaller.
+    epoch, within = divmod(start_iteration, per_epoch)
+    # The full batches only: starting at an epoch's last batch, the next full one is the
+    # next epoch's first.
+    permutation = tf.autograph.experimental.do_not_convert(
+        lambda e: tf.reshape(epoch_permutation(n, seed, e)[:full_per_epoch * size],
+                             [full_per_epoch, size]))
+    stream = (tf.data.Dataset.range(epoch, np.iinfo(np.int64).max).map(permutation)
+              .unbatch().skip(min(within, full_per_epoch)).with_options(_autotune(False)))
+
+    def last(e):
+      indices = epoch_permutation(n, seed, e)[full_per_epoch * size:]
+      if self.decode is None:
+        return indices
+      return next(iter(self._decoded(tf.data.Dataset.from_tensor_slices(indices), last_size)))
+
+    if self.decode is not None:
+      stream = self._decoded(stream.unbatch(), size).with_options(
+          _autotune(True))  # Decoding files is worth tuning.
+    return EpochBatches(iter(stream), last, position=start_iteration, per_epoch=per_epoch,
+                        smaller_last=last_size < size)
+
+  def _decoded(self, indices: tf.data.Dataset, size: int) -> tf.data.Dataset:
+    """(images, labels) batches of `size` for a stream of single indices, decoded in parallel."""
     paths, labels, decode = self.x_train, self.y_train, self.decode
-    stream = (stream.unbatch()
-              .map(lambda i: (decode(tf.gather(paths, i)), tf.gather(labels, i)),
-                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-              .batch(self.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-              .with_options(_autotune(True)))  # Decoding files is worth tuning.
-    return iter(stream)
+    return (indices.map(lambda i: (decode(tf.gather(paths, i)), tf.gather(labels, i)),
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .batch(size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
 
   def stored_examples(self, indices, *, for_evaluation: bool = False):
     """Training examples `indices` as stored: images gathered, or files decoded
@@ -418,6 +502,13 @@ class Engine:
   def train(self, iterator, steps: int) -> Dict[str, float]:
     """Runs `steps` iterations from `iterator`; returns the mean training metrics.
 
+    Args:
+      iterator: `batches()` (whole epochs: the full batches run in the
+        compiled loop, an epoch's smaller last batch through the step traced
+        for its shape), or any iterator of batches of one static shape (each
+        runs in the compiled loop).
+      steps: iterations to run.
+
     Raises:
       Diverged: the loss became NaN or infinite; training stopped at that step.
     """
@@ -426,8 +517,23 @@ class Engine:
     self._enforce_masks()
     total, done = np.zeros(len(METRICS)), 0
     while done < steps:
-      chunk = min(steps - done, XLA_CHUNK) if self.loop_in_xla else steps - done
-      sums, ran, finite = self._train_chunk(iterator, tf.constant(chunk, tf.int64))
+      source, limit = iterator, steps - done
+      if isinstance(iterator, EpochBatches):
+        source, ahead = iterator.full, iterator.full_ahead()
+        if ahead == 0:  # The epoch's last, smaller batch.
+          epoch = iterator.position // iterator.per_epoch
+          values = self._train_step(iterator.last(epoch)).numpy()
+          if not np.isfinite(values[0]):
+            raise Diverged(int(self.iteration.numpy()) - 1)
+          iterator.position += 1
+          total, done = total + values, done + 1
+          continue
+        if ahead is not None:
+          limit = min(limit, ahead)
+      chunk = min(limit, XLA_CHUNK) if self.loop_in_xla else limit
+      sums, ran, finite = self._train_chunk(source, tf.constant(chunk, tf.int64))
+      if isinstance(iterator, EpochBatches):
+        iterator.position += int(ran)
       if not bool(finite):
         raise Diverged(int(self.iteration.numpy()) - 1)
       total, done = total + sums.numpy(), done + int(ran)
@@ -465,7 +571,7 @@ class Engine:
     thread.start()
     try:
       if self.loop_in_xla:  # `train` would run no chunk for zero steps.
-        self._train_chunk(self.batches(seed=0), tf.constant(0, tf.int64))
+        self._train_chunk(self.batches(seed=0).full, tf.constant(0, tf.int64))
       else:
         state = self.get_state()
         try:

@@ -421,3 +421,66 @@ def test_xla_is_skipped_on_a_cpu_for_max_pooling_models_only(digits):
                     x_train=np.zeros((64,) + tuple(model.input_shape[1:]), np.float32),
                     y_train=np.zeros(64, np.int32), batch_size=32, attack=attack)
     assert engine.jit_compile is expected
+
+
+def _counting_engine(digits, mode, n=None):
+  """An engine that trains nothing (lr 0) and counts in `seen` how often each example was
+  in a training batch (image i holds i / n everywhere), and the batch sizes it saw."""
+  n = n or len(digits.x_train)
+  x = np.broadcast_to((np.arange(n, dtype=np.float32) / n)[:, None, None, None],
+                      (n,) + digits.input_shape).copy()
+  y = digits.y_train[:n]
+  model = build_model("dense-300-100", digits.input_shape, digits.num_classes)
+  seen = tf.Variable(tf.zeros([n], tf.int32), trainable=False)
+  sizes = tf.Variable(tf.zeros([64], tf.int32), trainable=False)  # Batch sizes seen.
+  standard = standard_loss_grad_fn(model, num_classes=10)
+
+  def counting(trainable, non_trainable, batch):
+    ids = tf.cast(tf.round(batch["x"][:, 0, 0, 0] * n), tf.int32)
+    seen.scatter_add(tf.IndexedSlices(tf.ones_like(ids), ids))
+    sizes.scatter_add(tf.IndexedSlices(tf.ones([1], tf.int32), tf.shape(ids)[:1]))
+    return standard(trainable, non_trainable, batch)
+
+  engine = Engine(model, counting, [OptimizerGroup("weights", make_optimizer("sgd", 0.0))],
+                  x_train=x, y_train=y, batch_size=32, attack=None, compile=mode)
+  return engine, seen, sizes
+
+
+@pytest.mark.parametrize("mode", ["xla_loop", "graph"])
+def test_an_epoch_visits_every_example_exactly_once(digits, mode):
+  """`--epochs`: ceil(n / B) batches per epoch, the last one smaller (PyTorch's DataLoader,
+  drop_last=False), each example once; a run stopped anywhere, even at an epoch's last
+  batch, continues with the same batches. The compiled loop keeps its one trace."""
+  n = len(digits.x_train)  # 1137 = 35 * 32 + 17.
+  per_epoch, last = engine_lib.batches_per_epoch(n, 32)
+  assert (per_epoch, last) == (36, 17)
+  engine, seen, sizes = _counting_engine(digits, mode)
+  engine.reset(0)
+  stream = engine.batches(seed=4)
+  for steps in (10, 25, 1, 5, 31):  # Stops at the last batch and just after it.
+    engine.train(stream, steps)
+    done = int(engine.iteration.numpy())
+    if done in (per_epoch, 2 * per_epoch):
+      np.testing.assert_array_equal(seen.numpy(), done // per_epoch)
+  assert done == 2 * per_epoch
+  assert sizes.numpy()[32] == 2 * (per_epoch - 1) and sizes.numpy()[last] == 2
+  assert engine._train_chunk.function.experimental_get_tracing_count() == 1
+  # The order is index_stream's, from any starting point.
+  reference = list(index_stream(n, 32, 4, whole_epochs=True).take(2 * per_epoch + 3))
+  assert [len(b) for b in reference[per_epoch - 2:per_epoch + 1]] == [32, last, 32]
+  for start in (per_epoch - 1, per_epoch + 5):
+    resumed = list(index_stream(n, 32, 4, start, whole_epochs=True).take(3))
+    for a, b in zip(resumed, reference[start:start + 3]):
+      np.testing.assert_array_equal(a.numpy(), b.numpy())
+  for epoch in range(2):
+    np.testing.assert_array_equal(
+        np.sort(np.concatenate(reference[epoch * per_epoch:(epoch + 1) * per_epoch])),
+        np.arange(n))
+  # Resuming the engine mid-epoch and at the last batch gives the same examples.
+  for start in (per_epoch - 1, per_epoch + 3):
+    engine.reset(0, iteration=start)
+    seen.assign(tf.zeros_like(seen))
+    engine.train(engine.batches(seed=4, start_iteration=start), 3)
+    expected = np.zeros(n, np.int32)
+    expected[np.concatenate(reference[start:start + 3])] = 1
+    np.testing.assert_array_equal(seen.numpy(), expected)
