@@ -116,7 +116,12 @@ def main(argv):
   path = report.write_analysis(study, out_dir, _FORMAT.value, base_dir,
                                command, masking_options)
   logging.info("analysis written in %.1f s", time.time() - began)
-  print(f"Analysed {len(study.runs)} runs; report: {path}")
+  refused = [p for p in study.problems if ": refused, " in p]
+  if refused:
+    print(f"run_analysis: {len(refused)} level(s) refused, their logs disagree with their "
+          f"metadata.json (listed in the report), e.g. {refused[0]}", file=sys.stderr)
+  print(f"Analysed {len(study.runs)} runs"
+        + (f" ({len(refused)} level(s) refused)" if refused else "") + f"; report: {path}")
 
 
 if __name__ == "__main__":

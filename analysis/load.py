@@ -40,6 +40,8 @@ from absl import logging
 import numpy as np
 import pandas as pd
 
+from robust_sparse import files as files_lib
+
 HPARAMS_FILE = "hparams.json"
 METADATA_FILE = "metadata.json"
 SPLITS = ("train", "valid", "test")
@@ -302,11 +304,13 @@ class _CorruptFile(Exception):
 class _Level:
   """What one `prune_iter_<k>` folder holds.
 
-  `status` is "finished", "unfinished" or "diverged"; `level` and `logs` are
-  set for finished levels, `metadata` for diverged ones.
+  `status` is "finished", "unfinished", "diverged" or "refused" (its logs
+  disagree with its `metadata.json`: `reason` names the file); `level` and
+  `logs` are set for finished levels, `metadata` for diverged ones.
   """
   status: str
   level: Optional[dict] = None
+  reason: Optional[str] = None
   logs: Optional[Dict[str, Dict[str, np.ndarray]]] = None
   metadata: Optional[dict] = None
 
@@ -335,13 +339,29 @@ def _load_prune_iteration(folder: str, prune_iteration: int) -> _Level:
     }
   except (TypeError, ValueError) as error:
     raise _CorruptFile(metadata_path, f"bad or missing field {error}") from None
+  # A finished level's logs must be what the runner wrote: `metadata.json`
+  # records each CSV's rows, last iteration and checksum (older runs: only the
+  # final iteration, which the test log's last row must reach).
+  records = metadata.get("files") if isinstance(metadata.get("files"), dict) else {}
   logs = {}
   for split in SPLITS:
     path = os.path.join(folder, f"{split}.csv")
+    record = records.get(f"{split}.csv")
+    if isinstance(record, dict):
+      reason = files_lib.check_csv_record(path, record)
+      if reason:
+        return _Level("refused", reason=f"{path}: {reason}")
     try:
       logs[split] = _read_csv(path)
     except (ValueError, OSError) as error:
-      raise _CorruptFile(path, str(error)) from None
+      return _Level("refused", reason=f"{path}: {error}")
+  final = metadata.get("final_iteration")
+  tested = logs["test"]["iteration"]
+  if (not records and isinstance(final, (int, float)) and not isinstance(final, bool)
+      and (not tested.size or tested.max() != final)):
+    last = f"{int(tested.max())}" if tested.size else "no row"
+    return _Level("refused", reason=f"{os.path.join(folder, 'test.csv')}: ends at iteration "
+                  f"{last} where its metadata.json records final iteration {int(final)}")
   return _Level("finished", level=level, logs=logs)
 
 
@@ -396,6 +416,10 @@ def _load_run(run_dir: str, hparams: dict, problems: List[str],
         problems.append(f"{run_dir}: trial {trial}, prune iteration "
                         f"{prune_iteration}: unfinished (no completed "
                         f"{METADATA_FILE}); left out")
+        continue
+      if loaded.status == "refused":
+        problems.append(f"{run_dir}: trial {trial}, prune iteration {prune_iteration}: "
+                        f"refused, {loaded.reason}; left out")
         continue
       if loaded.status == "diverged":
         at = loaded.metadata.get("diverged_iteration")

@@ -470,7 +470,7 @@ def render_report(study: load.Study, sections: Sequence[Section],
   lines += _attack_labels_note(runs)
   if study.problems:
     lines += ["## Warnings", "",
-              "Missing, unfinished or diverged work (left out of every "
+              "Missing, unfinished, diverged or refused work (left out of every "
               "number below):", ""]
     lines += [f"- {problem}" for problem in study.problems]
     lines.append("")

@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -44,6 +45,45 @@ def write_csv(path, columns, rows):
     writer.writerow([row[c] for c in columns])
   with atomic_open(path) as f:
     f.write(buffer.getvalue())
+
+
+def csv_record(path) -> dict:
+  """What a finished log must hold: `{"rows", "last_iteration", "sha256"}` of a CSV.
+
+  Written into a level's `metadata.json` by the runner and checked by the
+  analysis (`check_csv_record`), so a truncated, edited or replaced log is
+  refused instead of reported. `last_iteration` is the `iteration` cell of the
+  last row (None without rows).
+  """
+  with open(path, "rb") as f:
+    data = f.read()
+  lines = [line for line in data.decode().splitlines() if line.strip()]
+  last = None
+  if len(lines) > 1:
+    header = next(csv.reader([lines[0]]))
+    row = next(csv.reader([lines[-1]]))
+    if "iteration" in header and len(row) > header.index("iteration"):
+      last = int(float(row[header.index("iteration")]))
+  return {"rows": max(0, len(lines) - 1), "last_iteration": last,
+          "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def check_csv_record(path, expected: dict):
+  """None if the CSV at `path` holds what `expected` (a `csv_record`) says, else why not."""
+  try:
+    found = csv_record(path)
+  except FileNotFoundError:
+    return "missing"
+  except (OSError, UnicodeDecodeError, ValueError, csv.Error) as error:
+    return f"unreadable ({error})"
+  if found["rows"] != expected.get("rows"):
+    return f"{found['rows']} rows where its metadata.json records {expected.get('rows')}"
+  if found["last_iteration"] != expected.get("last_iteration"):
+    return (f"last iteration {found['last_iteration']} where its metadata.json records "
+            f"{expected.get('last_iteration')}")
+  if expected.get("sha256") and found["sha256"] != expected["sha256"]:
+    return "contents changed since the run wrote it (checksum differs from metadata.json)"
+  return None
 
 
 def save_arrays(path, arrays):

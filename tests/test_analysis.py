@@ -11,6 +11,7 @@ Further tests write studies of one kind each: runs that differ in one field,
 `train` studies (one level, new log columns) and diverged levels.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -205,11 +206,66 @@ def test_corrupt_files_skip_only_their_run(tmp_path):
   with open(bad_json, "w") as f:
     f.write("{not json")
   study = load.load_study(str(tmp_path))
-  assert list(study.runs["run_dir"]) == [good_run]
+  # A bad log refuses only its level; a bad metadata.json skips its run.
+  assert sorted(study.runs["run_dir"]) == sorted([bad_csv_run, good_run])
   assert len(study.problems) == 2
-  assert any(p.startswith(bad_csv) and "skipped" in p for p in study.problems)
+  assert any(bad_csv in p and "refused" in p for p in study.problems)
   assert any(p.startswith(bad_json) and "skipped" in p
              for p in study.problems)
+  levels = study.evaluations[study.evaluations["run_dir"] == bad_csv_run]
+  assert not ((levels["trial"] == 1) & (levels["prune_iteration"] == 2)).any()
+
+
+def _truncate(path):
+  with open(path) as f:
+    lines = f.read().splitlines()
+  with open(path, "w") as f:
+    f.write("\n".join(lines[:2]) + "\n")  # The header and the first row.
+
+
+def _edit_last_accuracy(path):
+  with open(path) as f:
+    lines = f.read().splitlines()
+  cells = lines[-1].split(",")
+  cells[2] = "0.999"  # acc: a changed number, same rows and iterations.
+  lines[-1] = ",".join(cells)
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+@pytest.mark.parametrize("damage", ["truncate", "delete", "edit", "garble"])
+def test_a_level_whose_logs_disagree_with_its_metadata_is_refused(tmp_path, split, damage):
+  run_dir = fixtures.write_run(str(tmp_path), trials=1, prune_iters=2)
+  path = os.path.join(run_dir, "trial_0", "prune_iter_1", f"{split}.csv")
+  if damage == "truncate":
+    _truncate(path)
+  elif damage == "delete":
+    os.remove(path)
+  elif damage == "edit":
+    _edit_last_accuracy(path)
+  else:
+    with open(path, "wb") as f:
+      f.write(b"\xff\xfe garbage")
+  study = load.load_study(str(tmp_path))
+  refused = [p for p in study.problems if "refused" in p]
+  assert len(refused) == 1 and path in refused[0], study.problems
+  assert sorted(set(study.evaluations["prune_iteration"])) == [0, 2]
+
+
+def test_older_levels_without_records_are_checked_against_their_final_iteration(tmp_path):
+  run_dir = fixtures.write_run(str(tmp_path), trials=1, prune_iters=1)
+  folder = os.path.join(run_dir, "trial_0", "prune_iter_1")
+  metadata_path = os.path.join(folder, "metadata.json")
+  with open(metadata_path) as f:
+    metadata = json.load(f)
+  del metadata["files"]
+  with open(metadata_path, "w") as f:
+    json.dump(metadata, f)
+  _truncate(os.path.join(folder, "test.csv"))
+  study = load.load_study(str(tmp_path))
+  assert any("refused" in p and "final iteration" in p for p in study.problems)
+  assert set(study.evaluations["prune_iteration"]) == {0}
 
 
 def test_only_corrupt_hparams_is_an_error(tmp_path):
@@ -443,6 +499,7 @@ def test_csvs_with_extra_columns_in_any_order_load(tmp_path):
   with open(log, "w") as f:
     f.write(header + ",phase\n" + "\n".join(r + ",warmup" for r in rows)
             + "\n")
+  fixtures.rerecord(new)  # As that engine would have recorded it.
   study = load.load_study(str(tmp_path), defaults=DEFAULTS)
   assert study.problems == []
   evaluations = study.evaluations
