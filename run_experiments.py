@@ -122,8 +122,8 @@ def hparams_from_flags() -> hparams_lib.Hparams:
   if FLAGS.epochs is not None and FLAGS["train_iters"].present:
     raise ValueError("--epochs and --train_iters both set the training length; give one")
   return hparams_lib.from_flags(
-      FLAGS, valid_size=(default_valid_size(FLAGS.dataset) if FLAGS.valid_size is None
-                         else FLAGS.valid_size))
+      FLAGS, fallbacks={"valid_size": default_valid_size(FLAGS.dataset)}
+      if FLAGS.valid_size is None else None)
 
 
 def main(argv):

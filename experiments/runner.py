@@ -258,7 +258,8 @@ def sharpness_wrapper(hp: Hparams, model, masks=None):
   values = masks.values if masks is not None else None
   return lambda inner: sharpness_aware(
       inner, model, rho=hp.rho, adaptive=perturbation == "asam", eta=hp.asam_eta,
-      bn_stats=hp.sam_bn_stats, batch_splits=hp.sam_batch_splits,
+      asam_rule=hp.asam_rule, ssam_norm=hp.ssam_norm, bn_stats=hp.sam_bn_stats,
+      batch_splits=hp.sam_batch_splits,
       mask_fn=None if hp.implicit else values,
       implicit_mask_fn=values if hp.implicit else None, sync=hp.sam_sync)
 
@@ -275,7 +276,8 @@ def perturbation_masks(hp: Hparams, model, num_classes, augment, num_train):
     return FisherMasks(model, cross_entropy(num_classes, hp.label_smoothing), augment=augment,
                        num_samples=hp.num_samples, sparsity=hp.sparsity, pattern=hp.pattern,
                        n=hp.n_structured, m=hp.m_structured,
-                       nm_conv_layout=hp.nm_conv_layout, update_freq=hp.update_freq)
+                       nm_conv_layout=hp.nm_conv_layout, update_freq=hp.update_freq,
+                       implicit=hp.implicit)
   if perturbation == "ssamd":
     base = loss_and_gradients(model, cross_entropy(num_classes, hp.label_smoothing))
 
@@ -310,7 +312,7 @@ def make_measurement(hp: Hparams, model):
     return None
   return measurements_lib.Measurements(model, hp.measure, delta=hp.delta,
                                        downsampling=hp.saturation_downsampling,
-                                       log_every=hp.log_every)
+                                       rule=hp.saturation_rule, log_every=hp.log_every)
 
 
 def check_distribution(hp: Hparams) -> int:
@@ -369,7 +371,8 @@ def check_hparams(hp: Hparams, num_train: int):
       ssam.check_nm(hp.n_structured, hp.m_structured)
   if perturbation is not None:
     check_sharpness_options(rho=hp.rho, bn_stats=hp.sam_bn_stats,
-                            batch_splits=hp.sam_batch_splits, batch_size=hp.batch_size)
+                            batch_splits=hp.sam_batch_splits, batch_size=hp.batch_size,
+                            asam_rule=hp.asam_rule, ssam_norm=hp.ssam_norm)
 
 
 class Runner:
@@ -627,6 +630,9 @@ class Runner:
     else:
       if self._perturbation_masks is not None:
         self._perturbation_masks.initialize(derived_seed(hp.seed, trial, level, "perturb"))
+        if self._perturbation_masks.refresh_points(1, hp.steps_per_epoch(self.num_train)) == [0]:
+          self._refresh_perturbation_masks(engine, 0, derived_seed(hp.seed, trial, "data"),
+                                           derived_seed(hp.seed, trial, level, "perturb"))
       _save_layer_arrays(directory, "masks", masks)
       _save_layer_arrays(directory, "init_kernels", _kernels(layers))
       files.save_arrays(os.path.join(directory, "weights_init.npz"), model_weights(model))
@@ -748,7 +754,7 @@ class Runner:
     """SSAM's mask refresh after the first batch of an epoch (`sparse_perturbation`)."""
     hp = self.hparams
     steps_per_epoch = hp.steps_per_epoch(self.num_train)
-    epoch = (iteration - 1) // steps_per_epoch
+    epoch = self._perturbation_masks.epoch_at(iteration, steps_per_epoch)
 
     def batch_fn(kind, count, epoch):
       if kind == "sample":  # Without replacement, a pure function of (seed, epoch).
@@ -850,6 +856,9 @@ class Runner:
         "completed": True,
         "seconds": time.time() - began,
         "compile": engine.compile_mode,
+        # What each log must hold: the analysis refuses a level whose files disagree.
+        "files": {f"{split}.csv": files.csv_record(os.path.join(directory, f"{split}.csv"))
+                  for split in SPLITS},
         "worker": {"host": socket.gethostname(), "pid": os.getpid()},
         **self.experiment.metadata(level, model, directory, logs),
     })

@@ -195,6 +195,14 @@ class SharpnessHparams:
   """Sharpness-aware training (`--optimizer=sam-sgd`, `asam-sgd`, ...)."""
   rho: float = _field(0.05, "SAM / ASAM neighbourhood radius", lower_bound=0.0)
   asam_eta: float = _field(0.01, "ASAM: T_w = |w| + eta", lower_bound=0.0)
+  asam_rule: str = _field(
+      "official", "ASAM's T: |w| + eta on kernels and BN gamma, 1 on biases and BN beta "
+      "(official, SamsungLabs/ASAM) or |w| on every weight, no eta (davda54, davda54/sam "
+      "adaptive=True)", choices=lambda: ["official", "davda54"])
+  ssam_norm: str = _field(
+      "full", "SSAM-F / SSAM-D: e = rho m g / ||g|| with the whole gradient's norm (full, "
+      "both Mi-Peng repositories, spec 4.2: ||e|| <= rho) or the masked gradient's (masked: "
+      "||e|| = rho)", choices=lambda: ["full", "masked"])
   sam_batch_splits: int = _field(1, "m-sharpness: one perturbation per split of the batch",
                                  lower_bound=1)
   sharpness_examples: int = _field(
@@ -229,7 +237,8 @@ class SharpnessHparams:
                                 choices=lambda: ["random", "gradient", "weight"])
   implicit: bool = _field(
       False, "implicit sparse perturbation (spec 4.4) with --optimizer=sam-<base>: SAM's "
-      "ascent pass back-propagates through the kernels times a Fisher mask of --pattern "
+      "ascent pass back-propagates through the conv kernels (not dense layers) times a "
+      "Fisher mask of --pattern "
       "structured or nm, refreshed every --update_freq epochs")
 
 
@@ -249,6 +258,11 @@ class MeasureHparams:
   saturation_downsampling: Optional[int] = _field(
       None, "saturation: nearest-resize conv outputs larger than DxD to DxD first (phd-lab "
       "configs: 1, spec 5.1 [QUIRK]); unset: no resize", lower_bound=1)
+  saturation_rule: str = _field(
+      "delve", "saturation: delve = the count of cumulative variance ratios below --delta, as "
+      "delve's code returns it (the paper's numbers; 0 for a layer without variance); "
+      "intended = delve's docstring rule (k = 0 becomes 1, one more direction when the last "
+      "ratio is more than 0.02 short of --delta)", choices=lambda: ["delve", "intended"])
   top5: bool = _field(False, "also log top-5 accuracy for data sets with 10 classes or fewer "
                       "(always logged above 10)")
   phd_lab_csv: bool = _field(
@@ -266,6 +280,14 @@ class MeasureHparams:
   probe_train_mode: bool = _field(
       True, "probes: extract the training set's latents in training mode (BN batch "
       "statistics, as phd-lab); false: inference mode")
+  probe_augment: bool = _field(
+      True, "probes: read the training set as phd-lab's training loader does: shuffled, "
+      "through the training augmentation (--augment), in batches of --probe_batch_size; "
+      "false: un-augmented, in order")
+  probe_batch_size: Optional[int] = _field(
+      None, "probes: training-set batch size of the latent extraction (it sets the batch "
+      "statistics of train-mode batch norm); unset: --batch_size, as phd-lab (64 in its "
+      "configs)", lower_bound=1)
   probe_jobs: int = _field(2, "probes: logistic regressions fitted in parallel",
                            lower_bound=1)
 
@@ -365,18 +387,29 @@ class ReLUHparams:
 
 @dataclasses.dataclass(frozen=True)
 class FlatnessHparams:
-  """Augmented flatness (`--experiment=augmented_flatness`): which test samples it measures.
+  """Augmented flatness (`--experiment=augmented_flatness`): which samples it measures, how.
 
-  Its batches are `--batch_size` test images; the protocol is the seed's
+  Its batches are `--batch_size` images; the protocol is the seed's
   (learning rate 0, weight decay 0: nothing is updated).
   """
   correct_samples_only: bool = _field(
-      False, "augmented_flatness: measure only the test samples the checkpoint classifies "
-      "correctly (the seed's CIFAR protocol); every mean is over them")
+      False, "augmented_flatness: only the samples the checkpoint classifies correctly enter "
+      "the loss (the seed's CIFAR protocol); the gradient terms are divided by the accuracy, "
+      "as the seed's notebook does")
   max_iterations: Optional[int] = _field(
-      None, "augmented_flatness: measure at most this many test batches of --batch_size "
-      "per checkpoint (the seed's ImageNet protocol: 128); unset: the whole test set",
+      None, "augmented_flatness: measure at most this many batches of --batch_size "
+      "per checkpoint (the seed's ImageNet protocol: 128); unset: one epoch of the training "
+      "set (--flatness_data=train, the seed's CIFAR protocol) or the whole test set",
       lower_bound=1)
+  flatness_data: str = _field(
+      "train", "augmented_flatness: train = the seed's protocol (training batches through "
+      "--augment, model in training mode, batch-mean loss with --label_smoothing); test = "
+      "the test set in inference mode with each sample's own plain cross-entropy",
+      choices=lambda: ["train", "test"])
+  flatness_loss_scale: float = _field(
+      1.0, "augmented_flatness: multiply the loss by this before taking G (the seed's AMP "
+      "loss scale 65536 reproduces its logged values, 2^32 times the unscaled ones)",
+      lower_bound=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -592,8 +625,12 @@ def define_flags(flags_module, flag_values):
         define(field.name, default, help_text, **kwargs)
 
 
-def from_flags(flag_values, **overrides) -> Hparams:
+def from_flags(flag_values, fallbacks=None, **overrides) -> Hparams:
   """The `Hparams` of parsed flags (`overrides` replace resolved values).
+
+  Fields whose flag is not given take the matching seed's defaults
+  (`robust_sparse.seed_defaults`), then `fallbacks` ({field: value}), then the
+  flag's default.
 
   Raises:
     ValueError: an unparsable list value, naming its flag.
@@ -609,4 +646,4 @@ def from_flags(flag_values, **overrides) -> Hparams:
     values[field.name] = value
   values.update(overrides)
   explicit = {f.name for f in dataclasses.fields(Hparams) if flag_values[f.name].present}
-  return Hparams(**seed_defaults.apply(values, explicit | set(overrides)))
+  return Hparams(**seed_defaults.apply(values, explicit | set(overrides), fallbacks))

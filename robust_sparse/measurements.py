@@ -80,7 +80,7 @@ class Measurements:
   Args:
     model: a functional Keras model (logits out).
     names: the measurements (`MEASUREMENTS`), e.g. `hp.measure`.
-    delta, downsampling: saturation's (see `saturation.SaturationTracker`).
+    delta, downsampling, rule: saturation's (see `saturation.SaturationTracker`).
     log_every: activation measurements take every this-many-th training step
       counted from the last `reset()` (1: every step); saturation takes all.
     max_samples: activation measurements use the first this many examples
@@ -99,7 +99,7 @@ class Measurements:
   """
 
   def __init__(self, model: keras.Model, names: Sequence[str], *, delta: float = 0.99,
-               downsampling: Optional[int] = None, log_every: int = 1,
+               downsampling: Optional[int] = None, rule: str = "delve", log_every: int = 1,
                max_samples: int = activation_stats.MAX_SAMPLES):
     self.names = check_names(names)
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
@@ -110,7 +110,7 @@ class Measurements:
     self._saturation_count = 0
     if SATURATION in self.names:
       self.saturation = saturation_lib.SaturationTracker.for_model(
-          model, delta=delta, downsampling=downsampling)
+          model, delta=delta, downsampling=downsampling, rule=rule)
       layers = saturation_lib.tapped_layers(model)
       outputs += [layer.output for layer in layers]
       self._saturation_count = len(layers)

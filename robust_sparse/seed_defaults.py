@@ -13,7 +13,7 @@ Pure Python: reading or resolving hyper-parameters imports no TensorFlow.
 """
 
 import dataclasses
-from typing import Any, Callable, Dict, Iterable, List, Mapping
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +33,37 @@ def _perturbation(*names):
   return lambda hp: str(hp.get("optimizer", "")).split("-")[0] in names
 
 
+def _all(*predicates):
+  return lambda hp: all(p(hp) for p in predicates)
+
+
+# SSAM's training recipe (Mi-Peng/Systematic-Investigation-of-Sparse-Perturbed-Sharpness-
+# Aware-Minimization-Optimizer, README "Training" and configs/defaulf_cfg.py).
+_SSAM_RECIPE = {"learning_rate": 0.05, "momentum": 0.9, "batch_size": 128,
+                "lr_schedule": "cosine"}
+
 RULES: List[Rule] = [
-    # Filled in per seed below; see each rule's `source`.
+    Rule("ssam", "Mi-Peng/Systematic-Investigation...: README.md Training (ssamf-sgd), "
+         "configs/defaulf_cfg.py", _perturbation("ssamf"),
+         {**_SSAM_RECIPE, "weight_decay": 1e-3, "rho": 0.2, "sparsity": 0.5,
+          "num_samples": 128, "update_freq": 1}),
+    Rule("ssam", "Mi-Peng/Systematic-Investigation...: README.md Training (sam-sgd "
+         "--implicit --samconv)", _all(_perturbation("sam"), lambda hp: bool(hp.get("implicit"))),
+         {**_SSAM_RECIPE, "weight_decay": 1e-3, "rho": 0.2, "sparsity": 0.5,
+          "num_samples": 128, "update_freq": 1}),
+    Rule("ssam", "Mi-Peng/Systematic-Investigation...: configs/defaulf_cfg.py (SSAM-D has no "
+         "README command; its rho, sparsity, update_freq and drop_rate equal the toolkit's)",
+         _perturbation("ssamd"), {**_SSAM_RECIPE, "weight_decay": 5e-4}),
+    Rule("activation_sparsity", "cdgyp/sparsity: codes/scripts/imagenet1k/"
+         "augmented_flatness_cifar10.sh", _all(_experiment("augmented_flatness"),
+                                               lambda hp: hp.get("dataset") == "cifar10"),
+         {"batch_size": 128, "label_smoothing": 0.11, "correct_samples_only": True,
+          "augment": "flip,mixup,cutmix", "flatness_data": "train"}),
 ]
 
 
-def apply(values: Mapping[str, Any], explicit: Iterable[str]) -> Dict[str, Any]:
+def apply(values: Mapping[str, Any], explicit: Iterable[str],
+          fallbacks: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
   """`values` with each matching rule's values for the fields not in `explicit`.
 
   Rules are matched on `values` with the explicit settings in place (so
@@ -48,6 +73,8 @@ def apply(values: Mapping[str, Any], explicit: Iterable[str]) -> Dict[str, Any]:
   Args:
     values: every hyper-parameter (field name -> value).
     explicit: the fields the user set (flags present, grid or notebook keys).
+    fallbacks: values for fields neither the user nor a rule set (e.g. the data
+      set's validation size), applied last.
 
   Returns:
     A new dict.
@@ -62,6 +89,9 @@ def apply(values: Mapping[str, Any], explicit: Iterable[str]) -> Dict[str, Any]:
       if field not in explicit and field not in set_by_rule:
         resolved[field] = value
         set_by_rule.add(field)
+  for field, value in (fallbacks or {}).items():
+    if field not in explicit and field not in set_by_rule:
+      resolved[field] = value
   return resolved
 
 

@@ -73,3 +73,32 @@ def test_length_and_evaluation_in_epochs():
   assert hp.total_iterations(1050) == 28  # round(2.5 * 11)
   assert hp.eval_interval(1050) == 11
   assert Hparams(epochs=2, eval_every=5).eval_interval(1050) == 5
+
+
+def _parsed(*argv):
+  values = flags.FlagValues()
+  hparams_lib.define_flags(flags, values)
+  values(["prog", *argv])
+  return values
+
+
+def test_unset_flags_take_the_seeds_defaults_and_set_flags_win():
+  ssam = hparams_lib.from_flags(_parsed("--optimizer=ssamf-sgd"), valid_size=0)
+  assert (ssam.learning_rate, ssam.momentum, ssam.weight_decay, ssam.rho, ssam.sparsity,
+          ssam.num_samples, ssam.update_freq, ssam.batch_size, ssam.lr_schedule) == (
+              0.05, 0.9, 1e-3, 0.2, 0.5, 128, 1, 128, "cosine")
+  mine = hparams_lib.from_flags(_parsed("--optimizer=ssamf-sgd", "--rho=0.1", "-lr=0.2"),
+                                valid_size=0)
+  assert (mine.rho, mine.learning_rate, mine.sparsity) == (0.1, 0.2, 0.5)
+  # The lottery-ticket defaults stay for everything else, and the run records what it used.
+  plain = hparams_lib.from_flags(_parsed("--optimizer=sam-sgd"), valid_size=0)
+  assert (plain.learning_rate, plain.rho, plain.batch_size) == (
+      hparams_lib.Hparams().learning_rate, 0.05, 60)
+  assert ssam.to_dict()["rho"] == 0.2 and ssam.digest() != plain.digest()
+
+
+def test_fallbacks_fill_only_what_neither_the_user_nor_a_seed_set():
+  hp = hparams_lib.from_flags(_parsed("--dataset=digits"), fallbacks={"valid_size": 123})
+  assert hp.valid_size == 123
+  hp = hparams_lib.from_flags(_parsed("--valid_size=7"), fallbacks={"valid_size": 123})
+  assert hp.valid_size == 7
