@@ -12,7 +12,8 @@ trial, each a folder of the usual layout:
   prune_iter_0  the mask phase, `--mask_epochs` epochs. Per batch, AutoReP's
                 alternating update: an Adam step on the mask logits (alpha)
                 for CE + lamda * max(0, density - target) (`--alpha_lr`,
-                betas (0.5, 0.999), `--alpha_weight_decay`, cosine to 0),
+                betas (0.5, 0.999), PyTorch's eps 1e-8, `--alpha_weight_decay`,
+                cosine to 0),
                 then a second forward pass and an SGD step on the weights for
                 CE [+ distillation] (`--w_mask_lr`, `--momentum`,
                 `--w_mask_weight_decay`, cosine to `--eta_min`); both anneal per
@@ -24,7 +25,8 @@ trial, each a folder of the usual layout:
   prune_iter_1  fine-tuning, `--epochs` (0: none), from the best mask-phase
                 weights (the final ones when no evaluation came within 0.01 of
                 the target; `metadata.json` says which): alpha frozen,
-                `--mask_dropout`, the flags' optimizer and schedule
+                `--mask_dropout` (spgrad, poly and autopoly only, as in
+                AutoReP), the flags' optimizer and schedule
                 (`--optimizer=sgd --learning_rate ... --lr_schedule=cosine`),
                 distillation from `--teacher_dir`.
 
@@ -38,6 +40,7 @@ per-site counts.
 import os
 
 import numpy as np
+from absl import logging
 
 from experiments.registry import EXPERIMENTS, Experiment, Measurement
 from robust_sparse import files
@@ -48,6 +51,38 @@ from robust_sparse.steps import OptimizerGroup, penalized
 
 # AutoReP saves a mask-phase checkpoint only while sparsity - (1 - density) < 0.01.
 BEST_DENSITY_MARGIN = 0.01
+
+
+class _TorchAdamL2(AdamL2):
+  """`AdamL2` with `torch.optim.Adam`'s epsilon (1e-8, added after the bias correction).
+
+  Keras adds epsilon to sqrt(v) before the bias correction, which at step t is
+  a PyTorch eps of epsilon / sqrt(1 - beta_2^t) (3e-6 at t = 1 for Keras' 1e-7).
+  AutoReP's mask logits get gradients as small as lamda / (ReLU count) times
+  softplus(alpha) (4e-5 on resnet18) or smaller, where that changes Adam's
+  steps by percents; here the update is PyTorch's:
+  w -= lr / (1 - beta_1^t) * m / (sqrt(v / (1 - beta_2^t)) + eps).
+  """
+
+  def __init__(self, learning_rate, *, weight_decay=0.0, epsilon=1e-8, **kwargs):
+    super().__init__(learning_rate, weight_decay=weight_decay, epsilon=epsilon, **kwargs)
+
+  def update_step(self, gradient, variable, learning_rate):
+    from keras import ops  # pylint: disable=import-outside-toplevel
+    if self.weight_decay and self._use_weight_decay(variable):
+      gradient = ops.add(ops.cast(gradient, variable.dtype),
+                         ops.multiply(ops.cast(self.weight_decay, variable.dtype), variable))
+    lr = ops.cast(learning_rate, variable.dtype)
+    gradient = ops.cast(gradient, variable.dtype)
+    step = ops.cast(self.iterations + 1, variable.dtype)
+    correction_1 = 1 - ops.power(ops.cast(self.beta_1, variable.dtype), step)
+    correction_2 = 1 - ops.power(ops.cast(self.beta_2, variable.dtype), step)
+    m = self._momentums[self._get_variable_index(variable)]
+    v = self._velocities[self._get_variable_index(variable)]
+    self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
+    self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
+    denominator = ops.add(ops.sqrt(ops.divide(v, correction_2)), self.epsilon)
+    self.assign_sub(variable, ops.divide(ops.multiply(m, lr / correction_1), denominator))
 
 
 def _write_counts(path, counts: relu_lib.ReLUCounts, model):
@@ -93,6 +128,10 @@ class ReLUPrune(Experiment):
       raise ValueError(f"--relu_sparsity must be in [0, 1), got {hp.relu_sparsity}")
     if not hp.pretrained_run:
       raise ValueError("relu_prune needs --pretrained_run=DIR, a finished baseline run")
+    if hp.mask_dropout > 0 and not relu_lib.has_mask_dropout(hp.relu_replacement):
+      logging.warning("--mask_dropout=%g has no effect with --relu_replacement=%s (AutoReP "
+                      "drops out to relu only in its spgrad, poly and autopoly modules)",
+                      hp.mask_dropout, hp.relu_replacement)
     from experiments.runner import finished_run
     pretrained_hp, weights = finished_run(hp.pretrained_run, "--pretrained_run")
     for name in ("model", "dataset", "resolution", "normalize", "activation", "dropout"):
@@ -178,8 +217,8 @@ class ReLUPrune(Experiment):
                                                    trainable_values=trainable),
         name="density_penalty")
     return [
-        OptimizerGroup("alpha", AdamL2(hp.alpha_lr, weight_decay=hp.alpha_weight_decay,
-                                       beta_1=0.5, beta_2=0.999),
+        OptimizerGroup("alpha", _TorchAdamL2(hp.alpha_lr, weight_decay=hp.alpha_weight_decay,
+                                             beta_1=0.5, beta_2=0.999),
                        cosine(hp.alpha_lr, 0.0), predicate=is_alpha,
                        loss_grad_fn=alpha_pass),
         OptimizerGroup("weights", TorchSGD(hp.w_mask_lr, momentum=hp.momentum,

@@ -182,13 +182,16 @@ class _Replacement:
 
   `make` may add weights to the layer (the trainable polynomials).
   `needs_site`: g depends on the layer's `site`, which must then be one of
-  `SITES`. `mask_dropout`: the replacement has AutoReP's mask dropout (its
+  `SITES`. `released_forward`: the replacement exists in e37c8bb, whose
+  in-place relu `relu_forward="released"` reproduces (the trainable
+  polynomials came after the fix). `mask_dropout`: the replacement has AutoReP's mask dropout (its
   spgrad, poly and autopoly modules, relay variants included); the others
   (`ReLU_masked`, the trainable polynomials of af8dc5a) ignore the ratio.
   """
   make: Callable
   needs_site: bool = False
   mask_dropout: bool = True
+  released_forward: bool = True  # In e37c8bb, with its in-place relu (spec 3.2 [BUG]).
 
 
 REPLACEMENTS: Registry[_Replacement] = Registry("relu replacement")
@@ -247,10 +250,10 @@ REPLACEMENTS.register("poly")(_Replacement(_make_poly))
 REPLACEMENTS.register("autopoly1")(_Replacement(lambda layer, channels: _identity,
                                                 needs_site=True))
 REPLACEMENTS.register("autopoly2")(_Replacement(_make_autopoly2, needs_site=True))
-REPLACEMENTS.register("trainable_poly")(_Replacement(_make_trainable_poly(2),
-                                                     mask_dropout=False))
-REPLACEMENTS.register("trainable_poly1")(_Replacement(_make_trainable_poly(1),
-                                                      mask_dropout=False))
+REPLACEMENTS.register("trainable_poly")(_Replacement(
+    _make_trainable_poly(2), mask_dropout=False, released_forward=False))
+REPLACEMENTS.register("trainable_poly1")(_Replacement(
+    _make_trainable_poly(1), mask_dropout=False, released_forward=False))
 
 
 def has_mask_dropout(replacement: str) -> bool:
@@ -310,6 +313,10 @@ class MaskedReLU(keras.layers.Layer):
     if relu_forward not in RELU_FORWARDS:
       raise ValueError(f"relu_forward must be one of {', '.join(RELU_FORWARDS)}, "
                        f"got {relu_forward!r}")
+    if relu_forward == "released" and not entry.released_forward:
+      raise ValueError(f"relu_forward='released' reproduces e37c8bb's in-place relu; "
+                       f"replacement {replacement!r} came after its fix (af8dc5a), whose "
+                       "forward is the intended one")
     if isinstance(hysteresis_threshold, bool) or not hysteresis_threshold >= 0:
       raise ValueError(f"hysteresis_threshold must be >= 0, got {hysteresis_threshold!r}")
     if entry.needs_site and site not in SITES:
