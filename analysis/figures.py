@@ -11,6 +11,7 @@ import re
 import textwrap
 from typing import Dict, List, Optional, Sequence
 
+from absl import logging
 import matplotlib
 
 matplotlib.use("Agg")
@@ -102,6 +103,10 @@ def save(figure, out_dir: str, stem: str, formats: Sequence[str]) -> List[str]:
     path = os.path.join(out_dir, f"{stem}.{fmt}")
     figure.savefig(path, dpi=110)
     paths.append(path)
+  # Saving drew it: a panel whose axis lost its tick labels is said once here.
+  bare = missing_tick_labels(figure, draw=False)
+  if bare:
+    logging.warning("%s: no tick labels on %s", paths[0] if paths else stem, "; ".join(bare))
   plt.close(figure)
   return paths
 
@@ -118,13 +123,59 @@ def _mean_std_band(axis, x, mean, std, colour, **line_kwargs):
                     linewidth=0)
 
 
-def _empty_panel(axis, message: str):
-  axis.text(0.5, 0.5, message, transform=axis.transAxes, ha="center",
-            va="center", fontsize=10, color="0.35", wrap=True)
-  # Shared axes share their locators: hide this panel's ticks, keep theirs.
-  axis.tick_params(left=False, bottom=False, labelleft=False,
-                   labelbottom=False, which="both")
-  axis.grid(False)
+def _modes_present(rows: pd.DataFrame) -> List[str]:
+  """The training modes `rows` hold, in `TRAINING_MODES` order.
+
+  A figure draws one column per mode present: an empty panel sharing an axis
+  with a drawn one would take that axis' tick labels with it.
+  """
+  present = set(rows["training_mode"])
+  return [mode for mode in TRAINING_MODES if mode in present]
+
+
+def _mode_title(mode: str, modes: Sequence[str]) -> str:
+  missing = [m for m in TRAINING_MODES if m not in modes]
+  return f"{mode} training" + (
+      f"\n(no runs with {' or '.join(missing)} training)" if missing else "")
+
+
+def missing_tick_labels(figure, draw: bool = True) -> List[str]:
+  """Names the axes of `figure` that show data without tick labels to read it by.
+
+  An axis (x or y) of a visible panel needs at least one visible, non-empty
+  tick label on itself or on a panel it is shared with (inner panels of a
+  shared row leave theirs to the outer one). Image panels (heat maps) and
+  colour bars' long axes are exempt where they have no ticks by design.
+
+  Args:
+    figure: a drawn figure, or any with `draw`.
+    draw: draw it first (tick labels get their text when drawn); False for a
+      figure just saved.
+
+  Returns:
+    One line per bare axis, e.g. "panel 2 ('adversarial training'): y axis";
+    empty when every axis can be read.
+  """
+  if draw:
+    figure.canvas.draw()
+  problems = []
+  for index, axes in enumerate(figure.axes):
+    if not axes.get_visible() or not axes.axison:
+      continue
+    for name in ("x", "y"):
+      axis = getattr(axes, f"{name}axis")
+      if not axis.get_visible():
+        continue
+      ticks = getattr(axes, f"get_{name}ticks")()
+      if len(ticks) == 0 and (axes.images or hasattr(axes, "_colorbar")):
+        continue
+      shared = getattr(axes, f"get_shared_{name}_axes")().get_siblings(axes)
+      if any(label.get_visible() and label.get_text().strip()
+             for sibling in shared if sibling.get_visible()
+             for label in getattr(sibling, f"get_{name}ticklabels")()):
+        continue
+      problems.append(f"panel {index + 1} ({axes.get_title()!r}): {name} axis")
+  return problems
 
 
 def plot_training_curves(test_rows: pd.DataFrame, metric: str,
@@ -166,20 +217,20 @@ def plot_training_curves(test_rows: pd.DataFrame, metric: str,
     chosen[prune_iteration] = level
   colours = _level_colours(chosen_levels)
 
-  figure, axes = plt.subplots(1, 3, figsize=(17, 5.2), sharey=True,
-                             layout="constrained")
-  panels = (
-      ("reinit_orig", None, "Ticket (original init)"),
-      ("reinit_orig", "reinit_rand", "Ticket vs random reinit"),
-      ("reinit_orig", "reinit_none", "Ticket vs continued training"),
-  )
+  panels = [
+      (base, other, panel_title) for base, other, panel_title in (
+          ("reinit_orig", None, "Ticket (original init)"),
+          ("reinit_orig", "reinit_rand", "Ticket vs random reinit"),
+          ("reinit_orig", "reinit_none", "Ticket vs continued training"))
+      # A panel with none of its experiments is left out, not drawn empty.
+      if experiments & {base, other}]
+  figure, axes = plt.subplots(1, len(panels), figsize=(1.5 + 5.2 * len(panels), 5.2),
+                              sharey=True, squeeze=False, layout="constrained")
+  axes = axes[0]
   for axis, (base, other, panel_title) in zip(axes, panels):
     axis.set_title(panel_title, fontsize=11)
     shown = [e for e in (base, other) if e is not None]
     missing = [e for e in shown if e not in experiments]
-    if len(missing) == len(shown):
-      _empty_panel(axis, "no " + " / ".join(missing) + " runs")
-      continue
     for experiment in shown:
       for prune_iteration, level in chosen.items():
         if other is not None and prune_iteration == 0:
@@ -267,8 +318,8 @@ def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
       kind="stable")
 
 
-def _by_mode_figure(n_rows: int, height: float):
-  figure, axes = plt.subplots(n_rows, 2, figsize=(12, height * n_rows),
+def _by_mode_figure(n_rows: int, n_columns: int, height: float):
+  figure, axes = plt.subplots(n_rows, n_columns, figsize=(1.5 + 5.25 * n_columns, height * n_rows),
                               sharex=True, sharey="row", squeeze=False,
                               layout="constrained")
   return figure, axes
@@ -312,17 +363,15 @@ def plot_accuracy_vs_sparsity(end_points: pd.DataFrame, when: str
   summary = _ordered(metrics.summarize(
       end_points, ["training_mode", "experiment", "prune_iteration"], values))
   levels = summary["percent_weights_remaining"].tolist()
-  figure, axes = _by_mode_figure(len(values), 3.6)
-  for column, mode in enumerate(TRAINING_MODES):
+  modes = _modes_present(summary)
+  figure, axes = _by_mode_figure(len(values), len(modes), 3.6)
+  for column, mode in enumerate(modes):
     rows = summary[summary["training_mode"] == mode]
     for row, value in enumerate(values):
       axis = axes[row, column]
       _percent_axis(axis, levels)
-      if rows.empty:
-        _empty_panel(axis, f"no runs with {mode} training")
-        continue
       _series_lines(axis, rows, value, 100.0)
-    axes[0, column].set_title(f"{mode} training", fontsize=11)
+    axes[0, column].set_title(_mode_title(mode, modes), fontsize=11)
   axes[0, 0].set_ylabel(f"Test accuracy (%)\nat {when}")
   axes[1, 0].set_ylabel(f"Adversarial test accuracy (%)\n{first['attack']}, at {when}")
   for row, value in enumerate(extra, start=2):
@@ -355,15 +404,13 @@ def plot_early_stop_iteration(early_stops: pd.DataFrame
       early_stops, ["training_mode", "experiment", "prune_iteration"],
       ["early_stop_iteration"]))
   levels = summary["percent_weights_remaining"].tolist()
-  figure, axes = _by_mode_figure(1, 4.2)
-  for column, mode in enumerate(TRAINING_MODES):
+  modes = _modes_present(summary)
+  figure, axes = _by_mode_figure(1, len(modes), 4.2)
+  for column, mode in enumerate(modes):
     axis = axes[0, column]
     _percent_axis(axis, levels)
-    axis.set_title(f"{mode} training", fontsize=11)
+    axis.set_title(_mode_title(mode, modes), fontsize=11)
     rows = summary[summary["training_mode"] == mode]
-    if rows.empty:
-      _empty_panel(axis, f"no runs with {mode} training")
-      continue
     _series_lines(axis, rows, "early_stop_iteration", 1.0)
   axes[0, 0].set_ylabel("Early-stop iteration\n(min. validation loss)")
   axes[0, 0].set_ylim(bottom=0)
@@ -400,16 +447,14 @@ def plot_tradeoff(final: pd.DataFrame) -> Optional[plt.Figure]:
   norm = mcolors.LogNorm(vmin=percents.min(),
                          vmax=max(percents.max(), percents.min() * 1.01))
   colour_map = plt.cm.viridis
-  figure, axes = plt.subplots(1, 2, figsize=(12.5, 5.2), squeeze=False,
-                           layout="constrained")
+  modes = _modes_present(summary)
+  figure, axes = plt.subplots(1, len(modes), figsize=(2.5 + 5 * len(modes), 5.2),
+                              squeeze=False, layout="constrained")
   axes = axes[0]
   scatter = None
-  for axis, mode in zip(axes, TRAINING_MODES):
-    axis.set_title(f"{mode} training", fontsize=11)
+  for axis, mode in zip(axes, modes):
+    axis.set_title(_mode_title(mode, modes), fontsize=11)
     rows = summary[summary["training_mode"] == mode]
-    if rows.empty:
-      _empty_panel(axis, f"no runs with {mode} training")
-      continue
     for experiment, series in rows.groupby("experiment", sort=False):
       series = series.sort_values("percent_weights_remaining",
                                   ascending=False)

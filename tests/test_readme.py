@@ -36,6 +36,8 @@ def test_quickstart_runs_as_written(tmp_path):
                             cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+    # analysis.figures.save names any saved figure whose axis has no tick labels.
+    assert "no tick labels" not in result.stderr, result.stderr[-2000:]
   report = tmp_path / "output" / "analysis" / "report.md"
   assert report.exists()
   figures = list((tmp_path / "output" / "analysis").rglob("*.png"))
