@@ -528,6 +528,13 @@ class Hparams(RunHparams, DistributionHparams, AttackHparams, FlatnessHparams, R
     return values
 
   @classmethod
+  def with_seed_defaults(cls, **values) -> "Hparams":
+    """As the command line builds it: the fields not in `values` take the matching seed's
+    defaults (`robust_sparse.seed_defaults`, e.g. AutoReP's for `relu_prune`), then their
+    own. `Hparams(**values)` takes the lottery-ticket defaults for every unset field."""
+    return cls(**seed_defaults.apply({**cls().to_dict(), **values}, values))
+
+  @classmethod
   def from_dict(cls, values):
     """Builds from a (possibly older) `hparams.json`: missing fields take their defaults.
 

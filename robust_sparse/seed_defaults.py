@@ -54,12 +54,25 @@ RULES: List[Rule] = [
     Rule("ssam", "Mi-Peng/Systematic-Investigation...: configs/defaulf_cfg.py (SSAM-D has no "
          "README command; its rho, sparsity, update_freq and drop_rate equal the toolkit's)",
          _perturbation("ssamd"), {**_SSAM_RECIPE, "weight_decay": 5e-4}),
+    Rule("AutoReP", "harveyp123/AutoReP: scripts/scripts_relu_prune.sh (--mask_epochs 100, "
+         "--act_type ReLU_masked_spgrad, --w_mask_lr 0.02), scripts_relu_prune_finetune.sh "
+         "(--w_lr 0.01 --w_weight_decay 1e-3 --epochs 100 --mask_dropout 0.01 --optim cosine), "
+         "util_func/config.py (--w_lr_min 1e-5, batch 128, momentum 0.9)",
+         _experiment("relu_prune"),
+         {"mask_epochs": 100.0, "relu_replacement": "identity_relu_grad", "w_mask_lr": 0.02,
+          "eta_min": 1e-5, "epochs": 100.0, "optimizer": "sgd", "learning_rate": 0.01,
+          "weight_decay": 1e-3, "lr_schedule": "cosine", "momentum": 0.9,
+          "mask_dropout": 0.01, "batch_size": 128}),
     Rule("activation_sparsity", "cdgyp/sparsity: codes/scripts/imagenet1k/"
          "augmented_flatness_cifar10.sh", _all(_experiment("augmented_flatness"),
                                                lambda hp: hp.get("dataset") == "cifar10"),
          {"batch_size": 128, "label_smoothing": 0.11, "correct_samples_only": True,
           "augment": "flip,mixup,cutmix", "flatness_data": "train"}),
 ]
+
+
+# Fields that say the same thing two ways: setting one counts as setting the other.
+_SAME_MEANING = {"train_iters": "epochs", "epochs": "train_iters"}
 
 
 def apply(values: Mapping[str, Any], explicit: Iterable[str],
@@ -80,6 +93,8 @@ def apply(values: Mapping[str, Any], explicit: Iterable[str],
     A new dict.
   """
   explicit = set(explicit)
+  # A length the user gives in iterations is not overridden by a seed's epochs.
+  explicit |= {other for field, other in _SAME_MEANING.items() if field in explicit}
   resolved = dict(values)
   set_by_rule = set()
   for rule in RULES:

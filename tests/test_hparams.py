@@ -102,3 +102,13 @@ def test_fallbacks_fill_only_what_neither_the_user_nor_a_seed_set():
   assert hp.valid_size == 123
   hp = hparams_lib.from_flags(_parsed("--valid_size=7"), fallbacks={"valid_size": 123})
   assert hp.valid_size == 7
+
+
+def test_relu_prune_takes_autorep_values_but_not_over_a_given_length():
+  hp = Hparams.with_seed_defaults(experiment="relu_prune")
+  assert (hp.mask_epochs, hp.relu_replacement, hp.eta_min, hp.epochs, hp.batch_size) == (
+      100.0, "identity_relu_grad", 1e-5, 100.0, 128)
+  short = hparams_lib.from_flags(_parsed("--experiment=relu_prune", "--train_iters=7"),
+                                 valid_size=0)
+  assert short.epochs is None and short.train_iters == 7 and short.mask_epochs == 100.0
+  assert Hparams(experiment="relu_prune").mask_epochs == Hparams().mask_epochs

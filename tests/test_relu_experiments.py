@@ -108,7 +108,7 @@ def test_relu_prune_resumes_after_kill_9_in_either_phase(digits, baseline, tmp_p
           "--sharpness_examples=0", "--hysteresis_threshold=0.01", "--mask_dropout=0.2",
           "--relu_replacement=identity_relu_grad", "--noprogress"]
   # The uninterrupted reference, in this process (the same hyper-parameters as the flags).
-  reference = Hparams(**{**PRUNE, "mask_epochs": 4.0, "alpha_lr": 0.02, "epochs": 3.0,
+  reference = Hparams.with_seed_defaults(**{**PRUNE, "mask_epochs": 4.0, "alpha_lr": 0.02, "epochs": 3.0,
                          "eval_every": 10,
                          "hysteresis_threshold": 0.01, "mask_dropout": 0.2,
                          "relu_replacement": "identity_relu_grad", "pretrained_run": baseline})
