@@ -482,7 +482,7 @@ def sections(study: load.Study, out_dir: str, formats: Sequence[str], save, grou
       label = label_of[run_dir]
       mode = load.training_mode(run["adv_train"])
       stem = group_stem(dataset, run["model"], run["experiment"], run["attack"], mode,
-                        run["config_id"])
+                        run["run_hash"])
       save(plot_layer_sparsity(drawn, run_layers, _run_heading(run, label)), out_dir,
            stem + "_activation_sparsity_layers", formats,
            f"{run['model']}, {run['experiment']}, {mode} training"

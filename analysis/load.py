@@ -89,7 +89,9 @@ class Study:
       (`epoch`, `lr`, `top5`, ...), NaN where a run did not log them.
     runs: one row per loaded run: `run_dir`, its hyper-parameters (missing
       fields filled with their defaults), `setting`, `config_id` (a hash of
-      the distinguishing hyper-parameters) and `expected_levels`.
+      the distinguishing hyper-parameters), `run_hash` (the hash of the run's
+      folder name, the engine's; `config_id` where the name has none) and
+      `expected_levels`.
     problems: human-readable warnings (missing, unfinished or diverged work,
       skipped runs), each naming the path concerned.
     diverged: one row per diverged level; see `DIVERGED_COLUMNS`. The run
@@ -588,15 +590,62 @@ def differing_keys(configs: Sequence[Mapping],
   return differing
 
 
+# The fields each training method reads (`--optimizer`: `<perturbation>-<base>` or a
+# base optimizer); a field that only other methods read says nothing about a run.
+_SAM_FIELDS = ("rho", "sam_batch_splits", "sam_bn_stats", "sam_sync")
+_FISHER_MASK_FIELDS = ("num_samples", "update_freq", "pattern", "n_structured",
+                       "m_structured", "nm_conv_layout")
+PERTURBATION_FIELDS = {
+    "sam": _SAM_FIELDS + ("implicit",),
+    "asam": _SAM_FIELDS + ("asam_eta", "asam_rule"),
+    "ssamf": _SAM_FIELDS + ("sparsity", "ssam_norm") + _FISHER_MASK_FIELDS,
+    "ssamd": _SAM_FIELDS + ("sparsity", "ssam_norm", "update_freq", "drop_rate",
+                            "drop_strategy", "growth_strategy"),
+}
+BASE_OPTIMIZER_FIELDS = {"sgd": ("momentum", "nesterov")}
+METHOD_FIELDS = frozenset(
+    [f for fields in PERTURBATION_FIELDS.values() for f in fields]
+    + [f for fields in BASE_OPTIMIZER_FIELDS.values() for f in fields])
+METHOD_KEY = "optimizer"
+
+
+def method_fields(config: Mapping) -> frozenset:
+  """The `METHOD_FIELDS` the run's `--optimizer` reads (implicit SAM: its Fisher mask too)."""
+  name = str(config.get(METHOD_KEY, ""))
+  perturbation, _, base = name.partition("-")
+  if perturbation not in PERTURBATION_FIELDS:
+    perturbation, base = "", name
+  used = set(BASE_OPTIMIZER_FIELDS.get(base, ()))
+  used.update(PERTURBATION_FIELDS.get(perturbation, ()))
+  if perturbation == "sam" and config.get("implicit") is True:
+    used.update(_FISHER_MASK_FIELDS)
+  return frozenset(used)
+
+
 def setting_label(config: Mapping, keys: Sequence[str]) -> str:
-  """`"k1=v1, k2=v2"` for the given fields of one configuration."""
-  return ", ".join(
-      f"{key}={format_value(config.get(key, UNSET_VALUE))}" for key in keys)
+  """`"k1=v1, k2=v2"` for the given fields of one configuration, the method first.
+
+  The training method (`optimizer`), when among `keys`, leads bare
+  (`"ssamf-sgd, sparsity=0.5"`); fields that only other methods read are left
+  out (an SGD run is `"sgd"`, not `"optimizer=sgd, rho=0.05"`).
+  """
+  used = method_fields(config)
+  parts = [format_value(config.get(METHOD_KEY, UNSET_VALUE))] if METHOD_KEY in keys else []
+  parts += [f"{key}={format_value(config.get(key, UNSET_VALUE))}" for key in keys
+            if key != METHOD_KEY and (key not in METHOD_FIELDS or key in used)]
+  return ", ".join(parts)
+
+
+def run_hash(run_dir: str) -> Optional[str]:
+  """The hash in a run folder's name (`adv_<hash>`, `measurement/<hash>`), or None."""
+  match = re.search(r"(?:^|_)([0-9a-f]{10})$", os.path.basename(os.path.normpath(run_dir)))
+  return match.group(1) if match else None
 
 
 def setting_labels(configs: Sequence[Mapping], cells: Sequence[tuple],
                    exclude: Iterable[str] = AXIS_KEYS,
-                   groups: Optional[Sequence] = None) -> List[str]:
+                   groups: Optional[Sequence] = None,
+                   ids: Optional[Sequence[str]] = None) -> List[str]:
   """One label per run naming the fields that differ within its cell.
 
   The fields are those that differ within any cell of the run's group, shown
@@ -611,6 +660,8 @@ def setting_labels(configs: Sequence[Mapping], cells: Sequence[tuple],
     exclude: fields never named (the axes).
     groups: the group of each run (runs of different groups are never shown
       together, so each group names its own fields); None: one group.
+    ids: what tells alike labels apart (the run folders' hashes); None: the
+      configurations' `config_id`.
   """
   if groups is None:
     groups = [()] * len(configs)
@@ -623,14 +674,26 @@ def setting_labels(configs: Sequence[Mapping], cells: Sequence[tuple],
                           [cells[i] for i in indices], exclude)
     for i in indices:
       labels[i] = setting_label(configs[i], keys)
-  ids = [config_id(config) for config in configs]
+  identities = [config_id(config) for config in configs]
+  names = alike_suffixes(identities, ids)
   by_cell_label = {}
-  for cell, label, identity in zip(cells, labels, ids):
+  for cell, label, identity in zip(cells, labels, identities):
     by_cell_label.setdefault((cell, label), set()).add(identity)
   return [
       label if len(by_cell_label[(cell, label)]) == 1
-      else f"{label} #{identity}".strip()
-      for cell, label, identity in zip(cells, labels, ids)]
+      else f"{label} #{names[identity]}".strip()
+      for cell, label, identity in zip(cells, labels, identities)]
+
+
+def alike_suffixes(identities: Sequence[str],
+                   hashes: Optional[Sequence[Optional[str]]]) -> Dict[str, str]:
+  """{config_id: the suffix that tells its label apart}: the smallest run-folder hash of
+  its runs (runs of one configuration are pooled, so they share it), else the id."""
+  names = {}
+  for identity, folder_hash in zip(identities, hashes or [None] * len(identities)):
+    candidate = folder_hash or identity
+    names[identity] = min(names.get(identity, candidate), candidate)
+  return names
 
 
 def load_study(base_dir: str,
@@ -744,8 +807,11 @@ def load_study(base_dir: str,
            for row in run_rows]
   # Figures and tables never mix data sets or models: a field that only
   # varies in another (data set, model) does not lengthen these labels.
+  runs["run_hash"] = [run_hash(run_dir) or identity
+                      for run_dir, identity in zip(runs["run_dir"], runs["config_id"])]
   runs["setting"] = setting_labels(
-      configs, cells, groups=list(zip(runs["dataset"], runs["model"])))
+      configs, cells, groups=list(zip(runs["dataset"], runs["model"])),
+      ids=list(runs["run_hash"]))
   evaluations = pd.concat(run_frames, ignore_index=True)
   evaluations = evaluations.merge(runs[["run_dir", "setting"]], on="run_dir")
   evaluations["training_mode"] = evaluations["adv_train"].map(training_mode)

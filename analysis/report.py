@@ -19,7 +19,7 @@ Layout of `out_dir`:
   figures/<dataset>_<model>[_<setting>]_{saturation,layers}.<format>   --measure=saturation
   figures/<dataset>_activation_sparsity_comparison.<format>   --measure=activation_sparsity
   figures/<dataset>_<model>_<attack>[_<setting>]_activation_sparsity_vs_weights.<format>
-  figures/<dataset>_<model>_<experiment>_<attack>_<mode>_<id>_activation_sparsity_layers.<format>
+  figures/<dataset>_<model>_<experiment>_<attack>_<mode>_<run hash>_activation_sparsity_layers.<format>
   tables/<dataset>_activation_sparsity_table.{csv,md}
   tables/<dataset>_<model>_relu_{points,pareto}.csv
   tables/gradient_masking.{csv,md}, figures/gradient_masking.<format>   with masking_options
@@ -175,14 +175,16 @@ def _lottery_sections(evaluations: pd.DataFrame, final: pd.DataFrame,
 
 MAX_LABEL = 100  # Characters of a legend label; longer ones end in "...".
 # Fields named first in a label: what a comparison is usually about.
-LABEL_PRIORITY = ("experiment", "vit_variant", "model", "activation", "adv_train", "attack",
-                  "attack_labels", "optimizer", "learning_rate", "epochs")
+LABEL_PRIORITY = ("optimizer", "experiment", "vit_variant", "model", "activation", "adv_train",
+                  "attack", "attack_labels", "learning_rate", "epochs")
 
 
 def _short_label(config: dict, configs: Sequence[dict], keys: Sequence[str]) -> str:
   """The fields of `keys` where `config` departs from the most common value of `configs`.
 
-  Fields of `LABEL_PRIORITY` come first; unset (None) values are not named; the
+  The method (`optimizer`) leads whenever the runs differ in it, named bare,
+  and only the fields it reads follow (`load.setting_label`). Fields of
+  `LABEL_PRIORITY` come first; unset (None) values are not named; the
   run that departs nowhere is named by its first two distinguishing fields; a
   label over `MAX_LABEL` characters is cut.
   """
@@ -195,7 +197,12 @@ def _short_label(config: dict, configs: Sequence[dict], keys: Sequence[str]) -> 
   keys = sorted(keys, key=lambda k: (order.get(k, len(order)), k))
   own = [key for key in keys
          if key_value(config, key) != modes[key] and config.get(key) is not None]
-  label = load.setting_label(config, own or list(keys)[:2])
+  # The method leads every label it tells apart, shared or not ("ssamf-sgd, sparsity=0.5").
+  if load.METHOD_KEY in keys and load.METHOD_KEY not in own:
+    own.insert(0, load.METHOD_KEY)
+  # Runs that differ only in fields their method does not read are named by it.
+  label = (load.setting_label(config, own or list(keys)[:2])
+           or load.setting_label(config, [load.METHOD_KEY]))
   if len(label) > MAX_LABEL:
     label = label[:MAX_LABEL - 3].rstrip(", ") + "..."
   return label
@@ -224,12 +231,13 @@ def training_labels(study: load.Study, run_dirs: Sequence[str],
     labels = [load.setting_label(config, keys) for config in configs]
   else:
     labels = [_short_label(config, configs, keys) for config in configs]
-  # Different configurations that print alike get their hash appended.
+  # Different configurations that print alike get their run folder's hash appended.
   ids = [load.config_id(config) for config in configs]
+  names = load.alike_suffixes(ids, [load.run_hash(run_dir) for run_dir in run_dirs])
   per_label = {}
   for label, identity in zip(labels, ids):
     per_label.setdefault(label, set()).add(identity)
-  labels = [label if len(per_label[label]) == 1 else f"{label} #{identity}"
+  labels = [label if len(per_label[label]) == 1 else f"{label} #{names[identity]}"
             for label, identity in zip(labels, ids)]
   return dict(zip(run_dirs, labels)), keys
 

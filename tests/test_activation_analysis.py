@@ -120,7 +120,7 @@ def test_report_writes_every_activation_figure_and_table(study, analysis_dir):
     run = study.runs.set_index("run_dir").loc[_run_dir(study, experiment, function,
                                                        adv_train)]
     mode = load.training_mode(adv_train)
-    expected.add(f"digits_dense-300-100_{experiment}_fgsm_{mode}_{run['config_id']}"
+    expected.add(f"digits_dense-300-100_{experiment}_fgsm_{mode}_{run['run_hash']}"
                  "_activation_sparsity_layers.png")
   found = {name for name in os.listdir(figures_dir) if "activation_sparsity" in name}
   assert found == expected
