@@ -23,6 +23,7 @@ Layout of `out_dir`:
   tables/<dataset>_activation_sparsity_table.{csv,md}
   tables/<dataset>_<model>_relu_{points,pareto}.csv
   tables/gradient_masking.{csv,md}, figures/gradient_masking.<format>   with masking_options
+  figures/<dataset>_<model>_augmented_flatness_<run hash>.<format>   augmented_flatness runs
 """
 
 import dataclasses
@@ -34,6 +35,7 @@ import pandas as pd
 
 from analysis import activation
 from analysis import figures
+from analysis import flatness
 from analysis import layers
 from analysis import load
 from analysis import masking
@@ -332,6 +334,8 @@ def write_analysis(study: load.Study, out_dir: str,
                     if source else [])
   activation_sections = activation.sections(study, out_dir, formats, _save, _group_stem,
                                             TABLES_DIR, training_labels)
+  flatness_sections = (flatness.sections(source, out_dir, formats, _save, _group_stem)
+                       if source else [])
   masking_sections = (masking.sections(study, source, out_dir, formats, _save, TABLES_DIR,
                                        masking_options)
                       if masking_options is not None else [])
@@ -343,7 +347,7 @@ def write_analysis(study: load.Study, out_dir: str,
   with open(path, "w") as f:
     f.write(render_report(study, sections, best_markdown, out_dir, source,
                           command, training, relu_sections, layer_sections,
-                          activation_sections, masking_sections))
+                          activation_sections, masking_sections, flatness_sections))
   return path
 
 
@@ -439,7 +443,8 @@ def render_report(study: load.Study, sections: Sequence[Section],
                   relu_sections: Sequence[tuple] = (),
                   layer_sections: Sequence[tuple] = (),
                   activation_sections: Sequence[tuple] = (),
-                  masking_sections: Sequence[tuple] = ()) -> str:
+                  masking_sections: Sequence[tuple] = (),
+                  flatness_sections: Sequence[tuple] = ()) -> str:
   """Returns the Markdown of the report (links relative to `out_dir`).
 
   Args:
@@ -458,6 +463,8 @@ def render_report(study: load.Study, sections: Sequence[Section],
       measured with `--measure=activation_sparsity` (`analysis.activation.sections`).
     masking_sections: (heading, text with the table, figures) of the
       gradient-masking checks (`analysis.masking.sections`).
+    flatness_sections: (heading, text with the table, figures) of the
+      `augmented_flatness` runs (`analysis.flatness.sections`).
   """
   runs = study.runs
   trials = study.evaluations.groupby("run_dir")["trial"].nunique()
@@ -521,6 +528,8 @@ def render_report(study: load.Study, sections: Sequence[Section],
   for heading, saved in layer_sections:
     lines += [f"## {heading}", ""] + [_figure_markdown(figure, out_dir) for figure in saved]
   for heading, text, saved in activation_sections:
+    lines += [f"## {heading}", "", text] + [_figure_markdown(figure, out_dir) for figure in saved]
+  for heading, text, saved in flatness_sections:
     lines += [f"## {heading}", "", text] + [_figure_markdown(figure, out_dir) for figure in saved]
   for heading, text, saved in masking_sections:
     lines += [f"## {heading}", "", text] + [_figure_markdown(figure, out_dir) for figure in saved]
