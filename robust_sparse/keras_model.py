@@ -42,6 +42,16 @@ class RobustModel(keras.Model):
     sharpness: `LossGradFn -> LossGradFn`, e.g. `lambda inner:
       sharpness.sharpness_aware(inner, network, rho=0.05)` for SAM.
     seed: the run seed of every stateless random choice.
+    measurement: layer measurements fed by the step's own passes, as the
+      runner's engine feeds them: an object with `tap_model` and
+      `update(outputs, split)`, e.g. `measurements.Measurements(network,
+      ["saturation", "activation_sparsity"])`; training batches feed "train"
+      (natural examples only), `evaluate` / validation batches "eval". Report
+      it with `measurement_callback.MeasurementCallback(measurement)`.
+
+  Raises:
+    ValueError: for a network wrapped by `SaturationCallback.wrap` (pass
+      `measurement=` instead).
   """
 
   def __init__(self, network: keras.Model, *, num_classes: Optional[int] = None,
@@ -50,8 +60,16 @@ class RobustModel(keras.Model):
                distill_temperature: float = 4.0, augment: Optional[Callable] = None,
                grad_clip_norm: Optional[float] = None,
                loss_scale: Optional[steps_lib.LossScale] = None,
-               sharpness: Optional[Callable] = None, seed: int = 0, **kwargs):
+               sharpness: Optional[Callable] = None, seed: int = 0, measurement=None,
+               **kwargs):
+    from robust_sparse.saturation import SaturationModel  # pylint: disable=import-outside-toplevel
+    if isinstance(network, SaturationModel):
+      raise ValueError(f"RobustModel cannot train {network.name!r}, a `SaturationCallback.wrap` "
+                       "model; pass the network itself with `measurement=measurements."
+                       "Measurements(network, ['saturation'])` and a MeasurementCallback")
     super().__init__(**kwargs)
+    self.measurement = measurement
+    taps = None if measurement is None else measurement.tap_model
     self.network = network
     self.num_classes = num_classes or int(network.output.shape[-1])
     self.attack = attack
@@ -59,7 +77,7 @@ class RobustModel(keras.Model):
         network, num_classes=self.num_classes, label_smoothing=label_smoothing,
         attack=attack, adv_mix=adv_mix, teacher=teacher,
         distill_temperature=distill_temperature, loss_scale=loss_scale,
-        sharpness=sharpness)
+        sharpness=sharpness, taps=taps)
     self.augment = augment
     self.grad_clip_norm = grad_clip_norm
     self.loss_scale = loss_scale
@@ -101,7 +119,9 @@ class RobustModel(keras.Model):
     self.groups = list(groups)
     self._step = steps_lib.make_train_step(
         self.network, self.loss_grad_fn, self.groups, grad_clip_norm=self.grad_clip_norm,
-        loss_scale=self.loss_scale, augment=self.augment, top5=self.top5)
+        loss_scale=self.loss_scale, augment=self.augment, top5=self.top5,
+        on_taps=None if self.measurement is None else (
+            lambda outputs: self.measurement.update(outputs, "train")))
 
   @property
   def metrics(self):
@@ -119,7 +139,10 @@ class RobustModel(keras.Model):
     x, y = data[0], tf.cast(data[1], tf.int32)
     sums = steps_lib.evaluation_sums(
         self.network, self.attack, x, y,
-        steps_lib.stream_seed(self.seed, self.step_iteration, 1), self.top5)
+        steps_lib.stream_seed(self.seed, self.step_iteration, 1), self.top5,
+        taps=None if self.measurement is None else self.measurement.tap_model,
+        on_taps=None if self.measurement is None else (
+            lambda outputs: self.measurement.update(outputs, "eval")))
     count = tf.cast(tf.shape(y)[0], tf.float32)
     values = dict(loss=sums[0] / count, nat_loss=sums[0] / count, acc=sums[1] / count,
                   adv_acc=sums[2] / count, adv_loss=sums[3] / count, top5=sums[4] / count)

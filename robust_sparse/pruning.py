@@ -4,7 +4,7 @@ Masks and kernels are plain dicts `{layer_name: np.ndarray}` so the functions
 work on saved `.npy` files as well as on live models.
 """
 
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import numpy as np
 
@@ -87,6 +87,33 @@ def layer_rates(layer_names, rate: float, output_rate: float) -> Dict[str, float
   """The seed's schedule: `rate` for every layer but the last, `output_rate` for it."""
   names = list(layer_names)
   return {name: (output_rate if i == len(names) - 1 else rate) for i, name in enumerate(names)}
+
+
+def scope_rates(layer_names, rate: float, output_rate: Optional[float] = None,
+                scope: str = "layer") -> Dict[str, float]:
+  """The per-layer rates of one pruning step, as `prune` takes them.
+
+  `scope="layer"`: `rate` for every layer but the last, `output_rate` for it
+  (`layer_rates`; None: `rate` too). `scope="global"`: `rate` for every layer,
+  since global pruning ranks all layers' weights together at one rate; an
+  `output_rate` other than None or `rate` is then refused.
+
+  Raises:
+    ValueError: an unknown scope, a rate outside [0, 1], or an output rate
+      with global scope.
+  """
+  if scope not in SCOPES:
+    raise ValueError(f"unknown prune scope {scope!r}; known: {', '.join(SCOPES)}")
+  for label, value in (("rate", rate), ("output_rate", output_rate)):
+    if value is not None and not 0.0 <= value <= 1.0:
+      raise ValueError(f"prune {label} must be in [0, 1], got {value}")
+  names = list(layer_names)
+  if scope == "global":
+    if output_rate is not None and output_rate != rate:
+      raise ValueError(f"output_rate={output_rate} needs scope='layer': global pruning ranks "
+                       f"every layer's weights together at rate={rate}")
+    return {name: rate for name in names}
+  return layer_rates(names, rate, rate if output_rate is None else output_rate)
 
 
 def percent_remaining(masks: Mapping[str, np.ndarray]) -> float:

@@ -652,8 +652,15 @@ class SaturationCallback(keras.callbacks.Callback):
     training under one. Compile and fit the returned model.
 
     Raises:
-      ValueError: for a model whose layers cannot be tapped (see `tapped_layers`).
+      ValueError: for a model whose layers cannot be tapped (see `tapped_layers`),
+        or a `RobustModel` (see below).
     """
+    if hasattr(model, "network") and hasattr(model, "loss_grad_fn"):  # A RobustModel.
+      raise ValueError(
+          f"SaturationCallback.wrap cannot tap {model.name!r}, a RobustModel, whose step calls "
+          "its network directly; build RobustModel(network, measurement=measurements."
+          "Measurements(network, ['saturation'])) and pass "
+          "SaturationCallback(tracker=measurement.saturation) to its fit")
     if self.tracker is None:
       self.tracker = SaturationTracker.for_model(model, self.layers, delta=self.delta,
                                                  downsampling=self.downsampling, rule=self.rule)

@@ -55,3 +55,13 @@ def test_bad_arguments(rates, scope):
   masks = {n: np.ones(3, np.float32) for n in kernels}
   with pytest.raises(ValueError):
     pruning.prune(kernels, masks, rates, scope)
+
+
+def test_scope_rates_are_the_runners():
+  names = ["hidden_1", "hidden_2", "output"]
+  assert pruning.scope_rates(names, 0.2, 0.1) == pruning.layer_rates(names, 0.2, 0.1)
+  assert pruning.scope_rates(names, 0.2) == {n: 0.2 for n in names}
+  assert pruning.scope_rates(names, 0.3, None, "global") == {n: 0.3 for n in names}
+  for args in [(0.2, 0.1, "global"), (0.2, 1.5, "layer"), (0.2, None, "sideways")]:
+    with pytest.raises(ValueError):
+      pruning.scope_rates(names, *args)
