@@ -19,7 +19,8 @@ Layout of `out_dir`:
   figures/<dataset>_<model>[_<setting>]_{saturation,layers}.<format>   --measure=saturation
   figures/<dataset>_activation_sparsity_comparison.<format>   --measure=activation_sparsity
   figures/<dataset>_<model>_<attack>[_<setting>]_activation_sparsity_vs_weights.<format>
-  figures/<dataset>_<model>_<experiment>_<attack>_<mode>_<run hash>_activation_sparsity_layers.<format>
+  figures/<dataset>_<model>_<experiment>_<attack>_<mode>_<run hash>_activation_sparsity_layers
+      .<format>
   tables/<dataset>_activation_sparsity_table.{csv,md}
   tables/<dataset>_<model>_relu_{points,pareto}.csv
   tables/gradient_masking.{csv,md}, figures/gradient_masking.<format>   with masking_options

@@ -51,6 +51,18 @@ Mapping (seed key / value -> `Hparams` field / value):
   logs_dir        the base folder when `grid_runs` gets no `base_dir`
   data_parallel   false -> (nothing to set)
 
+Beyond phd-lab's names, a grid takes the toolkit's own: `model` any registered
+model (`models.MODELS`, e.g. dense-300-100), `dataset` any registered data set
+(`data.DATASETS`, e.g. sklearn_digits; its normalisation and augmentation stay
+the flags' defaults), `optimizer` any `--optimizer` (e.g. ssamf-sgd, with the
+flags' learning rate), and every other key named after a `run_experiments` flag
+(an `Hparams` field: "learning_rate", "prune_iters", "experiment", "attack",
+...), one value or a list of values, expanded after the seed's keys in file
+order. Such keys override the seed's settings below; a list-valued field (e.g.
+"measure") takes one list (or "a,b") per run, a list of lists to vary it;
+"train_iters" replaces the seed's "epoch" (give one of them). Unknown keys and
+names are one-line `ValueError`s listing what is known.
+
 Every run also gets the settings the seed implies (`SEED_SETTINGS`): plain
 training (`experiment=train`, one level, no pruning), no attack, one trial,
 no validation split (phd-lab trains on the whole training set and reports
@@ -58,7 +70,7 @@ the test set), no label smoothing (plain cross-entropy), and saturation
 measured (`measure=("saturation",)`), as every phd-lab run computes it.
 
 What is refused with a `ValueError` rather than run differently: models,
-data sets and optimizer presets not listed above (e.g. efficentnet_b0,
+data sets and optimizer presets neither listed above nor the toolkit's (e.g. efficentnet_b0,
 vgg13PCA*, iNaturalist, ResizedImageNet, MNISTSmallRandomPositioning, radam,
 noopt), metrics other than Accuracy / Top5Accuracy, `conv_method` other than
 channelwise, `data_parallel: true` (use --devices), `device` (use --devices)
@@ -239,7 +251,7 @@ _CHECKS = {
     "epoch": _integer(1),
     "batch_size": _integer(1),
     "dataset": _string,
-    "resolution": _integer(1),
+    "resolution": _optional(_integer(1)),
     "optimizer": _string,
     "logs_dir": _string,
     "device": _optional(_string),
@@ -309,6 +321,76 @@ def _read(path: str) -> Dict[str, Any]:
   return grid
 
 
+def _hparams_fields() -> Dict[str, Any]:
+  """{name: dataclass field} of `Hparams` (imported here: it imports TensorFlow)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from robust_sparse import hparams  # pylint: disable=import-outside-toplevel
+  return {field.name: field for field in dataclasses.fields(hparams.Hparams)}
+
+
+def _field_value(field, value):
+  """Checks one value of an `Hparams` field as its flag would (type, choices, bounds)."""
+  from robust_sparse import hparams  # pylint: disable=import-outside-toplevel
+  kind = hparams._flag_kind(field)  # pylint: disable=protected-access
+  meta = field.metadata
+  if value is None:
+    if field.default is None or meta.get("flag_default", 0) is None:
+      return None
+    raise _Invalid(f"null is not allowed (default {field.default!r})")
+  if kind == "list":
+    item = hparams._list_item_type(field)  # pylint: disable=protected-access
+    items = ([v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str)
+             else list(value) if isinstance(value, tuple) else value)  # tuple: checked before
+    if not isinstance(items, list) or any(isinstance(v, (list, dict, bool)) for v in items):
+      raise _Invalid(f"expected a list of {item.__name__} values (or a comma string), got "
+                     f"{_type_name(value)} {value!r}")
+    try:
+      return tuple(item(v) for v in items)
+    except (TypeError, ValueError):
+      raise _Invalid(f"expected a list of {item.__name__} values, got {value!r}") from None
+  expected, what = {"bool": ((bool,), "true or false"), "integer": ((int,), "an integer"),
+                    "float": ((int, float), "a number"), "string": ((str,), "a string")}[kind]
+  if not isinstance(value, expected) or (kind != "bool" and isinstance(value, bool)):
+    raise _Invalid(f"expected {what}, got {_type_name(value)} {value!r}")
+  if kind == "float":
+    value = float(value)
+  if "choices" in meta and value not in meta["choices"]():
+    raise _Invalid(f"{value!r} is not one of {', '.join(map(str, meta['choices']()))}")
+  if "lower_bound" in meta and value < meta["lower_bound"]:
+    raise _Invalid(f"expected a value >= {meta['lower_bound']}, got {value!r}")
+  if "upper_bound" in meta and value > meta["upper_bound"]:
+    raise _Invalid(f"expected a value <= {meta['upper_bound']}, got {value!r}")
+  return value
+
+
+def _field_choices(field, value) -> List[Any]:
+  """The checked choices of an `Hparams` key: a value, or a list of values (of lists for a
+  list-valued field)."""
+  if isinstance(value, dict):
+    raise _Invalid(f"expected a value or a list of values, got an object {value!r}")
+  from robust_sparse import hparams  # pylint: disable=import-outside-toplevel
+  if hparams._flag_kind(field) == "list":  # pylint: disable=protected-access
+    values = value if isinstance(value, list) and value and all(
+        isinstance(v, list) for v in value) else [value]
+  else:
+    values = value if isinstance(value, list) else [value]
+  if not values:
+    raise _Invalid("empty list: give at least one value")
+  checked = []
+  for item in values:
+    item = _field_value(field, item)
+    if item in checked:
+      raise _Invalid(f"{item!r} is listed twice (the runs would be the same)")
+    checked.append(item)
+  return checked
+
+
+def _unknown_key(key: str) -> _Invalid:
+  return _Invalid(f"unknown key: neither phd-lab's ({', '.join(sorted(SEED_DEFAULTS))}) nor "
+                  "a run_experiments flag (python -m run_experiments --helpfull lists them); "
+                  "keys starting with '_' are comments")
+
+
 def load_grid(path: str) -> List[Dict[str, Any]]:
   """Reads a grid file and expands it into its combinations.
 
@@ -328,7 +410,9 @@ def load_grid(path: str) -> List[Dict[str, Any]]:
   """
   grid = _read(path)
   choices = {}
+  extra = {}  # Hparams keys, in file order.
   metrics = SEED_DEFAULTS["metrics"]
+  fields = None
   for key, value in grid.items():
     if key.startswith("_"):
       continue
@@ -338,13 +422,27 @@ def load_grid(path: str) -> List[Dict[str, Any]]:
       elif key in _CHECKS:
         choices[key] = _choices(key, value)
       else:
-        known = ", ".join(sorted(SEED_DEFAULTS))
-        raise _Invalid(f"unknown key (known: {known}; keys starting with '_' are comments)")
+        fields = fields if fields is not None else _hparams_fields()
+        if key not in fields:
+          raise _unknown_key(key)
+        extra[key] = _field_choices(fields[key], value)
     except _Invalid as e:
       raise ValueError(f"{path}: key {key!r}: {e}") from None
-  axes = [choices.get(key, [SEED_DEFAULTS[key]]) for key in EXPANSION_ORDER]
-  return [dict(zip(EXPANSION_ORDER, values), metrics=metrics)
-          for values in itertools.product(*axes)]
+  if "train_iters" in extra:
+    if "epoch" in choices or "epochs" in extra:
+      other = "epoch" if "epoch" in choices else "epochs"
+      raise ValueError(f"{path}: keys 'train_iters' and {other!r} both set the training "
+                       "length; give one")
+    choices["epoch"] = [None]  # The length is train_iters.
+  axes = [choices.get(key, [SEED_DEFAULTS[key]]) for key in EXPANSION_ORDER] + list(
+      extra.values())
+  keys = EXPANSION_ORDER + tuple(extra)
+  points = [dict(zip(keys, values), metrics=metrics) for values in itertools.product(*axes)]
+  if "resolution" not in choices:  # phd-lab's 32 px is for its data sets, not the toolkit's.
+    for point in points:
+      if point["dataset"] not in DATASETS:
+        point["resolution"] = None
+  return points
 
 
 def _name(key, value, table, what):
@@ -372,14 +470,22 @@ def to_overrides(point: Dict[str, Any]) -> Dict[str, Any]:
       optimizer preset or metric; a device; a cache_dir; data_parallel;
       another conv_method).
   """
-  unknown = sorted(key for key in point if key not in SEED_DEFAULTS)
-  if unknown:
-    raise ValueError(f"grid key {unknown[0]!r}: unknown key (known: "
-                     f"{', '.join(sorted(SEED_DEFAULTS))})")
+  others = [key for key in point if key not in SEED_DEFAULTS]
+  extra = {}
+  if others:
+    fields = _hparams_fields()
+    for key in others:
+      try:
+        if key not in fields:
+          raise _unknown_key(key)
+        extra[key] = _field_value(fields[key], point[key])
+      except _Invalid as e:
+        raise ValueError(f"grid key {key!r}: {e}") from None
   point = {**SEED_DEFAULTS, **point}
   for key, check in _CHECKS.items():
     try:
-      check(point[key])
+      if not (key == "epoch" and point[key] is None and "train_iters" in extra):
+        check(point[key])
     except _Invalid as e:
       raise ValueError(f"grid key {key!r}: {e}") from None
   if point["device"] is not None:
@@ -400,23 +506,55 @@ def to_overrides(point: Dict[str, Any]) -> Dict[str, Any]:
     raise ValueError(f"grid key 'metrics': {bad_metrics[0]!r} is not supported; supported: "
                      f"{', '.join(METRICS)}")
   model = (point["model"] if point["model"] in MODELS.values()
-           else _name("model", point["model"], MODELS, "model"))
-  dataset, normalize, augment = _name("dataset", point["dataset"], DATASETS, "data set")
+           else MODELS[point["model"]] if point["model"] in MODELS
+           else _registered("model", point["model"], MODELS, "models", "MODELS"))
+  if point["dataset"] in DATASETS:
+    dataset, normalize, augment = DATASETS[point["dataset"]]
+    data = {"dataset": dataset, "normalize": normalize, "augment": augment}
+  else:  # The toolkit's own data set: its flags' normalisation and augmentation.
+    data = {"dataset": _registered("dataset", point["dataset"], DATASETS, "data", "DATASETS")}
   overrides = {
       "model": model,
-      "dataset": dataset,
-      "normalize": normalize,
-      "augment": augment,
+      **data,
       "resolution": point["resolution"],
-      "epochs": float(point["epoch"]),
+      "epochs": None if point["epoch"] is None else float(point["epoch"]),
       "batch_size": point["batch_size"],
   }
-  overrides.update(_name("optimizer", point["optimizer"], OPTIMIZERS, "optimizer preset"))
+  if point["optimizer"] in OPTIMIZERS:
+    overrides.update(OPTIMIZERS[point["optimizer"]])
+  else:
+    overrides["optimizer"] = _toolkit_optimizer(point["optimizer"])
   overrides.update(delta=point["delta"], saturation_downsampling=point["downsampling"])
   overrides.update(SEED_SETTINGS)
   if "Top5Accuracy" in point["metrics"]:
     overrides["top5"] = True
+  overrides.update(extra)
   return overrides
+
+
+def _registered(key, value, seed_names, module, registry):
+  """`value` if the toolkit's `module.registry` knows it; else a one-line ValueError."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  known = importlib.import_module(module).__dict__[registry]
+  try:
+    if value in known or known.get(value) is not None:  # Patterned names (dense-300-100).
+      return value
+  except (KeyError, ValueError):
+    pass
+  names = list(known.names())
+  raise ValueError(f"grid key {key!r}: {value!r} is neither phd-lab's "
+                   f"({', '.join(sorted(seed_names, key=str.lower))}) nor the toolkit's "
+                   f"({', '.join(sorted(names))})")
+
+
+def _toolkit_optimizer(name):
+  from robust_sparse.optimizers import split_optimizer  # pylint: disable=import-outside-toplevel
+  try:
+    split_optimizer(name)
+  except ValueError as e:
+    raise ValueError(f"grid key 'optimizer': {name!r} is neither a phd-lab preset "
+                     f"({', '.join(sorted(OPTIMIZERS))}) nor the toolkit's: {e}") from None
+  return name
 
 
 def check_run_id(run_id: str) -> str:

@@ -276,7 +276,6 @@ def test_unreadable_file_names_the_file(tmp_path):
 
 UNSUPPORTED = [
     ({"model": "efficentnet_b0"}, "model"),
-    ({"model": "resnet18_maxpool"}, "model"),
     ({"dataset": "iNaturalist"}, "dataset"),
     ({"dataset": "ResizedImageNet"}, "dataset"),
     ({"dataset": "MNISTSmallRandomPositioning"}, "dataset"),
@@ -305,3 +304,55 @@ def test_to_overrides_refuses_unknown_keys_and_bad_values():
     grid.to_overrides({"modle": "vgg16"})
   with pytest.raises(ValueError, match="'delta'"):
     grid.to_overrides({"delta": 2.0})
+
+
+# ---- the toolkit's own names and flags -------------------------------------------------------
+def test_registered_models_data_sets_optimizers_and_flags(tmp_path):
+  content = {"model": "dense-300-100", "dataset": "sklearn_digits", "optimizer": "ssamf-sgd",
+             "train_iters": 50, "experiment": "reinit_orig", "prune_iters": 1,
+             "attack": "fgsm", "adv_train": [False, True], "sparsity": [0.5, 0.9],
+             "measure": [["activation_sparsity"], []]}
+  points = grid.load_grid(_write(tmp_path, content))
+  assert len(points) == 2 * 2 * 2
+  overrides = grid.to_overrides(points[-1])
+  assert {k: overrides[k] for k in content if k != "epoch"} == dict(
+      content, adv_train=True, sparsity=0.9, measure=())
+  # The seed's 32 px and epochs are its data sets' and its length; not forced on these.
+  assert overrides["resolution"] is None and overrides["epochs"] is None
+  assert "normalize" not in overrides and "augment" not in overrides
+  # Flags override the seed's settings; the rest still apply.
+  assert overrides["valid_size"] == 0 and overrides["trials"] == 1
+  assert [p["sparsity"] for p in points[:2]] == [0.5, 0.5]  # The last key varies fastest.
+  assert [p["measure"] for p in points[:2]] == [("activation_sparsity",), ()]
+
+
+def test_a_toolkit_grid_names_its_run_folders_as_the_command_line_does(tmp_path):
+  from robust_sparse.hparams import Hparams  # pylint: disable=import-outside-toplevel
+  path = _write(tmp_path, {"model": "dense-300-100", "dataset": "sklearn_digits",
+                           "train_iters": 50, "learning_rate": [0.1, 0.01]})
+  runs = grid.grid_runs(path, "RES", "out")
+  folders = [Hparams(**overrides).run_dir(base) for overrides, base in runs]
+  assert len(set(folders)) == 2
+  assert all(f.startswith(os.path.join("out", "RES", "sklearn_digits", "dense-300-100"))
+             for f in folders)
+
+
+@pytest.mark.parametrize("content,key,message", [
+    ({"lerning_rate": 0.1}, "lerning_rate", "nor a run_experiments flag"),
+    ({"learning_rate": "fast"}, "learning_rate", "expected a number"),
+    ({"attack": "cw"}, "attack", "is not one of"),
+    ({"prune_iters": -1}, "prune_iters", ">= 0"),
+    ({"adv_train": "yes"}, "adv_train", "true or false"),
+    ({"train_iters": 10, "epoch": 2}, None, "give one"),
+    ({"model": "dense-3OO-100"}, "model", "dense-300-100"),
+    ({"dataset": "mnist"}, "dataset", "sklearn_digits"),
+    ({"optimizer": "lion"}, "optimizer", "ssamf-"),
+])
+def test_unknown_toolkit_names_and_flags_are_one_line_errors(tmp_path, content, key, message):
+  path = _write(tmp_path, content)
+  with pytest.raises(ValueError) as error:
+    grid.grid_runs(path, "RES", "out")
+  text = str(error.value)
+  assert "\n" not in text and path in text and message in text
+  if key is not None:
+    assert repr(key) in text
