@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from attacks import AttackConfig, apgd_ce, common, compiled, fgsm, make_attack, pgd
+from benchmarks.fidelity import attacks as fidelity_attacks
 from robust_sparse import compilation
 
 EPS = 0.1
@@ -341,3 +342,32 @@ def test_stateless_draws_are_tensorflows_default_draws(shape, jit):
   for a, b in zip(tf.function(ours, jit_compile=jit)(seed),
                   tf.function(default, jit_compile=jit)(seed)):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_fidelity_references_see_a_wrong_attack():
+  """The NumPy references of benchmarks/fidelity/attacks.py can disagree: with the
+  wrong labels, without the projection, or with the restarts' starts swapped."""
+  model = fidelity_attacks._small_mlp(5)  # pylint: disable=protected-access
+  x = np.random.default_rng(5).random((16, 8, 8, 1)).astype(np.float32)
+  weights = fidelity_attacks._weights(model)  # pylint: disable=protected-access
+  predicted = np.argmax(model(x).numpy(), -1)
+  other = (predicted + 1) % 10
+  inputs = dict(weights, x=x, eps=np.asarray(EPS))
+  np.testing.assert_allclose(fidelity_attacks.np_fgsm(inputs)["x_adv"],
+                             fgsm(model, x, eps=EPS).numpy(), atol=1e-6)
+  assert np.abs(fidelity_attacks.np_fgsm(dict(inputs, y=other))["x_adv"]
+                - fgsm(model, x, eps=EPS).numpy()).max() > EPS
+  budget = dict(eps=EPS, step_size=EPS / 2, steps=4, norm=np.inf)
+  seed = tf.constant([3, 4])
+  starts = fidelity_attacks.pgd_starts(model, x, None, seed, eps=EPS, step_size=EPS / 2,
+                                       restarts=2, norm=np.inf)
+  ours = pgd(model, x, seed=seed, restarts=2, **budget).numpy()
+  reference = dict(weights, x=x, starts=starts,
+                   **{k: np.asarray(v, np.float64) for k, v in budget.items()})
+  np.testing.assert_allclose(fidelity_attacks.np_pgd(reference)["x_adv"], ours, atol=1e-6)
+  # Unprojected steps leave the ball.
+  unprojected = fidelity_attacks.np_pgd(dict(reference, eps=np.asarray(10.0)))["x_adv"]
+  assert np.abs(unprojected - x).max() > EPS + 1e-3
+  # One start alone is not the worst case over both on every example.
+  first_only = fidelity_attacks.np_pgd(dict(reference, starts=starts[:1]))["x_adv"]
+  assert np.abs(first_only - ours).max() > 1e-3
