@@ -530,9 +530,25 @@ MASKED_LAYER_TYPES = (MaskedDense, MaskedConv2D)
 
 
 def masked_layers(model):
-  """The masked layers of `model`, in the order they compute."""
-  return [layer for layer in model._flatten_layers(include_self=False)
-          if isinstance(layer, MASKED_LAYER_TYPES)]
+  """The masked layers of `model`, in the order they compute (nested models in place).
+
+  Keras' recursive `_flatten_layers` lists a nested model's layers last to
+  first; this walks each level in order and descends depth first.
+  """
+  found, seen = [], set()
+
+  def walk(parent):
+    for layer in parent._flatten_layers(include_self=False, recursive=False):
+      if id(layer) in seen:
+        continue
+      seen.add(id(layer))
+      if isinstance(layer, MASKED_LAYER_TYPES):
+        found.append(layer)
+      else:
+        walk(layer)
+
+  walk(model)
+  return found
 
 
 def _plain_layer_type(layer):

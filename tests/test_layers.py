@@ -462,3 +462,12 @@ def test_mixed_precision_computes_in_float16_with_a_float32_mask():
   y = layer(x)
   assert y.dtype == tf.float16
   np.testing.assert_allclose(y.numpy(), x @ (layer.kernel.numpy() * mask), rtol=1e-2, atol=1e-2)
+
+
+def test_masked_layers_lists_nested_models_in_call_order():
+  inner = keras.Sequential([keras.Input((4,)), MaskedDense(3, name="a"),
+                            MaskedDense(2, name="b")])
+  outer = keras.Sequential([keras.Input((5,)), MaskedDense(4, name="first"), inner,
+                            keras.layers.ReLU(), MaskedDense(1, name="output")])
+  assert [layer.name for layer in masked_layers(outer)] == [
+      "first", "a", "b", "output"]
