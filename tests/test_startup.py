@@ -139,3 +139,46 @@ print(type(sys.modules["tensorflow._api.v2.compat"]).__name__)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split("\n")[:5] == ["True True", "_LazyModule", "placeholder a",
                                            "SKLearnClassifier", "module"], result.stdout
+
+
+# ---- quiet as a library and in Ray workers -----------------------------------------------
+_QUIET_ENV = {k: v for k, v in os.environ.items()
+              if k not in ("TF_CPP_MIN_LOG_LEVEL", startup.VERBOSE_ENV)}
+
+
+def test_importing_the_toolkit_as_a_library_is_quiet():
+  # What a notebook imports first, each in a fresh interpreter (TensorFlow's first import).
+  for module in ("data", "models", "attacks", "experiments", "robust_sparse.api"):
+    result = subprocess.run([sys.executable, "-c", f"import {module}; import tensorflow"],
+                            cwd=REPO, env=dict(_QUIET_ENV, PYTHONPATH=REPO),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not NOISE_RE.search(result.stderr), (module, result.stderr[-2000:])
+
+
+RAY_TASK = """
+import sys, time
+import ray
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=True, configure_logging=False,
+         runtime_env={"env_vars": {"PYTHONPATH": sys.argv[1]}})
+
+@ray.remote
+def task():
+  from experiments import launch  # noqa: F401  What a trial's task imports first.
+  import tensorflow as tf
+  return tf.__version__
+
+print(ray.get(task.remote()))
+time.sleep(2)  # The worker's stderr reaches the driver.
+ray.shutdown()
+"""
+
+
+def test_ray_workers_start_quietly(tmp_path):
+  pytest.importorskip("ray")
+  script = tmp_path / "ray_task.py"
+  script.write_text(RAY_TASK)
+  result = subprocess.run([sys.executable, str(script), REPO], cwd=tmp_path, env=_QUIET_ENV,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert not NOISE_RE.search(result.stdout + result.stderr), result.stderr[-2000:]
