@@ -127,7 +127,8 @@ class _LazyFinder(importlib.abc.MetaPathFinder):
     if fullname not in self.names:
       return None
     for finder in sys.meta_path:
-      if finder is self or not hasattr(finder, "find_spec"):
+      # Another lazy finder (nested `lazy_modules`) would ask this one again.
+      if isinstance(finder, _LazyFinder) or not hasattr(finder, "find_spec"):
         continue
       spec = finder.find_spec(fullname, path, target)
       if spec is not None:
@@ -158,6 +159,9 @@ def import_tensorflow():
   """
   if "tensorflow" in sys.modules:
     return sys.modules["tensorflow"]
+  # This import is the quiet one: a pending `import_tensorflow_when_needed` hook (installed
+  # by importing the `robust_sparse` package) must not wrap it a second time.
+  sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _OnFirstImport)]
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   with _quiet_and_lazy():
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
