@@ -79,7 +79,8 @@ _MASKING_ALL_LEVELS = flags.DEFINE_boolean(
     "masking_all_levels", False, "Check every finished pruning level, not only the last.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Folder with the raw data files for the gradient-masking checks; "
-    "default: each run's own --data_dir (sklearn_digits needs none).")
+    "default: each run's own --data_dir, else $ROBUST_SPARSE_DATA_DIR (sklearn_digits needs "
+    "none).")
 
 flags.mark_flag_as_required("base_dir")
 flags.register_validator(

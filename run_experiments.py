@@ -19,6 +19,7 @@ startup.import_tensorflow()  # First: quietly, and without Keras' unused imports
 from absl import app, flags, logging  # noqa: E402
 
 from data import DataError, default_valid_size, load_dataset  # noqa: E402
+from data.registry import default_data_dir  # noqa: E402
 from experiments.runner import DivergedError, Runner, check_distribution  # noqa: E402
 from robust_sparse import activations, distribute, hparams as hparams_lib  # noqa: E402
 
@@ -43,6 +44,24 @@ flags.DEFINE_integer("max_retries", 2, "--launcher=ray: retries of a task whose 
                      lower_bound=0)
 flags.DEFINE_string("run_id", None, "with --config: the runs go under BASE_DIR/RUN_ID "
                     "(BASE_DIR: --base_dir if given, else the grid's logs_dir)")
+
+# What --helpshort lists: the flags most runs set, then each experiment family's own
+# (--helpfull: every flag).
+KEY_FLAGS = (
+    "dataset", "data_dir", "model", "activation", "experiment", "trials", "seed",
+    "train_iters", "epochs", "eval_every", "batch_size", "augment", "optimizer",
+    "learning_rate", "lr_schedule", "attack", "adv_train", "eps", "eval_attacks",
+    # Lottery tickets and their controls.
+    "prune_iters", "prune_rate", "prune_scope", "rewind_to", "rewind_iteration", "ticket_run",
+    # Sharpness-aware training.
+    "rho", "sparsity",
+    # Measurements (saturation, probes, receptive fields, augmented flatness), ReLU reduction.
+    "measure", "probes", "pretrained_run", "relu_count", "relu_sparsity",
+)
+for _name in KEY_FLAGS:
+  flags.declare_key_flag(_name)
+# The run being trained, for the line Ctrl-C prints.
+_CURRENT_RUN = {"run_dir": None}
 
 
 def _valid_activation(spec):
@@ -121,9 +140,12 @@ def hparams_from_flags() -> hparams_lib.Hparams:
   """
   if FLAGS.epochs is not None and FLAGS["train_iters"].present:
     raise ValueError("--epochs and --train_iters both set the training length; give one")
+  # Unset --data_dir: $ROBUST_SPARSE_DATA_DIR (recorded in hparams.json; never hashed).
+  data_dir = {} if FLAGS["data_dir"].present or not default_data_dir() else {
+      "data_dir": default_data_dir()}
   return hparams_lib.from_flags(
       FLAGS, fallbacks={"valid_size": default_valid_size(FLAGS.dataset)}
-      if FLAGS.valid_size is None else None)
+      if FLAGS.valid_size is None else None, **data_dir)
 
 
 def main(argv):
@@ -149,6 +171,7 @@ def main(argv):
                            resolution=hparams.resolution)
     runner = Runner(hparams, dataset, FLAGS.base_dir, force=FLAGS.force,
                     progress=FLAGS.progress)
+    _CURRENT_RUN["run_dir"] = runner.run_dir
     if FLAGS.launcher == "ray":  # The tasks train; this process only finishes the run.
       _launch_with_ray([(hparams, FLAGS.base_dir)])
     run_dir = runner.run()
@@ -189,6 +212,7 @@ def _run_grid(base: hparams_lib.Hparams) -> int:
                                    resolution=hparams.resolution)
     runner = Runner(hparams, datasets[key], base_dir, force=FLAGS.force,
                     progress=FLAGS.progress)
+    _CURRENT_RUN["run_dir"] = runner.run_dir
     run_dir = runner.run()
     logging.info("results in %s", run_dir)
     print(run_dir, flush=True)
@@ -202,9 +226,20 @@ def _launch_with_ray(jobs):
                     max_retries=FLAGS.max_retries)
 
 
+def interrupted_line() -> str:
+  """What Ctrl-C prints: how to resume (finished levels are kept, the level in progress
+  continues from its last evaluation's checkpoint)."""
+  where = _CURRENT_RUN["run_dir"]
+  return ("interrupted: run the same command again to resume"
+          + (f" {where}" if where else "") + " from its last checkpoint")
+
+
 if __name__ == "__main__":
   try:
     app.run(main)
+  except KeyboardInterrupt:
+    print(f"\n{interrupted_line()}", file=sys.stderr)
+    startup.exit_now(130)  # 128 + SIGINT, as a shell reports it.
   except SystemExit as done:
     if not done.code:  # Finished: skip the interpreter's slow teardown.
       startup.exit_now(0)

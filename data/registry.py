@@ -151,8 +151,33 @@ class Dataset:
 
 
 # ---- in-memory data sets --------------------------------------------------------------
+# Where tensorflow-datasets downloads from (its GCS mirror); reachable or not in seconds.
+DOWNLOAD_CHECK = ("storage.googleapis.com", 443)
+DOWNLOAD_CHECK_TIMEOUT = 3.0
+DATA_DIR_ENV = "ROBUST_SPARSE_DATA_DIR"
+
+
+def default_data_dir() -> Optional[str]:
+  """`$ROBUST_SPARSE_DATA_DIR` when set (and not empty): the default of `--data_dir`."""
+  return os.environ.get(DATA_DIR_ENV) or None
+
+
+def _network_reachable(address=DOWNLOAD_CHECK, timeout=DOWNLOAD_CHECK_TIMEOUT) -> bool:
+  import socket  # pylint: disable=import-outside-toplevel
+  try:
+    socket.create_connection(address, timeout=timeout).close()
+  except OSError:
+    return False
+  return True
+
+
 def _from_tfds(name):
   import tensorflow_datasets as tfds
+  # Offline, tensorflow-datasets retries its downloads for minutes: say at once instead.
+  if not tfds.builder(name).is_prepared() and not _network_reachable():
+    raise DataError(f"{name}: no local copy in tensorflow-datasets and no network to download "
+                    f"it; give --data_dir=DIR (or set {DATA_DIR_ENV}), the folder with the "
+                    "official raw files")
   train, test = tfds.as_numpy(tfds.load(name, split=["train", "test"], batch_size=-1,
                                         as_supervised=True))
   return train[0], train[1].astype(np.int64), test[0], test[1].astype(np.int64)
@@ -340,8 +365,9 @@ def load_dataset(name: str, data_dir: Optional[str] = None, valid_size: Optional
 
   Args:
     name: a name in `DATASETS`.
-    data_dir: the folder with the official raw files; None: tensorflow-datasets
-      (for the data sets it has).
+    data_dir: the folder with the official raw files; None: `$ROBUST_SPARSE_DATA_DIR`
+      when set, else tensorflow-datasets (for the data sets it has; offline
+      without a local copy: a `DataError` within seconds).
     valid_size: the number of held-out training images (None: the data set's
       default, `default_valid_size`); 0: no validation split.
     resolution: the side, in pixels, of the images the model sees; None: the
@@ -357,6 +383,8 @@ def load_dataset(name: str, data_dir: Optional[str] = None, valid_size: Optional
   """
   loader = DATASETS.get(name)
   prepare_lib.check_resolution(resolution)
+  if data_dir is None:
+    data_dir = default_data_dir()
   if data_dir is not None and not os.path.isdir(data_dir):
     raise DataError(f"--data_dir={data_dir} is not a folder")
   source = loader(data_dir, resolution)

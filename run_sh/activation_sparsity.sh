@@ -20,9 +20,12 @@
 # lr 1e-3 and 1e-4, warm-up 0.5 epochs), no MixUp / CutMix / RandAugment, test set only.
 # Killed runs resume when the script is run again; the analysis runs at the end.
 set -euo pipefail
-data_dir=${1:?usage: $0 DATA_DIR [BASE_DIR] [--reduced]}
-base_dir=${2:-./output/activation_sparsity}
-reduced=${3:-}
+usage="DATA_DIR [BASE_DIR] [--reduced]"
+options="--reduced"
+max_positional=2
+source "$(dirname "$0")/args.sh"  # Arguments in any order; DATA_DIR from the env.
+data_dir=${positional[0]}
+base_dir=${positional[1]:-./output/activation_sparsity}
 measure=(--measure=activation_sparsity,effective_gradient_sparsity,spectral_increase
          --log_every=25)
 common=(--dataset=cifar10 --data_dir="$data_dir" --trials=1 --valid_size=0

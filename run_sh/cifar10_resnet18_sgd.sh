@@ -8,10 +8,14 @@
 # --reduced: the first 5000 training images for 2 epochs (minutes on 2 CPU cores).
 # Killed runs resume when the script is run again; the analysis runs at the end.
 set -euo pipefail
-data_dir=${1:?usage: $0 DATA_DIR [BASE_DIR] [--reduced]}
-base_dir=${2:-./output/cifar10_resnet18_sgd}
+usage="DATA_DIR [BASE_DIR] [--reduced]"
+options="--reduced"
+max_positional=2
+source "$(dirname "$0")/args.sh"  # Arguments in any order; DATA_DIR from the env.
+data_dir=${positional[0]}
+base_dir=${positional[1]:-./output/cifar10_resnet18_sgd}
 size=(--epochs=200)
-if [ "${3:-}" = "--reduced" ]; then
+if [ "$reduced" = "--reduced" ]; then
   size=(--epochs=2 --train_examples=5000)
 fi
 python -m run_experiments --dataset=cifar10 --data_dir="$data_dir" --model=resnet18 \

@@ -9,8 +9,12 @@
 #   bash run_sh/readme_study.sh DATA_DIR [BASE_DIR]
 # About 40 minutes on 2 CPU cores. Killed runs resume when the script is run again.
 set -euo pipefail
-data_dir=${1:?usage: $0 DATA_DIR [BASE_DIR]}
-base_dir=${2:-./output/readme_study}
+usage="DATA_DIR [BASE_DIR]"
+options=""
+max_positional=2
+source "$(dirname "$0")/args.sh"  # Arguments in any order; DATA_DIR from the env.
+data_dir=${positional[0]}
+base_dir=${positional[1]:-./output/readme_study}
 common=(--dataset=digits --data_dir="$data_dir" --model=dense-300-100 --trials=2
         --prune_iters=12 --train_iters=5000 --eval_every=1000 --eval_examples=1000
         --attack=fgsm --eps=0.3 --attack_labels=true --eval_attacks=pgd

@@ -14,9 +14,12 @@
 # FGSM evaluation, spgrad at sparsity 0.5 and poly at 0.9 (CPU minutes).
 # Killed runs resume when the script is run again; the analysis runs at the end.
 set -euo pipefail
-data_dir=${1:?usage: $0 DATA_DIR [BASE_DIR] [--reduced]}
-base_dir=${2:-./output/relu_reduction}
-reduced=${3:-}
+usage="DATA_DIR [BASE_DIR] [--reduced]"
+options="--reduced"
+max_positional=2
+source "$(dirname "$0")/args.sh"  # Arguments in any order; DATA_DIR from the env.
+data_dir=${positional[0]}
+base_dir=${positional[1]:-./output/relu_reduction}
 common=(--dataset=cifar10 --data_dir="$data_dir" --model=resnet18_maxpool --trials=1 --seed=2
         --batch_size=128 --valid_size=0 --augment=crop,flip --normalize=imagenet
         --label_smoothing=0 --optimizer=sgd --momentum=0.9 --lr_schedule=cosine --eta_min=1e-5

@@ -3,8 +3,12 @@
 #   bash run_sh/reproduce_mnist_accuracy.sh DATA_DIR [BASE_DIR]
 # DATA_DIR holds mnist/ with the four official IDX .gz files.
 set -euo pipefail
-data_dir=${1:?usage: $0 DATA_DIR [BASE_DIR]}
-base_dir=${2:-./output/reproduce}
+usage="DATA_DIR [BASE_DIR]"
+options=""
+max_positional=2
+source "$(dirname "$0")/args.sh"  # Arguments in any order; DATA_DIR from the env.
+data_dir=${positional[0]}
+base_dir=${positional[1]:-./output/reproduce}
 run_dir=$(python -m run_experiments --dataset=digits --data_dir="$data_dir" \
   --model=dense-300-100 --experiment=no_pruning --attack=fgsm --trials=1 \
   --train_iters=5000 --eval_every=500 --noprogress --base_dir="$base_dir" | tail -n 1)

@@ -3,8 +3,12 @@
 # weights instead of the random initialisation (spec 1.4). Compare with seed_protocol.sh.
 #   bash run_sh/seed_bug_trained_dense.sh DATA_DIR [BASE_DIR]
 set -euo pipefail
-data_dir=${1:?usage: $0 DATA_DIR [BASE_DIR]}
-base_dir=${2:-./output}
+usage="DATA_DIR [BASE_DIR]"
+options=""
+max_positional=2
+source "$(dirname "$0")/args.sh"  # Arguments in any order; DATA_DIR from the env.
+data_dir=${positional[0]}
+base_dir=${positional[1]:-./output}
 for attack in fgsm pgd; do
   for adv in --noadv_train --adv_train; do
     python -m run_experiments --dataset=digits --data_dir="$data_dir" \

@@ -6,8 +6,12 @@
 #   bash run_sh/seed_protocol.sh DATA_DIR [BASE_DIR]
 # Killed runs resume when the script is run again; the analysis runs at the end.
 set -euo pipefail
-data_dir=${1:?usage: $0 DATA_DIR [BASE_DIR]}
-base_dir=${2:-./output}
+usage="DATA_DIR [BASE_DIR]"
+options=""
+max_positional=2
+source "$(dirname "$0")/args.sh"  # Arguments in any order; DATA_DIR from the env.
+data_dir=${positional[0]}
+base_dir=${positional[1]:-./output}
 for dataset in digits fashion; do
   for experiment in reinit_orig reinit_rand reinit_none; do
     for attack in fgsm pgd; do

@@ -9,12 +9,16 @@
 # --reduced: conv-bn on 2000 CIFAR images for 2 epochs, 32 Fisher samples (CPU minutes).
 # Killed runs resume when the script is run again; the analysis runs at the end.
 set -euo pipefail
-data_dir=${1:?usage: $0 DATA_DIR [cifar10|cifar100] [BASE_DIR] [--reduced]}
-dataset=${2:-cifar100}
-base_dir=${3:-./output/ssam_${dataset}}
+usage="DATA_DIR [cifar10|cifar100] [BASE_DIR] [--reduced]"
+options="--reduced"
+max_positional=3
+source "$(dirname "$0")/args.sh"  # Arguments in any order; DATA_DIR from the env.
+data_dir=${positional[0]}
+dataset=${positional[1]:-cifar100}
+base_dir=${positional[2]:-./output/ssam_${dataset}}
 size=(--model=resnet18 --epochs=200)
 samples=128
-if [ "${4:-}" = "--reduced" ]; then
+if [ "$reduced" = "--reduced" ]; then
   size=(--model=conv-bn --epochs=2 --train_examples=2000 --sharpness_examples=500)
   samples=32
 fi
