@@ -258,6 +258,11 @@ def _training_sections(study: load.Study, out_dir: str,
     rows = evaluations[evaluations["run_dir"].isin(label_of)]
     rows = rows.assign(label=rows["run_dir"].map(label_of))
     final = metrics.final_evaluations(rows, "test")
+    if "epoch" in final.columns:
+      # A run of --train_iters ends mid-epoch ("7.895"): its final epoch says nothing.
+      by_epochs = (set(group.loc[group["epochs"].notna(), "run_dir"])
+                   if "epochs" in group.columns else set())
+      final = final.assign(epoch=final["epoch"].where(final["run_dir"].isin(by_epochs)))
     stem = _group_stem(dataset, model)
     table = tables.final_table(final)
     table_path = os.path.join(out_dir, TABLES_DIR, f"{stem}_final_table")
