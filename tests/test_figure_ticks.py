@@ -11,6 +11,7 @@ from matplotlib import pyplot as plt
 
 from analysis import figures
 from analysis import load
+from analysis import metrics
 from analysis import report
 from tests import analysis_fixtures as fixtures
 
@@ -70,7 +71,6 @@ def test_an_empty_panel_sharing_the_axis_is_caught():
 def test_one_mode_draws_one_column(tmp_path):
   fixtures.write_run(str(tmp_path), adv_train=True, trials=1, prune_iters=2)
   study = load.load_study(str(tmp_path), defaults=DEFAULTS)
-  from analysis import metrics  # pylint: disable=import-outside-toplevel
   final = metrics.final_evaluations(study.evaluations, "test")
   figure = figures.plot_accuracy_vs_sparsity(final, "end of training")
   titles = [axis.get_title() for axis in figure.axes]
