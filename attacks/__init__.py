@@ -1,5 +1,7 @@
 """Adversarial attacks that compose inside compiled train steps and compile themselves eagerly."""
 
+import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/startup.py).
+
 from attacks.apgd import apgd_ce
 from attacks.fgsm import fgsm
 from attacks.pgd import pgd

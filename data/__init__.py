@@ -1,5 +1,7 @@
 """Data sets: raw-file readers, image folders, per-batch preparation, train/valid/test splits."""
 
+import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/startup.py).
+
 from data.files import DataError
 from data.folders import decoded_batches, decoded_index_batches
 from data.registry import DATASETS, Dataset, Source, default_valid_size, load_dataset

@@ -3,6 +3,8 @@
 Importing an experiment family's module registers it in EXPERIMENTS.
 """
 
+import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/startup.py).
+
 import experiments.flatness  # noqa: F401
 import experiments.phd_lab  # noqa: F401
 import experiments.relu_reduction  # noqa: F401

@@ -6,6 +6,8 @@ normalize="none", dropout=0.0)` builds any of `MODELS.names()` or any
 per-channel (mean, std) in [0, 1] pixels.
 """
 
+import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/startup.py).
+
 # Importing a model family's module registers its models in MODELS.
 import models.resnet  # noqa: F401
 import models.vgg  # noqa: F401

@@ -32,6 +32,11 @@ NOT_HASHED = ("trials", "data_dir", "save_every_epochs", "masking_checks", "mask
 # Always hashed, default or not: they name the folder, and hashing them keeps
 # folders of different studies distinct when moved under one base folder.
 REQUIRED = ("dataset", "model", "experiment", "attack", "adv_train")
+# Experiments that measure a finished run (or a model) and attack nothing: their folder is
+# `{experiment}/measurement/{hash}`, not `{attack}/natural_{hash}` (a test keeps this list
+# equal to the registered `experiments.registry.Measurement` subclasses).
+MEASUREMENT_EXPERIMENTS = ("receptive_field", "probes", "augmented_flatness", "relu_count")
+MEASUREMENT_FOLDER = "measurement"
 # ModelHparams fields passed to the model builder as options (None: unset).
 MODEL_OPTIONS = ("vit_preset", "vit_variant", "patch_size", "depth", "heads", "width",
                  "mlp_width", "class_token", "db_mlp", "restricted_layer_norm",
@@ -74,7 +79,8 @@ class DataHparams:
   dataset: str = _field("digits", "source data set", choices=_names("data.DATASETS"))
   data_dir: Optional[str] = _field(
       None, "folder with the official raw files (mnist/, fashion-mnist/, "
-      "cifar-10/cifar-10-batches-bin/); unset: tensorflow-datasets")
+      "cifar-10/cifar-10-batches-bin/); unset: $ROBUST_SPARSE_DATA_DIR, else "
+      "tensorflow-datasets")
   valid_size: int = _field(
       10000, "validation set size: the first training images (10000; 300 for "
       "sklearn_digits); 0: no validation split (the CIFAR seeds evaluate on the test "
@@ -574,7 +580,15 @@ class Hparams(RunHparams, DistributionHparams, AttackHparams, FlatnessHparams, R
     return hashlib.sha256(payload.encode()).hexdigest()[:10]
 
   def run_dir(self, base_dir: str) -> str:
-    """`{base_dir}/{dataset}/{model}/{experiment}/{attack}/{natural|adv}_{hash}`."""
+    """`{base_dir}/{dataset}/{model}/{experiment}/{attack}/{natural|adv}_{hash}`.
+
+    A measurement experiment (`MEASUREMENT_EXPERIMENTS`: it trains and attacks
+    nothing) is filed as what it is: `.../{experiment}/measurement/{hash}`, the
+    same hash.
+    """
+    if self.experiment in MEASUREMENT_EXPERIMENTS:
+      return os.path.join(base_dir, self.dataset, self.model, self.experiment,
+                          MEASUREMENT_FOLDER, self.digest())
     mode = "adv" if self.adv_train else "natural"
     return os.path.join(base_dir, self.dataset, self.model, self.experiment, self.attack,
                         f"{mode}_{self.digest()}")
