@@ -41,10 +41,10 @@ from matplotlib import ticker
 import numpy as np
 import pandas as pd
 
-from analysis import figures
-from analysis import load
-from analysis import metrics
-from analysis import tables
+from robust_sparse.analysis import figures
+from robust_sparse.analysis import load
+from robust_sparse.analysis import metrics
+from robust_sparse.analysis import tables
 
 # pylint: disable=protected-access
 # The sparsity figures share the accuracy figures' axes, lines and legends.

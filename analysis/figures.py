@@ -23,7 +23,7 @@ from matplotlib import ticker
 import numpy as np
 import pandas as pd
 
-from analysis import metrics
+from robust_sparse.analysis import metrics
 
 EXPERIMENT_LABELS = {
     "reinit_orig": "original init (ticket)",

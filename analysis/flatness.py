@@ -21,8 +21,8 @@ from matplotlib import pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis import load
-from analysis import tables
+from robust_sparse.analysis import load
+from robust_sparse.analysis import tables
 
 EXPERIMENT = "augmented_flatness"
 SUMMARY_CSV = "augmented_flatness.csv"  # experiments.flatness.SUMMARY_CSV

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis import load  # noqa: E402
+from robust_sparse.analysis import load  # noqa: E402
 
 TRAIN = "train-saturation_"
 EVAL = "eval-saturation_"
@@ -146,7 +146,7 @@ def plot_layer_profile(layers: List[str], saturation: List[float], test_acc: flo
 
 
 def _receptive_fields(config: dict, input_shape) -> Dict[str, float]:
-  from models import build_model  # pylint: disable=import-outside-toplevel
+  from robust_sparse.models import build_model  # pylint: disable=import-outside-toplevel
   from robust_sparse import receptive_field  # pylint: disable=import-outside-toplevel
   try:
     model = build_model(config["model"], input_shape, 10,

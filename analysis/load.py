@@ -232,7 +232,7 @@ def expected_prune_iterations(hparams: dict) -> int:
   """
   try:
     # pylint: disable=g-import-not-at-top,import-outside-toplevel
-    from experiments.registry import EXPERIMENTS
+    from robust_sparse.experiments.registry import EXPERIMENTS
     experiment = EXPERIMENTS.get(hparams.get("experiment"))
     return int(experiment(types.SimpleNamespace(**hparams)).levels())
   except Exception:  # pylint: disable=broad-except

@@ -64,7 +64,7 @@ from matplotlib import pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis import load
+from robust_sparse.analysis import load
 
 HEADING = "Gradient-masking checks"
 TABLE_STEM = "gradient_masking"
@@ -109,7 +109,7 @@ _CSV_COLUMNS = (["run", "label", "prune_iteration", "percent_weights_remaining",
 
 def _budgets() -> dict:
   """The checks' fixed budgets, by the names `CHECKS` and `measure_headings` format."""
-  from experiments import masking_checks  # pylint: disable=import-outside-toplevel
+  from robust_sparse.experiments import masking_checks  # pylint: disable=import-outside-toplevel
   return dict(factor=masking_checks.STRONG_STEPS_FACTOR,
               restarts=masking_checks.STRONG_RESTARTS, large_eps=masking_checks.LARGE_EPS,
               large_eps_step=masking_checks.LARGE_EPS_STEP_SIZE,
@@ -262,9 +262,9 @@ class _Builder:
 
   def model(self, hp, dataset, trial: int, level: int):
     # pylint: disable=import-outside-toplevel
-    from experiments.registry import EXPERIMENTS
-    from experiments.runner import set_precision
-    from models import build_model
+    from robust_sparse.experiments.registry import EXPERIMENTS
+    from robust_sparse.experiments.runner import set_precision
+    from robust_sparse.models import build_model
     set_precision(hp.mixed_precision)
     experiment = EXPERIMENTS.get(hp.experiment)(hp)
     num_train = hp.train_examples or len(dataset.x_train)
@@ -298,7 +298,7 @@ class _Run:
   def dataset(self):
     """The run's data set (one load per analysis and data set), or why it is not loaded."""
     # pylint: disable=import-outside-toplevel
-    from data import load_dataset
+    from robust_sparse.data import load_dataset
     hp = self.hp
     data_dir = self._options.data_dir or hp.data_dir
     key = (hp.dataset, data_dir, hp.valid_size, hp.resolution)
@@ -319,7 +319,7 @@ class _Run:
   def model(self, trial: int, level: int):
     """Trial `trial`'s network holding its final weights of `level`."""
     # pylint: disable=import-outside-toplevel
-    from experiments.runner import assign_weights, level_dir
+    from robust_sparse.experiments.runner import assign_weights, level_dir
     from robust_sparse import files
     dataset = self.dataset()
     if isinstance(dataset, str):
@@ -333,8 +333,8 @@ class _Run:
     """Each trial's accuracies at `level` (`MEASURES`, "transfer_from"): read where stored,
     else made once and stored (see the module docstring)."""
     # pylint: disable=import-outside-toplevel
-    from experiments import masking_checks
-    from experiments.runner import level_dir
+    from robust_sparse.experiments import masking_checks
+    from robust_sparse.experiments.runner import level_dir
     hp = self.hp
     directories = {trial: level_dir(self.run_dir, trial, level) for trial in trials}
     wanted = self._options.examples
@@ -391,7 +391,7 @@ def check_run(run_dir: str, options: Options, builder: "_Builder",
     shown: the run's name in log lines and progress bars; default `run_dir`.
   """
   # pylint: disable=import-outside-toplevel
-  from experiments.runner import level_dir
+  from robust_sparse.experiments.runner import level_dir
   from robust_sparse import files
   from robust_sparse.hparams import Hparams
 

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis import load  # noqa: E402
+from robust_sparse.analysis import load  # noqa: E402
 
 EXPERIMENT = "relu_prune"
 # Fields that place a run along its variant's line rather than naming the variant.

@@ -34,15 +34,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
-from analysis import activation
-from analysis import figures
-from analysis import flatness
-from analysis import layers
-from analysis import load
-from analysis import masking
-from analysis import metrics
-from analysis import relu
-from analysis import tables
+from robust_sparse.analysis import activation
+from robust_sparse.analysis import figures
+from robust_sparse.analysis import flatness
+from robust_sparse.analysis import layers
+from robust_sparse.analysis import load
+from robust_sparse.analysis import masking
+from robust_sparse.analysis import metrics
+from robust_sparse.analysis import relu
+from robust_sparse.analysis import tables
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"

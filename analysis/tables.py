@@ -13,7 +13,7 @@ from typing import List
 
 import pandas as pd
 
-from analysis import metrics
+from robust_sparse.analysis import metrics
 
 ATTACKS = ("fgsm", "pgd")
 MEASURES = (("natural", "acc"), ("attack", "adv_acc"))

@@ -2,11 +2,11 @@
 
 import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/startup.py).
 
-from attacks.apgd import apgd_ce
-from attacks.fgsm import fgsm
-from attacks.pgd import pgd
-from attacks.registry import ATTACKS, AttackConfig, make_attack
-from attacks.spec import parse_attack_spec, parse_attack_specs
+from robust_sparse.attacks.apgd import apgd_ce
+from robust_sparse.attacks.fgsm import fgsm
+from robust_sparse.attacks.pgd import pgd
+from robust_sparse.attacks.registry import ATTACKS, AttackConfig, make_attack
+from robust_sparse.attacks.spec import parse_attack_spec, parse_attack_specs
 
 __all__ = ["apgd_ce", "fgsm", "pgd", "ATTACKS", "AttackConfig", "make_attack",
            "parse_attack_spec", "parse_attack_specs"]

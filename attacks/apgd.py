@@ -19,8 +19,8 @@ compares with an unwritten (zero) entry of its loss history.
 import numpy as np
 import tensorflow as tf
 
-from attacks import compiled
-from attacks.common import (attack_labels, check_budget, check_norm, l2_normalize,
+from robust_sparse.attacks import compiled
+from robust_sparse.attacks.common import (attack_labels, check_budget, check_norm, l2_normalize,
                             loss_logits_gradient, misclassified, per_example, project_l2,
                             stateless_normal, stateless_uniform)
 

@@ -2,8 +2,8 @@
 
 import tensorflow as tf
 
-from attacks import compiled
-from attacks.common import attack_labels, check_budget, loss_gradient
+from robust_sparse.attacks import compiled
+from robust_sparse.attacks.common import attack_labels, check_budget, loss_gradient
 
 
 def fgsm(model, x, y=None, *, eps, clip_min=0.0, clip_max=1.0):

@@ -3,8 +3,8 @@
 import numpy as np
 import tensorflow as tf
 
-from attacks import compiled
-from attacks.common import (attack_labels, check_budget, check_norm, l2_normalize,
+from robust_sparse.attacks import compiled
+from robust_sparse.attacks.common import (attack_labels, check_budget, check_norm, l2_normalize,
                             loss_gradient, misclassified, per_example, per_example_loss,
                             project_l2, random_l2_ball, stateless_uniform)
 

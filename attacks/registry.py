@@ -12,10 +12,10 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from attacks.apgd import apgd_ce
-from attacks.common import check_norm
-from attacks.fgsm import fgsm
-from attacks.pgd import pgd
+from robust_sparse.attacks.apgd import apgd_ce
+from robust_sparse.attacks.common import check_norm
+from robust_sparse.attacks.fgsm import fgsm
+from robust_sparse.attacks.pgd import pgd
 from robust_sparse.registry import Registry
 
 ATTACKS = Registry("attack")

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
-from attacks.registry import AttackConfig, make_attack
+from robust_sparse.attacks.registry import AttackConfig, make_attack
 from robust_sparse import specs
 
 FLAG = "--eval_attacks"

@@ -30,10 +30,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from attacks import apgd_ce  # noqa: E402
+from robust_sparse.attacks import apgd_ce  # noqa: E402
 from benchmarks.peers import install  # noqa: E402
-from data import load_dataset  # noqa: E402
-from models import build_model  # noqa: E402
+from robust_sparse.data import load_dataset  # noqa: E402
+from robust_sparse.models import build_model  # noqa: E402
 
 flags.DEFINE_string("data_dir", None, "folder with mnist/ (else tensorflow-datasets)")
 flags.DEFINE_integer("examples", 1000, "test images attacked")

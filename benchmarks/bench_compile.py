@@ -30,10 +30,10 @@ startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
 import keras  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from attacks import AttackConfig, make_attack  # noqa: E402
+from robust_sparse.attacks import AttackConfig, make_attack  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
-from data import DataError, load_dataset  # noqa: E402
-from models import build_model  # noqa: E402
+from robust_sparse.data import DataError, load_dataset  # noqa: E402
+from robust_sparse.models import build_model  # noqa: E402
 from robust_sparse import compilation  # noqa: E402
 from robust_sparse.engine import Engine, index_stream  # noqa: E402
 from robust_sparse.optimizers import make_optimizer  # noqa: E402

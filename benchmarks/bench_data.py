@@ -35,8 +35,8 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.timing import median_seconds  # noqa: E402
-from data import augment as augment_lib  # noqa: E402
-from data.files import DataError, read_cifar_batch  # noqa: E402
+from robust_sparse.data import augment as augment_lib  # noqa: E402
+from robust_sparse.data.files import DataError, read_cifar_batch  # noqa: E402
 from robust_sparse.engine import index_stream  # noqa: E402
 from robust_sparse.steps import stream_seed  # noqa: E402
 

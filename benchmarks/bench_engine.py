@@ -21,10 +21,10 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from attacks import AttackConfig, make_attack  # noqa: E402
+from robust_sparse.attacks import AttackConfig, make_attack  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
-from data import load_dataset  # noqa: E402
-from models import build_model  # noqa: E402
+from robust_sparse.data import load_dataset  # noqa: E402
+from robust_sparse.models import build_model  # noqa: E402
 from robust_sparse.engine import Engine, index_stream  # noqa: E402
 from robust_sparse.optimizers import make_optimizer  # noqa: E402
 from robust_sparse.steps import OptimizerGroup, standard_loss_grad_fn  # noqa: E402

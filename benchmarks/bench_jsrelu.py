@@ -20,7 +20,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from custom_ops import CUSTOM_OP, jsrelu, jsrelu_reference
+from robust_sparse.custom_ops import CUSTOM_OP, jsrelu, jsrelu_reference
 
 
 def _forward_backward(activation, jit_compile):

@@ -88,11 +88,11 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from attacks import AttackConfig, make_attack  # noqa: E402
+from robust_sparse.attacks import AttackConfig, make_attack  # noqa: E402
 from benchmarks.peers import install  # noqa: E402
-from data import DataError, load_dataset  # noqa: E402
-from models import build_model  # noqa: E402
-from models.check_zoo import trainable_count  # noqa: E402
+from robust_sparse.data import DataError, load_dataset  # noqa: E402
+from robust_sparse.models import build_model  # noqa: E402
+from robust_sparse.models.check_zoo import trainable_count  # noqa: E402
 from robust_sparse import arrays  # noqa: E402
 from robust_sparse.engine import Engine, index_stream  # noqa: E402
 from robust_sparse.optimizers import make_optimizer  # noqa: E402

@@ -42,10 +42,10 @@ from absl import app, flags  # noqa: E402
 from cleverhans.tf2.attacks.projected_gradient_descent import (  # noqa: E402
     projected_gradient_descent)
 
-from attacks import pgd  # noqa: E402
+from robust_sparse.attacks import pgd  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
-from data import load_dataset  # noqa: E402
-from models import build_model  # noqa: E402
+from robust_sparse.data import load_dataset  # noqa: E402
+from robust_sparse.models import build_model  # noqa: E402
 from robust_sparse.compilation import supports_xla, xla_pays_off  # noqa: E402
 
 flags.DEFINE_string("data_dir", None, "folder with mnist/ (else tensorflow-datasets)")

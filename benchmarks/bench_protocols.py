@@ -150,9 +150,9 @@ def measure_one(name, data_dir, steps, repeats, eval_images):
   from robust_sparse import startup  # pylint: disable=import-outside-toplevel
   startup.import_tensorflow()
   import numpy as np  # pylint: disable=import-outside-toplevel
-  import run_experiments  # pylint: disable=import-outside-toplevel
-  from data import load_dataset  # pylint: disable=import-outside-toplevel
-  from experiments.runner import Runner  # pylint: disable=import-outside-toplevel
+  from robust_sparse import run_experiments  # pylint: disable=import-outside-toplevel
+  from robust_sparse.data import load_dataset  # pylint: disable=import-outside-toplevel
+  from robust_sparse.experiments.runner import Runner  # pylint: disable=import-outside-toplevel
 
   protocol = PROTOCOLS[name]
   argv = ["run_experiments", *protocol.flags, f"--data_dir={data_dir}",

@@ -26,8 +26,8 @@ import keras  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.timing import median_seconds  # noqa: E402
-from data import DataError, load_dataset  # noqa: E402
-from models import build_model  # noqa: E402
+from robust_sparse.data import DataError, load_dataset  # noqa: E402
+from robust_sparse.models import build_model  # noqa: E402
 from robust_sparse import saturation  # noqa: E402
 from robust_sparse.engine import Engine, index_stream  # noqa: E402
 from robust_sparse.optimizers import make_optimizer  # noqa: E402

@@ -56,10 +56,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from attacks import AttackConfig, make_attack  # noqa: E402
+from robust_sparse.attacks import AttackConfig, make_attack  # noqa: E402
 from benchmarks.timing import interleaved_seconds, round_ratios  # noqa: E402
-from data import load_dataset  # noqa: E402
-from models import build_model  # noqa: E402
+from robust_sparse.data import load_dataset  # noqa: E402
+from robust_sparse.models import build_model  # noqa: E402
 from robust_sparse.engine import Engine, index_stream  # noqa: E402
 from robust_sparse.layers import MaskedConv2D, MaskedDense, masked_layers  # noqa: E402
 from robust_sparse.optimizers import make_optimizer  # noqa: E402

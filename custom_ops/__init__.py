@@ -5,23 +5,23 @@
   active_implementation()   "custom_op" or "fallback"
   JSquaredReLU              Keras layer using `jsrelu`
 
-Build by hand with `python -m custom_ops.build`; see custom_ops/README.md.
+Build by hand with `python -m robust_sparse.custom_ops.build`; see custom_ops/README.md.
 """
 
 import importlib
 
-# Resolved on first access (PEP 562), so that `python -m custom_ops.build`
+# Resolved on first access (PEP 562), so that `python -m robust_sparse.custom_ops.build`
 # does not import the package's TensorFlow modules before its own.
 _EXPORTS = {
-    "CUSTOM_OP": "custom_ops.jsrelu_op",
-    "DISABLE_ENV_VAR": "custom_ops.jsrelu_op",
-    "FALLBACK": "custom_ops.jsrelu_op",
-    "active_implementation": "custom_ops.jsrelu_op",
-    "jsrelu": "custom_ops.jsrelu_op",
-    "jsrelu_reference": "custom_ops.jsrelu_op",
-    "load_error": "custom_ops.jsrelu_op",
-    "load_library": "custom_ops.jsrelu_op",
-    "JSquaredReLU": "custom_ops.layers",
+    "CUSTOM_OP": "robust_sparse.custom_ops.jsrelu_op",
+    "DISABLE_ENV_VAR": "robust_sparse.custom_ops.jsrelu_op",
+    "FALLBACK": "robust_sparse.custom_ops.jsrelu_op",
+    "active_implementation": "robust_sparse.custom_ops.jsrelu_op",
+    "jsrelu": "robust_sparse.custom_ops.jsrelu_op",
+    "jsrelu_reference": "robust_sparse.custom_ops.jsrelu_op",
+    "load_error": "robust_sparse.custom_ops.jsrelu_op",
+    "load_library": "robust_sparse.custom_ops.jsrelu_op",
+    "JSquaredReLU": "robust_sparse.custom_ops.layers",
 }
 __all__ = sorted(_EXPORTS)
 

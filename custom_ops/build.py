@@ -4,8 +4,8 @@ The library goes into a cache beside this module (`custom_ops/_build/`, ignored
 by git). `custom_ops.jsrelu` calls `ensure_built()` on first use, so building by
 hand is only needed to see the compiler output or to rebuild on purpose:
 
-  python -m custom_ops.build            # (re)build now, print the command
-  python -m custom_ops.build --if-stale # build only if missing or out of date
+  python -m robust_sparse.custom_ops.build            # (re)build now, print the command
+  python -m robust_sparse.custom_ops.build --if-stale # build only if missing or out of date
 
 Several processes may start at once (a sweep launching runs in parallel), so a
 build holds a file lock and compiles to a temporary file that is renamed into
@@ -50,7 +50,7 @@ def compiler() -> str:
   if path is None:
     raise BuildError(
         f"C++ compiler {name!r} not found; install g++ (e.g. `apt-get install "
-        "g++`) or set $CXX, then run `python -m custom_ops.build`")
+        "g++`) or set $CXX, then run `python -m robust_sparse.custom_ops.build`")
   return path
 
 
@@ -132,7 +132,7 @@ def ensure_built() -> Path:
 
 def main(argv: Optional[List[str]] = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m custom_ops.build",
+      prog="python -m robust_sparse.custom_ops.build",
       description="Build the J-SquaredReLU TensorFlow op library into "
       f"{LIBRARY_PATH}.")
   parser.add_argument("--if-stale", action="store_true",

@@ -23,7 +23,7 @@ from typing import Optional
 from absl import logging
 import tensorflow as tf
 
-from custom_ops import build as build_lib
+from robust_sparse.custom_ops import build as build_lib
 
 # Set to 1 (or true/yes) to force the pure-TensorFlow fallback.
 DISABLE_ENV_VAR = "ROBUST_SPARSE_DISABLE_CUSTOM_OPS"
@@ -128,10 +128,10 @@ def active_implementation() -> str:
               "pure-TensorFlow implementation stays on the GPU and is compiled with XLA")
     return FALLBACK
   if load_library() is None:
-    # One line: the compiler output is for `python -m custom_ops.build`.
+    # One line: the compiler output is for `python -m robust_sparse.custom_ops.build`.
     first_line = _load_error.splitlines()[0]
     _log_once(FALLBACK, f"the custom op is unavailable ({first_line}); run "
-              "`python -m custom_ops.build` to see the full compiler output")
+              "`python -m robust_sparse.custom_ops.build` to see the full compiler output")
     return FALLBACK
   _log_once(CUSTOM_OP, str(build_lib.LIBRARY_PATH))
   return CUSTOM_OP
@@ -195,5 +195,5 @@ def jsrelu(x, implementation: Optional[str] = None) -> tf.Tensor:
   if library is None:
     raise RuntimeError(
         f"the J-SquaredReLU custom op is unavailable: {_load_error}. Install "
-        "g++ and run `python -m custom_ops.build` to see why")
+        "g++ and run `python -m robust_sparse.custom_ops.build` to see why")
   return library.j_squared_re_lu(x)

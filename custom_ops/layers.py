@@ -2,7 +2,7 @@
 
 import keras
 
-from custom_ops.jsrelu_op import jsrelu, supports_xla
+from robust_sparse.custom_ops.jsrelu_op import jsrelu, supports_xla
 
 
 @keras.saving.register_keras_serializable(package="robust_sparse")

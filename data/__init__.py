@@ -2,9 +2,9 @@
 
 import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/startup.py).
 
-from data.files import DataError
-from data.folders import decoded_batches, decoded_index_batches
-from data.registry import DATASETS, Dataset, Source, default_valid_size, load_dataset
+from robust_sparse.data.files import DataError
+from robust_sparse.data.folders import decoded_batches, decoded_index_batches
+from robust_sparse.data.registry import DATASETS, Dataset, Source, default_valid_size, load_dataset
 
 __all__ = ["DATASETS", "DataError", "Dataset", "Source", "decoded_batches",
            "decoded_index_batches", "default_valid_size", "load_dataset"]

@@ -29,9 +29,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from data import folders
-from data import prepare as prepare_lib
-from data.files import DataError, read_cifar100_binary, read_cifar_batch, read_idx_split
+from robust_sparse.data import folders
+from robust_sparse.data import prepare as prepare_lib
+from robust_sparse.data.files import (DataError, read_cifar100_binary, read_cifar_batch,
+                                      read_idx_split)
 from robust_sparse import arrays
 from robust_sparse.registry import Registry
 

@@ -5,10 +5,10 @@ Importing an experiment family's module registers it in EXPERIMENTS.
 
 import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/startup.py).
 
-import experiments.flatness  # noqa: F401
-import experiments.phd_lab  # noqa: F401
-import experiments.relu_reduction  # noqa: F401
-import experiments.sparsify  # noqa: F401
-from experiments.registry import EXPERIMENTS, REWIND_TARGETS
+from robust_sparse.experiments import flatness  # noqa: F401
+from robust_sparse.experiments import phd_lab  # noqa: F401
+from robust_sparse.experiments import relu_reduction  # noqa: F401
+from robust_sparse.experiments import sparsify  # noqa: F401
+from robust_sparse.experiments.registry import EXPERIMENTS, REWIND_TARGETS
 
 __all__ = ["EXPERIMENTS", "REWIND_TARGETS"]

@@ -50,8 +50,8 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
-from data import augment as augment_lib
-from experiments.registry import EXPERIMENTS, Measurement
+from robust_sparse.data import augment as augment_lib
+from robust_sparse.experiments.registry import EXPERIMENTS, Measurement
 from robust_sparse import files
 from robust_sparse import flatness as flatness_lib
 from robust_sparse.hparams import ModelHparams
@@ -226,7 +226,7 @@ class AugmentedFlatness(Measurement):
     if not hp.pretrained_run:
       raise ValueError("augmented_flatness needs --pretrained_run=DIR, the finished run whose "
                        "checkpoints to measure")
-    from experiments.runner import checkpoints, finished_run, level_dir
+    from robust_sparse.experiments.runner import checkpoints, finished_run, level_dir
     source, _ = finished_run(hp.pretrained_run, "--pretrained_run")
     for name in MATCHED:
       if getattr(source, name) != getattr(hp, name):
@@ -245,7 +245,7 @@ class AugmentedFlatness(Measurement):
                        "weights to measure")
 
   def after_run(self, runner):
-    from experiments.runner import assign_weights
+    from robust_sparse.experiments.runner import assign_weights
     hp = self.hparams
     model = runner.build(0, 0)
     try:
@@ -257,7 +257,7 @@ class AugmentedFlatness(Measurement):
     logging.info("augmented flatness of blocks %s", ", ".join(b.name for b in blocks))
     seed_protocol = hp.flatness_data == "train"
     if seed_protocol:
-      from experiments.runner import normalization_mean
+      from robust_sparse.experiments.runner import normalization_mean
       augment = augment_lib.build(hp.augment, num_classes=runner.dataset.num_classes,
                                   fill=normalization_mean(hp.normalize))
       batches = training_batches(runner.dataset, hp.batch_size, hp.seed, augment,

@@ -73,8 +73,8 @@ def _train_trial(hparams: dict, base_dir: str, trial: int) -> str:
   import sys  # pylint: disable=import-outside-toplevel
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
-  from data import load_dataset  # pylint: disable=import-outside-toplevel
-  from experiments.runner import Runner  # pylint: disable=import-outside-toplevel
+  from robust_sparse.data import load_dataset  # pylint: disable=import-outside-toplevel
+  from robust_sparse.experiments.runner import Runner  # pylint: disable=import-outside-toplevel
   from robust_sparse.hparams import Hparams  # pylint: disable=import-outside-toplevel
   hp = Hparams.from_dict(hparams)
   dataset = load_dataset(hp.dataset, hp.data_dir, hp.valid_size, resolution=hp.resolution)

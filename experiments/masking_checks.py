@@ -47,8 +47,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from attacks import AttackConfig, make_attack
-from experiments.runner import derived_seed
+from robust_sparse.attacks import AttackConfig, make_attack
+from robust_sparse.experiments.runner import derived_seed
 from robust_sparse import files
 
 RESULTS_FILE = "masking.json"

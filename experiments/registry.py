@@ -232,7 +232,8 @@ class _TicketControl(Experiment):
 
   def ticket_masks(self, trial, level, layers):
     import os  # pylint: disable=import-outside-toplevel
-    from experiments.runner import level_dir  # pylint: disable=import-outside-toplevel
+    from robust_sparse.experiments.runner import (  # pylint: disable=import-outside-toplevel
+        level_dir)
     directory = os.path.join(level_dir(self.hparams.ticket_run, trial, level), "masks")
     try:
       return {layer.name: np.load(os.path.join(directory, f"{layer.name}.npy"))
@@ -260,7 +261,8 @@ class RandomPrune(_TicketControl):
   (OpenLTH's `randomly_prune`): does the ticket's choice of weights matter?"""
 
   def level_masks(self, trial, level, layers):
-    from experiments.runner import derived_seed  # pylint: disable=import-outside-toplevel
+    from robust_sparse.experiments.runner import (  # pylint: disable=import-outside-toplevel
+        derived_seed)
     ticket = self.ticket_masks(trial, level, layers)
     if level == 0:
       return ticket

@@ -42,7 +42,7 @@ import os
 import numpy as np
 from absl import logging
 
-from experiments.registry import EXPERIMENTS, Experiment, Measurement
+from robust_sparse.experiments.registry import EXPERIMENTS, Experiment, Measurement
 from robust_sparse import files
 from robust_sparse import relu_reduction as relu_lib
 from robust_sparse.optimizers import AdamL2, TorchSGD
@@ -132,7 +132,7 @@ class ReLUPrune(Experiment):
       logging.warning("--mask_dropout=%g has no effect with --relu_replacement=%s (AutoReP "
                       "drops out to relu only in its spgrad, poly and autopoly modules)",
                       hp.mask_dropout, hp.relu_replacement)
-    from experiments.runner import finished_run
+    from robust_sparse.experiments.runner import finished_run
     pretrained_hp, weights = finished_run(hp.pretrained_run, "--pretrained_run")
     for name in ("model", "dataset", "resolution", "normalize", "activation", "dropout"):
       theirs, ours = getattr(pretrained_hp, name), getattr(hp, name)
@@ -140,7 +140,7 @@ class ReLUPrune(Experiment):
         raise ValueError(f"--pretrained_run={hp.pretrained_run} was trained with "
                          f"--{name}={theirs}, not --{name}={ours}")
     self._pretrained = weights
-    from models import build_model
+    from robust_sparse.models import build_model
     base = build_model(hp.model, dataset.input_shape, dataset.num_classes,
                        activation=hp.activation, normalize=hp.normalize, dropout=hp.dropout,
                        **hp.model_options())
@@ -242,7 +242,7 @@ class ReLUPrune(Experiment):
     files.write_csv(os.path.join(directory, "relu_sites.csv"),
                     ("iteration", "layer", "relus", "live"), logs["relu_sites"])
     if level == 0 and self._is_best(logs):
-      from experiments.runner import model_weights
+      from robust_sparse.experiments.runner import model_weights
       files.save_arrays(os.path.join(directory, "weights_best.npz"), model_weights(model))
 
   def _selection_accuracy(self, logs, index):

@@ -41,10 +41,10 @@ import tensorflow as tf
 from absl import logging
 from tqdm import tqdm
 
-from attacks import make_attack
-from data import augment as augment_lib
-from experiments.registry import EXPERIMENTS, Defaults
-from models import NORMALIZATIONS, build_model
+from robust_sparse.attacks import make_attack
+from robust_sparse.data import augment as augment_lib
+from robust_sparse.experiments.registry import EXPERIMENTS, Defaults
+from robust_sparse.models import NORMALIZATIONS, build_model
 from robust_sparse import claims, distribute, files, pruning, sparsity_modules, ssam
 from robust_sparse import measurements as measurements_lib
 from robust_sparse import saturation as saturation_lib
@@ -345,7 +345,7 @@ def check_hparams(hp: Hparams, num_train: int):
                      f"not --experiment={hp.experiment}")
   if hp.adv_train and hp.attack == "none":
     raise ValueError("--adv_train needs an --attack (fgsm or pgd), got --attack=none")
-  from experiments import masking_checks  # It imports this module.
+  from robust_sparse.experiments import masking_checks  # It imports this module.
   masking_checks.check_options(hp)
   if hp.batch_size > num_train:
     raise ValueError(f"--batch_size={hp.batch_size} is larger than the {num_train} "
@@ -400,7 +400,7 @@ class Runner:
     self.experiment.check(dataset, self.num_train)
     check_hparams(hparams, self.num_train)
     if hparams.probes:
-      from experiments.phd_lab import check_probe_settings
+      from robust_sparse.experiments.phd_lab import check_probe_settings
       check_probe_settings(hparams, dataset)
     self.run_dir = hparams.run_dir(base_dir)
     # None for --distribution=default: no strategy, nothing changes.
@@ -476,7 +476,7 @@ class Runner:
 
   def _probes(self):
     """`--probes`: probes of trial 0's final network (its last level)."""
-    from experiments.phd_lab import fit_probes
+    from robust_sparse.experiments.phd_lab import fit_probes
     last = self.experiment.levels() - 1
     model = self.build(0, last)
     assign_weights(model, files.load_arrays(os.path.join(level_dir(self.run_dir, 0, last),
@@ -867,7 +867,7 @@ class Runner:
   def _masking_checks(self, model, trial, level, directory):
     """`--masking_checks`: the gradient-masking checks' attacks on the level's final
     network, kept in its folder before `metadata.json` (so a killed run redoes them)."""
-    from experiments import masking_checks  # It imports this module.
+    from robust_sparse.experiments import masking_checks  # It imports this module.
     if masking_checks.enabled(self.hparams):
       masking_checks.check_level(
           self.hparams, model, self.dataset, trial, directory,

@@ -9,12 +9,12 @@ per-channel (mean, std) in [0, 1] pixels.
 import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/startup.py).
 
 # Importing a model family's module registers its models in MODELS.
-import models.resnet  # noqa: F401
-import models.vgg  # noqa: F401
-import models.vit  # noqa: F401
-import models.wideresnet  # noqa: F401
-from models.registry import (AFTER_BN, AFTER_DENSE, AFTER_RESIDUAL, MODELS, NORMALIZATIONS,
-                             build_model)
+from robust_sparse.models import resnet  # noqa: F401
+from robust_sparse.models import vgg  # noqa: F401
+from robust_sparse.models import vit  # noqa: F401
+from robust_sparse.models import wideresnet  # noqa: F401
+from robust_sparse.models.registry import (AFTER_BN, AFTER_DENSE, AFTER_RESIDUAL, MODELS,
+                                           NORMALIZATIONS, build_model)
 
 __all__ = ["AFTER_BN", "AFTER_DENSE", "AFTER_RESIDUAL", "MODELS", "NORMALIZATIONS",
            "build_model"]

@@ -1,6 +1,6 @@
 """Checks every registered model end to end: prune, train under the engine, save and reload.
 
-  python -m models.check_zoo [--models=resnet18,wideresnet16x4] [--steps=5]
+  python -m robust_sparse.models.check_zoo [--models=resnet18,wideresnet16x4] [--steps=5]
 
 For each model (every `MODELS.names()` entry by default; any
 `wideresnet{depth}x{k}` can be named), at 32x32 pixels and, for the
@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from attacks import AttackConfig, make_attack  # noqa: E402
-from models import MODELS, build_model  # noqa: E402
+from robust_sparse.attacks import AttackConfig, make_attack  # noqa: E402
+from robust_sparse.models import MODELS, build_model  # noqa: E402
 from robust_sparse import pruning  # noqa: E402
 from robust_sparse.engine import Engine, index_stream  # noqa: E402
 from robust_sparse.layers import masked_layers  # noqa: E402

@@ -55,8 +55,8 @@ stacks blocks into stages, so a new depth only needs a stage list, and
 
 import keras
 
-from models.registry import (AFTER_BN, AFTER_RESIDUAL, MODELS, activation_layer, batch_norm,
-                             conv, logits_layer, max_pool, model_input)
+from robust_sparse.models.registry import (AFTER_BN, AFTER_RESIDUAL, MODELS, activation_layer,
+                                           batch_norm, conv, logits_layer, max_pool, model_input)
 
 STEMS = ("cifar", "maxpool", "imagenet")
 

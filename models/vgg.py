@@ -34,9 +34,9 @@ head_dense, head_activation, head_bn2, head_dropout2, output.
 
 import keras
 
-from models.registry import (AFTER_BN, AFTER_DENSE, MODELS, activation_layer, batch_norm,
-                             conv, dense, dropout_layer, logits_layer, max_pool,
-                             model_input)
+from robust_sparse.models.registry import (AFTER_BN, AFTER_DENSE, MODELS, activation_layer,
+                                           batch_norm, conv, dense, dropout_layer, logits_layer,
+                                           max_pool, model_input)
 
 CONFIGS = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],

@@ -64,8 +64,9 @@ from typing import Optional
 import keras
 from keras import ops
 
-from models.registry import (AFTER_DENSE, KERNEL_INITIALIZERS, MODELS, activation_layer,
-                             dense, l1_regularizer, logits_layer, model_input)
+from robust_sparse.models.registry import (AFTER_DENSE, KERNEL_INITIALIZERS, MODELS,
+                                           activation_layer, dense, l1_regularizer, logits_layer,
+                                           model_input)
 from robust_sparse import sparsity_modules
 from robust_sparse.layers import MaskedConv2D, MaskedDense
 

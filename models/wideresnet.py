@@ -29,8 +29,9 @@ final_activation, pool, output.
 
 import keras
 
-from models.registry import (AFTER_BN, MODELS, ModelEntry, activation_layer, batch_norm,
-                             conv, dropout_layer, logits_layer, model_input)
+from robust_sparse.models.registry import (AFTER_BN, MODELS, ModelEntry, activation_layer,
+                                           batch_norm, conv, dropout_layer, logits_layer,
+                                           model_input)
 
 PATTERN = r"wideresnet(\d+)x(\d+)"
 _INIT = "kaiming_normal_fan_out"

@@ -51,9 +51,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import keras
 import tensorflow as tf
 
-from custom_ops.layers import JSquaredReLU
-from custom_ops.jsrelu_op import jsrelu
-from custom_ops.jsrelu_op import supports_xla as jsrelu_supports_xla
+from robust_sparse.custom_ops.layers import JSquaredReLU
+from robust_sparse.custom_ops.jsrelu_op import jsrelu
+from robust_sparse.custom_ops.jsrelu_op import supports_xla as jsrelu_supports_xla
 from robust_sparse import specs
 from robust_sparse.registry import Registry
 

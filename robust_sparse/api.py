@@ -39,9 +39,9 @@ Names, as their users know them:
 import fnmatch
 from typing import List
 
-from attacks import ATTACKS, AttackConfig, apgd_ce, fgsm, make_attack, pgd
-from data import DATASETS, load_dataset
-from models import MODELS, build_model
+from robust_sparse.attacks import ATTACKS, AttackConfig, apgd_ce, fgsm, make_attack, pgd
+from robust_sparse.data import DATASETS, load_dataset
+from robust_sparse.models import MODELS, build_model
 from robust_sparse.activation_stats import ActivationSparsityCallback
 from robust_sparse.keras_model import RobustModel
 from robust_sparse.keras_pruning import (SparsityReport, get_kernels, get_masks, masked,
@@ -93,5 +93,5 @@ def list_experiments(pattern: str = "") -> List[str]:
   """The registered experiment names (`--experiment`), sorted; `pattern` as above."""
   # Imported here: the experiment families pull in the runner, which a
   # notebook that only prunes and attacks never needs.
-  from experiments import EXPERIMENTS  # pylint: disable=import-outside-toplevel
+  from robust_sparse.experiments import EXPERIMENTS  # pylint: disable=import-outside-toplevel
   return _filtered(EXPERIMENTS.names(), pattern)

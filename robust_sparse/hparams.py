@@ -22,7 +22,7 @@ import math
 import os
 from typing import Optional, Tuple
 
-from attacks.registry import AttackConfig
+from robust_sparse.attacks.registry import AttackConfig
 from robust_sparse import seed_defaults
 
 _ATTACK = AttackConfig()
@@ -69,14 +69,14 @@ def _names(registry_path):
 
 def _normalizations():
   import importlib
-  names = list(importlib.import_module("models").NORMALIZATIONS)
+  names = list(importlib.import_module("robust_sparse.models").NORMALIZATIONS)
   return names if "none" in names else ["none"] + names
 
 
 @dataclasses.dataclass(frozen=True)
 class DataHparams:
   """Which data, how much of it, in which batches."""
-  dataset: str = _field("digits", "source data set", choices=_names("data.DATASETS"))
+  dataset: str = _field("digits", "source data set", choices=_names("robust_sparse.data.DATASETS"))
   data_dir: Optional[str] = _field(
       None, "folder with the official raw files (mnist/, fashion-mnist/, "
       "cifar-10/cifar-10-batches-bin/); unset: $ROBUST_SPARSE_DATA_DIR, else "
@@ -319,7 +319,7 @@ class SparsifyHparams:
 class PruningHparams:
   """The experiment and its pruning levels."""
   experiment: str = _field("reinit_orig", "the experiment to run",
-                           choices=_names("experiments.EXPERIMENTS"))
+                           choices=_names("robust_sparse.experiments.EXPERIMENTS"))
   prune_iters: int = _field(20, "number of pruning iterations", lower_bound=0)
   prune_rate: float = _field(0.2, "fraction of the active weights pruned per iteration "
                              "(hidden layers; all layers with --prune_scope=global)",
@@ -422,7 +422,7 @@ class FlatnessHparams:
 class AttackHparams:
   """The attack used for adversarial training and evaluation."""
   attack: str = _field(_ATTACK.name, "adversarial attack used for training and evaluation",
-                       choices=_names("attacks.ATTACKS"))
+                       choices=_names("robust_sparse.attacks.ATTACKS"))
   attack_impl: str = _field(_ATTACK.impl, "native compiled attacks, or cleverhans' "
                             "functions as the seed used",
                             choices=lambda: ["native", "cleverhans"])
@@ -520,7 +520,7 @@ class Hparams(RunHparams, DistributionHparams, AttackHparams, FlatnessHparams, R
 
   def eval_attack_specs(self):
     """[(column name, attack)] of `--eval_attacks` (one-line ValueError on a bad spec)."""
-    from attacks import spec  # pylint: disable=import-outside-toplevel
+    from robust_sparse.attacks import spec  # pylint: disable=import-outside-toplevel
     if not self.eval_attacks.strip():
       return []
     return spec.parse_attack_specs(spec.split_attack_specs(self.eval_attacks),

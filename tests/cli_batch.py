@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import flags  # noqa: E402
 
-import run_experiments  # noqa: E402
+from robust_sparse import run_experiments  # noqa: E402
 
 
 def run_case(argv):

@@ -27,7 +27,7 @@ def data_dir():
 @pytest.fixture(scope="session")
 def digits():
   """sklearn's embedded 8x8 digits with 300 validation images (needs no data folder)."""
-  from data import load_dataset  # pylint: disable=import-outside-toplevel
+  from robust_sparse.data import load_dataset  # pylint: disable=import-outside-toplevel
   return load_dataset("sklearn_digits", None, 300)
 
 

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import activation
-from analysis import load
-from analysis import report
-from analysis import tables
+from robust_sparse.analysis import activation
+from robust_sparse.analysis import load
+from robust_sparse.analysis import report
+from robust_sparse.analysis import tables
 from tests import analysis_fixtures as fixtures
 
 LAYERS = tuple(f"block_{i}_act" for i in range(12))

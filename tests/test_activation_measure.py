@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data import load_dataset
-from experiments.runner import Runner, derived_seed, level_dir
+from robust_sparse.data import load_dataset
+from robust_sparse.experiments.runner import Runner, derived_seed, level_dir
 from robust_sparse import activation_stats, steps
 from robust_sparse.engine import index_stream
 from robust_sparse.hparams import Hparams

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import custom_ops
+from robust_sparse import custom_ops
 from robust_sparse import activations
 
 
@@ -241,7 +241,7 @@ def test_bad_specs_raise_one_line_value_errors(spec, message):
 
 
 def test_nested_stateful_activations_have_unique_variable_paths():
-  from models import build_model
+  from robust_sparse.models import build_model
   model = build_model("lenet5", (8, 8, 1), 10,
                       activation="shift(inner=sshaped(inner=mixed(steps=10),h=1),sx=1)")
   paths = [v.path for v in model.variables]

@@ -23,11 +23,11 @@ import pytest
 
 from matplotlib import pyplot as plt
 
-from analysis import figures
-from analysis import load
-from analysis import metrics
-from analysis import report
-from analysis import tables
+from robust_sparse.analysis import figures
+from robust_sparse.analysis import load
+from robust_sparse.analysis import metrics
+from robust_sparse.analysis import report
+from robust_sparse.analysis import tables
 from tests import analysis_fixtures as fixtures
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

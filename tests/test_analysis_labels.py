@@ -2,8 +2,8 @@
 
 import os
 
-from analysis import load
-from analysis import report
+from robust_sparse.analysis import load
+from robust_sparse.analysis import report
 from tests import analysis_fixtures as fixtures
 
 DEFAULTS = {"optimizer": "adam", "rho": 0.05, "sparsity": 0.2, "num_samples": 1024,

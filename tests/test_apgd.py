@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from attacks import AttackConfig, apgd_ce, make_attack, pgd
-from attacks.apgd import checkpoints, search
-from data import load_dataset
+from robust_sparse.attacks import AttackConfig, apgd_ce, make_attack, pgd
+from robust_sparse.attacks.apgd import checkpoints, search
+from robust_sparse.data import load_dataset
 
 EPS = 0.1
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data import load_dataset
+from robust_sparse.data import load_dataset
 from robust_sparse import arrays
 from robust_sparse.engine import Engine
 from robust_sparse.optimizers import make_optimizer

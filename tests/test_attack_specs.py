@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from attacks import AttackConfig, parse_attack_spec, parse_attack_specs
-from attacks.spec import resolve_attack_spec, split_attack_specs
+from robust_sparse.attacks import AttackConfig, parse_attack_spec, parse_attack_specs
+from robust_sparse.attacks.spec import resolve_attack_spec, split_attack_specs
 
 DEFAULTS = AttackConfig("fgsm", eps=0.3, step_size=0.05, steps=10)
 

@@ -8,7 +8,7 @@ import keras
 import pytest
 import tensorflow as tf
 
-from attacks import AttackConfig, apgd_ce, common, compiled, fgsm, make_attack, pgd
+from robust_sparse.attacks import AttackConfig, apgd_ce, common, compiled, fgsm, make_attack, pgd
 from benchmarks.fidelity import attacks as fidelity_attacks
 from robust_sparse import compilation
 

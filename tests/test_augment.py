@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data import augment as augment_lib
-from data.augment import CROP_PADDING, CUTOUT_SIZE, build, derive_seed, validate
+from robust_sparse.data import augment as augment_lib
+from robust_sparse.data.augment import CROP_PADDING, CUTOUT_SIZE, build, derive_seed, validate
 
 SEED = tf.constant([3, 7], tf.int64)
 KNOWN = "crop, crop_flip, cutmix, cutout, flip, mixup, none, randaugment"

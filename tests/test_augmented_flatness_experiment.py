@@ -11,9 +11,9 @@ import shutil
 import numpy as np
 import pytest
 
-from experiments import flatness as experiment
-from experiments.runner import Runner, assign_weights, checkpoints, level_dir
-from models import build_model
+from robust_sparse.experiments import flatness as experiment
+from robust_sparse.experiments.runner import Runner, assign_weights, checkpoints, level_dir
+from robust_sparse.models import build_model
 from robust_sparse import files, flatness
 from robust_sparse.engine import index_stream
 from robust_sparse.hparams import Hparams
@@ -42,7 +42,7 @@ def _run_experiments(argv):
   once serves every run.
   """
   from absl import flags
-  import run_experiments  # pylint: disable=import-outside-toplevel
+  from robust_sparse import run_experiments  # pylint: disable=import-outside-toplevel
   flags.FLAGS.unparse_flags()
   stdout, stderr = io.StringIO(), io.StringIO()
   try:

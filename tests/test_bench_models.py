@@ -35,8 +35,9 @@ def peers_env():
 
 
 def test_pytorch_counterparts_have_the_zoo_models_trainable_parameters(peers_env):
-  from models import build_model  # pylint: disable=import-outside-toplevel
-  from models.check_zoo import trainable_count  # pylint: disable=import-outside-toplevel
+  from robust_sparse.models import build_model  # pylint: disable=import-outside-toplevel
+  from robust_sparse.models.check_zoo import (  # pylint: disable=import-outside-toplevel
+      trainable_count)
   shapes = {name: SHAPES[setting.dataset] for name, setting in SETTINGS.items()}
   result = subprocess.run([sys.executable, "-c", COUNT_TORCH, json.dumps(shapes)], cwd=REPO,
                           env=peers_env, capture_output=True, text=True, timeout=120)

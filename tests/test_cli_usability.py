@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from data import DataError, load_dataset
-from data import registry
+from robust_sparse.data import DataError, load_dataset
+from robust_sparse.data import registry
 from tests.conftest import REPO
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
@@ -25,7 +25,7 @@ def test_data_dir_defaults_to_the_environment(data_dir, monkeypatch):
   assert (from_env.x_test == explicit.x_test).all() and len(from_env.y_train) == 59900
   # The command line records it in hparams.json (never in the run folder's hash).
   from absl import flags  # pylint: disable=import-outside-toplevel
-  import run_experiments  # pylint: disable=import-outside-toplevel
+  from robust_sparse import run_experiments  # pylint: disable=import-outside-toplevel
   flags.FLAGS.unparse_flags()
   try:
     flags.FLAGS(["run_experiments", "--dataset=digits"])

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from experiments.runner import Runner, level_dir
+from robust_sparse.experiments.runner import Runner, level_dir
 from robust_sparse import files
 from robust_sparse.hparams import Hparams
 from tests.conftest import one_line_error, run_cli_batch
@@ -88,7 +88,8 @@ def test_eval_examples_subsets_intermediate_evaluations_but_not_the_last(digits,
 def test_attack_labels_reach_the_attack_and_eval_attacks_add_robust_columns(digits, tmp_path):
   """--attack_labels=true attacks y; predicted drops it; extra attacks get their columns."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from attacks import AttackConfig, make_attack  # pylint: disable=import-outside-toplevel
+  from robust_sparse.attacks import (  # pylint: disable=import-outside-toplevel
+      AttackConfig, make_attack)
   seen = []
 
   def model(x, training=False):
@@ -118,7 +119,7 @@ def test_attack_labels_reach_the_attack_and_eval_attacks_add_robust_columns(digi
     assert 0.0 <= last[name] <= last["acc"] + 1e-9
   assert last["adv_acc_fgsm"] <= last["adv_acc"] + 1e-9
   assert last["adv_acc_pgd_steps5_restarts2"] <= last["adv_acc_fgsm"] + 0.02
-  from analysis import load, report  # pylint: disable=import-outside-toplevel
+  from robust_sparse.analysis import load, report  # pylint: disable=import-outside-toplevel
   runs = load.load_study(str(tmp_path)).runs
   note = report._attack_labels_note(runs)  # pylint: disable=protected-access
   assert "true labels" in note[0]
@@ -127,7 +128,8 @@ def test_attack_labels_reach_the_attack_and_eval_attacks_add_robust_columns(digi
 def test_with_true_labels_a_misclassified_clean_example_never_counts_as_robust():
   """A 'defence' that fixes misclassified inputs: the true-label count must not credit it."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from attacks import AttackConfig, make_attack  # pylint: disable=import-outside-toplevel
+  from robust_sparse.attacks import (  # pylint: disable=import-outside-toplevel
+      AttackConfig, make_attack)
   from robust_sparse.steps import evaluation_sums  # pylint: disable=import-outside-toplevel
 
   class Flip(tf.Module):  # Predicts 0 for x < 0.5, 1 otherwise.

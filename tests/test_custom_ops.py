@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import custom_ops
-from custom_ops import build as build_lib
-from custom_ops import jsrelu_op
+from robust_sparse import custom_ops
+from robust_sparse.custom_ops import build as build_lib
+from robust_sparse.custom_ops import jsrelu_op
 
 DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 # Zero exactly, both sides of it, moderate and large magnitudes.
@@ -186,7 +186,7 @@ def test_failed_build_falls_back_and_says_why(monkeypatch, caplog):
   x = _points(tf.float64)
   np.testing.assert_array_equal(custom_ops.jsrelu(x).numpy(),
                                 custom_ops.jsrelu_reference(x).numpy())
-  with pytest.raises(RuntimeError, match="custom_ops.build"):
+  with pytest.raises(RuntimeError, match="robust_sparse.custom_ops.build"):
     custom_ops.jsrelu(x, implementation=custom_ops.CUSTOM_OP)
   with pytest.raises(ValueError, match="implementation"):
     custom_ops.jsrelu(x, implementation="cuda")
@@ -206,7 +206,7 @@ def test_needs_build_follows_timestamps(tmp_path):
 
 def test_missing_compiler_is_a_clear_build_error(monkeypatch):
   monkeypatch.setenv("CXX", "no-such-compiler-xyz")
-  with pytest.raises(build_lib.BuildError, match="python -m custom_ops.build"):
+  with pytest.raises(build_lib.BuildError, match="python -m robust_sparse.custom_ops.build"):
     build_lib.compiler()
 
 

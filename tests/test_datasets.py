@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data import DataError, Dataset, decoded_batches, decoded_index_batches, load_dataset
-from data import folders
-from data import prepare as prepare_lib
-from data.files import read_cifar100_binary
+from robust_sparse.data import (DataError, Dataset, decoded_batches, decoded_index_batches,
+                                load_dataset)
+from robust_sparse.data import folders
+from robust_sparse.data import prepare as prepare_lib
+from robust_sparse.data.files import read_cifar100_binary
 
 SEED = tf.constant([3, 7], tf.int64)
 

@@ -52,8 +52,8 @@ startup.import_tensorflow()
 from robust_sparse import distribute
 distribute.configure_devices(2)  # Before anything starts TensorFlow's devices.
 import keras
-from data import load_dataset
-from experiments.runner import Runner
+from robust_sparse.data import load_dataset
+from robust_sparse.experiments.runner import Runner
 from robust_sparse.hparams import Hparams
 
 class Interrupt(keras.callbacks.Callback):

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from attacks import AttackConfig, make_attack
-from data import augment as augment_lib
-from data import load_dataset
-from experiments.runner import DivergedError, Runner, level_dir
-from models import build_model
+from robust_sparse.attacks import AttackConfig, make_attack
+from robust_sparse.data import augment as augment_lib
+from robust_sparse.data import load_dataset
+from robust_sparse.experiments.runner import DivergedError, Runner, level_dir
+from robust_sparse.models import build_model
 from robust_sparse import engine as engine_lib
 from robust_sparse import files
 from robust_sparse.engine import Engine, index_stream

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from experiments.runner import Runner, level_dir
+from robust_sparse.experiments.runner import Runner, level_dir
 from robust_sparse import files
 from robust_sparse.hparams import Hparams
 

@@ -9,10 +9,10 @@ figure `report.write_analysis` saves is checked before it is closed.
 import pytest
 from matplotlib import pyplot as plt
 
-from analysis import figures
-from analysis import load
-from analysis import metrics
-from analysis import report
+from robust_sparse.analysis import figures
+from robust_sparse.analysis import load
+from robust_sparse.analysis import metrics
+from robust_sparse.analysis import report
 from tests import analysis_fixtures as fixtures
 
 DEFAULTS = {"weight_decay": 0.0, "optimizer": "adam", "prune_iters": 20,

@@ -9,14 +9,15 @@ folder's hash.
 import json
 import os
 
-from analysis import load
-from analysis import report
-from experiments.registry import EXPERIMENTS, Measurement
+from robust_sparse.analysis import load
+from robust_sparse.analysis import report
+from robust_sparse.experiments.registry import EXPERIMENTS, Measurement
 from robust_sparse import hparams as hparams_lib
 from robust_sparse.hparams import Hparams
 from tests import analysis_fixtures as fixtures
 
-import experiments  # noqa: F401  pylint: disable=unused-import  (registers every experiment)
+from robust_sparse import (  # noqa: F401  pylint: disable=unused-import  (registers every experiment)
+    experiments)
 
 
 def test_measurement_experiments_are_the_registered_measurements():

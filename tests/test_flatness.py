@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models.vit import residual_mlp, vit
+from robust_sparse.models.vit import residual_mlp, vit
 from robust_sparse import activations, flatness
 from robust_sparse.layers import MaskedDense
 

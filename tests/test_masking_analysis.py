@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import load
-from analysis import masking
-from experiments import masking_checks
-from experiments.runner import Runner, assign_weights, level_dir
-from models import build_model
+from robust_sparse.analysis import load
+from robust_sparse.analysis import masking
+from robust_sparse.experiments import masking_checks
+from robust_sparse.experiments.runner import Runner, assign_weights, level_dir
+from robust_sparse.models import build_model
 from robust_sparse import files
 from robust_sparse.hparams import Hparams
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data import load_dataset
-from experiments.runner import Runner, derived_seed, level_dir
+from robust_sparse.data import load_dataset
+from robust_sparse.experiments.runner import Runner, derived_seed, level_dir
 from robust_sparse import saturation
 from robust_sparse.engine import index_stream
 from robust_sparse.hparams import Hparams
@@ -62,7 +62,7 @@ def test_bad_measure_settings_name_the_flag(tmp_path):
 
 
 def test_probes_receptive_fields_and_the_layer_figures(tmp_path):
-  from analysis import load, report
+  from robust_sparse.analysis import load, report
   digits = load_dataset("sklearn_digits", None, 300)
   common = dict(dataset="sklearn_digits", model="conv-bn", trials=1, batch_size=32,
                 attack="fgsm", eps=0.1, sharpness_examples=0)

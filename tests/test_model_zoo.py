@@ -12,12 +12,13 @@ import keras
 import numpy as np
 import pytest
 
-from models import AFTER_BN, AFTER_DENSE, AFTER_RESIDUAL, MODELS, NORMALIZATIONS, build_model
-from models.check_zoo import check_model, trainable_count
-from models.registry import Standardize, TorchMaxPooling2D
-from models.resnet import basic_block, bottleneck_block, resnet
-from models.vgg import vgg, vgg_bn
-from models.wideresnet import wideresnet
+from robust_sparse.models import (AFTER_BN, AFTER_DENSE, AFTER_RESIDUAL, MODELS, NORMALIZATIONS,
+                                  build_model)
+from robust_sparse.models.check_zoo import check_model, trainable_count
+from robust_sparse.models.registry import Standardize, TorchMaxPooling2D
+from robust_sparse.models.resnet import basic_block, bottleneck_block, resnet
+from robust_sparse.models.vgg import vgg, vgg_bn
+from robust_sparse.models.wideresnet import wideresnet
 from robust_sparse.layers import MaskedConv2D, MaskedDense
 
 CIFAR = (32, 32, 3)

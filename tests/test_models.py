@@ -7,9 +7,9 @@ import keras
 import numpy as np
 import pytest
 
-from data.files import read_cifar_batch
-from models import MODELS, build_model
-from models.registry import AFTER_BN, AFTER_RESIDUAL, conv
+from robust_sparse.data.files import read_cifar_batch
+from robust_sparse.models import MODELS, build_model
+from robust_sparse.models.registry import AFTER_BN, AFTER_RESIDUAL, conv
 from robust_sparse.layers import MaskedConv2D, MaskedDense, masked_layers
 
 CIFAR = (32, 32, 3)

@@ -145,7 +145,7 @@ def test_pixelwise_probes_one_per_position(tmp_path):
 
 def test_training_latents_come_from_the_augmented_loader_at_the_training_batch(tmp_path):
   import types
-  from experiments.phd_lab import probe_training_batches
+  from robust_sparse.experiments.phd_lab import probe_training_batches
   from robust_sparse.hparams import Hparams
   x_train, y_train = _data(150, 0)
   dataset = types.SimpleNamespace(x_train=x_train, y_train=y_train, num_classes=3)

@@ -189,10 +189,10 @@ def test_lottery_ticket_global_scope_and_bad_arguments():
 
 
 def test_lists_come_from_the_registries():
-  from attacks import ATTACKS
-  from data import DATASETS
-  from experiments import EXPERIMENTS
-  from models import MODELS
+  from robust_sparse.attacks import ATTACKS
+  from robust_sparse.data import DATASETS
+  from robust_sparse.experiments import EXPERIMENTS
+  from robust_sparse.models import MODELS
   assert api.list_models() == MODELS.names() and "dense-300-100" in api.list_models()
   assert api.list_datasets() == DATASETS.names() and "sklearn_digits" in api.list_datasets()
   assert api.list_attacks() == ATTACKS.names() and "pgd" in api.list_attacks()

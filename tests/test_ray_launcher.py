@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from data import load_dataset
-from experiments import launch
-from experiments.runner import Runner, level_dir
+from robust_sparse.data import load_dataset
+from robust_sparse.experiments import launch
+from robust_sparse.experiments.runner import Runner, level_dir
 from robust_sparse import claims
 from robust_sparse.hparams import Hparams
 from tests.conftest import one_line_error, run_cli_batch

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from models import build_model
+from robust_sparse.models import build_model
 from robust_sparse.receptive_field import (compute_cost, computational_info, receptive_fields,
                                            write_receptive_field_csv)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from experiments.runner import Runner, level_dir
+from robust_sparse.experiments.runner import Runner, level_dir
 from robust_sparse import files
 from robust_sparse.hparams import Hparams
 from robust_sparse.steps import OptimizerGroup, make_train_step
@@ -181,7 +181,7 @@ def test_bad_relu_prune_input_fails_in_one_line(baseline, tmp_path):
 
 def test_pareto_front_keeps_only_unbeaten_points():
   import pandas as pd
-  from analysis import relu
+  from robust_sparse.analysis import relu
   frame = pd.DataFrame({
       "run_dir": list("abcde"), "variant": ["v"] * 5, "target": ["t"] * 5,
       "relu_count": [100, 200, 300, 300, 400], "relu_density": [0.1, 0.2, 0.3, 0.3, 0.4],
@@ -191,7 +191,7 @@ def test_pareto_front_keeps_only_unbeaten_points():
 
 
 def test_analysis_draws_accuracy_against_relu_count(digits, baseline, tmp_path):
-  from analysis import load, relu, report
+  from robust_sparse.analysis import load, relu, report
   hp = Hparams(**{**PRUNE, "epochs": 0.0}, pretrained_run=baseline)
   run_dir = Runner(hp, digits, str(tmp_path / "runs"), progress=False).run()
   assert not os.path.exists(level_dir(run_dir, 0, 1))  # --epochs=0: the mask phase only.

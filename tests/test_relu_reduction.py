@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import build_model
-from models import registry as models_registry
+from robust_sparse.models import build_model
+from robust_sparse.models import registry as models_registry
 from robust_sparse import activations
 from robust_sparse import relu_reduction as rr
 

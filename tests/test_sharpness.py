@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import build_model
+from robust_sparse.models import build_model
 from robust_sparse.layers import MaskedDense, masked_layers
 from robust_sparse.optimizers import make_optimizer, split_optimizer
 from robust_sparse.sharpness import (_merge, _split, is_asam_weight, perturbation,
@@ -144,7 +144,7 @@ def test_split_optimizer_names():
 
 
 def test_lottery_ticket_with_sam_adam_and_adversarial_training_end_to_end(tmp_path, data_dir):
-  from experiments.runner import level_dir
+  from robust_sparse.experiments.runner import level_dir
   result = run_module(
       "run_experiments", "--dataset=digits", f"--data_dir={data_dir}",
       "--experiment=reinit_orig", "--optimizer=sam-adam", "--adv_train", "--attack=fgsm",
@@ -268,8 +268,8 @@ def test_ssam_masks_refresh_after_each_due_epochs_first_step_and_are_checkpointe
                          ids=["ssamf", "ssamd", "implicit"])
 def test_ssam_runs_end_to_end_and_logs_the_live_fraction(tmp_path, optimizer):
   import pandas as pd
-  from data import load_dataset
-  from experiments.runner import Runner
+  from robust_sparse.data import load_dataset
+  from robust_sparse.experiments.runner import Runner
   from robust_sparse.hparams import Hparams
   hp = Hparams(dataset="sklearn_digits", model="lenet5", experiment="train", **optimizer,
                epochs=2.0, batch_size=50, train_examples=200, num_samples=16, update_freq=1,

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from experiments.runner import Runner, level_dir
-from models import build_model
+from robust_sparse.experiments.runner import Runner, level_dir
+from robust_sparse.models import build_model
 from robust_sparse import files
 from robust_sparse.hparams import Hparams
 from tests.conftest import run_cli_batch, one_line_error

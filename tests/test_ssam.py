@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import build_model
+from robust_sparse.models import build_model
 from robust_sparse import ssam
 from robust_sparse.layers import enforce_masks, masked_layers, masks_hold
 from robust_sparse.optimizers import make_optimizer

@@ -164,7 +164,7 @@ ray.init(num_cpus=1, include_dashboard=False, log_to_driver=True, configure_logg
 
 @ray.remote
 def task():
-  from experiments import launch  # noqa: F401  What a trial's task imports first.
+  from robust_sparse.experiments import launch  # noqa: F401  What a trial's task imports first.
   import tensorflow as tf
   return tf.__version__
 

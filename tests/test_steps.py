@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from attacks import AttackConfig, make_attack
-from data import load_dataset
-from experiments.runner import Runner, level_dir
-from models import build_model
+from robust_sparse.attacks import AttackConfig, make_attack
+from robust_sparse.data import load_dataset
+from robust_sparse.experiments.runner import Runner, level_dir
+from robust_sparse.models import build_model
 from robust_sparse.engine import Engine, index_stream
 from robust_sparse.hparams import Hparams
 from robust_sparse.layers import masked_layers
@@ -231,7 +231,7 @@ def test_distillation_from_a_finished_run_folder(tmp_path):
 
 
 def test_a_missing_saved_variable_is_an_error():
-  from experiments.runner import assign_weights, model_weights
+  from robust_sparse.experiments.runner import assign_weights, model_weights
   model = _model()
   weights = model_weights(model)
   weights.pop("conv_1/kernel")

@@ -174,8 +174,9 @@ def test_closed_writer_and_empty_folder_are_errors(tmp_path):
 
 def test_a_runner_level_writes_every_csv_number_to_tensorboard(tmp_path):
   """The runner's own event files, read back, equal its train/valid/test CSVs."""
-  from data import load_dataset  # pylint: disable=import-outside-toplevel
-  from experiments.runner import Runner, level_dir  # pylint: disable=import-outside-toplevel
+  from robust_sparse.data import load_dataset  # pylint: disable=import-outside-toplevel
+  from robust_sparse.experiments.runner import (  # pylint: disable=import-outside-toplevel
+      Runner, level_dir)
   from robust_sparse.hparams import Hparams  # pylint: disable=import-outside-toplevel
   hp = Hparams(dataset="sklearn_digits", experiment="reinit_orig", prune_iters=1, trials=1,
                train_iters=40, eval_every=20, eps=0.1, sharpness_examples=0,

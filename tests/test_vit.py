@@ -4,10 +4,10 @@ import keras
 import numpy as np
 import pytest
 
-from custom_ops.layers import JSquaredReLU
-from models import AFTER_DENSE, MODELS, build_model
-from models.check_zoo import check_model, trainable_count
-from models.vit import PRESETS, residual_mlp, vit
+from robust_sparse.custom_ops.layers import JSquaredReLU
+from robust_sparse.models import AFTER_DENSE, MODELS, build_model
+from robust_sparse.models.check_zoo import check_model, trainable_count
+from robust_sparse.models.vit import PRESETS, residual_mlp, vit
 from robust_sparse import sparsity_modules as sm
 from robust_sparse.activations import MixedActivation, ReLU
 from robust_sparse.layers import MaskedConv2D, MaskedDense

@@ -38,10 +38,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from attacks import apgd_ce, fgsm, pgd
+from robust_sparse.attacks import apgd_ce, fgsm, pgd
 from benchmarks.fidelity import Check
-from data import load_dataset
-from models import build_model
+from robust_sparse.data import load_dataset
+from robust_sparse.models import build_model
 
 PEER = "benchmarks.peers.fidelity_attacks"
 BATCH = 64

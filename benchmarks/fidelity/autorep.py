@@ -86,8 +86,8 @@ def _dropout_everywhere(context):
 def _two_phase(context, replacement="identity_relu_grad", relu_forward="intended",
                threshold=0.0):
   import keras
-  from experiments.registry import Defaults
-  from experiments.relu_reduction import ReLUPrune
+  from robust_sparse.experiments.registry import Defaults
+  from robust_sparse.experiments.relu_reduction import ReLUPrune
   from robust_sparse.engine import Engine
   from robust_sparse.hparams import Hparams
   from robust_sparse.relu_reduction import MaskedReLU

@@ -223,7 +223,7 @@ def _fields_ours_random(context):
 
 
 def _fields_ours_vgg16(context):
-  from models import build_model
+  from robust_sparse.models import build_model
   from robust_sparse.receptive_field import receptive_fields
   cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
   layers = [("pool", 2, 2, 1, 0) if c == "M" else ("conv", 3, 1, 1, 1) for c in cfg]

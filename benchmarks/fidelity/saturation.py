@@ -97,7 +97,7 @@ def _synthetic_check(downsampling, shift):
 
 def _mnist(context):
   import keras
-  from data import load_dataset
+  from robust_sparse.data import load_dataset
   digits = load_dataset("digits", context.data_dir, 0)
   model = _model(28, context.seed)
   model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
