@@ -20,7 +20,13 @@ local Ray on this machine. Ray is optional: `pip install -r requirements-ray.txt
 import os
 from typing import List, Optional, Sequence, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import robust_sparse
+
+# A source checkout's root, which the workers import the toolkit from (never a
+# folder inside the package: its `data`, `models` ... would become top-level
+# names); None for an installed copy, which every worker imports as the driver does.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(robust_sparse.__file__)))
+REPO = _ROOT if os.path.isfile(os.path.join(_ROOT, "run_experiments.py")) else None
 INSTALL = "pip install -r requirements-ray.txt"
 
 
@@ -40,7 +46,9 @@ def start(address: Optional[str], num_cpus: Optional[int] = None):
     return ray
   if address and address != "auto":
     _check_reachable(address)
-  if address:
+  if REPO is None:
+    runtime_env = {}
+  elif address:
     runtime_env = {"working_dir": REPO,
                    "excludes": [".git", "output", "*.npz", "custom_ops/_build"]}
   else:
@@ -71,7 +79,7 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 def _train_trial(hparams: dict, base_dir: str, trial: int) -> str:
   """A Ray task: the levels of one trial, in the run folder of a sequential run."""
   import sys  # pylint: disable=import-outside-toplevel
-  if REPO not in sys.path:
+  if REPO and REPO not in sys.path:
     sys.path.insert(0, REPO)
   from robust_sparse.data import load_dataset  # pylint: disable=import-outside-toplevel
   from robust_sparse.experiments.runner import Runner  # pylint: disable=import-outside-toplevel
