@@ -10,6 +10,7 @@ the hyper-parameters, printed as the last line of standard output; re-running
 the same command resumes it, --force starts it over. Only this file reads FLAGS.
 """
 
+import signal
 import sys
 
 from robust_sparse import startup
@@ -234,12 +235,29 @@ def interrupted_line() -> str:
           + (f" {where}" if where else "") + " from its last checkpoint")
 
 
+_SIGINT_SEEN = []
+
+
+def _on_sigint(signum, frame):
+  # Remembered: a KeyboardInterrupt raised inside TensorFlow's C++ calls can surface as
+  # another exception (SystemError: "bad argument to internal function").
+  del signum, frame
+  _SIGINT_SEEN.append(True)
+  raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+  signal.signal(signal.SIGINT, _on_sigint)
   try:
     app.run(main)
   except KeyboardInterrupt:
     print(f"\n{interrupted_line()}", file=sys.stderr)
     startup.exit_now(130)  # 128 + SIGINT, as a shell reports it.
+  except Exception:  # pylint: disable=broad-except
+    if not _SIGINT_SEEN:
+      raise
+    print(f"\n{interrupted_line()}", file=sys.stderr)
+    startup.exit_now(130)
   except SystemExit as done:
     if not done.code:  # Finished: skip the interpreter's slow teardown.
       startup.exit_now(0)

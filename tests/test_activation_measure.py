@@ -43,7 +43,8 @@ def test_logged_activation_measurements_equal_direct_computation(tmp_path):
   weights = np.load(os.path.join(level_dir(run_dir, 0, 0), "weights_final.npz"))
   for variable in network.variables:
     variable.assign(weights[variable.path])
-  stream = index_stream(len(digits.x_train), 60, derived_seed(hp.seed, 0, "data"), 10)
+  stream = index_stream(len(digits.x_train), 60, derived_seed(hp.seed, 0, "data"), 10,
+                        whole_epochs=True)  # The training order (`Engine.batches`).
   batches = [b.numpy() for b, _ in zip(stream, range(10))][::3]
   tap = activation_stats.ActivationTap(network)
   assert tap.names == list(LAYERS)
