@@ -27,11 +27,15 @@ def _kill_one_worker_mid_level(run_dir, killed, stop):
   while not stop.is_set() and not killed:
     info = claims.read_claim(directory)
     if info and os.path.exists(os.path.join(directory, "checkpoint.npz")):
-      with open(os.path.join(directory, "train.csv")) as f:
-        if len(f.read().splitlines()) >= 2:  # At least one evaluation after the start.
-          os.kill(int(info["pid"]), signal.SIGKILL)
-          killed.append(int(info["pid"]))
-          return
+      try:  # The checkpoint is written before the CSVs.
+        with open(os.path.join(directory, "train.csv")) as f:
+          rows = len(f.read().splitlines())
+      except FileNotFoundError:
+        rows = 0
+      if rows >= 2:  # At least one evaluation after the start.
+        os.kill(int(info["pid"]), signal.SIGKILL)
+        killed.append(int(info["pid"]))
+        return
     time.sleep(0.05)
 
 
