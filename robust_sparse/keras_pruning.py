@@ -27,7 +27,8 @@ import numpy as np
 from keras.src.models.functional import Functional
 
 from robust_sparse import pruning
-from robust_sparse.layers import MASKED_LAYER_TYPES, MaskedConv2D, MaskedDense, enforce_masks
+from robust_sparse.layers import (MASKED_LAYER_TYPES, MaskedConv2D, MaskedDense, clone_layer_pairs,
+                                  enforce_masks)
 
 # The plain Keras layers `masked` converts, by exact type (subclasses such as
 # `Conv2DTranspose` compute otherwise).
@@ -239,19 +240,8 @@ def masked(model) -> keras.Model:
     target = _CONVERTED.get(type(layer), layer.__class__)
     return target.from_config(layer.get_config())
 
-  copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
-
-  def weighted_layers(m):
-    return [layer for layer in m._flatten_layers(include_self=False)
-            if not isinstance(layer, keras.layers.InputLayer)]
-
-  old_layers, new_layers = weighted_layers(model), weighted_layers(copy)
-  if [layer.name for layer in old_layers] != [layer.name for layer in new_layers]:
-    raise ValueError(f"masked: the clone of model '{model.name}' does not list the same "
-                     "layers; only Sequential and functional models are supported")
-  for old, new in zip(old_layers, new_layers):
-    if list(old._flatten_layers(include_self=False)):
-      continue  # A nested model: its own layers are copied one by one.
+  copy, pairs = clone_layer_pairs(model, clone, "masked")
+  for old, new in pairs:
     if isinstance(new, MASKED_LAYER_TYPES) and not isinstance(old, MASKED_LAYER_TYPES):
       values = {variable.name: variable for variable in old.weights}
       for variable in new.weights:

@@ -555,6 +555,32 @@ def _plain_layer_type(layer):
   return keras.layers.Dense if isinstance(layer, MaskedDense) else keras.layers.Conv2D
 
 
+def clone_layer_pairs(model, clone_function, caller: str):
+  """`keras.models.clone_model(model, clone_function)` and its (original, clone) leaf layers.
+
+  The pairs are the layers that hold weights, in the same order on both sides
+  (nested models descended into, not listed), for the caller to copy weights
+  across. Input layers hold none, and the clone renames them.
+
+  Raises:
+    ValueError: naming `caller`, when the clone does not list the same layers
+      (a subclassed model).
+  """
+  copy = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
+
+  def weighted_layers(m):
+    return [layer for layer in m._flatten_layers(include_self=False)
+            if not isinstance(layer, keras.layers.InputLayer)]
+
+  old_layers, new_layers = weighted_layers(model), weighted_layers(copy)
+  if [layer.name for layer in old_layers] != [layer.name for layer in new_layers]:
+    raise ValueError(f"{caller}: the clone of model '{model.name}' does not list the same "
+                     "layers; only Sequential and functional models are supported")
+  # A nested model's own layers are paired one by one.
+  return copy, [(old, new) for old, new in zip(old_layers, new_layers)
+                if not list(old._flatten_layers(include_self=False))]
+
+
 def strip_masks(model):
   """A copy of `model` whose masked layers are plain Keras layers with `kernel * mask`.
 
@@ -584,20 +610,8 @@ def strip_masks(model):
       return _plain_layer_type(layer).from_config(config)
     return layer.__class__.from_config(config)
 
-  stripped = keras.models.clone_model(model, clone_function=clone, recursive=True)
-
-  def weighted_layers(m):
-    # Input layers hold no weights, and the clone renames them.
-    return [layer for layer in m._flatten_layers(include_self=False)
-            if not isinstance(layer, keras.layers.InputLayer)]
-
-  old_layers, new_layers = weighted_layers(model), weighted_layers(stripped)
-  if [layer.name for layer in old_layers] != [layer.name for layer in new_layers]:
-    raise ValueError(f"strip_masks: the clone of model '{model.name}' does not list the "
-                     "same layers; only Sequential and functional models are supported.")
-  for old, new in zip(old_layers, new_layers):
-    if list(old._flatten_layers(include_self=False)):
-      continue  # A nested model: its own layers are copied one by one.
+  stripped, pairs = clone_layer_pairs(model, clone, "strip_masks")
+  for old, new in pairs:
     if isinstance(old, MASKED_LAYER_TYPES):
       weights = [ops.convert_to_numpy(old.masked_kernel)]
       if old.use_bias:
