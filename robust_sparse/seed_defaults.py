@@ -109,7 +109,3 @@ def apply(values: Mapping[str, Any], explicit: Iterable[str],
       resolved[field] = value
   return resolved
 
-
-def applied(values: Mapping[str, Any]) -> List[Rule]:
-  """The rules that match `values` (for help text and the README)."""
-  return [rule for rule in RULES if rule.when(values)]
