@@ -267,12 +267,20 @@ def test_torch_batch_norm_trains_like_pytorch(shape):
       * gamma + beta, atol=2e-5)
 
 
-def test_torch_batch_norm_falls_back_to_keras_off_the_fused_case():
-  # A 2-D input (batch norm after a dense layer) is Keras' own path: biased variance.
+def test_torch_batch_norm_after_a_dense_layer_is_pytorch_batch_norm_1d():
   x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+  gamma = np.array([0.5, 1.0, 2.0], np.float32)
   layer = TorchBatchNorm(momentum=0.0, epsilon=1e-5)
-  layer(x, training=True)
-  np.testing.assert_allclose(layer.moving_variance.numpy(), x.var(axis=0), rtol=1e-5)
+  layer.build(x.shape)
+  layer.gamma.assign(gamma)
+  out = layer(x, training=True).numpy()
+  np.testing.assert_allclose(out, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) * gamma,
+                             atol=1e-5)
+  np.testing.assert_allclose(layer.moving_variance.numpy(), x.var(axis=0, ddof=1), rtol=1e-5)
+  # Synchronized batch norm (--sync_batch_norm) is Keras' own: the biased variance.
+  keras_layer = TorchBatchNorm(momentum=0.0, epsilon=1e-5, synchronized=True)
+  keras_layer(x, training=True)
+  np.testing.assert_allclose(keras_layer.moving_variance.numpy(), x.var(axis=0), rtol=1e-5)
   assert isinstance(build_model("conv-bn", CIFAR, 10).get_layer("conv_1_bn"), TorchBatchNorm)
 
 

@@ -14,10 +14,9 @@ logits (about half the gates closed) and random upstream gradients:
 - two steps of the mask phase (`ReLUPrune.optimizer_groups` in the engine: Adam
   on alpha for CE + lamda relu(density - target), then a second forward and
   SGD on the weights), at epochs 2 and 3 of 5 of the cosine schedules, on
-  Dense -> BatchNorm -> masked relu -> Dense. Compared: every weight, alpha,
-  the state mask and the batch-norm moving mean. Not the moving variance:
-  PyTorch updates it with the unbiased batch variance, Keras with the biased
-  one (`models.registry.batch_norm`), a known difference outside AutoReP.
+  Dense -> BatchNorm -> masked relu -> Dense (the zoo's `TorchBatchNorm`).
+  Compared: every weight, alpha, the state mask and the batch-norm running
+  mean and variance.
 """
 
 import numpy as np
@@ -91,6 +90,7 @@ def _two_phase(context, replacement="identity_relu_grad", relu_forward="intended
   from robust_sparse.engine import Engine
   from robust_sparse.hparams import Hparams
   from robust_sparse.relu_reduction import MaskedReLU
+  from robust_sparse.models.registry import TorchBatchNorm
   from robust_sparse.steps import standard_loss_grad_fn
 
   rng = np.random.default_rng([context.seed, 7])
@@ -99,7 +99,7 @@ def _two_phase(context, replacement="identity_relu_grad", relu_forward="intended
   y = rng.integers(0, classes, n).astype(np.int32)
   inputs_layer = keras.Input((features,))
   h = keras.layers.Dense(hidden, name="hidden")(inputs_layer)
-  h = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="bn")(h)
+  h = TorchBatchNorm(momentum=0.9, epsilon=1e-5, name="bn")(h)
   site = MaskedReLU(replacement, relu_forward=relu_forward, hysteresis_threshold=threshold,
                     site="after_bn", name="site")
   logits = keras.layers.Dense(classes, name="output")(site(h))
@@ -148,7 +148,7 @@ def _two_phase(context, replacement="identity_relu_grad", relu_forward="intended
                 mask_epochs=np.array(hp.mask_epochs), eta_min=np.array(hp.eta_min),
                 target=np.array(experiment.target), lamda=np.array(hp.lamda),
                 epochs=np.array([2, 3]))
-  outputs = {name: v.numpy() for name, v in variables.items() if name != "moving_variance"}
+  outputs = {name: v.numpy() for name, v in variables.items()}
   return inputs, outputs
 
 

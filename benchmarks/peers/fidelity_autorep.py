@@ -211,7 +211,8 @@ def two_phase_step(inputs):
   detach = lambda t: t.detach().numpy()
   return {"hidden_kernel": detach(hidden.weight).T, "hidden_bias": detach(hidden.bias),
           "gamma": detach(bn.weight), "beta": detach(bn.bias),
-          "moving_mean": detach(bn.running_mean), "output_kernel": detach(output.weight).T,
+          "moving_mean": detach(bn.running_mean),
+          "moving_variance": detach(bn.running_var), "output_kernel": detach(output.weight).T,
           "output_bias": detach(output.bias), "alpha": detach(alpha),
           "state": update_mask(state, alpha, threshold).numpy()}
 
