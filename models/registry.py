@@ -172,20 +172,21 @@ class TorchBatchNorm(keras.layers.BatchNormalization):
   n/(n-1), where Keras' layer uses the biased one.
 
   Training calls on 4-D channels-last inputs (the zoo's convs) run the fused
-  kernel; other ranks (batch norm after a dense layer) the same arithmetic
-  in separate ops. Inference, masks, renormalisation and synchronized batch
-  norm (`--sync_batch_norm`) are Keras' own. The variables and their names
+  kernel; other ranks (batch norm after a dense layer) and synchronized
+  batch norm (`--sync_batch_norm`: the global batch's moments) the same
+  arithmetic in separate ops. Inference, masks and renormalisation are
+  Keras' own. The variables and their names
   are Keras' (gamma, beta, moving_mean, moving_variance).
   """
 
   def call(self, inputs, training=None, mask=None):
-    if not (training and self.trainable) or mask is not None or self.renorm or \
-        self.synchronized:
+    if not (training and self.trainable) or mask is not None or self.renorm:
       return super().call(inputs, training=training, mask=mask)
     x = tf.cast(inputs, tf.float32)
     gamma = tf.cast(self.gamma, tf.float32) if self.scale else None
     beta = tf.cast(self.beta, tf.float32) if self.center else None
-    if len(x.shape) == 4 and self.axis in (3, -1) and self.scale and self.center:
+    if (len(x.shape) == 4 and self.axis in (3, -1) and self.scale and self.center
+        and not self.synchronized):
       # cuDNN needs epsilon above 1e-5 (TensorFlow's own wrapper uses 1.001e-5).
       epsilon = max(self.epsilon, 1.001e-5) if _on_gpu() else self.epsilon
       empty = tf.constant([], tf.float32)
@@ -193,10 +194,15 @@ class TorchBatchNorm(keras.layers.BatchNormalization):
           x=x, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon,
           data_format="NHWC", is_training=True)  # variance: unbiased.
     else:
-      mean, variance = ops.moments(x, axes=self._reduction_axes)
+      # Synchronized: the moments of the global batch, over every replica.
+      mean, variance = ops.moments(x, axes=self._reduction_axes,
+                                   synchronized=self.synchronized)
       outputs = ops.batch_normalization(x, mean, variance, axis=self.axis, offset=beta,
                                         scale=gamma, epsilon=self.epsilon)
       count = tf.cast(tf.size(x) // tf.size(mean), tf.float32)
+      context = tf.distribute.get_replica_context()
+      if self.synchronized and context is not None:
+        count *= context.num_replicas_in_sync
       variance = variance * count / tf.maximum(count - 1.0, 1.0)
     momentum = self.momentum
     self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))

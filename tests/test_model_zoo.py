@@ -10,13 +10,12 @@ import re
 
 import keras
 import numpy as np
-import tensorflow as tf
 import pytest
 
 from robust_sparse.models import (AFTER_BN, AFTER_DENSE, AFTER_RESIDUAL, MODELS, NORMALIZATIONS,
                                   build_model)
 from robust_sparse.models.check_zoo import check_model, trainable_count
-from robust_sparse.models.registry import Standardize, TorchBatchNorm, TorchMaxPooling2D
+from robust_sparse.models.registry import Standardize, TorchMaxPooling2D
 from robust_sparse.models.resnet import basic_block, bottleneck_block, resnet
 from robust_sparse.models.vgg import vgg, vgg_bn
 from robust_sparse.models.wideresnet import wideresnet
@@ -212,76 +211,6 @@ def test_max_pool_pads_like_pytorch(side):
   pooled = TorchMaxPooling2D(3, 2, 1)(images).numpy()
   assert pooled.shape[1] == (side + 2 - 3) // 2 + 1
   np.testing.assert_array_equal(pooled, _torch_max_pool(images, 3, 2, 1))
-
-
-def _torch_batch_norm_train(x, gamma, beta, eps):
-  """PyTorch's BatchNorm2d forward in training: output, batch mean, unbiased variance."""
-  mean = x.mean(axis=(0, 1, 2))
-  variance = x.var(axis=(0, 1, 2))
-  n = x.size // x.shape[-1]
-  out = (x - mean) / np.sqrt(variance + eps) * gamma + beta
-  return out, mean, variance * n / (n - 1)
-
-
-@pytest.mark.parametrize("shape", [(8, 5, 5, 4), (3, 7, 6, 16)])
-def test_torch_batch_norm_trains_like_pytorch(shape):
-  rng = np.random.default_rng(len(shape) + shape[0])
-  x = rng.normal(2.0, 3.0, size=shape).astype(np.float32)
-  gamma, beta = (rng.normal(size=shape[-1]).astype(np.float32) for _ in range(2))
-  layer = TorchBatchNorm(momentum=0.9, epsilon=1e-5)
-  layer.build(shape)
-  layer.gamma.assign(gamma)
-  layer.beta.assign(beta)
-  moving_mean, moving_variance = (rng.uniform(0.5, 1.5, size=shape[-1]).astype(np.float32)
-                                  for _ in range(2))
-  layer.moving_mean.assign(moving_mean)
-  layer.moving_variance.assign(moving_variance)
-  weights = rng.normal(size=shape).astype(np.float32)
-  inputs = tf.constant(x)
-  with tf.GradientTape() as tape:
-    tape.watch(inputs)
-    out = layer(inputs, training=True)
-    loss = tf.reduce_sum(out * weights)
-  grad_x, grad_gamma = tape.gradient(loss, [inputs, layer.gamma])
-  expected, mean, variance = _torch_batch_norm_train(x.astype(np.float64), gamma, beta, 1e-5)
-  np.testing.assert_allclose(out.numpy(), expected, atol=2e-5)
-  np.testing.assert_allclose(layer.moving_mean.numpy(), 0.9 * moving_mean + 0.1 * mean,
-                             rtol=1e-5)
-  np.testing.assert_allclose(layer.moving_variance.numpy(),
-                             0.9 * moving_variance + 0.1 * variance, rtol=1e-5)
-  # The gradients of Keras' own (unfused) layer, with the same weights.
-  reference = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
-  reference.build(shape)
-  reference.gamma.assign(gamma)
-  reference.beta.assign(beta)
-  with tf.GradientTape() as tape:
-    tape.watch(inputs)
-    loss = tf.reduce_sum(reference(inputs, training=True) * weights)
-  ref_x, ref_gamma = tape.gradient(loss, [inputs, reference.gamma])
-  np.testing.assert_allclose(grad_x.numpy(), ref_x.numpy(), atol=1e-4)
-  np.testing.assert_allclose(grad_gamma.numpy(), ref_gamma.numpy(), rtol=1e-4, atol=1e-3)
-  # Inference uses the running statistics.
-  inferred = layer(inputs, training=False).numpy()
-  np.testing.assert_allclose(
-      inferred, (x - layer.moving_mean.numpy()) / np.sqrt(layer.moving_variance.numpy() + 1e-5)
-      * gamma + beta, atol=2e-5)
-
-
-def test_torch_batch_norm_after_a_dense_layer_is_pytorch_batch_norm_1d():
-  x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
-  gamma = np.array([0.5, 1.0, 2.0], np.float32)
-  layer = TorchBatchNorm(momentum=0.0, epsilon=1e-5)
-  layer.build(x.shape)
-  layer.gamma.assign(gamma)
-  out = layer(x, training=True).numpy()
-  np.testing.assert_allclose(out, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) * gamma,
-                             atol=1e-5)
-  np.testing.assert_allclose(layer.moving_variance.numpy(), x.var(axis=0, ddof=1), rtol=1e-5)
-  # Synchronized batch norm (--sync_batch_norm) is Keras' own: the biased variance.
-  keras_layer = TorchBatchNorm(momentum=0.0, epsilon=1e-5, synchronized=True)
-  keras_layer(x, training=True)
-  np.testing.assert_allclose(keras_layer.moving_variance.numpy(), x.var(axis=0), rtol=1e-5)
-  assert isinstance(build_model("conv-bn", CIFAR, 10).get_layer("conv_1_bn"), TorchBatchNorm)
 
 
 def test_normalizations_are_the_seeds_statistics():
