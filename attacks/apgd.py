@@ -1,4 +1,4 @@
-"""APGD with the cross-entropy loss (Croce & Hein 2020), L-infinity or L2.
+"""APGD (Croce & Hein 2020), L-infinity or L2: APGD-CE, and the search APGD-T shares.
 
 "Reliable evaluation of adversarial robustness with an ensemble of diverse
 parameter-free attacks", Algorithm 1: PGD with momentum (alpha = 0.75) whose
@@ -14,15 +14,23 @@ The implementation follows the reference (fra31/auto-attack, as ported by
 torchattacks) with one deliberate difference: the first window's count of
 loss increases starts from the loss at the random start, where the reference
 compares with an unwritten (zero) entry of its loss history.
+
+`search` takes the loss as an argument (cross-entropy by default), so
+APGD-T (`apgd_t`: targeted, with the DLR loss of `attacks/dlr.py`) runs the
+same iterations, step-size schedule and checkpoints.
 """
 
 import numpy as np
 import tensorflow as tf
+# To tell whether a trace is XLA-compiled (`gathers_subsets`); TensorFlow has no public call.
+from tensorflow.python.framework import ops
+from tensorflow.python.ops import control_flow_util
 
 from robust_sparse.attacks import compiled
+from robust_sparse.attacks.dlr import dlr_loss_targeted, ranked_classes
 from robust_sparse.attacks.common import (attack_labels, check_budget, check_norm, l2_normalize,
-                            loss_logits_gradient, misclassified, per_example, project_l2,
-                            stateless_normal, stateless_uniform)
+                            misclassified, per_example, project_l2, stateless_normal,
+                            stateless_uniform)
 
 # The weight of the new step against the previous one (the paper's alpha).
 MOMENTUM = 0.75
@@ -56,14 +64,125 @@ def apgd_ce(model, x, y=None, *, eps, steps=100, clip_min=0.0, clip_max=1.0, see
   Raises:
     ValueError: a negative budget or step count, a bad norm, or rho outside [0, 1].
   """
+  static = check_arguments(eps=eps, steps=steps, clip_min=clip_min, clip_max=clip_max,
+                           norm=norm, rho=rho)
+  return compiled.run(_apgd_ce, model, x, y, seed, static, random=True)
+
+
+def apgd_t(model, x, y=None, *, eps, steps=100, n_target_classes=9, clip_min=0.0,
+           clip_max=1.0, seed=None, norm=np.inf, rho=0.75):
+  """APGD-T: APGD with the targeted DLR loss, once per target class (AutoAttack's second).
+
+  For k = 1 .. `n_target_classes` the target of each example is the class of
+  its (k + 1)-th largest clean logit; a run of `steps` APGD iterations
+  (`search`, from a fresh random start) increases the targeted DLR loss
+  -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) on the examples that no
+  earlier target has fooled, as the reference's `perturb` does (outside
+  XLA on those examples only, see `gathers_subsets`). Graph code
+  inside a `tf.function`; called eagerly it compiles itself once per model and
+  arguments (`attacks.compiled`). The loop over targets stops early once every
+  example is fooled.
+
+  Each run draws its start for the whole batch from
+  `stateless_fold_in(seed, k)` (k = 0, 1, ...) and keeps the rows of the
+  examples it attacks, so an example's start does not depend on which others
+  are still robust.
+
+  Args:
+    model: callable mapping a batch to logits, shape [batch, classes], classes >= 4.
+    x: float batch of inputs, shape [batch, ...].
+    y: integer class labels, shape [batch]; None uses the model's predictions.
+    eps: budget (>= 0), the radius of the ball in the `norm`.
+    steps: APGD iterations per target class (the standard AutoAttack: 100).
+    n_target_classes: how many targets (the standard: 9); at most classes - 1 are used.
+    clip_min: smallest valid input value.
+    clip_max: largest valid input value.
+    seed: None for stateful randomness, or a shape-[2] integer tensor.
+    norm: np.inf (L-infinity) or 2 (L2).
+    rho: the fraction of increasing steps below which the step size halves.
+
+  Returns:
+    The adversarial batch: the last misclassified iterate of the first target
+    that fooled an example; for an example no target fooled, the highest-loss
+    point of the last target's run; with given labels, a clean example that is
+    misclassified already is returned as it is.
+
+  Raises:
+    ValueError: a bad budget, step count, norm or rho, n_target_classes < 1, or
+      a model with fewer than 4 classes.
+  """
+  static = check_arguments(eps=eps, steps=steps, clip_min=clip_min, clip_max=clip_max,
+                           norm=norm, rho=rho)
+  if n_target_classes < 1 or int(n_target_classes) != n_target_classes:
+    raise ValueError(f"n_target_classes must be an integer >= 1, got {n_target_classes}")
+  static["n_target_classes"] = int(n_target_classes)
+  return compiled.run(_apgd_t, model, x, y, seed, static, random=True)
+
+
+def _apgd_t(model, x, y, seed, *, eps, steps, n_target_classes, clip_min, clip_max, norm, rho):
+  y = attack_labels(model, x, y)
+  logits = tf.cast(model(x, training=False), tf.float32)
+  classes = logits.shape[-1]
+  if classes is None or classes < 4:
+    raise ValueError(f"apgd_t needs a model with at least 4 classes (the targeted DLR loss), "
+                     f"got {classes}")
+  count = min(n_target_classes, classes - 1)
+  targets = ranked_classes(logits, count)
+  robust = ~misclassified(logits, y)
+  eps_t = tf.cast(eps, x.dtype)
+  budget = dict(eps=eps, steps=steps, clip_min=clip_min, clip_max=clip_max, norm=norm, rho=rho)
+
+  gather = gathers_subsets()
+
+  def one_target(k, x_adv, robust):
+    run_seed = None if seed is None else tf.random.experimental.stateless_fold_in(seed, k)
+    start = random_start(x, eps_t, norm, run_seed)
+    target = targets[:, k]
+    if not gather:  # Under XLA: the whole batch, the results kept where still robust.
+      state = search(model, x, y, None, start=start,
+                     loss=lambda logits, labels: dlr_loss_targeted(logits, labels, target),
+                     **budget)
+      fooled = state["fooled"] & robust
+      result = tf.where(per_example(fooled, x), state["x_fooled"], state["x_best"])
+      return k + 1, tf.where(per_example(robust, x), result, x_adv), robust & ~fooled
+    index = tf.where(robust)[:, 0]
+    x_run, y_run, target = tf.gather(x, index), tf.gather(y, index), tf.gather(target, index)
+    state = search(model, x_run, y_run, None, start=tf.gather(start, index),
+                   loss=lambda logits, labels: dlr_loss_targeted(logits, labels, target),
+                   **budget)
+    fooled = state["fooled"]
+    result = tf.where(per_example(fooled, x_run), state["x_fooled"], state["x_best"])
+    rows = index[:, None]
+    return (k + 1, tf.tensor_scatter_nd_update(x_adv, rows, result),
+            tf.tensor_scatter_nd_update(robust, rows, ~fooled))
+
+  _, x_adv, _ = tf.while_loop(lambda k, _, robust: (k < count) & tf.reduce_any(robust),
+                              one_target, (tf.constant(0), x, robust))
+  return tf.stop_gradient(x_adv)
+
+
+def gathers_subsets() -> bool:
+  """Whether attacks traced here run on the gathered still-robust examples only.
+
+  Outside XLA a gathered subset costs only its own examples. XLA pads a
+  dynamic batch to its bound, so there the subset saves nothing, and some
+  attacks' gradients (FAB's) scatter into shapes XLA must know: under XLA the
+  whole batch runs and the results are kept where the examples were still
+  robust. Both give the same verdicts; only the random draws of a component
+  that draws for the batch it is given can differ.
+  """
+  return not control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
+
+
+def check_arguments(*, eps, steps, clip_min, clip_max, norm, rho):
+  """The static arguments of an APGD attack, checked; a `ValueError` for a bad one."""
   check_budget(eps, clip_min, clip_max)
   if steps < 0 or int(steps) != steps:
     raise ValueError(f"steps must be an integer >= 0, got {steps}")
   if not 0.0 <= rho <= 1.0:
     raise ValueError(f"rho must be in [0, 1], got {rho}")
-  static = dict(eps=eps, steps=int(steps), clip_min=clip_min, clip_max=clip_max,
-                norm=check_norm(norm), rho=rho)
-  return compiled.run(_apgd_ce, model, x, y, seed, static, random=True)
+  return dict(eps=eps, steps=int(steps), clip_min=clip_min, clip_max=clip_max,
+              norm=check_norm(norm), rho=rho)
 
 
 def checkpoint_schedule(steps):
@@ -82,8 +201,8 @@ def checkpoints(steps):
   return points
 
 
-def _random_start(x, eps, norm, seed):
-  """A random point on the boundary region of the ball (the reference's start)."""
+def random_start(x, eps, norm, seed):
+  """A random point on the boundary region of the ball (the reference's start), unclipped."""
   if norm == np.inf:
     if seed is None:
       t = tf.random.uniform(tf.shape(x), -1.0, 1.0, dtype=x.dtype)
@@ -111,12 +230,36 @@ def _apgd_ce(model, x, y, seed, *, eps, steps, clip_min, clip_max, norm, rho):
   return tf.stop_gradient(x_adv)
 
 
-def search(model, x, y, seed, *, eps, steps, clip_min, clip_max, norm, rho):
+def cross_entropy(logits, y):
+  """Per-example cross-entropy [batch] of float32 logits: APGD-CE's loss."""
+  return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(y, tf.int32),
+                                                        logits=logits)
+
+
+def _loss_logits_gradient(model, x, y, loss_fn):
+  """(per-example loss [batch], float32 logits, gradient of the summed loss w.r.t. `x`)."""
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    logits = tf.cast(model(x, training=False), tf.float32)
+    loss = loss_fn(logits, y)
+    total = tf.reduce_sum(loss)
+  return loss, logits, tape.gradient(total, x)
+
+
+def search(model, x, y, seed, *, eps, steps, clip_min, clip_max, norm, rho, loss=None,
+           start=None):
   """The APGD iterations as graph code; returns the final state (a dict of tensors).
 
   Among others: "x_best" and "loss_best" (the highest-loss iterate), "fooled"
   and "x_fooled" (the last misclassified iterate), "step_size" [batch].
+
+  Args:
+    loss: `loss(logits, y) -> [batch]`, the per-example loss the search
+      increases (float32 logits); None: the cross-entropy (APGD-CE).
+    start: the unclipped starting point; None draws it from `seed`
+      (`random_start`).
   """
+  loss_fn = cross_entropy if loss is None else loss
   dtype = x.dtype
   eps_t = tf.cast(eps, dtype)
   first_window, window_decrease, smallest_window = checkpoint_schedule(steps)
@@ -137,8 +280,10 @@ def search(model, x, y, seed, *, eps, steps, clip_min, clip_max, norm, rho):
     def direction(grad):
       return l2_normalize(grad)
 
-  x_start = tf.clip_by_value(_random_start(x, eps_t, norm, seed), clip_min, clip_max)
-  loss, logits, grad = loss_logits_gradient(model, x_start, y)
+  if start is None:
+    start = random_start(x, eps_t, norm, seed)
+  x_start = tf.clip_by_value(start, clip_min, clip_max)
+  loss, logits, grad = _loss_logits_gradient(model, x_start, y, loss_fn)
   batch = tf.shape(x)[:1]
   state = dict(
       x_adv=x_start, x_previous=x_start, grad=grad,
@@ -157,7 +302,7 @@ def search(model, x, y, seed, *, eps, steps, clip_min, clip_max, norm, rho):
     z = project(x_adv + step * direction(s["grad"]))
     x_new = project(x_adv + alpha * (z - x_adv) + (1.0 - alpha) * momentum)
 
-    loss, logits, grad = loss_logits_gradient(model, x_new, y)
+    loss, logits, grad = _loss_logits_gradient(model, x_new, y, loss_fn)
     wrong = misclassified(logits, y)
     x_fooled = tf.where(per_example(wrong, x), x_new, s["x_fooled"])
     improved = loss > s["loss_best"]
