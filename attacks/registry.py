@@ -12,7 +12,8 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from robust_sparse.attacks.apgd import apgd_ce
+from robust_sparse.attacks.apgd import apgd_ce, apgd_t
+from robust_sparse.attacks.autoattack import autoattack, check_components
 from robust_sparse.attacks.common import check_norm
 from robust_sparse.attacks.fgsm import fgsm
 from robust_sparse.attacks.pgd import pgd
@@ -41,6 +42,8 @@ class AttackConfig:
     norm: np.inf or 2 (PGD and APGD; FGSM is L-infinity only).
     labels: "predicted" (the seed's) or "true": `make_attack`'s function then
       ignores, or uses, the labels its callers always pass.
+    n_target_classes: APGD-T's and FAB-T's targets (AutoAttack's standard: 9).
+    n_queries: Square's queries (AutoAttack's standard: 5000).
   """
   name: str = "fgsm"
   eps: float = 0.3
@@ -53,6 +56,8 @@ class AttackConfig:
   restarts: int = 1
   norm: float = np.inf
   labels: str = "predicted"
+  n_target_classes: int = 9
+  n_queries: int = 5000
 
   def __post_init__(self):
     ATTACKS.get(self.name)
@@ -68,14 +73,18 @@ class AttackConfig:
       raise ValueError("attack steps and step_size must be >= 0")
     if self.restarts < 1:
       raise ValueError(f"attack restarts must be >= 1, got {self.restarts}")
+    if self.n_target_classes < 1:
+      raise ValueError(f"attack n_target_classes must be >= 1, got {self.n_target_classes}")
+    if self.n_queries < 1:
+      raise ValueError(f"attack n_queries must be >= 1, got {self.n_queries}")
     object.__setattr__(self, "norm", check_norm(self.norm))
     if self.name == "fgsm" and self.norm != np.inf:
       raise ValueError(f"fgsm is L-infinity only, got norm={self.norm}")
     if self.restarts > 1 and (self.name != "pgd" or not self.random_start):
       raise ValueError(f"restarts={self.restarts} needs pgd with a random start")
     if self.impl == "cleverhans":
-      if self.name == "apgd_ce":
-        raise ValueError("apgd_ce has no cleverhans implementation; use impl='native'")
+      if self.name not in ("fgsm", "pgd"):
+        raise ValueError(f"{self.name} has no cleverhans implementation; use impl='native'")
       if self.restarts > 1:
         raise ValueError("cleverhans PGD has no restarts; use impl='native'")
       if self.name == "pgd" and self.step_size > self.eps:
@@ -130,6 +139,58 @@ def _apgd_ce(config: AttackConfig):
     return apgd_ce(model, x, y, eps=config.eps, steps=config.steps,
                    clip_min=config.clip_min, clip_max=config.clip_max, seed=seed,
                    norm=config.norm)
+  return attack
+
+
+@ATTACKS.register("apgd_t")
+def _apgd_t(config: AttackConfig):
+  """APGD-T: `config.steps` iterations for each of `config.n_target_classes` targets."""
+
+  def attack(model, x, y=None, seed=None):
+    return apgd_t(model, x, y, eps=config.eps, steps=config.steps,
+                  n_target_classes=config.n_target_classes, clip_min=config.clip_min,
+                  clip_max=config.clip_max, seed=seed, norm=config.norm)
+  return attack
+
+
+def _component(name):
+  """The AutoAttack component `name` (attacks/fab.py, attacks/square.py), checked to exist."""
+  from robust_sparse.attacks import autoattack as module
+  check_components((name,))
+  return module._function(next(c for c in module.COMPONENTS if c.name == name))
+
+
+@ATTACKS.register("fab_t")
+def _fab_t(config: AttackConfig):
+  """FAB-T: `config.steps` iterations for each of `config.n_target_classes` targets."""
+  fab_t = _component("fab_t")
+
+  def attack(model, x, y=None, seed=None):
+    return fab_t(model, x, y, eps=config.eps, norm=config.norm, steps=config.steps,
+                 n_target_classes=config.n_target_classes, clip_min=config.clip_min,
+                 clip_max=config.clip_max, seed=seed)
+  return attack
+
+
+@ATTACKS.register("square")
+def _square(config: AttackConfig):
+  """Square: `config.n_queries` queries of the logits (no gradients)."""
+  square = _component("square")
+
+  def attack(model, x, y=None, seed=None):
+    return square(model, x, y, eps=config.eps, norm=config.norm, n_queries=config.n_queries,
+                  clip_min=config.clip_min, clip_max=config.clip_max, seed=seed)
+  return attack
+
+
+@ATTACKS.register("autoattack")
+def _autoattack(config: AttackConfig):
+  """AutoAttack's standard sequence (`attacks/autoattack.py`) with the config's budget."""
+
+  def attack(model, x, y=None, seed=None):
+    return autoattack(model, x, y, eps=config.eps, norm=config.norm, steps=config.steps,
+                      n_target_classes=config.n_target_classes, n_queries=config.n_queries,
+                      clip_min=config.clip_min, clip_max=config.clip_max, seed=seed)
   return attack
 
 

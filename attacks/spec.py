@@ -6,10 +6,14 @@ the norm:
 
   fgsm                      pgd                        pgd(steps=50,restarts=5)
   pgd(norm=2,eps=1.5)       apgd_ce                    apgd_ce(steps=100,eps=0.03)
+  apgd_t                    fab_t(norm=2,eps=0.5)      square(n_queries=1000)
+  autoattack                autoattack(norm=2,eps=0.5)
 
 Unspecified parameters take the run's values (`AttackConfig`: eps, PGD step
 size and steps, random start, data range); `restarts` defaults to 1, `norm`
-to L-infinity and `apgd_ce`'s `steps` to the paper's 100. Spec attacks are
+to L-infinity, and the AutoAttack parameters to its standard version's:
+`steps` 100 for `apgd_ce`, `apgd_t`, `fab_t` and `autoattack`,
+`n_target_classes` 9 and `n_queries` 5000. Spec attacks are
 always the native implementation. Each spec has a canonical column name, safe
 in a CSV header: the attack and the parameters given, in a fixed order
 (`pgd_steps50_restarts5`, `pgd_norm2_eps1.5`, `apgd_ce`).
@@ -24,8 +28,13 @@ from robust_sparse.attacks.registry import AttackConfig, make_attack
 from robust_sparse import specs
 
 FLAG = "--eval_attacks"
-# `apgd_ce` iterations unless the spec says otherwise (Croce & Hein 2020).
+# `apgd_ce`, `apgd_t`, `fab_t` and `autoattack` iterations unless the spec says otherwise
+# (Croce & Hein 2020), and AutoAttack's standard targets and queries.
 APGD_STEPS = 100
+TARGET_CLASSES = 9
+QUERIES = 5000
+_AUTOATTACK = ("apgd_ce", "apgd_t", "fab_t", "square", "autoattack")
+_STANDARD = {"steps": APGD_STEPS, "n_target_classes": TARGET_CLASSES, "n_queries": QUERIES}
 
 def _non_negative_float(text):
   value = float(text)
@@ -63,6 +72,13 @@ _PARAMETERS: Dict[str, Dict[str, Callable]] = {
     "pgd": {"norm": _norm, "eps": _non_negative_float, "step_size": _non_negative_float,
             "steps": _count(0), "restarts": _count(1), "random_start": _flag},
     "apgd_ce": {"norm": _norm, "eps": _non_negative_float, "steps": _count(0)},
+    "apgd_t": {"norm": _norm, "eps": _non_negative_float, "steps": _count(0),
+               "n_target_classes": _count(1)},
+    "fab_t": {"norm": _norm, "eps": _non_negative_float, "steps": _count(0),
+              "n_target_classes": _count(1)},
+    "square": {"norm": _norm, "eps": _non_negative_float, "n_queries": _count(1)},
+    "autoattack": {"norm": _norm, "eps": _non_negative_float, "steps": _count(0),
+                   "n_target_classes": _count(1), "n_queries": _count(1)},
 }
 
 
@@ -123,8 +139,8 @@ def resolve_attack_spec(spec: str, defaults: AttackConfig) -> Tuple[str, AttackC
     except ValueError as error:
       raise _error(spec, f"{name}.{key} {error}, got {text!r}") from None
   base = dict(name=name, impl="native", restarts=1, norm=np.inf)
-  if name == "apgd_ce":
-    base["steps"] = APGD_STEPS
+  if name in _AUTOATTACK:
+    base.update({key: value for key, value in _STANDARD.items() if key in parameters})
   try:
     config = dataclasses.replace(defaults, **{**base, **values})
   except ValueError as error:
