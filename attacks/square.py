@@ -83,6 +83,14 @@ def square(model, x, y=None, *, eps, norm=np.inf, n_queries=5000, p_init=0.8, n_
     ValueError: a negative budget or query count, a bad norm, p_init outside
       (0, 1], n_restarts < 1, or an input that is not a batch of images.
   """
+  _check(x, eps, norm, n_queries, p_init, n_restarts, clip_min, clip_max)
+  norm = check_norm(norm)
+  static = dict(eps=eps, norm=norm, n_queries=int(n_queries), p_init=float(p_init),
+                n_restarts=int(n_restarts), clip_min=clip_min, clip_max=clip_max)
+  return compiled.run(_square, model, x, y, seed, static, random=True)
+
+
+def _check(x, eps, norm, n_queries, p_init, n_restarts, clip_min, clip_max):
   check_budget(eps, clip_min, clip_max)
   if n_queries < 0 or int(n_queries) != n_queries:
     raise ValueError(f"n_queries must be an integer >= 0, got {n_queries}")
@@ -94,12 +102,10 @@ def square(model, x, y=None, *, eps, norm=np.inf, n_queries=5000, p_init=0.8, n_
   shape = getattr(x, "shape", None)
   if shape is None or len(shape) not in (3, 4):
     raise ValueError(f"square needs images [batch, height, width(, channels)], got shape "
-                     f"{shape}")
+                     f"{None if shape is None else tuple(shape)}")
   if norm == 2 and min(shape[1], shape[2]) < 5:
-    raise ValueError(f"square L2 needs images of at least 5 x 5 pixels, got {shape[1:3]}")
-  static = dict(eps=eps, norm=norm, n_queries=int(n_queries), p_init=float(p_init),
-                n_restarts=int(n_restarts), clip_min=clip_min, clip_max=clip_max)
-  return compiled.run(_square, model, x, y, seed, static, random=True)
+    raise ValueError(f"square L2 needs images of at least 5 x 5 pixels, got "
+                     f"{tuple(shape[1:3])}")
 
 
 def p_schedule(iteration, n_queries, p_init):
@@ -193,24 +199,35 @@ def _norm(v):
   return tf.sqrt(tf.reduce_sum(tf.square(v), axis=[1, 2, 3], keepdims=True))
 
 
+def _ring_sums(largest):
+  """T[m, K] = sum_{k=m}^{K-1} 1/(k+1)^2 in float32, added in the reference's order.
+
+  The reference's `eta_rectangles` adds 1/(k+1)^2 for k = 0, 1, ... to the
+  cells within Chebyshev distance k of the centre, so a cell at distance m
+  holds the float32 sum of the terms k = m .. K-1, added in that order.
+  """
+  table = np.zeros((largest + 1, largest + 1), np.float32)
+  for m in range(largest + 1):
+    total = np.float32(0.0)
+    for k in range(m, largest + 1):
+      table[m, k] = total  # The terms m .. k - 1.
+      total = np.float32(total + np.float32(1.0) / np.float32((k + 1) ** 2))
+  return table
+
+
 def _eta_rectangle(i, j, extent_i, extent_j, largest):
   """The reference's unnormalised `eta_rectangles(extent_i, extent_j)` at cells (i, j).
 
   Rings around the centre (extent // 2): a cell at Chebyshev distance m gets
-  sum_{k=m}^{K-1} 1/(k+1)^2, K = max(extent_i, extent_j) // 2 + 1, added in
-  the reference's order (k ascending, in float32) so the sums round alike.
-  `largest` bounds K (a Python int).
+  sum_{k=m}^{K-1} 1/(k+1)^2, K = max(extent_i, extent_j) // 2 + 1 (`_ring_sums`,
+  which `largest` bounds, a Python int).
   """
   distance = tf.maximum(tf.abs(i - extent_i // 2), tf.abs(j - extent_j // 2))
   rings = tf.maximum(extent_i // 2 + 1, extent_j // 2 + 1)
-
-  def add(k, total):
-    weight = 1.0 / tf.square(tf.cast(k + 1, tf.float32))
-    return k + 1, total + tf.where((k >= distance) & (k < rings), weight, 0.0)
-
-  _, total = tf.while_loop(lambda k, _: k < largest, add,
-                           (tf.constant(0), tf.zeros(tf.shape(i), tf.float32)))
-  return total
+  table = tf.constant(_ring_sums(largest))
+  index = tf.stack([tf.clip_by_value(distance, 0, largest),
+                    tf.clip_by_value(rings + 0 * distance, 0, largest)], axis=-1)
+  return tf.where(distance < rings, tf.gather_nd(table, index), 0.0)
 
 
 def _eta(i, j, size, transpose, largest):
@@ -254,7 +271,31 @@ def _window(rows, cols, size, height, width):
   return tf.cast(inside, tf.float32)[None, :, :, None]
 
 
-def _square(model, x, y, seed, *, eps, norm, n_queries, p_init, n_restarts, clip_min, clip_max):
+def square_margins(model, x, y=None, *, eps, norm=np.inf, n_queries=5000, p_init=0.8,
+                   clip_min=0.0, clip_max=1.0, seed=None):
+  """The best margin loss of one Square run after each query: its query-efficiency curve.
+
+  The run `square(..., n_restarts=1)` makes with the same arguments (the same
+  draws for the same seed and compile mode).
+
+  Returns:
+    float32 [n_queries + 1, batch]: row 0 the margin at the start, row i after
+    i queries (non-increasing per example; once every example is fooled the
+    loop stops and later rows repeat the last). Examples misclassified when
+    clean are not attacked and keep the start's margin.
+
+  Raises:
+    ValueError: as `square`.
+  """
+  _check(x, eps, norm, n_queries, p_init, 1, clip_min, clip_max)
+  static = dict(eps=eps, norm=check_norm(norm), n_queries=int(n_queries),
+                p_init=float(p_init), n_restarts=1, clip_min=clip_min, clip_max=clip_max,
+                record=True)
+  return compiled.run(_square, model, x, y, seed, static, random=True)
+
+
+def _square(model, x, y, seed, *, eps, norm, n_queries, p_init, n_restarts, clip_min, clip_max,
+            record=False):
   dtype = x.dtype
   model_shape = tf.shape(x)
   y = tf.cast(attack_labels(model, x, y), tf.int32)
@@ -279,6 +320,9 @@ def _square(model, x, y, seed, *, eps, norm, n_queries, p_init, n_restarts, clip
 
   run = _run_linf if norm == np.inf else _run_l2
   robust = ~misclassified(x)
+  if record:
+    return run(margin, x, robust, seed, eps=tf.cast(eps, tf.float32), n_queries=n_queries,
+               p_init=p_init, record=True)[1]
 
   def restart(r, x_adv, robust):
     run_seed = seed if n_restarts == 1 else tf.random.experimental.stateless_fold_in(seed, r)
@@ -292,30 +336,39 @@ def _square(model, x, y, seed, *, eps, norm, n_queries, p_init, n_restarts, clip
   return tf.stop_gradient(tf.cast(tf.reshape(back(x_adv), model_shape), dtype))
 
 
-def _search(margin, x, x_best, active, propose, n_queries):
+def _search(margin, x, x_best, active, propose, n_queries, record=False):
   """The query loop shared by both norms: keep a proposal where it lowers the margin.
 
   `active` [batch]: the examples attacked (the others keep x_best and never
-  count); `propose(i, x_best) -> x_new`. Returns the final x_best.
+  count); `propose(i, x_best) -> x_new`. Returns the final x_best, and with
+  `record` also the best margin after each query, [n_queries + 1, batch] (row
+  0: the start; rows after an early stop repeat the last).
   """
   margin_best = margin(x_best)
   active = active & (margin_best > 0)
+  history = tf.zeros([n_queries + 1 if record else 1, tf.shape(x)[0]], tf.float32)
+  history = tf.tensor_scatter_nd_update(history, [[0]], margin_best[None])
 
-  def query(i, x_best, margin_best, active):
+  def query(i, x_best, margin_best, active, history):
     x_new = propose(i, x_best)
     new_margin = margin(x_new)
     improved = active & (new_margin < margin_best)
     margin_best = tf.where(improved, new_margin, margin_best)
     x_best = tf.where(improved[:, None, None, None], x_new, x_best)
-    return i + 1, x_best, margin_best, active & (margin_best > 0)
+    if record:
+      history = tf.tensor_scatter_nd_update(history, [[i + 1]], margin_best[None])
+    return i + 1, x_best, margin_best, active & (margin_best > 0), history
 
-  _, x_best, _, _ = tf.while_loop(
-      lambda i, _, __, active: (i < n_queries) & tf.reduce_any(active), query,
-      (tf.constant(0), x_best, margin_best, active))
-  return x_best
+  queries, x_best, margin_best, _, history = tf.while_loop(
+      lambda i, _, __, active, ___: (i < n_queries) & tf.reduce_any(active), query,
+      (tf.constant(0), x_best, margin_best, active, history))
+  if not record:
+    return x_best
+  after = tf.range(n_queries + 1)[:, None] > queries
+  return x_best, tf.where(after, margin_best[None], history)
 
 
-def _run_linf(margin, x, active, seed, *, eps, n_queries, p_init):
+def _run_linf(margin, x, active, seed, *, eps, n_queries, p_init, record=False):
   """One L-infinity run (the reference's `attack_single_run`): the final x_best."""
   batch, height, width, channels = (tf.shape(x)[0], x.shape[1], x.shape[2], x.shape[3])
   sizes = tf.constant(square_sizes(n_queries, p_init, height, width, np.inf) or [1], tf.int32)
@@ -331,10 +384,10 @@ def _run_linf(margin, x, active, seed, *, eps, n_queries, p_init):
     x_new = x_best + window * (2.0 * eps * draws["signs"])
     return tf.clip_by_value(x_new, lower, upper)
 
-  return _search(margin, x, x_best, active, propose, n_queries)
+  return _search(margin, x, x_best, active, propose, n_queries, record)
 
 
-def _run_l2(margin, x, active, seed, *, eps, n_queries, p_init):
+def _run_l2(margin, x, active, seed, *, eps, n_queries, p_init, record=False):
   """One L2 run (the reference's `attack_single_run`): the final x_best."""
   batch, height, width, channels = (tf.shape(x)[0], x.shape[1], x.shape[2], x.shape[3])
   sizes = tf.constant(square_sizes(n_queries, p_init, height, width, 2) or [3], tf.int32)
@@ -390,4 +443,4 @@ def _run_l2(margin, x, active, seed, *, eps, n_queries, p_init):
     delta = delta * (1.0 - window_2) * (1.0 - window) + new * window
     return tf.clip_by_value(x + delta / (_norm(delta) + _TINY) * eps, 0.0, 1.0)
 
-  return _search(margin, x, x_best, active, propose, n_queries)
+  return _search(margin, x, x_best, active, propose, n_queries, record)
