@@ -26,7 +26,7 @@ from tests.conftest import REPO, one_line_error, run_cli_batch, run_module
 # dense-300-100 (no batch norm), 30 steps of 32 on 512 sklearn digits.
 BASE = ["--dataset=sklearn_digits", "--experiment=train", "--trials=1", "--train_iters=30",
         "--eval_every=15", "--batch_size=32", "--train_examples=512", "--sharpness_examples=0",
-        "--noprogress"]
+        "--noprogress", "--nomasking_checks"]
 MIRRORED = ["--distribution=mirrored", "--cpu_replicas=2"]
 # Natural and SAM runs without an attack: evaluations compile faster.
 SAM = ["--attack=none", "--optimizer=sam-sgd", "--learning_rate=0.05"]

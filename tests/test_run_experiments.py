@@ -16,7 +16,10 @@ from tests.conftest import REPO, one_line_error, run_cli_batch, run_module
 
 SMALL = ["--dataset=sklearn_digits", "--experiment=reinit_orig", "--attack=pgd", "--adv_train",
          "--trials=1", "--prune_iters=2", "--train_iters=60", "--eval_every=20",
-         "--batch_size=32", "--pgd_steps=3", "--noprogress"]
+         "--batch_size=32", "--pgd_steps=3", "--noprogress",
+         # The end-of-level gradient-masking checks (tests/test_masking_analysis.py tests
+         # them) and sharpness on 1000 images cost more than the training; kept small.
+         "--nomasking_checks", "--sharpness_examples=64"]
 
 
 def _run_dir(base):
@@ -83,7 +86,8 @@ def test_real_mnist_weights_remaining(tmp_path, data_dir):
 
 
 def test_killed_run_resumes_to_the_same_results(tmp_path):
-  args = [*SMALL, "--train_iters=240", "--eval_every=20", "--prune_iters=1"]
+  # Not about compilation (test_small_run_writes_the_tree runs the default "auto").
+  args = [*SMALL, "--train_iters=240", "--eval_every=20", "--prune_iters=1", "--compile=graph"]
   reference = run_module("run_experiments", *args, f"--base_dir={tmp_path / 'a'}")
   assert reference.returncode == 0, reference.stderr[-2000:]
 
