@@ -76,6 +76,9 @@ def test_real_mnist_weights_remaining(tmp_path, data_dir):
   result = run_module("run_experiments", "--dataset=digits", f"--data_dir={data_dir}",
                       "--experiment=reinit_orig", "--attack=fgsm", "--trials=1",
                       "--train_iters=2", "--prune_iters=2", "--eval_every=2", "--noprogress",
+                      # About the masks: no sharpness, and the 10000 test images attacked
+                      # only at the last evaluation (not the first) of each level.
+                      "--sharpness_examples=0", "--eval_examples=100",
                       f"--base_dir={tmp_path}")
   assert result.returncode == 0, result.stderr[-2000:]
   run_dir = _run_dir(tmp_path)
@@ -135,48 +138,10 @@ BAD_FLAGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bad_flags_results(tmp_path_factory):
-  base = tmp_path_factory.mktemp("bad_flags")
-  prefix = ["--dataset=sklearn_digits"]
-  return run_cli_batch([[*prefix, *args, f"--base_dir={base}"] for args, _ in BAD_FLAGS])
-
-
-@pytest.mark.parametrize("args,message", BAD_FLAGS)
-def test_bad_flags_fail_in_one_line(bad_flags_results, args, message):
-  [(status, stderr)] = [outcome for argv, outcome in bad_flags_results.items()
-                        if list(argv[1:-1]) == args]
-  one_line_error(status, stderr, message)
-
-
-def _data_dir_errors(tmp_path, cases):
-  """The one error line of `run_experiments` for each (data folder, data set), in one process."""
-  argvs = [[f"--dataset={dataset}", f"--data_dir={folder}", f"--base_dir={tmp_path / 'out'}",
-            "--noprogress"] for folder, dataset in cases]
-  lines = []
-  for status, stderr in run_cli_batch(argvs).values():
-    assert status != 0
-    assert "Traceback" not in stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr[-1000:]
-    lines.append(errors[0])
-  return lines
-
-
-def test_missing_data_files(tmp_path):
-  empty, no_files = tmp_path / "empty", tmp_path / "no_files"
-  empty.mkdir()
-  (no_files / "mnist").mkdir(parents=True)
-  no_mnist, no_idx, no_cifar = _data_dir_errors(
-      tmp_path, [(empty, "digits"), (no_files, "digits"), (empty, "cifar10")])
-  assert "mnist" in no_mnist
-  assert "train-images-idx3-ubyte.gz" in no_idx
-  assert "cifar-10" in no_cifar
-
-
-def test_corrupt_data_files(tmp_path, data_dir):
+def _corrupt_data_dirs(root, data_dir):
+  """{name: data folder} with MNIST's training labels truncated or not gzip."""
   def copy_with_labels(name, content, compress):
-    folder = tmp_path / name / "mnist"
+    folder = root / name / "mnist"
     folder.mkdir(parents=True)
     for file in os.listdir(os.path.join(data_dir, "mnist")):
       if file != "train-labels-idx1-ubyte.gz":
@@ -186,11 +151,62 @@ def test_corrupt_data_files(tmp_path, data_dir):
         f.write(content)
     else:
       (folder / "train-labels-idx1-ubyte.gz").write_bytes(content)
-    return tmp_path / name
+    return root / name
 
-  truncated = copy_with_labels("truncated", b"\x00\x00\x08\x01\x00\x00\xea\x60" + b"\x01" * 100,
-                               True)
-  not_gzip = copy_with_labels("not_gzip", b"not gzip at all", False)
-  first, second = _data_dir_errors(tmp_path, [(truncated, "digits"), (not_gzip, "digits")])
+  return {"truncated": copy_with_labels(
+              "truncated", b"\x00\x00\x08\x01\x00\x00\xea\x60" + b"\x01" * 100, True),
+          "not_gzip": copy_with_labels("not_gzip", b"not gzip at all", False)}
+
+
+@pytest.fixture(scope="module")
+def cli_errors(tmp_path_factory, data_dir):
+  """{"bad_flags": {argv: (status, stderr)}, "data": {name: (status, stderr)}}.
+
+  Every bad command of this file in one `tests.cli_batch` process (TensorFlow
+  imported once): BAD_FLAGS, and the missing and corrupt data folders.
+  """
+  base = tmp_path_factory.mktemp("bad_flags")
+  bad = [["--dataset=sklearn_digits", *args, f"--base_dir={base}"] for args, _ in BAD_FLAGS]
+  root = tmp_path_factory.mktemp("data_dirs")
+  empty, no_files = root / "empty", root / "no_files"
+  empty.mkdir()
+  (no_files / "mnist").mkdir(parents=True)
+  corrupt = _corrupt_data_dirs(root, data_dir)
+  data_cases = {"no_mnist": (empty, "digits"), "no_idx": (no_files, "digits"),
+                "no_cifar": (empty, "cifar10"), "truncated": (corrupt["truncated"], "digits"),
+                "not_gzip": (corrupt["not_gzip"], "digits")}
+  data_argvs = {name: [f"--dataset={dataset}", f"--data_dir={folder}",
+                       f"--base_dir={root / 'out'}", "--noprogress"]
+                for name, (folder, dataset) in data_cases.items()}
+  outcomes = run_cli_batch(bad + list(data_argvs.values()))
+  return {"bad_flags": {tuple(argv): outcomes[tuple(argv)] for argv in bad},
+          "data": {name: outcomes[tuple(argv)] for name, argv in data_argvs.items()}}
+
+
+@pytest.mark.parametrize("args,message", BAD_FLAGS)
+def test_bad_flags_fail_in_one_line(cli_errors, args, message):
+  [(status, stderr)] = [outcome for argv, outcome in cli_errors["bad_flags"].items()
+                        if list(argv[1:-1]) == args]
+  one_line_error(status, stderr, message)
+
+
+def _data_dir_error(cli_errors, name):
+  """The one error line of `run_experiments` for the data folder case `name`."""
+  status, stderr = cli_errors["data"][name]
+  assert status != 0
+  assert "Traceback" not in stderr
+  errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, stderr[-1000:]
+  return errors[0]
+
+
+def test_missing_data_files(cli_errors):
+  assert "mnist" in _data_dir_error(cli_errors, "no_mnist")
+  assert "train-images-idx3-ubyte.gz" in _data_dir_error(cli_errors, "no_idx")
+  assert "cifar-10" in _data_dir_error(cli_errors, "no_cifar")
+
+
+def test_corrupt_data_files(cli_errors):
+  first = _data_dir_error(cli_errors, "truncated")
   assert "corrupt" in first and "train-labels" in first
-  assert "corrupt" in second
+  assert "corrupt" in _data_dir_error(cli_errors, "not_gzip")
