@@ -36,7 +36,10 @@ def test_bn_lottery_run_on_cifar_rewinds_bn_statistics(tmp_path, data_dir):
                     rewind_iteration=10, prune_iters=1, trials=1, train_examples=2000,
                     valid_size=500, batch_size=100, epochs=2, optimizer="sgd",
                     learning_rate=0.05, momentum=0.9, augment="crop_flip", data_dir=data_dir,
-                    lr_schedule="cosine", schedule_per="iteration")
+                    lr_schedule="cosine", schedule_per="iteration",
+                    # Not about evaluation: no attack or sharpness on CIFAR-10's 10000 test
+                    # images at each of the 6 evaluations.
+                    attack="none", sharpness_examples=0)
   run_dir = Runner(hparams, dataset, str(tmp_path), progress=False).run()
   load = lambda level, name: files.load_arrays(os.path.join(level_dir(run_dir, 0, level), name))
   rewind, level1 = load(0, "weights_rewind.npz"), load(1, "weights_init.npz")
@@ -155,7 +158,8 @@ def test_mixed_precision_loss_scaling_keeps_small_gradients(digits):
 
 def test_mixed_precision_run_trains(tmp_path, digits):
   hparams = Hparams(dataset="sklearn_digits", experiment="train", trials=1, train_iters=40,
-                    eval_every=20, valid_size=300, batch_size=32, mixed_precision=True)
+                    eval_every=20, valid_size=300, batch_size=32, mixed_precision=True,
+                    sharpness_examples=0)
   try:
     run_dir = Runner(hparams, digits, str(tmp_path), progress=False).run()
   finally:
@@ -168,7 +172,7 @@ def test_mixed_precision_run_trains(tmp_path, digits):
 def test_diverging_level_stops_and_is_not_retrained(tmp_path, digits):
   hparams = Hparams(dataset="sklearn_digits", experiment="train", trials=1, train_iters=60,
                     eval_every=20, valid_size=300, batch_size=32, optimizer="sgd",
-                    learning_rate=1e38)
+                    learning_rate=1e38, sharpness_examples=0)
   with pytest.raises(DivergedError, match="trial 0, prune_iter 0, at iteration"):
     Runner(hparams, digits, str(tmp_path), progress=False).run()
   run_dir = hparams.run_dir(str(tmp_path))
@@ -184,7 +188,7 @@ def test_diverging_level_stops_and_is_not_retrained(tmp_path, digits):
 def test_diverging_run_cli_one_line_error_and_force(tmp_path):
   args = ["--dataset=sklearn_digits", "--experiment=train", "--trials=1", "--train_iters=40",
           "--eval_every=20", "--optimizer=sgd", "-lr=1e38", "--noprogress",
-          f"--base_dir={tmp_path}"]
+          "--sharpness_examples=0", f"--base_dir={tmp_path}"]
   for extra in ([], [], ["--force"]):
     result = run_module("run_experiments", *args, *extra)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -210,7 +214,7 @@ def test_kill_9_anywhere_resumes_exactly_bn_augment_sgd_cosine(tmp_path):
           "--epochs=8", "--batch_size=32", "--optimizer=sgd", "--momentum=0.9",
           "--weight_decay=5e-4", "-lr=0.05", "--lr_schedule=cosine", "--warmup_epochs=1",
           "--augment=crop,flip", "--attack=pgd", "--pgd_steps=2", "--adv_train",
-          "--noprogress"]
+          "--noprogress", "--nomasking_checks", "--sharpness_examples=64"]
   reference = run_module("run_experiments", *args, f"--base_dir={tmp_path / 'a'}")
   assert reference.returncode == 0, reference.stderr[-2000:]
   base = tmp_path / "b"

@@ -9,7 +9,9 @@ from robust_sparse import files
 from robust_sparse.hparams import Hparams
 
 TINY = dict(dataset="sklearn_digits", train_iters=6, eval_every=3, prune_iters=2, trials=1,
-            batch_size=32, valid_size=300, attack="fgsm", pgd_steps=2)
+            batch_size=32, valid_size=300, attack="fgsm", pgd_steps=2,
+            # About the weights each level starts from, not sharpness or compilation.
+            sharpness_examples=0, compile="graph")
 
 
 def _run(tmp_path, digits, **overrides):

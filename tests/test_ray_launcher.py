@@ -17,8 +17,11 @@ from robust_sparse import claims
 from robust_sparse.hparams import Hparams
 from tests.conftest import one_line_error, run_cli_batch
 
-HP = dict(dataset="sklearn_digits", valid_size=300, experiment="reinit_orig", trials=4,
-          prune_iters=1, train_iters=120, eval_every=40, eps=0.1, sharpness_examples=0)
+# Two trials on Ray's two CPUs (one of them killed); not about compilation: "graph"
+# spares each Ray worker an XLA compile.
+HP = dict(dataset="sklearn_digits", valid_size=300, experiment="reinit_orig", trials=2,
+          prune_iters=1, train_iters=120, eval_every=40, eps=0.1, sharpness_examples=0,
+          compile="graph")
 
 
 def _kill_one_worker_mid_level(run_dir, killed, stop):
@@ -59,7 +62,7 @@ def test_ray_trials_equal_the_sequential_run_and_a_killed_worker_is_retried(tmp_
     killer.join()
   assert folder == parallel_dir
   assert killed, "the worker of trial 1, level 1 was never seen training"
-  for trial in range(4):
+  for trial in range(HP["trials"]):
     for level in range(2):
       ours, theirs = level_dir(parallel_dir, trial, level), level_dir(sequential, trial, level)
       for name in ("train.csv", "valid.csv", "test.csv", "weights_final.npz"):

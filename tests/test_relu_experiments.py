@@ -106,12 +106,14 @@ def test_relu_prune_resumes_after_kill_9_in_either_phase(digits, baseline, tmp_p
           "--optimizer=sgd", "--learning_rate=0.01", "--momentum=0.9", "--trials=1",
           "--batch_size=60", "--eval_every=10", "--attack=fgsm", "--eps=0.1",
           "--sharpness_examples=0", "--hysteresis_threshold=0.01", "--mask_dropout=0.2",
-          "--relu_replacement=identity_relu_grad", "--noprogress"]
+          "--relu_replacement=identity_relu_grad", "--noprogress",
+          "--compile=graph"]  # About resuming, not compilation: no XLA compile per process.
   # The uninterrupted reference, in this process (the same hyper-parameters as the flags).
   reference = Hparams.with_seed_defaults(**{**PRUNE, "mask_epochs": 4.0, "alpha_lr": 0.02, "epochs": 3.0,
                          "eval_every": 10,
                          "hysteresis_threshold": 0.01, "mask_dropout": 0.2,
-                         "relu_replacement": "identity_relu_grad", "pretrained_run": baseline})
+                         "relu_replacement": "identity_relu_grad", "pretrained_run": baseline,
+                         "compile": "graph"})
   Runner(reference, digits, str(tmp_path / "a"), progress=False).run()
   base = tmp_path / "b"
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
