@@ -61,7 +61,7 @@ def fab_t(model, x, y=None, *, eps, norm=np.inf, steps=100, n_target_classes=9, 
     x: float batch of inputs, shape [batch, ...].
     y: integer class labels, shape [batch]; None uses the model's predictions.
     eps: budget (>= 0), the radius of the ball in the `norm`.
-    norm: np.inf (or "inf", "linf": L-infinity) or 2 (L2).
+    norm: np.inf (or "inf", "linf", "Linf": L-infinity) or 2 (or "l2", "L2").
     steps: iterations per target and restart (>= 0; the reference's n_iter, 100).
     n_target_classes: how many targets, the classes ranked 2nd, 3rd, ... by
       the clean logits (1 to classes - 1; AutoAttack's standard uses 9).
@@ -95,10 +95,21 @@ def fab_t(model, x, y=None, *, eps, norm=np.inf, steps=100, n_target_classes=9, 
     raise ValueError(f"eta must be >= 1, got {eta}")
   if not 0.0 < beta <= 1.0:
     raise ValueError(f"beta must be in (0, 1], got {beta}")
-  static = dict(eps=eps, norm=check_norm(norm), steps=int(steps),
+  static = dict(eps=eps, norm=lp_norm(norm), steps=int(steps),
                 n_target_classes=int(n_target_classes), n_restarts=int(n_restarts),
                 alpha_max=alpha_max, eta=eta, beta=beta, clip_min=clip_min, clip_max=clip_max)
   return compiled.run(_fab_t, model, x, y, seed, static, random=n_restarts > 1)
+
+
+def lp_norm(norm):
+  """np.inf or 2 from `norm`: np.inf, 2, or torchattacks' and AutoAttack's names "Linf", "L2".
+
+  Raises:
+    ValueError: any other norm.
+  """
+  if isinstance(norm, str) and norm.lower() in ("linf", "l2"):
+    norm = {"linf": np.inf, "l2": 2}[norm.lower()]
+  return check_norm(norm)
 
 
 def unit_box(model, x, eps, clip_min, clip_max):
@@ -257,6 +268,8 @@ def _take(values, index):
   return tf.gather(values, index[:, None], axis=1, batch_dims=1)[:, 0]
 
 
+# Plain tensor code: AutoGraph has nothing to convert (and fails to parse the L2 one).
+@tf.autograph.experimental.do_not_convert
 def _projection_linf(t, w, b):
   """The smallest L-infinity step d with w.(t + d) = b and t + d in [0, 1]^d, per row.
 
@@ -296,6 +309,8 @@ def _projection_linf(t, w, b):
   return d * nonzero
 
 
+# Plain tensor code: AutoGraph has nothing to convert (and fails to parse the L2 one).
+@tf.autograph.experimental.do_not_convert
 def _projection_l2(t, w, b):
   """The smallest L2 step d with w.(t + d) = b and t + d in [0, 1]^d, per row.
 

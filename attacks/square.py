@@ -42,9 +42,8 @@ import numpy as np
 import tensorflow as tf
 
 from robust_sparse.attacks import compiled
-from robust_sparse.attacks.common import (attack_labels, check_budget, check_norm,
-                                          stateless_uniform)
-from robust_sparse.attacks.fab import unit_box
+from robust_sparse.attacks.common import attack_labels, check_budget, stateless_uniform
+from robust_sparse.attacks.fab import lp_norm, unit_box
 
 # The reference's guard against dividing by a zero norm.
 _TINY = 1e-12
@@ -64,7 +63,7 @@ def square(model, x, y=None, *, eps, norm=np.inf, n_queries=5000, p_init=0.8, n_
       [batch, height, width]); L2 needs height and width >= 5.
     y: integer class labels, shape [batch]; None uses the model's predictions.
     eps: budget (>= 0), the radius of the ball in the `norm`.
-    norm: np.inf (or "inf", "linf": L-infinity) or 2 (L2).
+    norm: np.inf (or "inf", "linf", "Linf": L-infinity) or 2 (or "l2", "L2").
     n_queries: queries per example and restart (>= 0; the standard's 5000).
     p_init: the initial fraction of pixels a square covers, in (0, 1].
     n_restarts: independent runs (>= 1), each on the examples not fooled yet.
@@ -84,7 +83,7 @@ def square(model, x, y=None, *, eps, norm=np.inf, n_queries=5000, p_init=0.8, n_
       (0, 1], n_restarts < 1, or an input that is not a batch of images.
   """
   _check(x, eps, norm, n_queries, p_init, n_restarts, clip_min, clip_max)
-  norm = check_norm(norm)
+  norm = lp_norm(norm)
   static = dict(eps=eps, norm=norm, n_queries=int(n_queries), p_init=float(p_init),
                 n_restarts=int(n_restarts), clip_min=clip_min, clip_max=clip_max)
   return compiled.run(_square, model, x, y, seed, static, random=True)
@@ -98,7 +97,7 @@ def _check(x, eps, norm, n_queries, p_init, n_restarts, clip_min, clip_max):
     raise ValueError(f"p_init must be in (0, 1], got {p_init}")
   if n_restarts < 1 or int(n_restarts) != n_restarts:
     raise ValueError(f"n_restarts must be an integer >= 1, got {n_restarts}")
-  norm = check_norm(norm)
+  norm = lp_norm(norm)
   shape = getattr(x, "shape", None)
   if shape is None or len(shape) not in (3, 4):
     raise ValueError(f"square needs images [batch, height, width(, channels)], got shape "
@@ -288,7 +287,7 @@ def square_margins(model, x, y=None, *, eps, norm=np.inf, n_queries=5000, p_init
     ValueError: as `square`.
   """
   _check(x, eps, norm, n_queries, p_init, 1, clip_min, clip_max)
-  static = dict(eps=eps, norm=check_norm(norm), n_queries=int(n_queries),
+  static = dict(eps=eps, norm=lp_norm(norm), n_queries=int(n_queries),
                 p_init=float(p_init), n_restarts=1, clip_min=clip_min, clip_max=clip_max,
                 record=True)
   return compiled.run(_square, model, x, y, seed, static, random=True)
