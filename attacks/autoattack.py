@@ -65,6 +65,7 @@ COMPONENTS: Tuple[Component, ...] = (
 NAMES = tuple(c.name for c in COMPONENTS)
 
 
+@tf.autograph.experimental.do_not_convert
 def _function(component: Component):
   """The component's attack function, or None when its module is not in this checkout."""
   module_name = f"robust_sparse.attacks.{component.module}"
