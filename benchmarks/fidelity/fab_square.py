@@ -186,8 +186,8 @@ CHECKS = [
           f"{_TA} FAB(multi_targeted=True), same steps", FAB_DRIFT,
           _fab_case(_INF, 0.1, true_labels=True, data="mnist"),
           peer=f"{PEER}:fab_t", needs=("torchattacks",), needs_data=True),
-    Check("attack Square L-inf eps 0.1, 5000 queries: " + _MNIST + ", robust accuracy",
+    Check("attack Square L-inf eps 0.05, 5000 queries: " + _MNIST + ", robust accuracy",
           f"{_TA} Square (own random draws)", SAMPLE,
-          _square_own_draws_case(_INF, 0.1, 5000), peer=f"{PEER}:square_own_draws",
+          _square_own_draws_case(_INF, 0.05, 5000), peer=f"{PEER}:square_own_draws",
           needs=("torchattacks",), needs_data=True),
 ]
