@@ -2,11 +2,14 @@
 
 import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/startup.py).
 
-from robust_sparse.attacks.apgd import apgd_ce
+from robust_sparse.attacks.apgd import apgd_ce, apgd_t
+from robust_sparse.attacks.autoattack import autoattack, autoattack_report
+from robust_sparse.attacks.fab import fab_t
 from robust_sparse.attacks.fgsm import fgsm
 from robust_sparse.attacks.pgd import pgd
+from robust_sparse.attacks.square import square
 from robust_sparse.attacks.registry import ATTACKS, AttackConfig, make_attack
 from robust_sparse.attacks.spec import parse_attack_spec, parse_attack_specs
 
-__all__ = ["apgd_ce", "fgsm", "pgd", "ATTACKS", "AttackConfig", "make_attack",
-           "parse_attack_spec", "parse_attack_specs"]
+__all__ = ["apgd_ce", "apgd_t", "autoattack", "autoattack_report", "fab_t", "fgsm", "pgd", "square",
+           "ATTACKS", "AttackConfig", "make_attack", "parse_attack_spec", "parse_attack_specs"]

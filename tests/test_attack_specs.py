@@ -50,7 +50,7 @@ def test_unspecified_parameters_take_the_defaults():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("cw", "unknown attack 'cw'; known: apgd_ce, fgsm, pgd"),
+    ("cw", "unknown attack 'cw'; known: apgd_ce, apgd_t, autoattack, fab_t, fgsm, pgd, square"),
     ("none", "unknown attack 'none'"),
     ("pgd(foo=1)", "pgd has no parameter 'foo'; known: norm, eps"),
     ("fgsm(steps=3)", "fgsm has no parameter 'steps'"),

@@ -200,7 +200,7 @@ def test_lists_come_from_the_registries():
   assert "reinit_orig" in api.list_experiments()
   assert api.list_models("resnet*") and all(n.startswith("resnet")
                                             for n in api.list_models("resnet*"))
-  assert api.list_attacks("*gd*") == ["apgd_ce", "pgd"]
+  assert api.list_attacks("*gd*") == ["apgd_ce", "apgd_t", "pgd"]
 
 
 def _digits_network(digits):
