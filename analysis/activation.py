@@ -1,6 +1,6 @@
 """Figures and a table of the activation measurements (`--measure=activation_sparsity,...`).
 
-The runner writes them into `train.csv` (see `robust_sparse/measurements.py`):
+The runner writes them into `train.csv` (see `robust_sparse/measure/measurements.py`):
 `train-activation_sparsity_<layer>` on training batches and
 `eval-activation_sparsity_<layer>` on the test set, per activation layer and
 with `<layer>` = `average`, beside `train-effective_gradient_sparsity_<p>_

@@ -27,7 +27,7 @@ from robust_sparse.analysis import tables
 EXPERIMENT = "augmented_flatness"
 SUMMARY_CSV = "augmented_flatness.csv"  # experiments.flatness.SUMMARY_CSV
 AVERAGE = "average"
-# The paper's figure: AS_k, AS_v and the L0 and L2 coefficients (robust_sparse.flatness).
+# The paper's figure: AS_k, AS_v and the L0 and L2 coefficients (robust_sparse.measure.flatness).
 FIGURE_TERMS = ("key", "value", "L0_preview", "L2")
 TABLE_COLUMNS = ("iteration", "epoch", "accuracy", "average/key", "average/value",
                  "average/L0_preview", "average/L2")

@@ -147,7 +147,7 @@ def plot_layer_profile(layers: List[str], saturation: List[float], test_acc: flo
 
 def _receptive_fields(config: dict, input_shape) -> Dict[str, float]:
   from robust_sparse.models import build_model  # pylint: disable=import-outside-toplevel
-  from robust_sparse import receptive_field  # pylint: disable=import-outside-toplevel
+  from robust_sparse.measure import receptive_field  # pylint: disable=import-outside-toplevel
   try:
     model = build_model(config["model"], input_shape, 10,
                         normalize=config.get("normalize", "none"))

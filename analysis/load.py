@@ -17,7 +17,7 @@ file is skipped as a whole.
 
 Settings. Runs are told apart by their full hyper-parameters: a field missing
 from an older `hparams.json` takes its default from
-`robust_sparse.hparams.Hparams`, and only fields that say where or how much to
+`robust_sparse.core.hparams.Hparams`, and only fields that say where or how much to
 run (`NOT_DISTINGUISHING_KEYS`) are ignored. Figures and tables are organised
 along `AXIS_KEYS`; runs that share an axis cell but differ in any other field
 get different `setting` labels ("prune_iters=3"), so they are never pooled.
@@ -40,7 +40,7 @@ from absl import logging
 import numpy as np
 import pandas as pd
 
-from robust_sparse import files as files_lib
+from robust_sparse.core import files as files_lib
 
 HPARAMS_FILE = "hparams.json"
 METADATA_FILE = "metadata.json"
@@ -144,7 +144,7 @@ def _engine_defaults() -> Tuple[Tuple[Tuple[str, object], ...],
                                 Tuple[str, ...], str]:
   """Reads (defaults, fields left out of the run hash, error) from the engine.
 
-  Imported lazily: `robust_sparse.hparams` pulls in TensorFlow (seconds), and
+  Imported lazily: `robust_sparse.core.hparams` pulls in TensorFlow (seconds), and
   bad input should fail before paying for it. Returns no defaults and the
   reason when the engine cannot be imported (analysing on a machine without
   TensorFlow), so the analysis still runs, keeping runs apart rather than
@@ -153,7 +153,7 @@ def _engine_defaults() -> Tuple[Tuple[Tuple[str, object], ...],
   try:
     with _quiet_stderr():
       # pylint: disable=g-import-not-at-top,import-outside-toplevel
-      from robust_sparse import hparams as hparams_module
+      from robust_sparse.core import hparams as hparams_module
     defaults = hparams_module.Hparams().to_dict()
     not_hashed = tuple(getattr(hparams_module, "NOT_HASHED", ()))
   except Exception as error:  # pylint: disable=broad-except
@@ -162,7 +162,7 @@ def _engine_defaults() -> Tuple[Tuple[Tuple[str, object], ...],
 
 
 def hparam_defaults() -> Dict[str, object]:
-  """The default of every hyper-parameter, from `robust_sparse.hparams.Hparams`.
+  """The default of every hyper-parameter, from `robust_sparse.core.hparams.Hparams`.
 
   Returns:
     A flat dict; empty when the engine cannot be imported.
@@ -711,7 +711,7 @@ def load_study(base_dir: str,
       is one of these; None keeps all.
     adv_train: keep only runs with this `adv_train`; None keeps both.
     defaults: the value of each hyper-parameter that a run's `hparams.json`
-      lacks; None reads them from `robust_sparse.hparams.Hparams` (and adds a
+      lacks; None reads them from `robust_sparse.core.hparams.Hparams` (and adds a
       problem if that cannot be imported).
 
   Returns:
@@ -737,7 +737,7 @@ def load_study(base_dir: str,
       if error:
         problems.append(
             "could not read the hyper-parameter defaults from "
-            f"robust_sparse.hparams ({error}); runs whose hparams.json lacks "
+            f"robust_sparse.core.hparams ({error}); runs whose hparams.json lacks "
             "a field are kept apart from runs that set it")
     return defaults
 

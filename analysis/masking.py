@@ -320,7 +320,7 @@ class _Run:
     """Trial `trial`'s network holding its final weights of `level`."""
     # pylint: disable=import-outside-toplevel
     from robust_sparse.experiments.runner import assign_weights, level_dir
-    from robust_sparse import files
+    from robust_sparse.core import files
     dataset = self.dataset()
     if isinstance(dataset, str):
       raise _DataMissing(dataset)
@@ -392,8 +392,8 @@ def check_run(run_dir: str, options: Options, builder: "_Builder",
   """
   # pylint: disable=import-outside-toplevel
   from robust_sparse.experiments.runner import level_dir
-  from robust_sparse import files
-  from robust_sparse.hparams import Hparams
+  from robust_sparse.core import files
+  from robust_sparse.core.hparams import Hparams
 
   def note_row(note, **values):
     return [{**values, "note": note}]

@@ -1,6 +1,6 @@
 """Adversarial attacks that compose inside compiled train steps and compile themselves eagerly."""
 
-import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/startup.py).
+import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/core/startup.py).
 
 from robust_sparse.attacks.apgd import apgd_ce, apgd_t
 from robust_sparse.attacks.autoattack import autoattack, autoattack_report

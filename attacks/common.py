@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from robust_sparse.distribute import per_example_draw
+from robust_sparse.training.distribute import per_example_draw
 
 NORMS = (np.inf, 2)
 # Keeps a zero gradient or a zero perturbation from dividing by zero.
@@ -22,7 +22,7 @@ def stateless_uniform(shape, seed, minval, maxval, dtype):
   """Uniform values in [minval, maxval) from a shape-[2] seed; the first axis is the batch.
 
   `tf.random.stateless_uniform` with `RANDOM_ALGORITHM`, drawn for the global
-  batch on a replica's shard (`robust_sparse.distribute.per_example_draw`).
+  batch on a replica's shard (`robust_sparse.training.distribute.per_example_draw`).
   """
   return per_example_draw(
       lambda shape, seed: tf.random.stateless_uniform(shape, seed=seed, minval=minval,

@@ -11,7 +11,7 @@ and the function itself reaches the model only through a weak reference.
 
 Any built Keras model (Sequential, functional, subclassed) is compiled, with
 XLA where its layers allow it and XLA makes it faster on this machine
-(`robust_sparse.compilation`: not for convolutions or pooling on a CPU, where
+(`robust_sparse.training.compilation`: not for convolutions or pooling on a CPU, where
 the engine does not use it either); a model not built yet runs its first call
 uncompiled, which builds it. A plain callable (a lambda around a model) is
 compiled as a plain graph, since it may hide layers without XLA kernels.
@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import tensorflow as tf
 
-from robust_sparse import compilation
+from robust_sparse.training import compilation
 
 # model -> {key: tf.function}; see `run`.
 _CACHE: "weakref.WeakKeyDictionary[Any, Dict[tuple, Any]]" = weakref.WeakKeyDictionary()

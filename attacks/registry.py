@@ -17,7 +17,7 @@ from robust_sparse.attacks.autoattack import autoattack, check_components
 from robust_sparse.attacks.common import check_norm
 from robust_sparse.attacks.fgsm import fgsm
 from robust_sparse.attacks.pgd import pgd
-from robust_sparse.registry import Registry
+from robust_sparse.core.registry import Registry
 
 ATTACKS = Registry("attack")
 IMPLEMENTATIONS = ("native", "cleverhans")

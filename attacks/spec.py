@@ -1,6 +1,6 @@
 """Evaluation-attack specs (`--eval_attacks`): strings like `pgd(steps=50,restarts=5)`.
 
-The syntax is that of the activation specs (`robust_sparse/activations.py`):
+The syntax is that of the activation specs (`robust_sparse/nn/activations.py`):
 a name, optionally with keyword parameters. Values are numbers, or `inf` for
 the norm:
 
@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Tuple
 import numpy as np
 
 from robust_sparse.attacks.registry import AttackConfig, make_attack
-from robust_sparse import specs
+from robust_sparse.core import specs
 
 FLAG = "--eval_attacks"
 # `apgd_ce`, `apgd_t`, `fab_t` and `autoattack` iterations unless the spec says otherwise

@@ -18,9 +18,9 @@ The last line: `apgd_ce robust accuracy ours vs torchattacks: A vs B (diff D poi
 at the budget where the two differ most.
 """
 
-from robust_sparse import startup
+from robust_sparse.core import startup
 
-startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
+startup.import_tensorflow()  # Quietly: robust_sparse/core/startup.py.
 
 import sys  # noqa: E402
 import time  # noqa: E402

@@ -2,7 +2,7 @@
 
 For each model, the same network (same initial weights) trains on the same
 batches of the runner's index stream with the engine compiled each way
-(`robust_sparse/compilation.py`): "xla_loop" (a chunk of steps is one XLA
+(`robust_sparse/training/compilation.py`): "xla_loop" (a chunk of steps is one XLA
 computation), "xla_step" (an XLA call per step) and "graph" (a `tf.function`
 per step, TensorFlow's own kernels). Printed per model and mode: the first
 call's seconds (tracing and compilation, with `--warm_steps` steps) and the
@@ -23,9 +23,9 @@ import statistics
 import sys
 import time
 
-from robust_sparse import startup
+from robust_sparse.core import startup
 
-startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
+startup.import_tensorflow()  # Quietly: robust_sparse/core/startup.py.
 
 import keras  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -34,10 +34,10 @@ from robust_sparse.attacks import AttackConfig, make_attack  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from robust_sparse.data import DataError, load_dataset  # noqa: E402
 from robust_sparse.models import build_model  # noqa: E402
-from robust_sparse import compilation  # noqa: E402
-from robust_sparse.engine import Engine, index_stream  # noqa: E402
-from robust_sparse.optimizers import make_optimizer  # noqa: E402
-from robust_sparse.steps import OptimizerGroup, standard_loss_grad_fn  # noqa: E402
+from robust_sparse.training import compilation  # noqa: E402
+from robust_sparse.training.engine import Engine, index_stream  # noqa: E402
+from robust_sparse.training.optimizers import make_optimizer  # noqa: E402
+from robust_sparse.training.steps import OptimizerGroup, standard_loss_grad_fn  # noqa: E402
 
 flags.DEFINE_string("data_dir", None, "folder with mnist/ and cifar-10/ (required)")
 flags.DEFINE_list("models", ["dense-300-100", "conv-bn", "vit_tiny", "resnet18"],

@@ -2,7 +2,7 @@
 
 Three candidates deliver augmented batches of 128 CIFAR-10 training images
 (float32 [0, 1] pixels in memory, as the engine holds them), indices from the
-runner's stateless index stream (`robust_sparse.engine.index_stream`):
+runner's stateless index stream (`robust_sparse.training.engine.index_stream`):
   * ours: what the trainer runs. A loop inside one `tf.function` pulls index
     batches and calls a compiled function (XLA when it compiles) that gathers
     the images and applies `data.augment.build("crop,flip,cutout")`, cutout
@@ -25,9 +25,9 @@ Not a test: timings depend on the machine; the ratio is the comparable number.
 import os
 import sys
 
-from robust_sparse import startup  # noqa: E402
+from robust_sparse.core import startup  # noqa: E402
 
-startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
+startup.import_tensorflow()  # Quietly: robust_sparse/core/startup.py.
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -37,8 +37,8 @@ from absl import app, flags  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from robust_sparse.data import augment as augment_lib  # noqa: E402
 from robust_sparse.data.files import DataError, read_cifar_batch  # noqa: E402
-from robust_sparse.engine import index_stream  # noqa: E402
-from robust_sparse.steps import stream_seed  # noqa: E402
+from robust_sparse.training.engine import index_stream  # noqa: E402
+from robust_sparse.training.steps import stream_seed  # noqa: E402
 
 flags.DEFINE_string("data_dir", None, "folder holding cifar-10/cifar-10-batches-bin/ "
                     "(the official binary version); required")

@@ -2,7 +2,7 @@
 
 For each model, the same network (same initial weights) trains on the same
 batches (the runner's index stream over MNIST or CIFAR-10) with the same
-optimizer, through `robust_sparse.engine.Engine.train` (k steps per call,
+optimizer, through `robust_sparse.training.engine.Engine.train` (k steps per call,
 compiled as `--compile=auto` chooses) and through
 `model.fit(steps_per_execution=50)` with XLA on and off: Keras' fastest
 configuration is whichever of the two is faster for the model. The ratio is
@@ -13,9 +13,9 @@ engine steps/s over the faster fit's steps/s; target >= 1.0.
 Not a test: timings depend on the machine; only the ratio is meaningful.
 """
 
-from robust_sparse import startup
+from robust_sparse.core import startup
 
-startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
+startup.import_tensorflow()  # Quietly: robust_sparse/core/startup.py.
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -25,9 +25,9 @@ from robust_sparse.attacks import AttackConfig, make_attack  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from robust_sparse.data import load_dataset  # noqa: E402
 from robust_sparse.models import build_model  # noqa: E402
-from robust_sparse.engine import Engine, index_stream  # noqa: E402
-from robust_sparse.optimizers import make_optimizer  # noqa: E402
-from robust_sparse.steps import OptimizerGroup, standard_loss_grad_fn  # noqa: E402
+from robust_sparse.training.engine import Engine, index_stream  # noqa: E402
+from robust_sparse.training.optimizers import make_optimizer  # noqa: E402
+from robust_sparse.training.steps import OptimizerGroup, standard_loss_grad_fn  # noqa: E402
 
 flags.DEFINE_string("data_dir", None, "folder with mnist/ and cifar-10/ (else tensorflow-"
                     "datasets)")

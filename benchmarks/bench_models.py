@@ -4,13 +4,13 @@ For each model (default: conv-bn, resnet18, resnet18_maxpool, vgg16_bn,
 wideresnet16x4 and vit_tiny on CIFAR-10 at batch 128, and dense-300-100 on
 MNIST at batch 60), on real training batches:
 
-- engine: `robust_sparse.engine.Engine` with its default `compile="auto"`
+- engine: `robust_sparse.training.engine.Engine` with its default `compile="auto"`
   (the row prints `engine.compile_mode`), for each of `--kinds`: natural
   training; PGD-10 adversarial training (`pgd10`: the toolkit's default
   mix 0.5 of the clean and adversarial losses in one pass over both, the
   model's own predictions as the attack's labels; eps 8/255, step 2/255 on
   CIFAR-10, the lottery seed's eps 0.3, step 0.05 on MNIST); SAM (`sam`:
-  `robust_sparse.sharpness.sharpness_aware`, rho 0.05);
+  `robust_sparse.training.sharpness.sam.sharpness_aware`, rho 0.05);
 - fit: Keras' `model.fit` of the same model, optimizer and batches, with
   `jit_compile=True` ("jit") and False ("no jit"); the better of the two is
   marked `*`;
@@ -68,9 +68,9 @@ depend on the machine; only the ratios are meaningful. Without torch (not
 installed and not installable) it says so and exits 0.
 """
 
-from robust_sparse import startup
+from robust_sparse.core import startup
 
-startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
+startup.import_tensorflow()  # Quietly: robust_sparse/core/startup.py.
 
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
@@ -93,11 +93,11 @@ from benchmarks.peers import install  # noqa: E402
 from robust_sparse.data import DataError, load_dataset  # noqa: E402
 from robust_sparse.models import build_model  # noqa: E402
 from robust_sparse.models.check_zoo import trainable_count  # noqa: E402
-from robust_sparse import arrays  # noqa: E402
-from robust_sparse.engine import Engine, index_stream  # noqa: E402
-from robust_sparse.optimizers import make_optimizer  # noqa: E402
-from robust_sparse.sharpness import sharpness_aware  # noqa: E402
-from robust_sparse.steps import OptimizerGroup, standard_loss_grad_fn  # noqa: E402
+from robust_sparse.training import arrays  # noqa: E402
+from robust_sparse.training.engine import Engine, index_stream  # noqa: E402
+from robust_sparse.training.optimizers import make_optimizer  # noqa: E402
+from robust_sparse.training.sharpness.sam import sharpness_aware  # noqa: E402
+from robust_sparse.training.steps import OptimizerGroup, standard_loss_grad_fn  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = ("natural", "pgd10", "sam")

@@ -24,16 +24,16 @@ quiet cores (cleverhans eager, cleverhans in tf.function): plain Keras MLP 0.99,
 0.49 when PGD's random start used TensorFlow's default algorithm, which XLA's
 CPU backend drew 35x slower for 2-D inputs (attacks.common.RANDOM_ALGORITHM),
 3.05, 1.55 since; the conv net 0.19, 0.13 compiled with XLA, 1.43, 1.00 as a
-plain graph (robust_sparse.compilation); the toolkit's network 3.06, 1.53.
+plain graph (robust_sparse.training.compilation); the toolkit's network 3.06, 1.53.
 
   python -m benchmarks.bench_pgd --data_dir=DIR [--batch_size=256]
 
 Not a test: timings depend on the machine; only the ratios are meaningful.
 """
 
-from robust_sparse import startup
+from robust_sparse.core import startup
 
-startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
+startup.import_tensorflow()  # Quietly: robust_sparse/core/startup.py.
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -46,7 +46,7 @@ from robust_sparse.attacks import pgd  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from robust_sparse.data import load_dataset  # noqa: E402
 from robust_sparse.models import build_model  # noqa: E402
-from robust_sparse.compilation import supports_xla, xla_pays_off  # noqa: E402
+from robust_sparse.training.compilation import supports_xla, xla_pays_off  # noqa: E402
 
 flags.DEFINE_string("data_dir", None, "folder with mnist/ (else tensorflow-datasets)")
 flags.DEFINE_integer("batch_size", 256, "examples per attack call")

@@ -147,7 +147,7 @@ def _forward_flops(model, input_shape) -> float:
 
 def measure_one(name, data_dir, steps, repeats, eval_images):
   """Times protocol `name` in this process; prints a JSON line."""
-  from robust_sparse import startup  # pylint: disable=import-outside-toplevel
+  from robust_sparse.core import startup  # pylint: disable=import-outside-toplevel
   startup.import_tensorflow()
   import numpy as np  # pylint: disable=import-outside-toplevel
   from robust_sparse import run_experiments  # pylint: disable=import-outside-toplevel

@@ -18,9 +18,9 @@ target <= 2.05). Not a test: only the ratios are meaningful.
 import math
 import sys
 
-from robust_sparse import startup  # noqa: E402
+from robust_sparse.core import startup  # noqa: E402
 
-startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
+startup.import_tensorflow()  # Quietly: robust_sparse/core/startup.py.
 
 import keras  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -28,11 +28,11 @@ from absl import app, flags  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from robust_sparse.data import DataError, load_dataset  # noqa: E402
 from robust_sparse.models import build_model  # noqa: E402
-from robust_sparse.engine import Engine, index_stream  # noqa: E402
-from robust_sparse.optimizers import make_optimizer  # noqa: E402
-from robust_sparse.sharpness import sharpness_aware  # noqa: E402
-from robust_sparse.sparse_perturbation import FisherMasks  # noqa: E402
-from robust_sparse.steps import (OptimizerGroup, cross_entropy,  # noqa: E402
+from robust_sparse.training.engine import Engine, index_stream  # noqa: E402
+from robust_sparse.training.optimizers import make_optimizer  # noqa: E402
+from robust_sparse.training.sharpness.sam import sharpness_aware  # noqa: E402
+from robust_sparse.training.sharpness.sparse_perturbation import FisherMasks  # noqa: E402
+from robust_sparse.training.steps import (OptimizerGroup, cross_entropy,  # noqa: E402
                                  standard_loss_grad_fn)
 
 flags.DEFINE_string("data_dir", None, "folder with mnist/ and cifar-10/ (required)")

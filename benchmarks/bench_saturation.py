@@ -18,9 +18,9 @@ limit: 1.15). Not a test: only the ratios are meaningful.
 import sys
 import time
 
-from robust_sparse import startup  # noqa: E402
+from robust_sparse.core import startup  # noqa: E402
 
-startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
+startup.import_tensorflow()  # Quietly: robust_sparse/core/startup.py.
 
 import keras  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -28,10 +28,10 @@ from absl import app, flags  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from robust_sparse.data import DataError, load_dataset  # noqa: E402
 from robust_sparse.models import build_model  # noqa: E402
-from robust_sparse import saturation  # noqa: E402
-from robust_sparse.engine import Engine, index_stream  # noqa: E402
-from robust_sparse.optimizers import make_optimizer  # noqa: E402
-from robust_sparse.steps import OptimizerGroup, standard_loss_grad_fn  # noqa: E402
+from robust_sparse.measure import saturation  # noqa: E402
+from robust_sparse.training.engine import Engine, index_stream  # noqa: E402
+from robust_sparse.training.optimizers import make_optimizer  # noqa: E402
+from robust_sparse.training.steps import OptimizerGroup, standard_loss_grad_fn  # noqa: E402
 
 flags.DEFINE_string("data_dir", None, "folder with cifar-10/ (required)")
 flags.DEFINE_string("model", "vgg16", "model")

@@ -27,7 +27,7 @@ masked network with its constraint removed altogether 0.96 and 1.00. The
 median of the rounds' ratios is printed too.
 
 In a user's `fit` the masked layers drop both passes too (see
-robust_sparse/layers.py: a flag per layer says when the kernel is zero where
+robust_sparse/nn/layers.py: a flag per layer says when the kernel is zero where
 masked; the gradient stays unmasked under an element-wise optimizer); what
 remains is Keras' constraint, an elementwise pass per kernel after each update.
 Keras runs `fit` on a CPU as a plain TensorFlow graph, where that pass is an op
@@ -47,9 +47,9 @@ Not a test: timings depend on the machine; only the ratio is meaningful.
 import statistics
 import time
 
-from robust_sparse import startup
+from robust_sparse.core import startup
 
-startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
+startup.import_tensorflow()  # Quietly: robust_sparse/core/startup.py.
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -60,10 +60,10 @@ from robust_sparse.attacks import AttackConfig, make_attack  # noqa: E402
 from benchmarks.timing import interleaved_seconds, round_ratios  # noqa: E402
 from robust_sparse.data import load_dataset  # noqa: E402
 from robust_sparse.models import build_model  # noqa: E402
-from robust_sparse.engine import Engine, index_stream  # noqa: E402
-from robust_sparse.layers import MaskedConv2D, MaskedDense, masked_layers  # noqa: E402
-from robust_sparse.optimizers import make_optimizer  # noqa: E402
-from robust_sparse.steps import OptimizerGroup, standard_loss_grad_fn  # noqa: E402
+from robust_sparse.training.engine import Engine, index_stream  # noqa: E402
+from robust_sparse.nn.layers import MaskedConv2D, MaskedDense, masked_layers  # noqa: E402
+from robust_sparse.training.optimizers import make_optimizer  # noqa: E402
+from robust_sparse.training.steps import OptimizerGroup, standard_loss_grad_fn  # noqa: E402
 
 flags.DEFINE_string("data_dir", None, "folder with mnist/ (else tensorflow-datasets)")
 flags.DEFINE_integer("steps", 2000, "training iterations per timed repeat")

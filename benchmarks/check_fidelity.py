@@ -22,9 +22,9 @@ import sys
 import tempfile
 import time
 
-from robust_sparse import startup
+from robust_sparse.core import startup
 
-startup.import_tensorflow()  # Quietly: robust_sparse/startup.py.
+startup.import_tensorflow()  # Quietly: robust_sparse/core/startup.py.
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402

@@ -1,6 +1,6 @@
 """Data sets: raw-file readers, image folders, per-batch preparation, train/valid/test splits."""
 
-import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/startup.py).
+import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/core/startup.py).
 
 from robust_sparse.data.files import DataError
 from robust_sparse.data.folders import decoded_batches, decoded_index_batches

@@ -66,7 +66,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
-from robust_sparse.registry import Registry
+from robust_sparse.core.registry import Registry
 
 AugmentFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], Tuple[tf.Tensor, tf.Tensor]]
 

@@ -33,8 +33,8 @@ from robust_sparse.data import folders
 from robust_sparse.data import prepare as prepare_lib
 from robust_sparse.data.files import (DataError, read_cifar100_binary, read_cifar_batch,
                                       read_idx_split)
-from robust_sparse import arrays
-from robust_sparse.registry import Registry
+from robust_sparse.training import arrays
+from robust_sparse.core.registry import Registry
 
 DATASETS = Registry("dataset")
 
@@ -80,7 +80,7 @@ class Dataset:
 
   The images of a split are stored in one of two ways:
   - in memory (`decode` is None): float32 [n, h, w, c] in [0, 1], read-only
-    (`robust_sparse.arrays`: the engine's tensors share them; copy one to
+    (`robust_sparse.training.arrays`: the engine's tensors share them; copy one to
     change it);
   - as files (`decode` is set), for data sets too big for memory: a 1-D numpy
     array of file paths (str). `decode(path)` maps a tf.string scalar to a

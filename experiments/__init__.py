@@ -3,7 +3,7 @@
 Importing an experiment family's module registers it in EXPERIMENTS.
 """
 
-import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/startup.py).
+import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/core/startup.py).
 
 from robust_sparse.experiments import flatness  # noqa: F401
 from robust_sparse.experiments import phd_lab  # noqa: F401

@@ -5,7 +5,7 @@ checkpoint of the finished run DIR (its trial 0, level 0, in iteration order:
 `weights_init.npz`, the weights `--save_every_epochs` saved, and
 `weights_final.npz`; see `experiments.runner.checkpoints`). For each, it
 loads the weights into `--model` (which, with `--dataset`, must be DIR's) and
-computes `robust_sparse.flatness.augmented_flatness` in batches of
+computes `robust_sparse.measure.flatness.augmented_flatness` in batches of
 `--batch_size`, at most `--max_iterations` of them, the loss counting only the
 correctly classified samples with `--correct_samples_only` (whose gradient
 terms are then divided by the accuracy, as the seed's notebook does).
@@ -52,11 +52,11 @@ from absl import logging
 
 from robust_sparse.data import augment as augment_lib
 from robust_sparse.experiments.registry import EXPERIMENTS, Measurement
-from robust_sparse import files
-from robust_sparse import flatness as flatness_lib
-from robust_sparse.hparams import ModelHparams
-from robust_sparse.engine import index_stream
-from robust_sparse.steps import stream_seed
+from robust_sparse.core import files
+from robust_sparse.measure import flatness as flatness_lib
+from robust_sparse.core.hparams import ModelHparams
+from robust_sparse.training.engine import index_stream
+from robust_sparse.training.steps import stream_seed
 
 FOLDER = "augmented_flatness"
 SUMMARY_CSV = "augmented_flatness.csv"

@@ -14,7 +14,7 @@ key varies fastest.
 
 `load_grid` reads and checks a file (one-line `ValueError`s naming the file
 and the key); `to_overrides` turns one combination into the toolkit's
-hyper-parameters (`robust_sparse.hparams.Hparams` field names); `grid_runs`
+hyper-parameters (`robust_sparse.core.hparams.Hparams` field names); `grid_runs`
 does both for a whole file and gives each run its base folder. Nothing here
 imports TensorFlow.
 
@@ -324,13 +324,13 @@ def _read(path: str) -> Dict[str, Any]:
 def _hparams_fields() -> Dict[str, Any]:
   """{name: dataclass field} of `Hparams` (imported here: it imports TensorFlow)."""
   import dataclasses  # pylint: disable=import-outside-toplevel
-  from robust_sparse import hparams  # pylint: disable=import-outside-toplevel
+  from robust_sparse.core import hparams  # pylint: disable=import-outside-toplevel
   return {field.name: field for field in dataclasses.fields(hparams.Hparams)}
 
 
 def _field_value(field, value):
   """Checks one value of an `Hparams` field as its flag would (type, choices, bounds)."""
-  from robust_sparse import hparams  # pylint: disable=import-outside-toplevel
+  from robust_sparse.core import hparams  # pylint: disable=import-outside-toplevel
   kind = hparams._flag_kind(field)  # pylint: disable=protected-access
   meta = field.metadata
   if value is None:
@@ -368,7 +368,7 @@ def _field_choices(field, value) -> List[Any]:
   list-valued field)."""
   if isinstance(value, dict):
     raise _Invalid(f"expected a value or a list of values, got an object {value!r}")
-  from robust_sparse import hparams  # pylint: disable=import-outside-toplevel
+  from robust_sparse.core import hparams  # pylint: disable=import-outside-toplevel
   if hparams._flag_kind(field) == "list":  # pylint: disable=protected-access
     values = value if isinstance(value, list) and value and all(
         isinstance(v, list) for v in value) else [value]
@@ -548,7 +548,7 @@ def _registered(key, value, seed_names, module, registry):
 
 
 def _toolkit_optimizer(name):
-  from robust_sparse.optimizers import split_optimizer  # pylint: disable=import-outside-toplevel
+  from robust_sparse.training.optimizers import split_optimizer  # pylint: disable=import-outside-toplevel
   try:
     split_optimizer(name)
   except ValueError as e:

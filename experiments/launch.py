@@ -6,7 +6,7 @@ CPU), which trains that trial's levels in order in the same run folder a
 sequential run writes (`Runner.run(trials=[t], finish=False)`), so the folders,
 files and numbers are the sequential run's. A task whose worker dies is
 retried (`--max_retries`) and resumes from the level's checkpoint: the level
-claim (`robust_sparse.claims`) of the dead worker is stale and taken over. A
+claim (`robust_sparse.core.claims`) of the dead worker is stale and taken over. A
 re-run of the command resumes, as always. Once every task is done, the
 driver finishes each run (the experiment's `after_run`, `--probes`).
 
@@ -83,7 +83,7 @@ def _train_trial(hparams: dict, base_dir: str, trial: int) -> str:
     sys.path.insert(0, REPO)
   from robust_sparse.data import load_dataset  # pylint: disable=import-outside-toplevel
   from robust_sparse.experiments.runner import Runner  # pylint: disable=import-outside-toplevel
-  from robust_sparse.hparams import Hparams  # pylint: disable=import-outside-toplevel
+  from robust_sparse.core.hparams import Hparams  # pylint: disable=import-outside-toplevel
   hp = Hparams.from_dict(hparams)
   dataset = load_dataset(hp.dataset, hp.data_dir, hp.valid_size, resolution=hp.resolution)
   return Runner(hp, dataset, base_dir, progress=False).run(trials=[trial], finish=False)

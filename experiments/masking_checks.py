@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from robust_sparse.attacks import AttackConfig, make_attack
 from robust_sparse.experiments.runner import derived_seed
-from robust_sparse import files
+from robust_sparse.core import files
 
 RESULTS_FILE = "masking.json"
 EXAMPLES_FILE = "masking_examples.npz"

@@ -38,9 +38,9 @@ import tensorflow as tf
 
 from robust_sparse.data import augment as augment_lib
 from robust_sparse.experiments.registry import EXPERIMENTS, Measurement
-from robust_sparse import files
-from robust_sparse import probes as probes_lib
-from robust_sparse import receptive_field as receptive_field_lib
+from robust_sparse.core import files
+from robust_sparse.measure import probes as probes_lib
+from robust_sparse.measure import receptive_field as receptive_field_lib
 
 
 # phd-lab's DEFAULT_CONFIG epochs (the paper's configs: 30, 60 for resnet50).

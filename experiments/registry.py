@@ -20,8 +20,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from robust_sparse import pruning
-from robust_sparse.registry import Registry
+from robust_sparse.nn import pruning
+from robust_sparse.core.registry import Registry
 
 EXPERIMENTS = Registry("experiment")
 REWIND_TARGETS = ("init", "trained_dense")
@@ -215,8 +215,8 @@ class _TicketControl(Experiment):
     if not hp.ticket_run:
       raise ValueError(f"{name} needs --ticket_run=DIR, a reinit_orig run folder")
     import os  # pylint: disable=import-outside-toplevel
-    from robust_sparse import files  # pylint: disable=import-outside-toplevel
-    from robust_sparse.hparams import Hparams  # pylint: disable=import-outside-toplevel
+    from robust_sparse.core import files  # pylint: disable=import-outside-toplevel
+    from robust_sparse.core.hparams import Hparams  # pylint: disable=import-outside-toplevel
     try:
       ticket = Hparams.from_dict(files.read_json(os.path.join(hp.ticket_run, "hparams.json")))
     except (OSError, ValueError) as e:

@@ -6,7 +6,7 @@ run folder, and prints `relu count: <total>` last.
 
 `--experiment=relu_prune` starts from the finished baseline run
 `--pretrained_run` (its trial 0, level 0), replaces every ReLU site with a
-`MaskedReLU` (`robust_sparse.relu_reduction`) and trains in two levels of one
+`MaskedReLU` (`robust_sparse.nn.relu_masks`) and trains in two levels of one
 trial, each a folder of the usual layout:
 
   prune_iter_0  the mask phase, `--mask_epochs` epochs. Per batch, AutoReP's
@@ -43,11 +43,11 @@ import numpy as np
 from absl import logging
 
 from robust_sparse.experiments.registry import EXPERIMENTS, Experiment, Measurement
-from robust_sparse import files
-from robust_sparse import relu_reduction as relu_lib
-from robust_sparse.optimizers import AdamL2, TorchSGD
-from robust_sparse.schedules import make_schedule
-from robust_sparse.steps import OptimizerGroup, penalized
+from robust_sparse.core import files
+from robust_sparse.nn import relu_masks as relu_lib
+from robust_sparse.training.optimizers import AdamL2, TorchSGD
+from robust_sparse.training.schedules import make_schedule
+from robust_sparse.training.steps import OptimizerGroup, penalized
 
 # AutoReP saves a mask-phase checkpoint only while sparsity - (1 - density) < 0.01.
 BEST_DENSITY_MARGIN = 0.01

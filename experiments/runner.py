@@ -45,19 +45,22 @@ from robust_sparse.attacks import make_attack
 from robust_sparse.data import augment as augment_lib
 from robust_sparse.experiments.registry import EXPERIMENTS, Defaults
 from robust_sparse.models import NORMALIZATIONS, build_model
-from robust_sparse import claims, distribute, files, pruning, sparsity_modules, ssam
-from robust_sparse import measurements as measurements_lib
-from robust_sparse import saturation as saturation_lib
-from robust_sparse import tensorboard
-from robust_sparse.engine import Diverged, Engine, index_stream
-from robust_sparse.hparams import Hparams
-from robust_sparse.layers import masked_layers
-from robust_sparse.optimizers import make_optimizer, split_optimizer
-from robust_sparse.sharpness import check_options as check_sharpness_options
-from robust_sparse.sharpness import sharpness_aware
-from robust_sparse.sparse_perturbation import DynamicMasks, FisherMasks
-from robust_sparse.schedules import make_schedule
-from robust_sparse.steps import (METRICS, LossScale, OptimizerGroup, cross_entropy,
+from robust_sparse.core import claims, files
+from robust_sparse.training import distribute
+from robust_sparse.nn import pruning, sparsity_modules
+from robust_sparse.training.sharpness import ssam
+from robust_sparse.measure import measurements as measurements_lib
+from robust_sparse.measure import saturation as saturation_lib
+from robust_sparse.training import tensorboard
+from robust_sparse.training.engine import Diverged, Engine, index_stream
+from robust_sparse.core.hparams import Hparams
+from robust_sparse.nn.layers import masked_layers
+from robust_sparse.training.optimizers import make_optimizer, split_optimizer
+from robust_sparse.training.sharpness.sam import check_options as check_sharpness_options
+from robust_sparse.training.sharpness.sam import sharpness_aware
+from robust_sparse.training.sharpness.sparse_perturbation import DynamicMasks, FisherMasks
+from robust_sparse.training.schedules import make_schedule
+from robust_sparse.training.steps import (METRICS, LossScale, OptimizerGroup, cross_entropy,
                                  loss_and_gradients, standard_loss_grad_fn)
 
 SPLITS = ("train", "valid", "test")

@@ -6,7 +6,7 @@ normalize="none", dropout=0.0)` builds any of `MODELS.names()` or any
 per-channel (mean, std) in [0, 1] pixels.
 """
 
-import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/startup.py).
+import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/core/startup.py).
 
 # Importing a model family's module registers its models in MODELS.
 from robust_sparse.models import resnet  # noqa: F401

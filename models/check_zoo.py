@@ -32,11 +32,11 @@ from absl import app, flags  # noqa: E402
 
 from robust_sparse.attacks import AttackConfig, make_attack  # noqa: E402
 from robust_sparse.models import MODELS, build_model  # noqa: E402
-from robust_sparse import pruning  # noqa: E402
-from robust_sparse.engine import Engine, index_stream  # noqa: E402
-from robust_sparse.layers import masked_layers  # noqa: E402
-from robust_sparse.optimizers import make_optimizer  # noqa: E402
-from robust_sparse.steps import OptimizerGroup, standard_loss_grad_fn  # noqa: E402
+from robust_sparse.nn import pruning  # noqa: E402
+from robust_sparse.training.engine import Engine, index_stream  # noqa: E402
+from robust_sparse.nn.layers import masked_layers  # noqa: E402
+from robust_sparse.training.optimizers import make_optimizer  # noqa: E402
+from robust_sparse.training.steps import OptimizerGroup, standard_loss_grad_fn  # noqa: E402
 
 # The ImageNet-stem ResNets are also checked at these sides (the others at 32).
 IMAGENET_SIZES = (32, 64, 224)

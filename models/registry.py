@@ -41,9 +41,9 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from robust_sparse import activations
-from robust_sparse.layers import MaskedConv2D, MaskedDense
-from robust_sparse.registry import Registry
+from robust_sparse.nn import activations
+from robust_sparse.nn.layers import MaskedConv2D, MaskedDense
+from robust_sparse.core.registry import Registry
 
 # Values of the `site` attribute of an activation layer in a batch-norm model.
 AFTER_BN = "after_bn"

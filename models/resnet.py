@@ -86,7 +86,7 @@ def basic_block(x, filters, strides, *, activation, l1_reg, name, skip=True,
     x: input tensor [batch, height, width, channels].
     filters: output channels of both convs.
     strides: stride of the first conv and of the shortcut.
-    activation: activation spec (see `robust_sparse.activations`).
+    activation: activation spec (see `robust_sparse.nn.activations`).
     l1_reg: L1 coefficient on every conv kernel.
     name: prefix of the block's layer names, e.g. "layer2_block1".
     skip: False drops the residual sum and the shortcut (phd-lab's noskip).

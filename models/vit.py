@@ -11,7 +11,7 @@ pre-LN encoder blocks
 the class token (or on the mean token without one). The MLP's activation is
 `activation` (ReLU in the seed's vanilla model). The "sparsified" variant
 (`variant="sparsified"`) is DB-MLP + J-SquaredReLU + restricted LayerNorm
-(`robust_sparse.sparsity_modules`): every `ln_2` becomes a
+(`robust_sparse.nn.sparsity_modules`): every `ln_2` becomes a
 `RestrictedLayerNorm` and every MLP gets a zeroth bias at its input (the
 paper; `zeroth_bias_position="output"` for the released code), clipped to
 `zeroth_bias_clipping * |gamma|` of `ln_2`. `db_mlp` and
@@ -67,8 +67,8 @@ from keras import ops
 from robust_sparse.models.registry import (AFTER_DENSE, KERNEL_INITIALIZERS, MODELS,
                                            activation_layer, dense, l1_regularizer, logits_layer,
                                            model_input)
-from robust_sparse import sparsity_modules
-from robust_sparse.layers import MaskedConv2D, MaskedDense
+from robust_sparse.nn import sparsity_modules
+from robust_sparse.nn.layers import MaskedConv2D, MaskedDense
 
 PRESETS = {
     "b16": dict(patch_size=16, depth=12, heads=12, width=768, mlp_width=3072),

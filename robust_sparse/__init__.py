@@ -25,7 +25,7 @@ if (not _os.path.isdir(_os.path.join(_HERE, "attacks"))
   __path__.append(_CHECKOUT)  # pylint: disable=used-before-assignment
 
 # Imported as a library (a notebook, a Ray worker), TensorFlow's first import stays as quiet
-# as the command line's (robust_sparse/startup.py); importing this package imports no TensorFlow.
-from robust_sparse import startup as _startup  # noqa: E402  After the path: it may be needed.
+# as the command line's (robust_sparse/core/startup.py); importing this package imports no TensorFlow.
+from robust_sparse.core import startup as _startup  # noqa: E402  After the path: it may be needed.
 
 _startup.import_tensorflow_when_needed()

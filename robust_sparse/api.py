@@ -42,17 +42,17 @@ from typing import List
 from robust_sparse.attacks import ATTACKS, AttackConfig, apgd_ce, fgsm, make_attack, pgd
 from robust_sparse.data import DATASETS, load_dataset
 from robust_sparse.models import MODELS, build_model
-from robust_sparse.activation_stats import ActivationSparsityCallback
-from robust_sparse.keras_model import RobustModel
-from robust_sparse.keras_pruning import (SparsityReport, get_kernels, get_masks, masked,
+from robust_sparse.measure.activation_stats import ActivationSparsityCallback
+from robust_sparse.training.keras_model import RobustModel
+from robust_sparse.nn.keras_pruning import (SparsityReport, get_kernels, get_masks, masked,
                                          prune_low_magnitude, set_masks, sparsity_report)
-from robust_sparse.layers import MaskedConv2D, MaskedDense, masked_layers, strip_masks
-from robust_sparse.lottery import LotteryTicket
-from robust_sparse.measurement_callback import MeasurementCallback
-from robust_sparse.measurements import Measurements
-from robust_sparse.optimizers import make_optimizer
-from robust_sparse.saturation import SaturationCallback
-from robust_sparse.schedules import make_schedule
+from robust_sparse.nn.layers import MaskedConv2D, MaskedDense, masked_layers, strip_masks
+from robust_sparse.training.lottery import LotteryTicket
+from robust_sparse.measure.measurement_callback import MeasurementCallback
+from robust_sparse.measure.measurements import Measurements
+from robust_sparse.training.optimizers import make_optimizer
+from robust_sparse.measure.saturation import SaturationCallback
+from robust_sparse.training.schedules import make_schedule
 
 __all__ = [
     "ActivationSparsityCallback", "AttackConfig", "LotteryTicket", "MaskedConv2D",

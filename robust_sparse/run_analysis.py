@@ -34,7 +34,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from robust_sparse import startup
+from robust_sparse.core import startup
 
 startup.import_tensorflow_when_needed()  # Quietly, if and when the analysis needs it.
 

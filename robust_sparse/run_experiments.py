@@ -4,7 +4,7 @@
       --prune_iters=2 --eval_every=100 --trials=1 --attack=fgsm --adv_train
 
 The flags are generated from the hyper-parameter dataclasses of
-`robust_sparse.hparams` and keep the names and defaults of
+`robust_sparse.core.hparams` and keep the names and defaults of
 robust-sparse-networks. Results go to a folder under --base_dir derived from
 the hyper-parameters, printed as the last line of standard output; re-running
 the same command resumes it, --force starts it over. Only this file reads FLAGS.
@@ -13,7 +13,7 @@ the same command resumes it, --force starts it over. Only this file reads FLAGS.
 import signal
 import sys
 
-from robust_sparse import startup
+from robust_sparse.core import startup
 
 startup.import_tensorflow()  # First: quietly, and without Keras' unused imports.
 
@@ -22,7 +22,9 @@ from absl import app, flags, logging  # noqa: E402
 from robust_sparse.data import DataError, default_valid_size, load_dataset  # noqa: E402
 from robust_sparse.data.registry import default_data_dir  # noqa: E402
 from robust_sparse.experiments.runner import DivergedError, Runner, check_distribution  # noqa: E402
-from robust_sparse import activations, distribute, hparams as hparams_lib  # noqa: E402
+from robust_sparse.nn import activations  # noqa: E402
+from robust_sparse.training import distribute  # noqa: E402
+from robust_sparse.core import hparams as hparams_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -103,7 +105,7 @@ flags.register_validator("augment", _valid_augment, message="unknown --augment")
 
 
 def _valid_optimizer(name):
-  from robust_sparse.optimizers import split_optimizer
+  from robust_sparse.training.optimizers import split_optimizer
   try:
     split_optimizer(name)
   except ValueError as e:

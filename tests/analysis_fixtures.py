@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Tuple
 
 import numpy as np
 
-from robust_sparse import files
+from robust_sparse.core import files
 
 # Remaining weights of dense-300-100 under 20%/20%/10% layer-wise pruning.
 WEIGHTS_REMAINING = (266200, 213057, 170532, 136503, 109272, 87480, 70040)

@@ -10,9 +10,10 @@ import tensorflow as tf
 
 from robust_sparse.data import load_dataset
 from robust_sparse.experiments.runner import Runner, derived_seed, level_dir
-from robust_sparse import activation_stats, steps
-from robust_sparse.engine import index_stream
-from robust_sparse.hparams import Hparams
+from robust_sparse.measure import activation_stats
+from robust_sparse.training import steps
+from robust_sparse.training.engine import index_stream
+from robust_sparse.core.hparams import Hparams
 
 LAYERS = ("hidden_1_activation", "hidden_2_activation")
 

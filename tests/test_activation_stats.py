@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from robust_sparse import activation_stats as st
-from robust_sparse import activations
-from robust_sparse.layers import MaskedDense
+from robust_sparse.measure import activation_stats as st
+from robust_sparse.nn import activations
+from robust_sparse.nn.layers import MaskedDense
 
 X = tf.constant([-2.0, 0.0, 1e-7, 0.5, 3.0])
 

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from robust_sparse import custom_ops
-from robust_sparse import activations
+from robust_sparse.nn import activations
 
 
 def relu(x):

@@ -460,7 +460,7 @@ def test_field_absent_from_an_older_run_counts_as_its_default(tmp_path):
 
 def test_missing_field_uses_the_engine_default(tmp_path):
   defaults = load.hparam_defaults()
-  assert defaults, "robust_sparse.hparams.Hparams could not be read"
+  assert defaults, "robust_sparse.core.hparams.Hparams could not be read"
   field = "weight_decay" if "weight_decay" in defaults else "label_smoothing"
   default = defaults[field]
   older = fixtures.write_run(str(tmp_path))

@@ -1,4 +1,4 @@
-"""Read-only arrays that NumPy and TensorFlow share (robust_sparse/arrays.py)."""
+"""Read-only arrays that NumPy and TensorFlow share (robust_sparse/training/arrays.py)."""
 
 import os
 
@@ -8,10 +8,10 @@ import pytest
 import tensorflow as tf
 
 from robust_sparse.data import load_dataset
-from robust_sparse import arrays
-from robust_sparse.engine import Engine
-from robust_sparse.optimizers import make_optimizer
-from robust_sparse.steps import OptimizerGroup, standard_loss_grad_fn
+from robust_sparse.training import arrays
+from robust_sparse.training.engine import Engine
+from robust_sparse.training.optimizers import make_optimizer
+from robust_sparse.training.steps import OptimizerGroup, standard_loss_grad_fn
 from tests.test_datasets import _write_idx  # The official IDX format.
 
 

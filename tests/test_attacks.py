@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from robust_sparse.attacks import AttackConfig, apgd_ce, common, compiled, fgsm, make_attack, pgd
 from benchmarks.fidelity import attacks as fidelity_attacks
-from robust_sparse import compilation
+from robust_sparse.training import compilation
 
 EPS = 0.1
 
@@ -299,7 +299,7 @@ def _convnet():
 
 
 def test_conv_nets_are_compiled_as_the_engine_compiles_them():
-  """On a CPU, a conv net's attack is a plain graph (robust_sparse.compilation), a dense one XLA."""
+  """On a CPU, a conv net's attack is a plain graph (robust_sparse.training.compilation), a dense one XLA."""
   model = _convnet()
   x = np.random.default_rng(13).random((16, 8, 8, 1)).astype(np.float32)
   seed = tf.constant([5, 6])

@@ -14,9 +14,10 @@ import pytest
 from robust_sparse.experiments import flatness as experiment
 from robust_sparse.experiments.runner import Runner, assign_weights, checkpoints, level_dir
 from robust_sparse.models import build_model
-from robust_sparse import files, flatness
-from robust_sparse.engine import index_stream
-from robust_sparse.hparams import Hparams
+from robust_sparse.core import files
+from robust_sparse.measure import flatness
+from robust_sparse.training.engine import index_stream
+from robust_sparse.core.hparams import Hparams
 from tests.conftest import REPO, one_line_error, run_cli_batch
 
 # The README's example (`<!-- readme-test: augmented-flatness -->`), run as written.

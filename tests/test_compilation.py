@@ -3,8 +3,8 @@
 import keras
 import pytest
 
-from robust_sparse import compilation
-from robust_sparse.layers import MaskedConv2D, MaskedDense
+from robust_sparse.training import compilation
+from robust_sparse.nn.layers import MaskedConv2D, MaskedDense
 
 
 class _NoXla(keras.layers.Layer):

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from robust_sparse.experiments.runner import Runner, level_dir
-from robust_sparse import files
-from robust_sparse.hparams import Hparams
+from robust_sparse.core import files
+from robust_sparse.core.hparams import Hparams
 from tests.conftest import one_line_error, run_cli_batch
 
 BASE = dict(dataset="sklearn_digits", model="dense-300-100", trials=1, prune_iters=2,
@@ -130,7 +130,7 @@ def test_with_true_labels_a_misclassified_clean_example_never_counts_as_robust()
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from robust_sparse.attacks import (  # pylint: disable=import-outside-toplevel
       AttackConfig, make_attack)
-  from robust_sparse.steps import evaluation_sums  # pylint: disable=import-outside-toplevel
+  from robust_sparse.training.steps import evaluation_sums  # pylint: disable=import-outside-toplevel
 
   class Flip(tf.Module):  # Predicts 0 for x < 0.5, 1 otherwise.
     def __call__(self, x, training=False):

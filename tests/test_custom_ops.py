@@ -161,7 +161,7 @@ def test_a_visible_gpu_takes_the_xla_compilable_fallback_and_says_so(monkeypatch
              for r in caplog.records)
   layer = custom_ops.JSquaredReLU()
   assert layer.supports_jit
-  from robust_sparse import activations  # pylint: disable=import-outside-toplevel
+  from robust_sparse.nn import activations  # pylint: disable=import-outside-toplevel
   assert activations.build("mixed(steps=10)").supports_jit
   x = _points(tf.float32)
   compiled = tf.function(layer, jit_compile=True)  # XLA accepts the fallback.

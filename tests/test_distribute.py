@@ -47,14 +47,14 @@ TOLERANCE = 1e-5
 # Stops a mirrored run after its first evaluation (its checkpoint is written by then).
 INTERRUPTED = """
 import json, sys
-from robust_sparse import startup
+from robust_sparse.core import startup
 startup.import_tensorflow()
-from robust_sparse import distribute
+from robust_sparse.training import distribute
 distribute.configure_devices(2)  # Before anything starts TensorFlow's devices.
 import keras
 from robust_sparse.data import load_dataset
 from robust_sparse.experiments.runner import Runner
-from robust_sparse.hparams import Hparams
+from robust_sparse.core.hparams import Hparams
 
 class Interrupt(keras.callbacks.Callback):
   def on_epoch_end(self, epoch, logs=None):

@@ -18,14 +18,14 @@ from robust_sparse.data import augment as augment_lib
 from robust_sparse.data import load_dataset
 from robust_sparse.experiments.runner import DivergedError, Runner, level_dir
 from robust_sparse.models import build_model
-from robust_sparse import engine as engine_lib
-from robust_sparse import files
-from robust_sparse.engine import Engine, index_stream
-from robust_sparse.hparams import Hparams
-from robust_sparse.keras_model import RobustModel
-from robust_sparse.optimizers import make_optimizer
-from robust_sparse.schedules import make_schedule
-from robust_sparse.steps import LossScale, OptimizerGroup, standard_loss_grad_fn
+from robust_sparse.training import engine as engine_lib
+from robust_sparse.core import files
+from robust_sparse.training.engine import Engine, index_stream
+from robust_sparse.core.hparams import Hparams
+from robust_sparse.training.keras_model import RobustModel
+from robust_sparse.training.optimizers import make_optimizer
+from robust_sparse.training.schedules import make_schedule
+from robust_sparse.training.steps import LossScale, OptimizerGroup, standard_loss_grad_fn
 from tests.conftest import REPO, one_line_error, run_cli_batch, run_module
 
 
@@ -128,7 +128,7 @@ def test_fit_runs_keras_callbacks_and_evaluates_robust_accuracy(tmp_path, digits
 
 def test_mixed_precision_loss_scaling_keeps_small_gradients(digits):
   """Under mixed_float16 tiny gradients underflow unless the loss is scaled."""
-  from robust_sparse.steps import cross_entropy, loss_and_gradients
+  from robust_sparse.training.steps import cross_entropy, loss_and_gradients
   keras.utils.set_random_seed(0)
   reference = build_model("dense-300-100", digits.input_shape, digits.num_classes)
   keras.mixed_precision.set_global_policy("mixed_float16")

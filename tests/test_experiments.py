@@ -5,8 +5,8 @@ import os
 import numpy as np
 
 from robust_sparse.experiments.runner import Runner, level_dir
-from robust_sparse import files
-from robust_sparse.hparams import Hparams
+from robust_sparse.core import files
+from robust_sparse.core.hparams import Hparams
 
 TINY = dict(dataset="sklearn_digits", train_iters=6, eval_every=3, prune_iters=2, trials=1,
             batch_size=32, valid_size=300, attack="fgsm", pgd_steps=2,

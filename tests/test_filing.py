@@ -12,8 +12,8 @@ import os
 from robust_sparse.analysis import load
 from robust_sparse.analysis import report
 from robust_sparse.experiments.registry import EXPERIMENTS, Measurement
-from robust_sparse import hparams as hparams_lib
-from robust_sparse.hparams import Hparams
+from robust_sparse.core import hparams as hparams_lib
+from robust_sparse.core.hparams import Hparams
 from tests import analysis_fixtures as fixtures
 
 from robust_sparse import (  # noqa: F401  pylint: disable=unused-import  (registers every experiment)

@@ -8,8 +8,9 @@ import pytest
 import tensorflow as tf
 
 from robust_sparse.models.vit import residual_mlp, vit
-from robust_sparse import activations, flatness
-from robust_sparse.layers import MaskedDense
+from robust_sparse.nn import activations
+from robust_sparse.measure import flatness
+from robust_sparse.nn.layers import MaskedDense
 
 CLASSES = 3
 

@@ -55,9 +55,9 @@ def _source_tree(relative):
 
 
 def _hparams_fields():
-  """Every annotated field of the dataclasses in robust_sparse/hparams.py."""
+  """Every annotated field of the dataclasses in robust_sparse/core/hparams.py."""
   fields = set()
-  for node in ast.walk(_source_tree("robust_sparse/hparams.py")):
+  for node in ast.walk(_source_tree("robust_sparse/core/hparams.py")):
     if isinstance(node, ast.ClassDef):
       for item in node.body:
         if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
@@ -327,7 +327,7 @@ def test_registered_models_data_sets_optimizers_and_flags(tmp_path):
 
 
 def test_a_toolkit_grid_names_its_run_folders_as_the_command_line_does(tmp_path):
-  from robust_sparse.hparams import Hparams  # pylint: disable=import-outside-toplevel
+  from robust_sparse.core.hparams import Hparams  # pylint: disable=import-outside-toplevel
   path = _write(tmp_path, {"model": "dense-300-100", "dataset": "sklearn_digits",
                            "train_iters": 50, "learning_rate": [0.1, 0.01]})
   runs = grid.grid_runs(path, "RES", "out")

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 from absl import flags
 
-from robust_sparse import hparams as hparams_lib
-from robust_sparse.hparams import Hparams
+from robust_sparse.core import hparams as hparams_lib
+from robust_sparse.core.hparams import Hparams
 
 # Literal hashes: a change here moves every existing run folder. Update them
 # only on purpose, and say so in the commit.

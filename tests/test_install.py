@@ -39,14 +39,14 @@ import keras
 import tensorflow as tf
 
 import robust_sparse
-from robust_sparse import pruning
+from robust_sparse.nn import pruning
 from robust_sparse.attacks import AttackConfig, fgsm, make_attack
 from robust_sparse.data import load_dataset
-from robust_sparse.keras_model import RobustModel
-from robust_sparse.layers import masked_layers
+from robust_sparse.training.keras_model import RobustModel
+from robust_sparse.nn.layers import masked_layers
 from robust_sparse.models import build_model
-from robust_sparse.optimizers import make_optimizer
-from robust_sparse.saturation import SaturationCallback
+from robust_sparse.training.optimizers import make_optimizer
+from robust_sparse.measure.saturation import SaturationCallback
 
 assert robust_sparse.__file__.startswith(sys.prefix), robust_sparse.__file__
 assert list(robust_sparse.__path__) == [os.path.dirname(robust_sparse.__file__)]

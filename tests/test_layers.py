@@ -13,7 +13,7 @@ import keras
 import pytest
 import tensorflow as tf
 
-from robust_sparse.layers import MaskedConv2D, MaskedDense, masked_layers, strip_masks
+from robust_sparse.nn.layers import MaskedConv2D, MaskedDense, masked_layers, strip_masks
 
 QUANTIZATION_MODES = ["int8", "float8", "int4"]
 

@@ -2,7 +2,7 @@
 
 In a training call a masked layer computes with its kernel variable (no
 `kernel * mask`) once it knows the kernel is zero where masked, and leaves the
-kernel gradient unmasked under an element-wise optimizer (robust_sparse/layers.py).
+kernel gradient unmasked under an element-wise optimizer (robust_sparse/nn/layers.py).
 The reference is the same layer computing with `kernel * mask` in every call,
 as every call did before: both must give the same weights, with random masks,
 momentum, Adam, weight decay and norm clipping, and with kernels and masks
@@ -14,7 +14,7 @@ import keras
 import pytest
 import tensorflow as tf
 
-from robust_sparse.layers import MaskedConv2D, MaskedDense, enforce_masks, masked_layers
+from robust_sparse.nn.layers import MaskedConv2D, MaskedDense, enforce_masks, masked_layers
 
 
 class _MultiplyingDense(MaskedDense):
@@ -135,7 +135,7 @@ def test_revived_weights_start_from_the_written_kernel(network):
   """A mask that revives pruned weights, with a fresh optimizer: the same training.
 
   (With the same optimizer, the revived weights' slots differ: unmasked
-  gradients fed them meanwhile, see robust_sparse/layers.py.)
+  gradients fed them meanwhile, see robust_sparse/nn/layers.py.)
   """
   fast, reference, input_shape = _both(network)
   x, y = _data(input_shape, seed=6)

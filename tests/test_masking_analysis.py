@@ -24,8 +24,8 @@ from robust_sparse.analysis import masking
 from robust_sparse.experiments import masking_checks
 from robust_sparse.experiments.runner import Runner, assign_weights, level_dir
 from robust_sparse.models import build_model
-from robust_sparse import files
-from robust_sparse.hparams import Hparams
+from robust_sparse.core import files
+from robust_sparse.core.hparams import Hparams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = dict(dataset="sklearn_digits", model="dense-300-100", trials=2, valid_size=300,

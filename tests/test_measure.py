@@ -10,9 +10,9 @@ import tensorflow as tf
 
 from robust_sparse.data import load_dataset
 from robust_sparse.experiments.runner import Runner, derived_seed, level_dir
-from robust_sparse import saturation
-from robust_sparse.engine import index_stream
-from robust_sparse.hparams import Hparams
+from robust_sparse.measure import saturation
+from robust_sparse.training.engine import index_stream
+from robust_sparse.core.hparams import Hparams
 
 
 def _expected(layer_outputs, delta=0.99, rule="delve"):

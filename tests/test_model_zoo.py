@@ -19,7 +19,7 @@ from robust_sparse.models.registry import Standardize, TorchMaxPooling2D
 from robust_sparse.models.resnet import basic_block, bottleneck_block, resnet
 from robust_sparse.models.vgg import vgg, vgg_bn
 from robust_sparse.models.wideresnet import wideresnet
-from robust_sparse.layers import MaskedConv2D, MaskedDense
+from robust_sparse.nn.layers import MaskedConv2D, MaskedDense
 
 CIFAR = (32, 32, 3)
 

@@ -10,7 +10,7 @@ import pytest
 from robust_sparse.data.files import read_cifar_batch
 from robust_sparse.models import MODELS, build_model
 from robust_sparse.models.registry import AFTER_BN, AFTER_RESIDUAL, conv
-from robust_sparse.layers import MaskedConv2D, MaskedDense, masked_layers
+from robust_sparse.nn.layers import MaskedConv2D, MaskedDense, masked_layers
 
 CIFAR = (32, 32, 3)
 MNIST = (28, 28, 1)

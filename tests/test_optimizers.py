@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from robust_sparse import optimizers
-from robust_sparse.optimizers import make_optimizer
+from robust_sparse.training import optimizers
+from robust_sparse.training.optimizers import make_optimizer
 
 # A learning rate that changes at every step, as a schedule would.
 LEARNING_RATES = [0.1, 0.05, 0.2, 0.01, 0.1, 0.3]

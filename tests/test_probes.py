@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from robust_sparse import probes
-from robust_sparse.layers import MaskedConv2D, MaskedDense
+from robust_sparse.measure import probes
+from robust_sparse.nn.layers import MaskedConv2D, MaskedDense
 
 
 def _torch_adaptive_avg_pool(x, size):
@@ -146,7 +146,7 @@ def test_pixelwise_probes_one_per_position(tmp_path):
 def test_training_latents_come_from_the_augmented_loader_at_the_training_batch(tmp_path):
   import types
   from robust_sparse.experiments.phd_lab import probe_training_batches
-  from robust_sparse.hparams import Hparams
+  from robust_sparse.core.hparams import Hparams
   x_train, y_train = _data(150, 0)
   dataset = types.SimpleNamespace(x_train=x_train, y_train=y_train, num_classes=3)
   hp = Hparams(augment="flip", batch_size=64, seed=3)

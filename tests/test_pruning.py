@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from robust_sparse import pruning
+from robust_sparse.nn import pruning
 
 DENSE_300_100 = {"hidden_1": (784, 300), "hidden_2": (300, 100), "output": (100, 10)}
 

@@ -8,7 +8,9 @@ import keras
 import numpy as np
 import pytest
 
-from robust_sparse import api, pruning, saturation
+from robust_sparse import api
+from robust_sparse.nn import pruning
+from robust_sparse.measure import saturation
 from tests.conftest import REPO
 
 

@@ -13,8 +13,8 @@ import pytest
 from robust_sparse.data import load_dataset
 from robust_sparse.experiments import launch
 from robust_sparse.experiments.runner import Runner, level_dir
-from robust_sparse import claims
-from robust_sparse.hparams import Hparams
+from robust_sparse.core import claims
+from robust_sparse.core.hparams import Hparams
 from tests.conftest import one_line_error, run_cli_batch
 
 # Two trials on Ray's two CPUs (one of them killed); not about compilation: "graph"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from robust_sparse.models import build_model
-from robust_sparse.receptive_field import (compute_cost, computational_info, receptive_fields,
+from robust_sparse.measure.receptive_field import (compute_cost, computational_info, receptive_fields,
                                            write_receptive_field_csv)
 
 # Spec 5.5's computed anchors at 32 px: the receptive field of every conv layer.

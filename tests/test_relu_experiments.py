@@ -14,9 +14,9 @@ import pytest
 import tensorflow as tf
 
 from robust_sparse.experiments.runner import Runner, level_dir
-from robust_sparse import files
-from robust_sparse.hparams import Hparams
-from robust_sparse.steps import OptimizerGroup, make_train_step
+from robust_sparse.core import files
+from robust_sparse.core.hparams import Hparams
+from robust_sparse.training.steps import OptimizerGroup, make_train_step
 from tests.conftest import REPO, run_module
 
 BASE = dict(dataset="sklearn_digits", model="dense-300-100", trials=1, batch_size=60,

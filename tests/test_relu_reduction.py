@@ -13,8 +13,8 @@ import tensorflow as tf
 
 from robust_sparse.models import build_model
 from robust_sparse.models import registry as models_registry
-from robust_sparse import activations
-from robust_sparse import relu_reduction as rr
+from robust_sparse.nn import activations
+from robust_sparse.nn import relu_masks as rr
 
 # One image of 4 features (a dense site): alpha, gate and inputs used throughout.
 ALPHA = np.array([0.5, -0.2, 0.0, 2.0], np.float32)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from robust_sparse import saturation
-from robust_sparse.layers import MaskedConv2D, MaskedDense
+from robust_sparse.measure import saturation
+from robust_sparse.nn.layers import MaskedConv2D, MaskedDense
 
 # d = 16: c = .533, .800, .933, .9998, ... -> at delta .99 three ratios are below, so
 # delve's k = 3 (the intended rule adds one: .99 - .933 > .02); at delta .95 k = 3 (both).

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from robust_sparse import schedules
-from robust_sparse.optimizers import make_optimizer
-from robust_sparse.schedules import make_schedule
+from robust_sparse.training import schedules
+from robust_sparse.training.optimizers import make_optimizer
+from robust_sparse.training.schedules import make_schedule
 
 STEPS_PER_EPOCH = 10
 EPOCHS = 10

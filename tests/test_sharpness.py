@@ -9,11 +9,11 @@ import pytest
 import tensorflow as tf
 
 from robust_sparse.models import build_model
-from robust_sparse.layers import MaskedDense, masked_layers
-from robust_sparse.optimizers import make_optimizer, split_optimizer
-from robust_sparse.sharpness import (_merge, _split, is_asam_weight, perturbation,
+from robust_sparse.nn.layers import MaskedDense, masked_layers
+from robust_sparse.training.optimizers import make_optimizer, split_optimizer
+from robust_sparse.training.sharpness.sam import (_merge, _split, is_asam_weight, perturbation,
                                     sharpness_aware)
-from robust_sparse.steps import (OptimizerGroup, cross_entropy, loss_and_gradients,
+from robust_sparse.training.steps import (OptimizerGroup, cross_entropy, loss_and_gradients,
                                  make_train_step)
 from tests.conftest import one_line_error, run_cli_batch, run_module
 
@@ -200,7 +200,7 @@ def test_masked_layers_helper_sees_the_quadratic_kernel():
 
 
 def test_measured_sharpness_equals_its_definition_and_changes_nothing():
-  from robust_sparse.sharpness import measure_sharpness
+  from robust_sparse.training.sharpness.sam import measure_sharpness
   model = _bn_model()
   layer = masked_layers(model)[0]
   mask = (np.random.default_rng(1).random(layer.mask.shape) > 0.5).astype(np.float32)
@@ -237,8 +237,8 @@ def test_measured_sharpness_equals_its_definition_and_changes_nothing():
 
 
 def test_ssam_masks_refresh_after_each_due_epochs_first_step_and_are_checkpointed():
-  from robust_sparse.engine import Engine
-  from robust_sparse.sparse_perturbation import DynamicMasks, FisherMasks
+  from robust_sparse.training.engine import Engine
+  from robust_sparse.training.sharpness.sparse_perturbation import DynamicMasks, FisherMasks
   model = _bn_model()
   fisher = FisherMasks(model, cross_entropy(10), augment=None, num_samples=4, sparsity=0.5,
                        pattern="unstructured", update_freq=2)
@@ -273,7 +273,7 @@ def test_ssam_runs_end_to_end_and_logs_the_live_fraction(tmp_path, optimizer):
   import pandas as pd
   from robust_sparse.data import load_dataset
   from robust_sparse.experiments.runner import Runner
-  from robust_sparse.hparams import Hparams
+  from robust_sparse.core.hparams import Hparams
   hp = Hparams(dataset="sklearn_digits", model="lenet5", experiment="train", **optimizer,
                epochs=2.0, batch_size=50, train_examples=200, num_samples=16, update_freq=1,
                sparsity=0.5, sharpness_examples=100, trials=1)
@@ -288,7 +288,7 @@ def test_ssam_runs_end_to_end_and_logs_the_live_fraction(tmp_path, optimizer):
 
 
 def test_implicit_ascent_masks_the_input_gradient_but_not_the_output():
-  from robust_sparse.layers import implicit_backprop
+  from robust_sparse.nn.layers import implicit_backprop
   keras.utils.set_random_seed(0)
   inputs = keras.Input((4,))
   hidden = MaskedDense(3, use_bias=False, name="a")(inputs)
@@ -364,7 +364,7 @@ def test_asam_official_rule_scales_kernels_and_gamma_and_davda54_every_weight():
 
 
 def _conv_dense_model():
-  from robust_sparse.layers import MaskedConv2D
+  from robust_sparse.nn.layers import MaskedConv2D
   keras.utils.set_random_seed(4)
   inputs = keras.Input((5, 5, 2))
   x = MaskedConv2D(3, 3, padding="same", name="conv1")(inputs)
@@ -408,7 +408,7 @@ def test_implicit_perturbation_masks_convolutions_only():
 
 
 def test_implicit_masks_start_at_ones_and_refresh_before_the_due_epochs_first_batch():
-  from robust_sparse.sparse_perturbation import FisherMasks
+  from robust_sparse.training.sharpness.sparse_perturbation import FisherMasks
   model = _bn_model()
   implicit = FisherMasks(model, cross_entropy(10), augment=None, num_samples=4,
                          sparsity=0.5, pattern="structured", update_freq=2, implicit=True)

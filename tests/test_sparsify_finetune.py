@@ -8,8 +8,8 @@ import pytest
 
 from robust_sparse.experiments.runner import Runner, level_dir
 from robust_sparse.models import build_model
-from robust_sparse import files
-from robust_sparse.hparams import Hparams
+from robust_sparse.core import files
+from robust_sparse.core.hparams import Hparams
 from tests.conftest import run_cli_batch, one_line_error
 
 TINY = dict(model="vit", vit_preset="mnist", patch_size=4, depth=1, heads=2, width=16,

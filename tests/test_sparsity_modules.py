@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from robust_sparse import sparsity_modules as sm
-from robust_sparse.layers import MaskedDense
+from robust_sparse.nn import sparsity_modules as sm
+from robust_sparse.nn.layers import MaskedDense
 
 
 def _apply(variable, gradient, learning_rate=1.0):

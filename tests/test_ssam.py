@@ -14,11 +14,11 @@ import pytest
 import tensorflow as tf
 
 from robust_sparse.models import build_model
-from robust_sparse import ssam
-from robust_sparse.layers import enforce_masks, masked_layers, masks_hold
-from robust_sparse.optimizers import make_optimizer
-from robust_sparse.sharpness import sharpness_aware
-from robust_sparse.steps import (OptimizerGroup, cross_entropy, loss_and_gradients,
+from robust_sparse.training.sharpness import ssam
+from robust_sparse.nn.layers import enforce_masks, masked_layers, masks_hold
+from robust_sparse.training.optimizers import make_optimizer
+from robust_sparse.training.sharpness.sam import sharpness_aware
+from robust_sparse.training.steps import (OptimizerGroup, cross_entropy, loss_and_gradients,
                                  make_train_step)
 
 

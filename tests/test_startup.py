@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from robust_sparse import startup
+from robust_sparse.core import startup
 from tests.conftest import REPO
 
 NOISE = [
@@ -124,7 +124,7 @@ def test_import_tensorflow_pauses_collection_and_keeps_lazy_apis_working():
   on first use."""
   code = """
 import gc, sys
-from robust_sparse import startup
+from robust_sparse.core import startup
 tf = startup.import_tensorflow()
 import keras
 print(gc.isenabled(), gc.get_freeze_count() > 100000)

@@ -11,12 +11,12 @@ from robust_sparse.attacks import AttackConfig, make_attack
 from robust_sparse.data import load_dataset
 from robust_sparse.experiments.runner import Runner, level_dir
 from robust_sparse.models import build_model
-from robust_sparse.engine import Engine, index_stream
-from robust_sparse.hparams import Hparams
-from robust_sparse.layers import masked_layers
-from robust_sparse.optimizers import make_optimizer
-from robust_sparse.schedules import make_schedule
-from robust_sparse.steps import (OptimizerGroup, cross_entropy, loss_and_gradients,
+from robust_sparse.training.engine import Engine, index_stream
+from robust_sparse.core.hparams import Hparams
+from robust_sparse.nn.layers import masked_layers
+from robust_sparse.training.optimizers import make_optimizer
+from robust_sparse.training.schedules import make_schedule
+from robust_sparse.training.steps import (OptimizerGroup, cross_entropy, loss_and_gradients,
                                  make_train_step, partition, standard_loss_grad_fn)
 
 
@@ -195,7 +195,7 @@ def test_runner_drives_keras_callbacks(tmp_path):
 
 
 def test_distillation_adds_temperature_scaled_kl():
-  from robust_sparse.steps import distillation
+  from robust_sparse.training.steps import distillation
   student, teacher = _model(0), _model(1)
   x, y = _batch()
   ce = cross_entropy(10)

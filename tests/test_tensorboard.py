@@ -1,4 +1,4 @@
-"""Tests of `robust_sparse.tensorboard`: the event files hold the numbers the CSVs hold.
+"""Tests of `robust_sparse.training.tensorboard`: the event files hold the numbers the CSVs hold.
 
 Rows shaped like the runner's (the seed's columns, `epoch`, `lr`, the
 activation measurements, a text column and empty cells) are written to a CSV
@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from robust_sparse import files
-from robust_sparse import tensorboard
+from robust_sparse.core import files
+from robust_sparse.training import tensorboard
 
 MEASURED = ("train-activation_sparsity_hidden_1_activation",
             "train-activation_sparsity_average",
@@ -177,7 +177,7 @@ def test_a_runner_level_writes_every_csv_number_to_tensorboard(tmp_path):
   from robust_sparse.data import load_dataset  # pylint: disable=import-outside-toplevel
   from robust_sparse.experiments.runner import (  # pylint: disable=import-outside-toplevel
       Runner, level_dir)
-  from robust_sparse.hparams import Hparams  # pylint: disable=import-outside-toplevel
+  from robust_sparse.core.hparams import Hparams  # pylint: disable=import-outside-toplevel
   hp = Hparams(dataset="sklearn_digits", experiment="reinit_orig", prune_iters=1, trials=1,
                train_iters=40, eval_every=20, eps=0.1, sharpness_examples=0,
                measure=("activation_sparsity",))

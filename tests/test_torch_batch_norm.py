@@ -93,9 +93,9 @@ def test_torch_batch_norm_after_a_dense_layer_is_pytorch_batch_norm_1d():
 
 
 SYNCHRONIZED = """
-from robust_sparse import startup
+from robust_sparse.core import startup
 startup.import_tensorflow()
-from robust_sparse import distribute
+from robust_sparse.training import distribute
 distribute.configure_devices(2)
 import numpy as np, tensorflow as tf
 from robust_sparse.models.registry import TorchBatchNorm

@@ -8,9 +8,9 @@ from robust_sparse.custom_ops.layers import JSquaredReLU
 from robust_sparse.models import AFTER_DENSE, MODELS, build_model
 from robust_sparse.models.check_zoo import check_model, trainable_count
 from robust_sparse.models.vit import PRESETS, residual_mlp, vit
-from robust_sparse import sparsity_modules as sm
-from robust_sparse.activations import MixedActivation, ReLU
-from robust_sparse.layers import MaskedConv2D, MaskedDense
+from robust_sparse.nn import sparsity_modules as sm
+from robust_sparse.nn.activations import MixedActivation, ReLU
+from robust_sparse.nn.layers import MaskedConv2D, MaskedDense
 
 CIFAR = (32, 32, 3)
 

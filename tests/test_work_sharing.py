@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from robust_sparse import claims
+from robust_sparse.core import claims
 from tests.conftest import REPO
 
 

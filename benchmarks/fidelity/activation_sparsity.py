@@ -1,4 +1,4 @@
-"""Fidelity of the activation-sparsity columns (spec 2.2, `robust_sparse.activation_stats`).
+"""Fidelity of the activation-sparsity columns (spec 2.2, `robust_sparse.measure.activation_stats`).
 
 Every column `ActivationTap.measure` + `ActivationStatistics` write
 (activation sparsity, pre-activation concentration, mean squared derivative,
@@ -22,8 +22,9 @@ THRESHOLDS = ("1e-09", "1e-06", "0.001")
 
 
 def _ours(context):
-  from robust_sparse import activation_stats, activations
-  from robust_sparse.layers import MaskedDense
+  from robust_sparse.measure import activation_stats
+  from robust_sparse.nn import activations
+  from robust_sparse.nn.layers import MaskedDense
   keras.utils.set_random_seed(context.seed)
   rng = np.random.default_rng(context.seed + 5)
   inputs = keras.Input((FEATURES,))

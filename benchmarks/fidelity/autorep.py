@@ -35,7 +35,7 @@ def _site(replacement):
 def _masked_relu(context, replacement, relu_forward="intended", *, threshold=0.0,
                  site=None, mask_dropout=0.0, salt=0):
   import tensorflow as tf
-  from robust_sparse.relu_reduction import MaskedReLU
+  from robust_sparse.nn.relu_masks import MaskedReLU
 
   rng = np.random.default_rng([context.seed, salt])
   x = rng.normal(0.0, 1.5, SHAPE).astype(np.float32)
@@ -73,7 +73,7 @@ def _masked_relu(context, replacement, relu_forward="intended", *, threshold=0.0
 
 def _dropout_everywhere(context):
   """Mask dropout p = 1 in a training call, for every replacement at once."""
-  from robust_sparse.relu_reduction import REPLACEMENTS
+  from robust_sparse.nn.relu_masks import REPLACEMENTS
   inputs, outputs = {}, {}
   for i, name in enumerate(sorted(REPLACEMENTS.names())):
     one_in, one_out = _masked_relu(context, name, mask_dropout=1.0, salt=100 + i)
@@ -87,11 +87,11 @@ def _two_phase(context, replacement="identity_relu_grad", relu_forward="intended
   import keras
   from robust_sparse.experiments.registry import Defaults
   from robust_sparse.experiments.relu_reduction import ReLUPrune
-  from robust_sparse.engine import Engine
-  from robust_sparse.hparams import Hparams
-  from robust_sparse.relu_reduction import MaskedReLU
+  from robust_sparse.training.engine import Engine
+  from robust_sparse.core.hparams import Hparams
+  from robust_sparse.nn.relu_masks import MaskedReLU
   from robust_sparse.models.registry import TorchBatchNorm
-  from robust_sparse.steps import standard_loss_grad_fn
+  from robust_sparse.training.steps import standard_loss_grad_fn
 
   rng = np.random.default_rng([context.seed, 7])
   n, features, hidden, classes = 16, 6, 10, 3

@@ -25,9 +25,9 @@ def _recorded_batches(context, mode):
   """The rows and batch sizes the engine's step trained on, in order."""
   import tensorflow as tf
   import keras
-  from robust_sparse.engine import Engine, batches_per_epoch, epoch_permutation
-  from robust_sparse.optimizers import make_optimizer
-  from robust_sparse.steps import OptimizerGroup, standard_loss_grad_fn
+  from robust_sparse.training.engine import Engine, batches_per_epoch, epoch_permutation
+  from robust_sparse.training.optimizers import make_optimizer
+  from robust_sparse.training.steps import OptimizerGroup, standard_loss_grad_fn
 
   n, seed = NUM_EXAMPLES, context.seed + 11
   steps = sum(STOPS)

@@ -1,4 +1,4 @@
-"""Fidelity of augmented flatness (spec 2.3, `robust_sparse.flatness`) with the seed's protocol.
+"""Fidelity of augmented flatness (spec 2.3, `robust_sparse.measure.flatness`) with the seed's protocol.
 
 The seed (cdgyp/sparsity, `hooks.py: CoefficientPlugin` and
 `imagenet1k.py: train_one_epoch` with `--augmented-flatness-only
@@ -31,8 +31,8 @@ TERMS = ("key", "L0_sum", "L0_weight", "L0_preview", "value", "L2", "a2", "L2_te
 
 
 def _model(batch_norm: bool):
-  from robust_sparse import activations
-  from robust_sparse.layers import MaskedDense
+  from robust_sparse.nn import activations
+  from robust_sparse.nn.layers import MaskedDense
   inputs = keras.Input((TOKENS, FEATURES))
   h = inputs
   if batch_norm:
@@ -47,7 +47,7 @@ def _model(batch_norm: bool):
 
 def _ours(batch_norm: bool):
   def ours(context):
-    from robust_sparse import flatness
+    from robust_sparse.measure import flatness
     keras.utils.set_random_seed(context.seed)
     rng = np.random.default_rng(context.seed + 11)
     model = _model(batch_norm)

@@ -3,9 +3,9 @@
 Two steps on random weights with random gradients, the learning rate
 changed between them (0.1 then 0.05 for SGD; 1e-3 then 5e-4 for the Adams),
 so a momentum buffer that held the rate (Keras' SGD) would show. Ours is
-`robust_sparse.optimizers.make_optimizer` in float32; the references take
+`robust_sparse.training.optimizers.make_optimizer` in float32; the references take
 the same float32 start in float64. Adam's epsilon is Keras' placement
-(`sqrt(v) + eps` before the bias correction, see `robust_sparse.optimizers`)
+(`sqrt(v) + eps` before the bias correction, see `robust_sparse.training.optimizers`)
 where torch adds it after: with eps 1e-7 that moves a step by about 1e-9.
 """
 
@@ -44,7 +44,7 @@ def _ours(kind, configs, rates):
     import keras
     import tensorflow as tf
 
-    from robust_sparse.optimizers import make_optimizer
+    from robust_sparse.training.optimizers import make_optimizer
     inputs = _problem(context.seed)
     inputs["lr"] = np.array(rates, np.float64)
     outputs = {}

@@ -32,7 +32,7 @@ SIZE, CHANNELS, BATCH, POOL, EPSILON = 6, 2, 16, 4, 1e-5
 # ---- probe latents ---------------------------------------------------------------------
 def _probe_model(seed):
   import keras
-  from robust_sparse.layers import MaskedConv2D, MaskedDense
+  from robust_sparse.nn.layers import MaskedConv2D, MaskedDense
   keras.utils.set_random_seed(seed)
   inputs = keras.Input((SIZE, SIZE, CHANNELS))
   x = MaskedConv2D(3, 3, padding="same", bias_initializer="random_normal", name="conv_a")(inputs)
@@ -74,7 +74,7 @@ def _weights(model):
 
 def _latents_ours(context):
   import tempfile
-  from robust_sparse import probes
+  from robust_sparse.measure import probes
   model = _probe_model(context.seed)
   x_train, y_train = _data(40, context.seed + 1)
   x_eval, y_eval = _data(24, context.seed + 2)
@@ -137,7 +137,7 @@ def _latents_reference(a):
 # ---- the probe ---------------------------------------------------------------------------
 def _probe_ours(context):
   import tempfile
-  from robust_sparse import probes
+  from robust_sparse.measure import probes
   model = _probe_model(context.seed)
   x_train, y_train = _data(300, context.seed + 3)
   x_eval, y_eval = _data(120, context.seed + 4)
@@ -214,7 +214,7 @@ def _encode(layers):
 
 
 def _fields_ours_random(context):
-  from robust_sparse.receptive_field import receptive_fields
+  from robust_sparse.measure.receptive_field import receptive_fields
   layers = _random_layers(context.seed)
   # Keras cannot stride a dilated convolution: those layers keep stride 1.
   layers = [(kind, k, 1 if d > 1 else s, d, p) for kind, k, s, d, p in layers]
@@ -224,7 +224,7 @@ def _fields_ours_random(context):
 
 def _fields_ours_vgg16(context):
   from robust_sparse.models import build_model
-  from robust_sparse.receptive_field import receptive_fields
+  from robust_sparse.measure.receptive_field import receptive_fields
   cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
   layers = [("pool", 2, 2, 1, 0) if c == "M" else ("conv", 3, 1, 1, 1) for c in cfg]
   rows = receptive_fields(build_model("vgg16", (32, 32, 3), 10))

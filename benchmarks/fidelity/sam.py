@@ -1,7 +1,7 @@
 """Fidelity of the sharpness-aware steps and SSAM's masks, against PyTorch (and NumPy).
 
-Ours is the toolkit's compiled train step (`robust_sparse.steps.make_train_step`
-with `robust_sparse.sharpness.sharpness_aware`, base `TorchSGD`, momentum 0.9,
+Ours is the toolkit's compiled train step (`robust_sparse.training.steps.make_train_step`
+with `robust_sparse.training.sharpness.sam.sharpness_aware`, base `TorchSGD`, momentum 0.9,
 weight decay 5e-4), two steps on two random batches, float32, from random
 weights; the references re-derive each original (see
 `benchmarks/peers/fidelity_sam.py`) in float64 from the same float32 start.
@@ -33,7 +33,7 @@ MLP_INPUT = 5
 def _conv_model():
   import keras
 
-  from robust_sparse.layers import MaskedConv2D, MaskedDense
+  from robust_sparse.nn.layers import MaskedConv2D, MaskedDense
   inputs = keras.Input(CONV_INPUT)
   x = MaskedConv2D(4, 3, padding="same", use_bias=False, name="conv1")(inputs)
   x = keras.layers.BatchNormalization(name="bn")(x)
@@ -47,7 +47,7 @@ def _conv_model():
 def _mlp_model():
   import keras
 
-  from robust_sparse.layers import MaskedDense
+  from robust_sparse.nn.layers import MaskedDense
   inputs = keras.Input((MLP_INPUT,))
   x = MaskedDense(6, name="hidden")(inputs)
   x = keras.layers.ReLU()(x)
@@ -95,10 +95,10 @@ def _ours_steps(rule, model_fn, masks="none"):
     import keras
     import tensorflow as tf
 
-    from robust_sparse.optimizers import make_optimizer
-    from robust_sparse.sharpness import sharpness_aware
-    from robust_sparse.sparse_perturbation import DynamicMasks
-    from robust_sparse.steps import (OptimizerGroup, cross_entropy, loss_and_gradients,
+    from robust_sparse.training.optimizers import make_optimizer
+    from robust_sparse.training.sharpness.sam import sharpness_aware
+    from robust_sparse.training.sharpness.sparse_perturbation import DynamicMasks
+    from robust_sparse.training.steps import (OptimizerGroup, cross_entropy, loss_and_gradients,
                                      make_train_step)
     keras.utils.set_random_seed(context.seed)
     rng = np.random.default_rng(context.seed)
@@ -194,8 +194,8 @@ def numpy_mlp_steps(inputs):
 def _ours_fisher(context):
   import keras
 
-  from robust_sparse import ssam
-  from robust_sparse.steps import cross_entropy
+  from robust_sparse.training.sharpness import ssam
+  from robust_sparse.training.steps import cross_entropy
   keras.utils.set_random_seed(context.seed)
   rng = np.random.default_rng(context.seed)
   model = _conv_model()
@@ -213,7 +213,7 @@ def _ours_masks(pattern, layout="correct", model_fn=_conv_model):
   def run(context):
     import keras
 
-    from robust_sparse import ssam
+    from robust_sparse.training.sharpness import ssam
     keras.utils.set_random_seed(context.seed)
     rng = np.random.default_rng(context.seed)
     named = _named_variables(model_fn())
@@ -283,7 +283,7 @@ def _ours_dynamic(epoch, epochs, growth="random"):
   def run(context):
     import tensorflow as tf
 
-    from robust_sparse import ssam
+    from robust_sparse.training.sharpness import ssam
     rng = np.random.default_rng(context.seed)
     shapes = [(3, 3, 2, 4), (4,), (12, 3)]
     total = sum(int(np.prod(s)) for s in shapes)
@@ -328,7 +328,7 @@ def numpy_dynamic_update(inputs):
 def _ours_ssamd_live(context):
   import keras
 
-  from robust_sparse.sparse_perturbation import DynamicMasks
+  from robust_sparse.training.sharpness.sparse_perturbation import DynamicMasks
   keras.utils.set_random_seed(context.seed)
   model = _mlp_model()
   dynamic = DynamicMasks(model, None, sparsity=0.3, epochs=1)

@@ -1,4 +1,4 @@
-"""Fidelity of layer saturation (spec 5.1, `robust_sparse.saturation`) against delve 0.1.50.
+"""Fidelity of layer saturation (spec 5.1, `robust_sparse.measure.saturation`) against delve 0.1.50.
 
 A conv-bn network (two masked 3x3 convs with batch norm, a dense layer, a
 dead dense layer added to it: zero kernel and bias, and the 10-unit output
@@ -29,7 +29,7 @@ REFERENCE = "delve 0.1.50's SaturationTracker on the same activations"
 
 def _model(size, seed):
   import keras
-  from robust_sparse.layers import MaskedConv2D, MaskedDense
+  from robust_sparse.nn.layers import MaskedConv2D, MaskedDense
   keras.utils.set_random_seed(seed)
   inputs = keras.Input((size, size, 1))
   x = MaskedConv2D(6, 3, padding="same", bias_initializer="random_normal", name="conv_1")(inputs)
@@ -64,7 +64,7 @@ def _synthetic(size, count, seed):
 def _measure(model, splits, downsampling, shift):
   """Feeds the tracker split by split in batches; returns (inputs, outputs) of a check."""
   import tensorflow as tf
-  from robust_sparse import saturation
+  from robust_sparse.measure import saturation
   tracker = saturation.SaturationTracker.for_model(model, delta=DELTA, downsampling=downsampling)
   taps = saturation.tap_model(model)
   inputs = {"names": np.array(tracker.layer_names), "delta": np.array(DELTA),

@@ -1,6 +1,6 @@
 """Sharpness-aware minimisation as a wrapper of the step library: SAM and ASAM.
 
-`sharpness_aware(inner, ...)` wraps a `LossGradFn` (see `robust_sparse.steps`)
+`sharpness_aware(inner, ...)` wraps a `LossGradFn` (see `robust_sparse.training.steps`)
 into one that returns the gradient at the perturbed weights `w + e`:
 
 1. `g = grad L(w)` from `inner` (the clean pass: its logits and losses are
@@ -29,7 +29,7 @@ default (google-research/sam); `bn_stats="second"` keeps the perturbed pass's,
 `"both"` applies both updates in turn (the seed's PyTorch code). m-sharpness
 (`batch_splits` = m) computes one perturbation per split of the batch and
 averages the splits' gradients (google-research/sam's per-replica SAM on one
-device). Under `tf.distribute` (`robust_sparse.distribute`) each replica
+device). Under `tf.distribute` (`robust_sparse.training.distribute`) each replica
 perturbs with its own shard's gradient, as google-research/sam does;
 `sync=True` perturbs with the replicas' summed gradient, so every replica
 takes the single-device `e`.
@@ -39,8 +39,8 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
-from robust_sparse import distribute
-from robust_sparse import layers as layers_lib
+from robust_sparse.training import distribute
+from robust_sparse.nn import layers as layers_lib
 
 BN_STATS = ("first", "second", "both")
 ASAM_RULES = ("official", "davda54")

@@ -36,7 +36,7 @@ from typing import Callable, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from robust_sparse import ssam
+from robust_sparse.training.sharpness import ssam
 
 
 def _mask_variables(model) -> List[tf.Variable]:

@@ -36,7 +36,7 @@ Three ways to use them, all graph-safe (usable inside a compiled
     graph), `reset()` starts over. Counts are exact int64, sums float64, so
     a large evaluation set accumulates without rounding; they are Keras
     metric variables, summed across replicas under `tf.distribute` (as
-    `robust_sparse.saturation`'s accumulators);
+    `robust_sparse.measure.saturation`'s accumulators);
   * `ActivationTap`, a second functional model over the same layers that
     returns the logits plus every activation's input and output, so one
     forward pass gives both the loss and the measurements (`tap.measure`
@@ -58,7 +58,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from robust_sparse import activations as activations_lib
+from robust_sparse.nn import activations as activations_lib
 
 THRESHOLDS = (1e-9, 1e-6, 1e-3)
 MAX_SAMPLES = 1024

@@ -95,8 +95,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
-from robust_sparse import activations
-from robust_sparse.registry import Registry
+from robust_sparse.nn import activations
+from robust_sparse.core.registry import Registry
 
 # The values of `models.registry.AFTER_BN` / `AFTER_RESIDUAL` (AutoReP's var_map
 # 1 / 2). Repeated, not imported: `models/` builds on this package, not the reverse.
@@ -449,7 +449,7 @@ def _activation_classes() -> Tuple[type, ...]:
 def activation_sites(model: keras.Model) -> List[keras.layers.Layer]:
   """The model's top-level activation layers: registry activations and `MaskedReLU`s.
 
-  Identified by class (every class of `robust_sparse.activations`' registry),
+  Identified by class (every class of `robust_sparse.nn.activations`' registry),
   so a layer that merely carries an `activation=` argument is not a site.
   """
   classes = _activation_classes()

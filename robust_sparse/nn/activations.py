@@ -54,8 +54,8 @@ import tensorflow as tf
 from robust_sparse.custom_ops.layers import JSquaredReLU
 from robust_sparse.custom_ops.jsrelu_op import jsrelu
 from robust_sparse.custom_ops.jsrelu_op import supports_xla as jsrelu_supports_xla
-from robust_sparse import specs
-from robust_sparse.registry import Registry
+from robust_sparse.core import specs
+from robust_sparse.core.registry import Registry
 
 # Stands for an unbounded end of a habitat interval, as in the seed.
 _FAR = 1e32

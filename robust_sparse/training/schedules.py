@@ -45,7 +45,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from robust_sparse.registry import Registry
+from robust_sparse.core.registry import Registry
 
 # How often the rate changes: once per epoch, or at every iteration.
 SCHEDULE_PER = ("epoch", "iteration")

@@ -23,7 +23,7 @@ import os
 from typing import Optional, Tuple
 
 from robust_sparse.attacks.registry import AttackConfig
-from robust_sparse import seed_defaults
+from robust_sparse.core import seed_defaults
 
 _ATTACK = AttackConfig()
 
@@ -169,7 +169,7 @@ class TrainingHparams:
       0.0, "weight decay as PyTorch applies it: added to the gradient for sgd/adam, "
       "decoupled for adamw", lower_bound=0.0)
   lr_schedule: str = _field("constant", "learning-rate schedule",
-                            choices=_names("robust_sparse.schedules.SCHEDULES"))
+                            choices=_names("robust_sparse.training.schedules.SCHEDULES"))
   schedule_per: str = _field("epoch", "step the schedule once per epoch or every iteration",
                              choices=lambda: ["epoch", "iteration"])
   eta_min: float = _field(0.0, "cosine: final learning rate", lower_bound=0.0)
@@ -364,7 +364,7 @@ class ReLUHparams:
   relu_replacement: str = _field(
       "identity", "relu_prune: what a closed ReLU computes: identity, identity_relu_grad "
       "(spgrad), poly, autopoly1, autopoly2, trainable_poly, trainable_poly1",
-      choices=_names("robust_sparse.relu_reduction.REPLACEMENTS"))
+      choices=_names("robust_sparse.nn.relu_masks.REPLACEMENTS"))
   relu_forward: str = _field(
       "intended", "relu_prune: y = m relu(x) + (1-m) g(x) (intended), or g(relu(x)) as the "
       "released code's in-place relu computes (spec 3.2 [BUG])",
@@ -454,7 +454,7 @@ class AttackHparams:
 
 @dataclasses.dataclass(frozen=True)
 class DistributionHparams:
-  """Data-parallel training of one run on several devices (`robust_sparse.distribute`)."""
+  """Data-parallel training of one run on several devices (`robust_sparse.training.distribute`)."""
   distribution: str = _field(
       "default", "default: one device; mirrored: tf.distribute.MirroredStrategy over the "
       "visible GPUs (--devices) or --cpu_replicas logical CPU devices, each step's global "
@@ -479,7 +479,7 @@ class RunHparams:
   deterministic: bool = _field(False, "TensorFlow op determinism, so GPU runs repeat "
                                "exactly too (slower on GPU)")
   compile: str = _field(
-      "auto", "how training and evaluation compile (robust_sparse/compilation.py): "
+      "auto", "how training and evaluation compile (robust_sparse/training/compilation.py): "
       "xla_loop (a chunk of steps is one XLA loop), xla_step (an XLA call per step), graph "
       "(a tf.function per step, TensorFlow's own kernels), auto (no XLA for convolutions on "
       "a CPU; metadata.json records the choice)",
@@ -536,7 +536,7 @@ class Hparams(RunHparams, DistributionHparams, AttackHparams, FlatnessHparams, R
   @classmethod
   def with_seed_defaults(cls, **values) -> "Hparams":
     """As the command line builds it: the fields not in `values` take the matching seed's
-    defaults (`robust_sparse.seed_defaults`, e.g. AutoReP's for `relu_prune`), then their
+    defaults (`robust_sparse.core.seed_defaults`, e.g. AutoReP's for `relu_prune`), then their
     own. `Hparams(**values)` takes the lottery-ticket defaults for every unset field."""
     return cls(**seed_defaults.apply({**cls().to_dict(), **values}, values))
 
@@ -650,7 +650,7 @@ def from_flags(flag_values, fallbacks=None, **overrides) -> Hparams:
   """The `Hparams` of parsed flags (`overrides` replace resolved values).
 
   Fields whose flag is not given take the matching seed's defaults
-  (`robust_sparse.seed_defaults`), then `fallbacks` ({field: value}), then the
+  (`robust_sparse.core.seed_defaults`), then `fallbacks` ({field: value}), then the
   flag's default.
 
   Raises:

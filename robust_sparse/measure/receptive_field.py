@@ -33,8 +33,8 @@ import keras
 import pandas as pd
 from keras import tree
 
-from robust_sparse.files import atomic_open
-from robust_sparse.saturation import graph_nodes
+from robust_sparse.core.files import atomic_open
+from robust_sparse.measure.saturation import graph_nodes
 
 # Layers that the receptive-field recursion treats as convolutions (PyTorch's
 # Conv2d covers grouped and depthwise convolutions too).

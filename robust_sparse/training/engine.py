@@ -1,15 +1,15 @@
 """The compiled training loop and evaluation that the runner drives.
 
 `Engine` runs k training steps per call inside one `tf.function` (a
-`tf.while_loop` around the step of `robust_sparse.steps`; `compile` says
+`tf.while_loop` around the step of `robust_sparse.training.steps`; `compile` says
 whether the whole loop is one XLA computation, each step one XLA call, or a
-plain graph, chosen by `robust_sparse.compilation` unless named), drawing batch indices from a `tf.data`
+plain graph, chosen by `robust_sparse.training.compilation` unless named), drawing batch indices from a `tf.data`
 stream whose order is a pure function of the seed and the iteration. Attack and
 augmentation randomness are stateless functions of (seed, iteration) too, so
 restoring every variable at iteration `i` (`state()`) and continuing gives the
 same numbers as never stopping. A non-finite loss stops the loop at once.
 
-Under a `robust_sparse.distribute.Distribution` (`--distribution=mirrored`)
+Under a `robust_sparse.training.distribute.Distribution` (`--distribution=mirrored`)
 the same loop runs k steps per call, each step `strategy.run` on the
 replicas' shards of the global batch (see `steps.make_train_step`), and
 evaluation sums the replicas' sums. The engine must then be made, with the
@@ -32,15 +32,15 @@ import tensorflow as tf
 import keras
 from absl import logging
 
-from robust_sparse import arrays
-from robust_sparse import compilation
-from robust_sparse import distribute
-from robust_sparse import layers as layers_lib
-from robust_sparse import sharpness as sharpness_lib
-from robust_sparse import steps as steps_lib
-from robust_sparse.steps import METRICS, OptimizerGroup
+from robust_sparse.training import arrays
+from robust_sparse.training import compilation
+from robust_sparse.training import distribute
+from robust_sparse.nn import layers as layers_lib
+from robust_sparse.training.sharpness import sam as sharpness_lib
+from robust_sparse.training import steps as steps_lib
+from robust_sparse.training.steps import METRICS, OptimizerGroup
 
-# Re-exported: the engine's XLA rules live in `robust_sparse.compilation`.
+# Re-exported: the engine's XLA rules live in `robust_sparse.training.compilation`.
 supports_xla = compilation.supports_xla
 xla_pays_off = compilation.xla_pays_off
 
@@ -186,7 +186,7 @@ class Engine:
 
   Args:
     model: a built Keras model (logits out).
-    loss_grad_fn: a `LossGradFn` of `robust_sparse.steps` (e.g.
+    loss_grad_fn: a `LossGradFn` of `robust_sparse.training.steps` (e.g.
       `standard_loss_grad_fn`).
     groups: the optimizer groups.
     x_train, y_train: the training data (float32 images or file paths, int labels).

@@ -78,7 +78,7 @@ import tensorflow as tf
 # Keras exports no public class for models built with the functional API.
 from keras.src.models.functional import Functional
 
-from robust_sparse.files import atomic_open
+from robust_sparse.core.files import atomic_open
 
 SPLITS = ("train", "eval")
 

@@ -2,7 +2,7 @@
 
 Spec section 4 (Mi-Peng's "Systematic Investigation of Sparse Perturbed
 Sharpness-Aware Minimization"). SSAM perturbs only part of the weights: the
-perturbation `e = rho * (g * mask) / ||g||` (see `robust_sparse.sharpness`,
+perturbation `e = rho * (g * mask) / ||g||` (see `robust_sparse.training.sharpness.sam`,
 whose `sharpness_aware(..., mask_fn=...)` takes the masks built here). Every
 function is a pure function of tensors, vectorised, and traceable inside a
 `tf.function`; the masks are float 0/1 tensors, one per
@@ -44,7 +44,7 @@ from typing import Callable, List, Optional, Sequence
 
 import tensorflow as tf
 
-from robust_sparse import layers as layers_lib
+from robust_sparse.nn import layers as layers_lib
 
 PATTERNS = ("unstructured", "structured", "nm")
 NM_CONV_LAYOUTS = ("correct", "seed")

@@ -32,9 +32,9 @@ from typing import Dict, List, Optional, Union
 import keras
 import numpy as np
 
-from robust_sparse import keras_pruning
-from robust_sparse.layers import enforce_masks, masked_layers
-from robust_sparse.pruning import SCOPES
+from robust_sparse.nn import keras_pruning
+from robust_sparse.nn.layers import enforce_masks, masked_layers
+from robust_sparse.nn.pruning import SCOPES
 
 INIT = "init"
 

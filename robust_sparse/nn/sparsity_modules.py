@@ -20,7 +20,7 @@ How the restrictions are applied after every update. Both are *variable
 constraints*: `ZerothBias` gives its bias, `RestrictedLayerNorm` its gamma, a
 constraint object, and every Keras 3 optimizer's `apply` assigns
 `variable.constraint(variable)` to each variable it has just updated. So the
-toolkit's steps (`robust_sparse.steps`, which call `optimizer.apply`), the
+toolkit's steps (`robust_sparse.training.steps`, which call `optimizer.apply`), the
 engine, `RobustModel.fit` and a user's own `model.fit` or custom loop with a
 Keras optimizer all restrict after every update, inside the compiled step,
 with nothing to call. The fine-tuning uplift counts its own steps: a
@@ -43,7 +43,7 @@ values, as here.
 The DB-MLP is a functional block (`doubly_biased_mlp`), not a nested layer: its
 dense and activation layers are top-level layers of the model, so pruning and
 LoRA find its `MaskedDense` layers, the activation-statistics taps
-(`robust_sparse.activation_stats`) and ReLU reduction see its activation, and
+(`robust_sparse.measure.activation_stats`) and ReLU reduction see its activation, and
 `layers.strip_masks` can clone the model. The zeroth bias refers to its
 LayerNorm by name in its config; after a `.keras` reload or a clone it finds
 that layer again upstream of itself in the functional graph.
@@ -60,8 +60,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from robust_sparse import activations
-from robust_sparse.layers import MaskedDense
+from robust_sparse.nn import activations
+from robust_sparse.nn.layers import MaskedDense
 
 POSITIONS = ("input", "output")
 MODES = ("from_scratch", "fine_tuning")
@@ -368,7 +368,7 @@ def doubly_biased_mlp(x, *, hidden_units: int, activation: str, name: str,
   Args:
     x: the block's input, usually `layer_norm`'s output [batch, tokens, d].
     hidden_units: the key layer's width (the MLP width).
-    activation: activation spec (`robust_sparse.activations`), e.g. "jsrelu".
+    activation: activation spec (`robust_sparse.nn.activations`), e.g. "jsrelu".
     name: prefix of the layer names.
     zeroth_bias: whether to add the zeroth bias.
     position: "input" (`value(f(key(x + b)))`, the paper: default) or
@@ -484,7 +484,7 @@ def module_logs(model) -> Dict[str, float]:
   (the mean k of the `mixed` activations, when fine-tuning into jsrelu): the
   seed's names. Empty for a model with none of them.
   """
-  from robust_sparse.activations import MixedActivation  # pylint: disable=import-outside-toplevel
+  from robust_sparse.nn.activations import MixedActivation  # pylint: disable=import-outside-toplevel
   logs = {}
   if _layers_of(model, ZerothBias):
     logs["zeroth_biases"] = float(mean_abs_zeroth_bias(model))

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import keras
 from keras import ops
 
-from robust_sparse.registry import Registry
+from robust_sparse.core.registry import Registry
 
 OPTIMIZERS: Registry[Callable[..., keras.optimizers.Optimizer]] = Registry("optimizer")
 
@@ -188,7 +188,7 @@ def _adamw(learning_rate, *, momentum, nesterov, weight_decay, beta_1, beta_2, e
 
 
 # Sharpness-aware perturbations an `--optimizer` name may start with (the
-# seed's `<perturbation>-<base>` names); see `robust_sparse.sharpness`.
+# seed's `<perturbation>-<base>` names); see `robust_sparse.training.sharpness.sam`.
 PERTURBATIONS = ("sam", "asam", "ssamf", "ssamd")
 
 

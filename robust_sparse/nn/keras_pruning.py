@@ -1,12 +1,12 @@
 """Pruning a live Keras model: its masks, magnitude pruning, sparsity reports.
 
-The model-level counterpart of `robust_sparse.pruning` (which works on plain
+The model-level counterpart of `robust_sparse.nn.pruning` (which works on plain
 dicts of arrays): these functions read the kernels and masks of a model's
 `MaskedDense` / `MaskedConv2D` layers, prune with `pruning.prune` (so the
 counts are the runner's: `round(rate * active)` per layer, or over all layers
 with global scope) and write the new masks back, zeroing the pruned weights.
 The masked layers' kernel constraint then keeps them zero through any
-`model.fit` (see `robust_sparse.layers`).
+`model.fit` (see `robust_sparse.nn.layers`).
 
 `masked(model)` turns a plain Keras model's `Dense` / `Conv2D` layers into
 masked ones (the inverse of `layers.strip_masks`), so any Sequential or
@@ -16,7 +16,7 @@ Names follow tensorflow/model-optimization where the idea is the same
 (`prune_low_magnitude`, `strip_pruning` is `layers.strip_masks`), with one
 difference: `prune_low_magnitude` here prunes the model in place, one step at
 a time, instead of wrapping it for a schedule during training; the
-lottery-ticket callback (`robust_sparse.lottery`) is the schedule.
+lottery-ticket callback (`robust_sparse.training.lottery`) is the schedule.
 """
 
 import dataclasses
@@ -26,8 +26,8 @@ import keras
 import numpy as np
 from keras.src.models.functional import Functional
 
-from robust_sparse import pruning
-from robust_sparse.layers import (MASKED_LAYER_TYPES, MaskedConv2D, MaskedDense, clone_layer_pairs,
+from robust_sparse.nn import pruning
+from robust_sparse.nn.layers import (MASKED_LAYER_TYPES, MaskedConv2D, MaskedDense, clone_layer_pairs,
                                   enforce_masks)
 
 # The plain Keras layers `masked` converts, by exact type (subclasses such as
@@ -69,7 +69,7 @@ def _checked_layers(model, layers: Optional[Sequence[str]] = None) -> list:
   if not found:
     raise ValueError(f"model {model.name!r} has no MaskedDense or MaskedConv2D layers; "
                      "convert it with `robust_sparse.api.masked(model)` or build it from "
-                     "`robust_sparse.layers`")
+                     "`robust_sparse.nn.layers`")
   names = [layer.name for layer in found]
   duplicates = sorted({name for name in names if names.count(name) > 1})
   if duplicates:
@@ -231,7 +231,7 @@ def masked(model) -> keras.Model:
   if not isinstance(model, (keras.Sequential, Functional)):
     raise ValueError(f"masked: model {model.name!r} is a subclassed Keras model, which Keras "
                      "cannot clone; build it with the Sequential or functional API, or use "
-                     "`robust_sparse.layers.MaskedDense` / `MaskedConv2D` in it directly")
+                     "`robust_sparse.nn.layers.MaskedDense` / `MaskedConv2D` in it directly")
   if not model.built:
     raise ValueError(f"masked: model {model.name!r} is not built; give it an Input or call "
                      "it once first")

@@ -1,6 +1,6 @@
 """The runner's `--measure` list as one measurement object for the engine.
 
-`robust_sparse.engine.Engine` takes one measurement: an object with
+`robust_sparse.training.engine.Engine` takes one measurement: an object with
 `tap_model` (the weight-sharing model the training step and the test-set
 evaluation run through), `update(outputs, split)`, `variables` (checkpointed)
 and, for the runner, `columns()`, `results()` and `reset()`. `Measurements`
@@ -42,8 +42,8 @@ from typing import Dict, List, Optional, Sequence
 import keras
 import tensorflow as tf
 
-from robust_sparse import activation_stats
-from robust_sparse import saturation as saturation_lib
+from robust_sparse.measure import activation_stats
+from robust_sparse.measure import saturation as saturation_lib
 
 SATURATION = "saturation"
 ACTIVATION_MEASUREMENTS = activation_stats.MEASUREMENTS

@@ -39,8 +39,8 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from robust_sparse.files import atomic_open, write_json
-from robust_sparse.saturation import tap_model, tapped_layers
+from robust_sparse.core.files import atomic_open, write_json
+from robust_sparse.measure.saturation import tap_model, tapped_layers
 
 SPLITS = ("train", "eval")
 MANIFEST = "latents.json"

@@ -22,7 +22,7 @@ A `batch` is a dict: `x`, `y`, `weight` (per example; the objective is
 layers compute with `kernel * mask`, so a pruned weight contributes nothing and
 gets a zero gradient, and the masked layers' kernel constraint re-zeroes it
 after every optimizer update (weight decay, momentum). A step built with
-`masks_hold=True` skips both masking passes (see `robust_sparse.layers.
+`masks_hold=True` skips both masking passes (see `robust_sparse.nn.layers.
 masks_hold`); a wrapper that uses gradient values across weights (a norm, as
 SAM's perturbation does) must then mask them itself with
 `layers.mask_gradients`.
@@ -36,9 +36,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from robust_sparse import distribute
-from robust_sparse import layers as layers_lib
-from robust_sparse.optimizers import AdamL2, TorchSGD
+from robust_sparse.training import distribute
+from robust_sparse.nn import layers as layers_lib
+from robust_sparse.training.optimizers import AdamL2, TorchSGD
 
 METRICS = ("loss", "acc", "adv_acc", "nat_loss", "adv_loss", "top5")
 
@@ -158,7 +158,7 @@ def loss_and_gradients(model: keras.Model, loss, loss_scale: Optional[LossScale]
 
   Args:
     taps: a weight-sharing model whose outputs are `[logits] + taps` (e.g.
-      `robust_sparse.saturation.tap_model(model)`): the pass runs through it,
+      `robust_sparse.measure.saturation.tap_model(model)`): the pass runs through it,
       and `aux["taps"]` holds the tapped outputs, so measurements need no
       second forward pass.
     tap_gradients: indices into the taps (`outputs[1:]`) whose gradients of
@@ -404,7 +404,7 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
   `aux["taps"]` (see `loss_and_gradients`), followed by the gradients at the
   taps when it also returns `aux["tap_gradients"]` (natural examples too).
 
-  With a `distribution` (`robust_sparse.distribute`; the variables and
+  With a `distribution` (`robust_sparse.training.distribute`; the variables and
   optimizers created in its scope), `x`, `y` are the global batch: it is
   prepared and augmented whole, then each replica runs the rest on its even
   shard, weighting its examples by 1 / global batch; the gradients are summed
@@ -617,7 +617,7 @@ def standard_loss_grad_fn(model: keras.Model, *, num_classes: int,
     attack: `attack(model, x, y, seed)`; adversarial training when given.
     teacher: a model to distil from, evaluated in inference mode.
     sharpness: `LossGradFn -> LossGradFn`, e.g. a partial of
-      `robust_sparse.sharpness.sharpness_aware`; inside the adversarial
+      `robust_sparse.training.sharpness.sam.sharpness_aware`; inside the adversarial
       wrapper, so both of its passes see the same adversarial batch.
     taps: a tap model for measurements (see `loss_and_gradients`).
   """
