@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from robust_sparse.models import build_model
 from robust_sparse.training.sharpness import ssam
+from robust_sparse.nn import implicit_ops
 from robust_sparse.nn.layers import enforce_masks, masked_layers, masks_hold
 from robust_sparse.training.optimizers import make_optimizer
 from robust_sparse.training.sharpness.sam import sharpness_aware
@@ -371,7 +372,7 @@ def test_implicit_dense_masks_only_the_input_gradient(x_shape):
   dy = _random(x_shape[:-1] + (5,), 3)
   with tf.GradientTape() as tape:
     tape.watch(x)
-    y = ssam.implicit_dense(x, kernel, mask)
+    y = implicit_ops.implicit_dense(x, kernel, mask)
   dx, dk = tape.gradient(y, [x, kernel], output_gradients=dy)
   np.testing.assert_array_equal(y.numpy(), tf.matmul(x, kernel).numpy())
   k, m = kernel.numpy(), mask.numpy()
@@ -395,7 +396,7 @@ def test_implicit_conv2d_masks_only_the_input_gradient(strides, padding, dilatio
   dy = _random(tuple(dense_out.shape), 3)
   with tf.GradientTape() as tape:
     tape.watch(x)
-    y = ssam.implicit_conv2d(x, kernel, mask, strides, padding, dilations)
+    y = implicit_ops.implicit_conv2d(x, kernel, mask, strides, padding, dilations)
   dx, dk = tape.gradient(y, [x, kernel], output_gradients=dy)
   np.testing.assert_array_equal(y.numpy(), dense_out.numpy())
   with tf.GradientTape(persistent=True) as tape:

@@ -91,6 +91,8 @@ from keras import ops
 from keras.src.backend.common import global_state
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
+from robust_sparse.nn import implicit_ops
+
 _QUANTIZATION_REFUSED = (
     "{cls} '{name}' cannot be quantized (received: {received}): Keras' quantized "
     "layers compute without the pruning mask, so pruned weights would come back "
@@ -138,7 +140,7 @@ def implicit_backprop(masks):
   SSAM's implicit sparse perturbation (spec 4.4): during SAM's ascent pass the
   listed layers compute their output and kernel gradient with the dense
   kernel, but pass input gradients back through the kernel times `masks[name]`
-  (`robust_sparse.training.sharpness.ssam.implicit_dense` / `implicit_conv2d`).
+  (`robust_sparse.nn.implicit_ops.implicit_dense` / `implicit_conv2d`).
 
   Args:
     masks: {layer name: 0/1 tensor of the layer's kernel shape}.
@@ -480,8 +482,7 @@ class MaskedDense(_MaskedKernelMixin, keras.layers.Dense):
     else:
       kernel = self._call_kernel(training)
     if implicit is not None and len(inputs.shape) == 2:
-      from robust_sparse.training.sharpness import ssam  # pylint: disable=import-outside-toplevel
-      x = ssam.implicit_dense(inputs, kernel, implicit)
+      x = implicit_ops.implicit_dense(inputs, kernel, implicit)
     else:
       x = ops.matmul(inputs, kernel)
     if self.bias is not None:
@@ -507,11 +508,10 @@ class MaskedConv2D(_MaskedKernelMixin, keras.layers.Conv2D):
     implicit = _implicit_mask(self)
     if (implicit is not None and self.data_format == "channels_last" and self.groups == 1
         and self.padding in ("same", "valid")):
-      from robust_sparse.training.sharpness import ssam  # pylint: disable=import-outside-toplevel
-      outputs = ssam.implicit_conv2d(inputs, self.masked_kernel, implicit,
-                                     strides=list(self.strides),
-                                     padding=self.padding.upper(),
-                                     dilations=list(self.dilation_rate))
+      outputs = implicit_ops.implicit_conv2d(inputs, self.masked_kernel, implicit,
+                                             strides=list(self.strides),
+                                             padding=self.padding.upper(),
+                                             dilations=list(self.dilation_rate))
     else:
       outputs = self.convolution_op(
           inputs, self.masked_kernel if implicit is not None else self._call_kernel(training))
