@@ -17,6 +17,7 @@ from robust_sparse.attacks.autoattack import autoattack, check_components
 from robust_sparse.attacks.common import check_norm
 from robust_sparse.attacks.fgsm import fgsm
 from robust_sparse.attacks.pgd import pgd
+from robust_sparse.core.hparams import AttackHparams
 from robust_sparse.core.registry import Registry
 
 ATTACKS = Registry("attack")
@@ -24,6 +25,8 @@ IMPLEMENTATIONS = ("native", "cleverhans")
 # What the attack's loss is taken against: the model's own predictions (the
 # lottery-ticket seed, cleverhans' y=None) or the true labels (RobustBench).
 LABELS = ("predicted", "true")
+# The command line's defaults are the library's: written once, in the hyper-parameters.
+_RUN = AttackHparams()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,17 +48,17 @@ class AttackConfig:
     n_target_classes: APGD-T's and FAB-T's targets (AutoAttack's standard: 9).
     n_queries: Square's queries (AutoAttack's standard: 5000).
   """
-  name: str = "fgsm"
-  eps: float = 0.3
-  step_size: float = 0.05
-  steps: int = 10
+  name: str = _RUN.attack
+  eps: float = _RUN.eps
+  step_size: float = _RUN.pgd_step_size
+  steps: int = _RUN.pgd_steps
   random_start: bool = True
   clip_min: float = 0.0
   clip_max: float = 1.0
-  impl: str = "native"
+  impl: str = _RUN.attack_impl
   restarts: int = 1
   norm: float = np.inf
-  labels: str = "predicted"
+  labels: str = _RUN.attack_labels
   n_target_classes: int = 9
   n_queries: int = 5000
 

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from robust_sparse.attacks import make_attack
 from robust_sparse.data import augment as augment_lib
+from robust_sparse.experiments import build
 from robust_sparse.experiments.registry import EXPERIMENTS, Defaults
 from robust_sparse.models import NORMALIZATIONS, build_model
 from robust_sparse.core import claims, files
@@ -410,9 +411,9 @@ class Runner:
     self.distribution = distribute.make_distribution(hparams.distribution, hparams.cpu_replicas)
     self.progress = progress
     self.callbacks = list(callbacks or [])
-    self.attack = make_attack(hparams.attack_config())
+    self.attack = make_attack(build.attack_config(hparams))
     self.top5 = dataset.num_classes > 10 or hparams.top5
-    self.eval_attacks = hparams.eval_attack_specs()
+    self.eval_attacks = build.eval_attack_specs(hparams)
     self.columns = columns(self.top5) + tuple(f"adv_acc_{name}" for name, _ in self.eval_attacks)
     if hparams.eval_examples is not None:
       self.columns += ("examples",)

@@ -22,10 +22,7 @@ import math
 import os
 from typing import Optional, Tuple
 
-from robust_sparse.attacks.registry import AttackConfig
 from robust_sparse.core import seed_defaults
-
-_ATTACK = AttackConfig()
 
 # Fields that do not change the numbers of a trial.
 NOT_HASHED = ("trials", "data_dir", "save_every_epochs", "masking_checks", "masking_examples")
@@ -420,15 +417,19 @@ class FlatnessHparams:
 
 @dataclasses.dataclass(frozen=True)
 class AttackHparams:
-  """The attack used for adversarial training and evaluation."""
-  attack: str = _field(_ATTACK.name, "adversarial attack used for training and evaluation",
+  """The attack used for adversarial training and evaluation.
+
+  Its defaults are `robust_sparse.attacks.AttackConfig`'s too (the seed's);
+  `robust_sparse.experiments.build` turns these fields into attacks.
+  """
+  attack: str = _field("fgsm", "adversarial attack used for training and evaluation",
                        choices=_names("robust_sparse.attacks.ATTACKS"))
-  attack_impl: str = _field(_ATTACK.impl, "native compiled attacks, or cleverhans' "
+  attack_impl: str = _field("native", "native compiled attacks, or cleverhans' "
                             "functions as the seed used",
                             choices=lambda: ["native", "cleverhans"])
-  eps: float = _field(_ATTACK.eps, "L-infinity attack budget", lower_bound=0.0)
-  pgd_step_size: float = _field(_ATTACK.step_size, "PGD step size", lower_bound=0.0)
-  pgd_steps: int = _field(_ATTACK.steps, "PGD steps", lower_bound=0)
+  eps: float = _field(0.3, "L-infinity attack budget", lower_bound=0.0)
+  pgd_step_size: float = _field(0.05, "PGD step size", lower_bound=0.0)
+  pgd_steps: int = _field(10, "PGD steps", lower_bound=0)
   attack_labels: str = _field(
       "predicted", "attack the model's own predictions (the seed's, cleverhans y=None) or "
       "the true labels (standard robust accuracy), in training and evaluation",
@@ -513,18 +514,6 @@ class Hparams(RunHparams, DistributionHparams, AttackHparams, FlatnessHparams, R
     """The model options that are set, for `models.build_model`."""
     return {name: getattr(self, name) for name in MODEL_OPTIONS
             if getattr(self, name) is not None}
-
-  def attack_config(self) -> AttackConfig:
-    return AttackConfig(name=self.attack, eps=self.eps, step_size=self.pgd_step_size,
-                        steps=self.pgd_steps, impl=self.attack_impl, labels=self.attack_labels)
-
-  def eval_attack_specs(self):
-    """[(column name, attack)] of `--eval_attacks` (one-line ValueError on a bad spec)."""
-    from robust_sparse.attacks import spec  # pylint: disable=import-outside-toplevel
-    if not self.eval_attacks.strip():
-      return []
-    return spec.parse_attack_specs(spec.split_attack_specs(self.eval_attacks),
-                                   self.attack_config())
 
   def to_dict(self):
     values = dataclasses.asdict(self)
