@@ -65,6 +65,10 @@ import numpy as np
 import pandas as pd
 
 from robust_sparse.analysis import load
+from robust_sparse.core import files
+from robust_sparse.core.hparams import Hparams
+from robust_sparse.core.run_folder import level_dir
+from robust_sparse.nn.weights import assign_weights
 
 HEADING = "Gradient-masking checks"
 TABLE_STEM = "gradient_masking"
@@ -109,7 +113,8 @@ _CSV_COLUMNS = (["run", "label", "prune_iteration", "percent_weights_remaining",
 
 def _budgets() -> dict:
   """The checks' fixed budgets, by the names `CHECKS` and `measure_headings` format."""
-  from robust_sparse.experiments import masking_checks  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel  Heavy: TensorFlow, which reading runs never needs.
+  from robust_sparse.experiments import masking_checks
   return dict(factor=masking_checks.STRONG_STEPS_FACTOR,
               restarts=masking_checks.STRONG_RESTARTS, large_eps=masking_checks.LARGE_EPS,
               large_eps_step=masking_checks.LARGE_EPS_STEP_SIZE,
@@ -261,7 +266,7 @@ class _Builder:
     self._models = {}
 
   def model(self, hp, dataset, trial: int, level: int):
-    # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel  Heavy: TensorFlow, which reading runs never needs.
     from robust_sparse.experiments.registry import EXPERIMENTS
     from robust_sparse.experiments.runner import set_precision
     from robust_sparse.models import build_model
@@ -297,7 +302,7 @@ class _Run:
 
   def dataset(self):
     """The run's data set (one load per analysis and data set), or why it is not loaded."""
-    # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel  Heavy: TensorFlow, which reading runs never needs.
     from robust_sparse.data import load_dataset
     hp = self.hp
     data_dir = self._options.data_dir or hp.data_dir
@@ -318,9 +323,6 @@ class _Run:
 
   def model(self, trial: int, level: int):
     """Trial `trial`'s network holding its final weights of `level`."""
-    # pylint: disable=import-outside-toplevel
-    from robust_sparse.experiments.runner import assign_weights, level_dir
-    from robust_sparse.core import files
     dataset = self.dataset()
     if isinstance(dataset, str):
       raise _DataMissing(dataset)
@@ -332,9 +334,8 @@ class _Run:
   def level_checks(self, level: int, trials: Sequence[int]) -> List[dict]:
     """Each trial's accuracies at `level` (`MEASURES`, "transfer_from"): read where stored,
     else made once and stored (see the module docstring)."""
-    # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel  Heavy: TensorFlow, which reading runs never needs.
     from robust_sparse.experiments import masking_checks
-    from robust_sparse.experiments.runner import level_dir
     hp = self.hp
     directories = {trial: level_dir(self.run_dir, trial, level) for trial in trials}
     wanted = self._options.examples
@@ -390,11 +391,6 @@ def check_run(run_dir: str, options: Options, builder: "_Builder",
     datasets: the data sets loaded so far, shared likewise.
     shown: the run's name in log lines and progress bars; default `run_dir`.
   """
-  # pylint: disable=import-outside-toplevel
-  from robust_sparse.experiments.runner import level_dir
-  from robust_sparse.core import files
-  from robust_sparse.core.hparams import Hparams
-
   def note_row(note, **values):
     return [{**values, "note": note}]
 
@@ -447,7 +443,8 @@ def check_study(study: load.Study, options: Options, source: str = "") -> pd.Dat
   runs = study.runs[study.runs["attack"].astype(str) != "none"]
   if runs.empty:
     return pd.DataFrame(columns=_CSV_COLUMNS)
-  import keras  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel  Heavy: TensorFlow, which reading runs never needs.
+  import keras
   policy = keras.mixed_precision.global_policy()
   builder, datasets, rows = _Builder(), {}, []
   began = time.time()

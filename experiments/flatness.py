@@ -3,7 +3,7 @@
 `--experiment=augmented_flatness --pretrained_run=DIR` measures every
 checkpoint of the finished run DIR (its trial 0, level 0, in iteration order:
 `weights_init.npz`, the weights `--save_every_epochs` saved, and
-`weights_final.npz`; see `experiments.runner.checkpoints`). For each, it
+`weights_final.npz`; see `robust_sparse.core.run_folder.checkpoints`). For each, it
 loads the weights into `--model` (which, with `--dataset`, must be DIR's) and
 computes `robust_sparse.measure.flatness.augmented_flatness` in batches of
 `--batch_size`, at most `--max_iterations` of them, the loss counting only the
@@ -55,6 +55,9 @@ from robust_sparse.experiments.registry import EXPERIMENTS, Measurement
 from robust_sparse.core import files
 from robust_sparse.measure import flatness as flatness_lib
 from robust_sparse.core.hparams import ModelHparams
+from robust_sparse.core.run_folder import checkpoints, finished_run, level_dir
+from robust_sparse.models import normalization_mean
+from robust_sparse.nn.weights import assign_weights
 from robust_sparse.training.engine import index_stream
 from robust_sparse.training.steps import stream_seed
 
@@ -226,7 +229,6 @@ class AugmentedFlatness(Measurement):
     if not hp.pretrained_run:
       raise ValueError("augmented_flatness needs --pretrained_run=DIR, the finished run whose "
                        "checkpoints to measure")
-    from robust_sparse.experiments.runner import checkpoints, finished_run, level_dir
     source, _ = finished_run(hp.pretrained_run, "--pretrained_run")
     for name in MATCHED:
       if getattr(source, name) != getattr(hp, name):
@@ -245,7 +247,6 @@ class AugmentedFlatness(Measurement):
                        "weights to measure")
 
   def after_run(self, runner):
-    from robust_sparse.experiments.runner import assign_weights
     hp = self.hparams
     model = runner.build(0, 0)
     try:
@@ -257,7 +258,6 @@ class AugmentedFlatness(Measurement):
     logging.info("augmented flatness of blocks %s", ", ".join(b.name for b in blocks))
     seed_protocol = hp.flatness_data == "train"
     if seed_protocol:
-      from robust_sparse.experiments.runner import normalization_mean
       augment = augment_lib.build(hp.augment, num_classes=runner.dataset.num_classes,
                                   fill=normalization_mean(hp.normalize))
       batches = training_batches(runner.dataset, hp.batch_size, hp.seed, augment,

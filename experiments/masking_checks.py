@@ -48,8 +48,8 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from robust_sparse.attacks import AttackConfig, make_attack
-from robust_sparse.experiments.runner import derived_seed
 from robust_sparse.core import files
+from robust_sparse.core.run_folder import derived_seed
 
 RESULTS_FILE = "masking.json"
 EXAMPLES_FILE = "masking_examples.npz"

@@ -39,6 +39,9 @@ import tensorflow as tf
 from robust_sparse.data import augment as augment_lib
 from robust_sparse.experiments.registry import EXPERIMENTS, Measurement
 from robust_sparse.core import files
+from robust_sparse.core.run_folder import finished_run
+from robust_sparse.models import normalization_mean
+from robust_sparse.nn.weights import assign_weights
 from robust_sparse.measure import probes as probes_lib
 from robust_sparse.measure import receptive_field as receptive_field_lib
 
@@ -77,7 +80,6 @@ class Probes(Measurement):
     hp = self.hparams
     if not hp.pretrained_run:
       raise ValueError("probes needs --pretrained_run=DIR, the finished run to probe")
-    from robust_sparse.experiments.runner import finished_run
     source, self._weights = finished_run(hp.pretrained_run, "--pretrained_run")
     for name in ("model", "dataset", "resolution", "normalize", "activation", "dropout"):
       if getattr(source, name) != getattr(hp, name):
@@ -87,7 +89,6 @@ class Probes(Measurement):
     check_probe_settings(hp, dataset)
 
   def after_run(self, runner):
-    from robust_sparse.experiments.runner import assign_weights
     hp = self.hparams
     model = runner.build(0, 0)
     assign_weights(model, self._weights, f"--pretrained_run={hp.pretrained_run}")
@@ -116,7 +117,6 @@ def probe_training_batches(hp, dataset):
   """
   if not hp.probe_augment:
     return (dataset.x_train, dataset.y_train), len(dataset.y_train), {"augment": None}
-  from robust_sparse.experiments.runner import normalization_mean
   batch_size = int(hp.probe_batch_size or hp.batch_size)
   augment = augment_lib.build(hp.augment, num_classes=dataset.num_classes,
                               fill=normalization_mean(hp.normalize))

@@ -16,12 +16,14 @@ evaluation and what to record when it finishes; levels of one `phase` share
 one compiled engine. The experiment never copies the runner's loop.
 """
 
+import os
 from typing import Callable, NamedTuple
 
 import numpy as np
 
 from robust_sparse.nn import pruning
 from robust_sparse.core.registry import Registry
+from robust_sparse.core.run_folder import derived_seed, level_dir, read_hparams
 
 EXPERIMENTS = Registry("experiment")
 REWIND_TARGETS = ("init", "trained_dense")
@@ -214,13 +216,7 @@ class _TicketControl(Experiment):
     name = hp.experiment
     if not hp.ticket_run:
       raise ValueError(f"{name} needs --ticket_run=DIR, a reinit_orig run folder")
-    import os  # pylint: disable=import-outside-toplevel
-    from robust_sparse.core import files  # pylint: disable=import-outside-toplevel
-    from robust_sparse.core.hparams import Hparams  # pylint: disable=import-outside-toplevel
-    try:
-      ticket = Hparams.from_dict(files.read_json(os.path.join(hp.ticket_run, "hparams.json")))
-    except (OSError, ValueError) as e:
-      raise ValueError(f"--ticket_run={hp.ticket_run}: not a readable run folder ({e})") from None
+    ticket = read_hparams(hp.ticket_run, "--ticket_run")
     for field in ("dataset", "model", "resolution", "activation", "normalize"):
       if getattr(ticket, field) != getattr(hp, field):
         raise ValueError(f"--ticket_run={hp.ticket_run} was trained with --{field}="
@@ -231,9 +227,6 @@ class _TicketControl(Experiment):
                        f"--prune_iters={hp.prune_iters} need more")
 
   def ticket_masks(self, trial, level, layers):
-    import os  # pylint: disable=import-outside-toplevel
-    from robust_sparse.experiments.runner import (  # pylint: disable=import-outside-toplevel
-        level_dir)
     directory = os.path.join(level_dir(self.hparams.ticket_run, trial, level), "masks")
     try:
       return {layer.name: np.load(os.path.join(directory, f"{layer.name}.npy"))
@@ -261,8 +254,6 @@ class RandomPrune(_TicketControl):
   (OpenLTH's `randomly_prune`): does the ticket's choice of weights matter?"""
 
   def level_masks(self, trial, level, layers):
-    from robust_sparse.experiments.runner import (  # pylint: disable=import-outside-toplevel
-        derived_seed)
     ticket = self.ticket_masks(trial, level, layers)
     if level == 0:
       return ticket

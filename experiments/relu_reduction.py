@@ -44,7 +44,10 @@ from absl import logging
 
 from robust_sparse.experiments.registry import EXPERIMENTS, Experiment, Measurement
 from robust_sparse.core import files
+from robust_sparse.core.run_folder import finished_run
+from robust_sparse.models import build_model
 from robust_sparse.nn import relu_masks as relu_lib
+from robust_sparse.nn.weights import model_weights
 from robust_sparse.training.optimizers import AdamL2, TorchSGD
 from robust_sparse.training.schedules import make_schedule
 from robust_sparse.training.steps import OptimizerGroup, penalized
@@ -132,7 +135,6 @@ class ReLUPrune(Experiment):
       logging.warning("--mask_dropout=%g has no effect with --relu_replacement=%s (AutoReP "
                       "drops out to relu only in its spgrad, poly and autopoly modules)",
                       hp.mask_dropout, hp.relu_replacement)
-    from robust_sparse.experiments.runner import finished_run
     pretrained_hp, weights = finished_run(hp.pretrained_run, "--pretrained_run")
     for name in ("model", "dataset", "resolution", "normalize", "activation", "dropout"):
       theirs, ours = getattr(pretrained_hp, name), getattr(hp, name)
@@ -140,7 +142,6 @@ class ReLUPrune(Experiment):
         raise ValueError(f"--pretrained_run={hp.pretrained_run} was trained with "
                          f"--{name}={theirs}, not --{name}={ours}")
     self._pretrained = weights
-    from robust_sparse.models import build_model
     base = build_model(hp.model, dataset.input_shape, dataset.num_classes,
                        activation=hp.activation, normalize=hp.normalize, dropout=hp.dropout,
                        **hp.model_options())
@@ -242,7 +243,6 @@ class ReLUPrune(Experiment):
     files.write_csv(os.path.join(directory, "relu_sites.csv"),
                     ("iteration", "layer", "relus", "live"), logs["relu_sites"])
     if level == 0 and self._is_best(logs):
-      from robust_sparse.experiments.runner import model_weights
       files.save_arrays(os.path.join(directory, "weights_best.npz"), model_weights(model))
 
   def _selection_accuracy(self, logs, index):

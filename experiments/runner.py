@@ -26,10 +26,9 @@ in `metadata.json`; re-running it is refused until `--force`.
 """
 
 import contextlib
-import hashlib
+import dataclasses
 import json
 import os
-import re
 import shutil
 import socket
 import time
@@ -43,9 +42,10 @@ from tqdm import tqdm
 
 from robust_sparse.attacks import make_attack
 from robust_sparse.data import augment as augment_lib
-from robust_sparse.experiments import build
+from robust_sparse.experiments import build, masking_checks
+from robust_sparse.experiments.phd_lab import check_probe_settings, fit_probes
 from robust_sparse.experiments.registry import EXPERIMENTS, Defaults
-from robust_sparse.models import NORMALIZATIONS, build_model
+from robust_sparse.models import build_model, normalization_mean
 from robust_sparse.core import claims, files
 from robust_sparse.training import distribute
 from robust_sparse.nn import pruning, sparsity_modules
@@ -55,7 +55,10 @@ from robust_sparse.measure import saturation as saturation_lib
 from robust_sparse.training import tensorboard
 from robust_sparse.training.engine import Diverged, Engine, index_stream
 from robust_sparse.core.hparams import Hparams
+from robust_sparse.core.run_folder import (LevelHistory, checkpoint_path, derived_seed,
+                                           finished_run, is_finished, level_dir, read_metadata)
 from robust_sparse.nn.layers import masked_layers
+from robust_sparse.nn.weights import assign_weights, model_weights
 from robust_sparse.training.optimizers import make_optimizer, split_optimizer
 from robust_sparse.training.sharpness.sam import check_options as check_sharpness_options
 from robust_sparse.training.sharpness.sam import sharpness_aware
@@ -68,7 +71,6 @@ SPLITS = ("train", "valid", "test")
 # The evaluated splits, in order, with the attack's random stream of each
 # (`Engine.evaluate`).
 EVAL_STREAMS = (("valid", 1), ("test", 2))
-CHECKPOINTS = "checkpoints"  # --save_every_epochs' folder in a level.
 # How often a process that has nothing left to claim looks again (levels held by others).
 CLAIM_POLL_SECONDS = 2.0
 
@@ -86,95 +88,8 @@ def columns(top5: bool, sharpness: bool = False):
           + (("top5",) if top5 else ()) + (SHARPNESS if sharpness else ()))
 
 
-def derived_seed(*parts) -> int:
-  """A 31-bit seed that is a pure function of `parts`."""
-  digest = hashlib.sha256(json.dumps(parts).encode()).digest()
-  return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def level_dir(run_dir, trial, level):
-  return os.path.join(run_dir, f"trial_{trial}", f"prune_iter_{level}")
-
-
-def checkpoint_path(directory, iteration) -> str:
-  """Where `--save_every_epochs` keeps a level's weights at `iteration`."""
-  return os.path.join(directory, CHECKPOINTS, f"weights_{iteration:08d}.npz")
-
-
-def checkpoints(directory):
-  """[(iteration, path)] of a finished level: initial, saved every N epochs, final."""
-  found = [(0 if name == "weights_init.npz" else None, os.path.join(directory, name))
-           for name in ("weights_init.npz",)]
-  folder = os.path.join(directory, CHECKPOINTS)
-  if os.path.isdir(folder):
-    for name in sorted(os.listdir(folder)):
-      match = re.fullmatch(r"weights_(\d+)\.npz", name)
-      if match:
-        found.append((int(match.group(1)), os.path.join(folder, name)))
-  final = read_metadata(directory).get("final_iteration")
-  found.append((final, os.path.join(directory, "weights_final.npz")))
-  return [(i, p) for i, p in found if os.path.exists(p)]
-
-
-def read_metadata(directory) -> dict:
-  path = os.path.join(directory, "metadata.json")
-  if not os.path.exists(path):
-    return {}
-  try:
-    return files.read_json(path)
-  except (OSError, ValueError):
-    return {}
-
-
-def is_finished(directory) -> bool:
-  return bool(read_metadata(directory).get("completed"))
-
-
-class LevelHistory:
-  """The saved weights of a trial's earlier levels, read when an experiment asks."""
-
-  def __init__(self, run_dir, trial):
-    self._run_dir = run_dir
-    self._trial = trial
-
-  def path(self, level, name):
-    return os.path.join(level_dir(self._run_dir, self._trial, level), name)
-
-  def weights(self, level, name):
-    """The arrays of `name` (e.g. "weights_final.npz") in the folder of `level`."""
-    return files.load_arrays(self.path(level, name))
-
-  def initial_weights(self, level):
-    return self.weights(level, "weights_init.npz")
-
-  def final_weights(self, level):
-    return self.weights(level, "weights_final.npz")
-
-  def rewind_weights(self, level):
-    return self.weights(level, "weights_rewind.npz")
-
-
 def _kernels(layers):
   return {layer.name: np.asarray(layer.raw_kernel.numpy()) for layer in layers}
-
-
-def model_weights(model):
-  """Every model variable (trainable or not) by path."""
-  return {v.path: np.asarray(v.numpy()) for v in model.variables}
-
-
-def assign_weights(model, weights, source="weights"):
-  """Assigns `weights` (by path) to every variable of `model`.
-
-  Raises:
-    ValueError: a model variable missing from `weights`: never a silent fresh value.
-  """
-  missing = [v.path for v in model.variables if v.path not in weights]
-  if missing:
-    raise ValueError(f"{source} has no value for {', '.join(missing[:5])}"
-                     f"{' ...' if len(missing) > 5 else ''}")
-  for variable in model.variables:
-    variable.assign(weights[variable.path])
 
 
 def _save_layer_arrays(directory, sub, arrays):
@@ -190,28 +105,6 @@ def set_precision(mixed_precision: bool):
   keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
 
 
-def finished_run(run_dir: str, flag: str):
-  """The hyper-parameters and final weights of trial 0, level 0 of the run folder `run_dir`.
-
-  Args:
-    flag: the flag that named the folder, for error messages.
-
-  Returns:
-    (Hparams, {variable path: array}).
-
-  Raises:
-    ValueError: not a run folder, or its level 0 is unfinished.
-  """
-  try:
-    run_hp = Hparams.from_dict(files.read_json(os.path.join(run_dir, "hparams.json")))
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{flag}={run_dir}: not a readable run folder ({e})") from None
-  directory = level_dir(run_dir, 0, 0)
-  if not is_finished(directory):
-    raise ValueError(f"{flag}={run_dir}: trial_0/prune_iter_0 is not finished")
-  return run_hp, files.load_arrays(os.path.join(directory, "weights_final.npz"))
-
-
 def load_teacher(run_dir: str, input_shape, num_classes) -> keras.Model:
   """The final model of trial 0, level 0 of the finished run folder `run_dir`.
 
@@ -225,15 +118,6 @@ def load_teacher(run_dir: str, input_shape, num_classes) -> keras.Model:
   assign_weights(model, weights, f"--teacher_dir={run_dir}")
   model.trainable = False
   return model
-
-
-def normalization_mean(name: str):
-  """The pixel-space mean of the `--normalize` statistics (black for "none").
-
-  Cutout fills with it: the seeds cut out after normalising, with zeros,
-  which is this mean in the [0, 1] pixels the toolkit augments.
-  """
-  return tuple(float(m) for m in NORMALIZATIONS[name][0])
 
 
 def optimizer_groups(hp: Hparams, num_train: int):
@@ -349,7 +233,6 @@ def check_hparams(hp: Hparams, num_train: int):
                      f"not --experiment={hp.experiment}")
   if hp.adv_train and hp.attack == "none":
     raise ValueError("--adv_train needs an --attack (fgsm or pgd), got --attack=none")
-  from robust_sparse.experiments import masking_checks  # It imports this module.
   masking_checks.check_options(hp)
   if hp.batch_size > num_train:
     raise ValueError(f"--batch_size={hp.batch_size} is larger than the {num_train} "
@@ -404,7 +287,6 @@ class Runner:
     self.experiment.check(dataset, self.num_train)
     check_hparams(hparams, self.num_train)
     if hparams.probes:
-      from robust_sparse.experiments.phd_lab import check_probe_settings
       check_probe_settings(hparams, dataset)
     self.run_dir = hparams.run_dir(base_dir)
     # None for --distribution=default: no strategy, nothing changes.
@@ -480,7 +362,6 @@ class Runner:
 
   def _probes(self):
     """`--probes`: probes of trial 0's final network (its last level)."""
-    from robust_sparse.experiments.phd_lab import fit_probes
     last = self.experiment.levels() - 1
     model = self.build(0, last)
     assign_weights(model, files.load_arrays(os.path.join(level_dir(self.run_dir, 0, last),
@@ -871,7 +752,6 @@ class Runner:
   def _masking_checks(self, model, trial, level, directory):
     """`--masking_checks`: the gradient-masking checks' attacks on the level's final
     network, kept in its folder before `metadata.json` (so a killed run redoes them)."""
-    from robust_sparse.experiments import masking_checks  # It imports this module.
     if masking_checks.enabled(self.hparams):
       masking_checks.check_level(
           self.hparams, model, self.dataset, trial, directory,
@@ -884,7 +764,6 @@ def _first_train_examples(dataset, count):
   Raises:
     ValueError: more than the data set has.
   """
-  import dataclasses
   if count > len(dataset.x_train):
     raise ValueError(f"--train_examples={count} is more than the {len(dataset.x_train)} "
                      "training images")

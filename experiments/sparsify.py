@@ -30,6 +30,7 @@ them for every model that has the modules).
 
 import numpy as np
 
+from robust_sparse.core.run_folder import finished_run
 from robust_sparse.experiments.registry import EXPERIMENTS, Experiment
 
 # Variables the sparsified model has and a vanilla checkpoint lacks: the zeroth
@@ -62,8 +63,6 @@ class SparsifyFinetune(Experiment):
     if hp.vit_variant == "sparsified" or hp.model.endswith("_sparsified"):
       raise ValueError("sparsify_finetune builds the sparsified model from the vanilla "
                        "one: give the vanilla --model / --vit_variant of --pretrained_run")
-    from robust_sparse.experiments.runner import (  # pylint: disable=import-outside-toplevel
-        finished_run)
     pretrained_hp, self._pretrained = finished_run(hp.pretrained_run, "--pretrained_run")
     for name in ("dataset", "resolution", "normalize"):
       theirs, ours = getattr(pretrained_hp, name), getattr(hp, name)

@@ -14,7 +14,7 @@ from robust_sparse.models import vgg  # noqa: F401
 from robust_sparse.models import vit  # noqa: F401
 from robust_sparse.models import wideresnet  # noqa: F401
 from robust_sparse.models.registry import (AFTER_BN, AFTER_DENSE, AFTER_RESIDUAL, MODELS,
-                                           NORMALIZATIONS, build_model)
+                                           NORMALIZATIONS, build_model, normalization_mean)
 
 __all__ = ["AFTER_BN", "AFTER_DENSE", "AFTER_RESIDUAL", "MODELS", "NORMALIZATIONS",
-           "build_model"]
+           "build_model", "normalization_mean"]

@@ -65,6 +65,15 @@ NORMALIZATIONS = {
 }
 
 
+def normalization_mean(name: str):
+  """The pixel-space mean of the `--normalize` statistics (black for "none").
+
+  Cutout fills with it: the seeds cut out after normalising, with zeros,
+  which is this mean in the [0, 1] pixels the toolkit augments.
+  """
+  return tuple(float(m) for m in NORMALIZATIONS[name][0])
+
+
 # ----------------------------------------------------------------------------
 # Layers the builders need beyond Keras' own.
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from robust_sparse.experiments import flatness as experiment
-from robust_sparse.experiments.runner import Runner, assign_weights, checkpoints, level_dir
+from robust_sparse.core.run_folder import checkpoints
+from robust_sparse.experiments.runner import Runner, assign_weights, level_dir
 from robust_sparse.models import build_model
 from robust_sparse.core import files
 from robust_sparse.measure import flatness
