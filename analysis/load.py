@@ -23,27 +23,25 @@ along `AXIS_KEYS`; runs that share an axis cell but differ in any other field
 get different `setting` labels ("prune_iters=3"), so they are never pooled.
 """
 
-import contextlib
 import csv
 import dataclasses
-import functools
 import hashlib
 import json
 import math
 import os
 import re
 import types
-from typing import (Callable, Dict, Iterable, List, Mapping, Optional,
-                    Sequence, Tuple)
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from absl import logging
 import numpy as np
 import pandas as pd
 
 from robust_sparse.core import files as files_lib
-
-HPARAMS_FILE = "hparams.json"
-METADATA_FILE = "metadata.json"
+from robust_sparse.core.hparams import NOT_HASHED, Hparams
+from robust_sparse.core.run_folder import HPARAMS_FILE, METADATA_FILE
+from robust_sparse.core.run_folder import LEVEL_DIR as _PRUNE_ITER_DIR
+from robust_sparse.core.run_folder import TRIAL_DIR as _TRIAL_DIR
 SPLITS = ("train", "valid", "test")
 METRIC_COLUMNS = ("loss", "acc", "adv_acc", "nat_loss", "adv_loss")
 CSV_COLUMNS = ("iteration",) + METRIC_COLUMNS
@@ -63,8 +61,6 @@ SINGLE_LEVEL_EXPERIMENTS = ("no_pruning", "train")
 # How a setting label shows a field that a run lacks and that has no default.
 UNSET = "unset"
 
-_TRIAL_DIR = re.compile(r"^trial_(\d+)$")
-_PRUNE_ITER_DIR = re.compile(r"^prune_iter_(\d+)$")
 
 
 class AnalysisError(ValueError):
@@ -118,61 +114,18 @@ def training_mode(adv_train: bool) -> str:
   return "adversarial" if adv_train else "natural"
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-  """Silences file descriptor 2, where TensorFlow's C++ start-up logs go.
-
-  Those lines would turn `run_analysis`'s one-line error into several; Python
-  errors of the import are caught and reported by the caller instead.
-  """
-  try:
-    saved = os.dup(2)
-  except OSError:  # No usable stderr (embedded interpreter): nothing to hide.
-    yield
-    return
-  try:
-    with open(os.devnull, "w") as devnull:
-      os.dup2(devnull.fileno(), 2)
-      yield
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-
-
-@functools.lru_cache(maxsize=None)
-def _engine_defaults() -> Tuple[Tuple[Tuple[str, object], ...],
-                                Tuple[str, ...], str]:
-  """Reads (defaults, fields left out of the run hash, error) from the engine.
-
-  Imported lazily: `robust_sparse.core.hparams` pulls in TensorFlow (seconds), and
-  bad input should fail before paying for it. Returns no defaults and the
-  reason when the engine cannot be imported (analysing on a machine without
-  TensorFlow), so the analysis still runs, keeping runs apart rather than
-  pooling them.
-  """
-  try:
-    with _quiet_stderr():
-      # pylint: disable=g-import-not-at-top,import-outside-toplevel
-      from robust_sparse.core import hparams as hparams_module
-    defaults = hparams_module.Hparams().to_dict()
-    not_hashed = tuple(getattr(hparams_module, "NOT_HASHED", ()))
-  except Exception as error:  # pylint: disable=broad-except
-    return (), (), f"{type(error).__name__}: {error}"
-  return tuple(defaults.items()), not_hashed, ""
-
-
 def hparam_defaults() -> Dict[str, object]:
   """The default of every hyper-parameter, from `robust_sparse.core.hparams.Hparams`.
 
   Returns:
-    A flat dict; empty when the engine cannot be imported.
+    A flat dict.
   """
-  return dict(_engine_defaults()[0])
+  return Hparams().to_dict()
 
 
 def not_distinguishing_keys() -> frozenset:
   """Fields that never tell runs apart: ours and the engine's `NOT_HASHED`."""
-  return NOT_DISTINGUISHING_KEYS | frozenset(_engine_defaults()[1])
+  return NOT_DISTINGUISHING_KEYS | frozenset(NOT_HASHED)
 
 
 def find_run_dirs(base_dir: str) -> List[str]:
@@ -733,12 +686,6 @@ def load_study(base_dir: str,
     if defaults is None:
       defaults = hparam_defaults()
       ignored.update(not_distinguishing_keys())
-      error = _engine_defaults()[2]
-      if error:
-        problems.append(
-            "could not read the hyper-parameter defaults from "
-            f"robust_sparse.core.hparams ({error}); runs whose hparams.json lacks "
-            "a field are kept apart from runs that set it")
     return defaults
 
   filters = {

@@ -629,20 +629,6 @@ def test_learning_curves_plot_finite_values_against_epoch(train_study_dir):
   plt.close(figure)
 
 
-def test_without_the_engine_runs_lacking_a_field_are_kept_apart(
-    tmp_path, monkeypatch):
-  monkeypatch.setattr(load, "_engine_defaults",
-                      lambda: ((), (), "ModuleNotFoundError: tensorflow"))
-  older = fixtures.write_run(str(tmp_path))
-  explicit = fixtures.write_run(str(tmp_path), weight_decay=0.0)
-  study = load.load_study(str(tmp_path))
-  assert len(study.problems) == 1
-  assert "could not read the hyper-parameter defaults" in study.problems[0]
-  assert "ModuleNotFoundError: tensorflow" in study.problems[0]
-  setting = dict(zip(study.runs["run_dir"], study.runs["setting"]))
-  assert setting == {older: "weight_decay=unset", explicit: "weight_decay=0"}
-
-
 def test_final_epoch_is_shown_for_runs_of_epochs_only(tmp_path):
   by_epochs = fixtures.write_run(str(tmp_path), experiment="train", trials=2,
                                  new_columns=True, epochs=6.0)
