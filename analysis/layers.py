@@ -146,6 +146,7 @@ def plot_layer_profile(layers: List[str], saturation: List[float], test_acc: flo
 
 
 def _receptive_fields(config: dict, input_shape) -> Dict[str, float]:
+  # Heavy: TensorFlow, which reading runs never needs.
   from robust_sparse.models import build_model  # pylint: disable=import-outside-toplevel
   from robust_sparse.measure import receptive_field  # pylint: disable=import-outside-toplevel
   try:

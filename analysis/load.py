@@ -184,7 +184,7 @@ def expected_prune_iterations(hparams: dict) -> int:
   `prune_iters + 1` levels unless it is one of `SINGLE_LEVEL_EXPERIMENTS`.
   """
   try:
-    # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    # pylint: disable=g-import-not-at-top,import-outside-toplevel  Heavy: TensorFlow.
     from robust_sparse.experiments.registry import EXPERIMENTS
     experiment = EXPERIMENTS.get(hparams.get("experiment"))
     return int(experiment(types.SimpleNamespace(**hparams)).levels())

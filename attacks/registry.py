@@ -97,6 +97,7 @@ class AttackConfig:
 @ATTACKS.register("fgsm")
 def _fgsm(config: AttackConfig):
   if config.impl == "cleverhans":
+    # Optional: cleverhans, only for --attack_impl=cleverhans.
     from cleverhans.tf2.attacks.fast_gradient_method import fast_gradient_method
 
     def attack(model, x, y=None, seed=None):
@@ -116,6 +117,7 @@ def _fgsm(config: AttackConfig):
 @ATTACKS.register("pgd")
 def _pgd(config: AttackConfig):
   if config.impl == "cleverhans":
+    # Optional: cleverhans, only for --attack_impl=cleverhans.
     from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
 
     def attack(model, x, y=None, seed=None):

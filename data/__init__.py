@@ -1,4 +1,8 @@
-"""Data sets: raw-file readers, image folders, per-batch preparation, train/valid/test splits."""
+"""Data sets: raw-file readers, image folders, per-batch preparation, train/valid/test splits.
+
+May import: `robust_sparse.core`, `robust_sparse.nn`, `robust_sparse.training` (its shared
+arrays), `robust_sparse.measure`, `robust_sparse.custom_ops`.
+"""
 
 import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/core/startup.py).
 

@@ -23,6 +23,7 @@ set's default). `load_dataset` holds out the validation split and returns a
 import dataclasses
 import glob
 import os
+import socket
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -164,7 +165,6 @@ def default_data_dir() -> Optional[str]:
 
 
 def _network_reachable(address=DOWNLOAD_CHECK, timeout=DOWNLOAD_CHECK_TIMEOUT) -> bool:
-  import socket  # pylint: disable=import-outside-toplevel
   try:
     socket.create_connection(address, timeout=timeout).close()
   except OSError:
@@ -173,7 +173,7 @@ def _network_reachable(address=DOWNLOAD_CHECK, timeout=DOWNLOAD_CHECK_TIMEOUT) -
 
 
 def _from_tfds(name):
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # Optional and heavy: only for TFDS data sets.
   # Offline, tensorflow-datasets retries its downloads for minutes: say at once instead.
   if not tfds.builder(name).is_prepared() and not _network_reachable():
     raise DataError(f"{name}: no local copy in tensorflow-datasets and no network to download "
@@ -248,7 +248,7 @@ def _read_cifar100(data_dir):
 def _read_sklearn_digits(data_dir):
   """scikit-learn's embedded 8x8 digits (no download): last 360 images test."""
   del data_dir
-  from sklearn.datasets import load_digits
+  from sklearn.datasets import load_digits  # Heavy (a second): only for this data set.
   digits = load_digits()
   # Pixel values are 0..16; scale to bytes so every reader returns uint8.
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]

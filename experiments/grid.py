@@ -102,11 +102,15 @@ default 0), so for independent repetitions vary `--seed` too, or two run IDs
 give identical numbers.
 """
 
+import dataclasses
+import importlib
 import itertools
 import json
 import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
+
+from robust_sparse.core import hparams
 
 # The seed's keys in the order of its cartesian product (phd_lab/experiments/
 # main.py), then `cache_dir` (spec 5.2's later list). `metrics` is not expanded.
@@ -322,15 +326,12 @@ def _read(path: str) -> Dict[str, Any]:
 
 
 def _hparams_fields() -> Dict[str, Any]:
-  """{name: dataclass field} of `Hparams` (imported here: it imports TensorFlow)."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  from robust_sparse.core import hparams  # pylint: disable=import-outside-toplevel
+  """{name: dataclass field} of `Hparams`."""
   return {field.name: field for field in dataclasses.fields(hparams.Hparams)}
 
 
 def _field_value(field, value):
   """Checks one value of an `Hparams` field as its flag would (type, choices, bounds)."""
-  from robust_sparse.core import hparams  # pylint: disable=import-outside-toplevel
   kind = hparams._flag_kind(field)  # pylint: disable=protected-access
   meta = field.metadata
   if value is None:
@@ -368,7 +369,6 @@ def _field_choices(field, value) -> List[Any]:
   list-valued field)."""
   if isinstance(value, dict):
     raise _Invalid(f"expected a value or a list of values, got an object {value!r}")
-  from robust_sparse.core import hparams  # pylint: disable=import-outside-toplevel
   if hparams._flag_kind(field) == "list":  # pylint: disable=protected-access
     values = value if isinstance(value, list) and value and all(
         isinstance(v, list) for v in value) else [value]
@@ -534,7 +534,6 @@ def to_overrides(point: Dict[str, Any]) -> Dict[str, Any]:
 
 def _registered(key, value, seed_names, module, registry):
   """`value` if the toolkit's `module.registry` knows it; else a one-line ValueError."""
-  import importlib  # pylint: disable=import-outside-toplevel
   known = importlib.import_module(module).__dict__[registry]
   try:
     if value in known or known.get(value) is not None:  # Patterned names (dense-300-100).
@@ -548,6 +547,7 @@ def _registered(key, value, seed_names, module, registry):
 
 
 def _toolkit_optimizer(name):
+  # Heavy: Keras; the grid file is read and checked without it.
   from robust_sparse.training.optimizers import split_optimizer  # pylint: disable=import-outside-toplevel
   try:
     split_optimizer(name)

@@ -18,9 +18,12 @@ local Ray on this machine. Ray is optional: `pip install -r requirements-ray.txt
 """
 
 import os
+import socket
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 import robust_sparse
+from robust_sparse.core.hparams import Hparams
 
 # A source checkout's root, which the workers import the toolkit from (never a
 # folder inside the package: its `data`, `models` ... would become top-level
@@ -33,7 +36,7 @@ INSTALL = "pip install -r requirements-ray.txt"
 def import_ray():
   """The `ray` module, or a one-line ValueError saying how to install it."""
   try:
-    import ray  # pylint: disable=import-outside-toplevel
+    import ray  # pylint: disable=import-outside-toplevel  Optional: --launcher=ray only.
   except ImportError:
     raise ValueError(f"--launcher=ray needs Ray, which is not installed: {INSTALL}") from None
   return ray
@@ -67,7 +70,6 @@ def start(address: Optional[str], num_cpus: Optional[int] = None):
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
   """A one-line ValueError unless `host:port` accepts a TCP connection (Ray would retry
   for a minute before failing)."""
-  import socket  # pylint: disable=import-outside-toplevel
   host, _, port = address.replace("ray://", "").rpartition(":")
   try:
     with socket.create_connection((host, int(port)), timeout=timeout):
@@ -78,12 +80,12 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 def _train_trial(hparams: dict, base_dir: str, trial: int) -> str:
   """A Ray task: the levels of one trial, in the run folder of a sequential run."""
-  import sys  # pylint: disable=import-outside-toplevel
   if REPO and REPO not in sys.path:
     sys.path.insert(0, REPO)
-  from robust_sparse.data import load_dataset  # pylint: disable=import-outside-toplevel
-  from robust_sparse.experiments.runner import Runner  # pylint: disable=import-outside-toplevel
-  from robust_sparse.core.hparams import Hparams  # pylint: disable=import-outside-toplevel
+  # Heavy: TensorFlow, which the worker needs and the driver does not; after the path.
+  # pylint: disable=import-outside-toplevel
+  from robust_sparse.data import load_dataset
+  from robust_sparse.experiments.runner import Runner
   hp = Hparams.from_dict(hparams)
   dataset = load_dataset(hp.dataset, hp.data_dir, hp.valid_size, resolution=hp.resolution)
   return Runner(hp, dataset, base_dir, progress=False).run(trials=[trial], finish=False)

@@ -41,6 +41,7 @@ import os
 
 import numpy as np
 from absl import logging
+from keras import ops
 
 from robust_sparse.experiments.registry import EXPERIMENTS, Experiment, Measurement
 from robust_sparse.core import files
@@ -71,7 +72,6 @@ class _TorchAdamL2(AdamL2):
     super().__init__(learning_rate, weight_decay=weight_decay, epsilon=epsilon, **kwargs)
 
   def update_step(self, gradient, variable, learning_rate):
-    from keras import ops  # pylint: disable=import-outside-toplevel
     if self.weight_decay and self._use_weight_decay(variable):
       gradient = ops.add(ops.cast(gradient, variable.dtype),
                          ops.multiply(ops.cast(self.weight_decay, variable.dtype), variable))

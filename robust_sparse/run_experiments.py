@@ -10,6 +10,7 @@ the hyper-parameters, printed as the last line of standard output; re-running
 the same command resumes it, --force starts it over. Only this file reads FLAGS.
 """
 
+import dataclasses
 import signal
 import sys
 
@@ -17,13 +18,17 @@ from robust_sparse.core import startup
 
 startup.import_tensorflow()  # First: quietly, and without Keras' unused imports.
 
+import tensorflow as tf  # noqa: E402  Already imported, quietly.
 from absl import app, flags, logging  # noqa: E402
 
-from robust_sparse.data import DataError, default_valid_size, load_dataset  # noqa: E402
+from robust_sparse.data import DataError, augment, default_valid_size, load_dataset  # noqa: E402
 from robust_sparse.data.registry import default_data_dir  # noqa: E402
+from robust_sparse.experiments import grid, launch  # noqa: E402
 from robust_sparse.experiments.runner import DivergedError, Runner, check_distribution  # noqa: E402
+from robust_sparse.models import MODELS  # noqa: E402
 from robust_sparse.nn import activations  # noqa: E402
 from robust_sparse.training import distribute  # noqa: E402
+from robust_sparse.training.optimizers import split_optimizer  # noqa: E402
 from robust_sparse.core import hparams as hparams_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -80,7 +85,6 @@ flags.register_validator("activation", _valid_activation,
 
 
 def _valid_model(name):
-  from robust_sparse.models import MODELS
   if name not in MODELS:
     try:
       MODELS.get(name)
@@ -93,7 +97,6 @@ flags.register_validator("model", _valid_model, message="unknown --model")
 
 
 def _valid_augment(spec):
-  from robust_sparse.data import augment
   try:
     augment.validate(spec)
   except ValueError as e:
@@ -105,7 +108,6 @@ flags.register_validator("augment", _valid_augment, message="unknown --augment")
 
 
 def _valid_optimizer(name):
-  from robust_sparse.training.optimizers import split_optimizer
   try:
     split_optimizer(name)
   except ValueError as e:
@@ -123,7 +125,6 @@ flags.register_multi_flags_validator(
 def _select_devices(devices):
   if not devices:
     return
-  import tensorflow as tf
   gpus = tf.config.list_physical_devices("GPU")
   try:
     indices = [int(i) for i in devices.split(",")]
@@ -164,7 +165,6 @@ def main(argv):
     if FLAGS.launcher == "ray" and FLAGS.force:
       raise ValueError("--force with --launcher=ray: delete the run folders first instead")
     if hparams.deterministic:
-      import tensorflow as tf
       tf.config.experimental.enable_op_determinism()
     if FLAGS.config:
       return _run_grid(hparams)
@@ -194,8 +194,6 @@ def _run_grid(base: hparams_lib.Hparams) -> int:
   Raises:
     ValueError, DataError, OSError, DivergedError: as a single run does.
   """
-  import dataclasses
-  from robust_sparse.experiments import grid
   if not FLAGS.run_id:
     raise ValueError("--config needs --run_id, the name of this set of runs")
   runs = grid.grid_runs(FLAGS.config, FLAGS.run_id,
@@ -224,7 +222,6 @@ def _run_grid(base: hparams_lib.Hparams) -> int:
 
 def _launch_with_ray(jobs):
   """`--launcher=ray`: every trial of `jobs` as a Ray task (experiments/launch.py)."""
-  from robust_sparse.experiments import launch
   launch.run_trials(jobs, address=FLAGS.ray_address, gpus_per_trial=FLAGS.gpus_per_trial,
                     max_retries=FLAGS.max_retries)
 

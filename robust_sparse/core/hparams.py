@@ -17,6 +17,7 @@ finished run extends it.
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -58,14 +59,12 @@ def _names(registry_path):
 
   def names():
     module_name, attribute = registry_path.rsplit(".", 1)
-    import importlib
     return importlib.import_module(module_name).__dict__[attribute].names()
 
   return names
 
 
 def _normalizations():
-  import importlib
   names = list(importlib.import_module("robust_sparse.models").NORMALIZATIONS)
   return names if "none" in names else ["none"] + names
 

@@ -164,6 +164,7 @@ def import_tensorflow():
   sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _OnFirstImport)]
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   with _quiet_and_lazy():
+    # Heavy: TensorFlow, imported by this function only, never by importing this module.
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     import keras  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     # Where TensorFlow first initialises CUDA (and says cuInit failed); the
@@ -244,6 +245,7 @@ def exit_now(status: int):
   finished run needs.
   """
   try:
+    # Lazily: importing the `robust_sparse` namespace imports no absl.
     from absl import logging  # pylint: disable=import-outside-toplevel
     logging.flush()
   except Exception:  # pylint: disable=broad-except

@@ -484,13 +484,12 @@ def module_logs(model) -> Dict[str, float]:
   (the mean k of the `mixed` activations, when fine-tuning into jsrelu): the
   seed's names. Empty for a model with none of them.
   """
-  from robust_sparse.nn.activations import MixedActivation  # pylint: disable=import-outside-toplevel
   logs = {}
   if _layers_of(model, ZerothBias):
     logs["zeroth_biases"] = float(mean_abs_zeroth_bias(model))
   if _layers_of(model, RestrictedLayerNorm):
     logs["restricted_layer_norm_scaling_factors"] = float(mean_abs_layer_norm_scale(model))
-  mixed = _layers_of(model, MixedActivation)
+  mixed = _layers_of(model, activations.MixedActivation)
   if mixed:
     logs["portion_of_jsrelu"] = float(tf.reduce_mean(tf.stack(
         [layer.portion_of_jsrelu for layer in mixed])))

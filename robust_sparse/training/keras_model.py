@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import keras
 import tensorflow as tf
 
+from robust_sparse.measure.saturation import SaturationModel
 from robust_sparse.training import steps as steps_lib
 from robust_sparse.training.compilation import supports_xla, xla_pays_off
 from robust_sparse.training.steps import METRICS, OptimizerGroup
@@ -62,7 +63,6 @@ class RobustModel(keras.Model):
                loss_scale: Optional[steps_lib.LossScale] = None,
                sharpness: Optional[Callable] = None, seed: int = 0, measurement=None,
                **kwargs):
-    from robust_sparse.measure.saturation import SaturationModel  # pylint: disable=import-outside-toplevel
     if isinstance(network, SaturationModel):
       raise ValueError(f"RobustModel cannot train {network.name!r}, a `SaturationCallback.wrap` "
                        "model; pass the network itself with `measurement=measurements."

@@ -155,7 +155,7 @@ def read_scalars(directory: str) -> Dict[str, List[Tuple[int, float]]]:
     FileNotFoundError: `directory` holds no event file.
   """
   try:
-    # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    # pylint: disable=g-import-not-at-top,import-outside-toplevel  Optional: reading only.
     from tensorboard.backend.event_processing import event_accumulator
     from tensorboard.util import tensor_util
   except ImportError as error:
