@@ -1,4 +1,8 @@
-"""Adversarial attacks that compose inside compiled train steps and compile themselves eagerly."""
+"""Adversarial attacks that compose inside compiled train steps and compile themselves eagerly.
+
+May import: `robust_sparse.core`, `robust_sparse.nn`, `robust_sparse.training` (its
+compilation choice and per-replica draws), `robust_sparse.measure`, `robust_sparse.custom_ops`.
+"""
 
 import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/core/startup.py).
 

@@ -6,6 +6,8 @@
   JSquaredReLU              Keras layer using `jsrelu`
 
 Build by hand with `python -m robust_sparse.custom_ops.build`; see custom_ops/README.md.
+
+The bottom layer: imports nothing else of the toolkit.
 """
 
 import importlib

@@ -4,6 +4,9 @@
 normalize="none", dropout=0.0)` builds any of `MODELS.names()` or any
 `wideresnet{depth}x{k}`; `NORMALIZATIONS` maps each `normalize` name to its
 per-channel (mean, std) in [0, 1] pixels.
+
+May import: `robust_sparse.core`, `robust_sparse.nn`, `robust_sparse.training`,
+`robust_sparse.measure`, `robust_sparse.custom_ops`.
 """
 
 import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/core/startup.py).
