@@ -548,7 +548,8 @@ def _registered(key, value, seed_names, module, registry):
 
 def _toolkit_optimizer(name):
   # Heavy: Keras; the grid file is read and checked without it.
-  from robust_sparse.training.optimizers import split_optimizer  # pylint: disable=import-outside-toplevel
+  from robust_sparse.training.optimizers import (  # pylint: disable=import-outside-toplevel
+      split_optimizer)
   try:
     split_optimizer(name)
   except ValueError as e:

@@ -130,7 +130,8 @@ def test_with_true_labels_a_misclassified_clean_example_never_counts_as_robust()
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from robust_sparse.attacks import (  # pylint: disable=import-outside-toplevel
       AttackConfig, make_attack)
-  from robust_sparse.training.steps import evaluation_sums  # pylint: disable=import-outside-toplevel
+  from robust_sparse.training.steps import (  # pylint: disable=import-outside-toplevel
+      evaluation_sums)
 
   class Flip(tf.Module):  # Predicts 0 for x < 0.5, 1 otherwise.
     def __call__(self, x, training=False):

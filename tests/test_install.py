@@ -190,7 +190,10 @@ def test_the_pins_are_requirements_txt():
 
 def test_every_package_of_the_checkout_is_in_the_wheel():
   setuptools = _pyproject()["tool"]["setuptools"]
-  found = {"robust_sparse"}
+  found = set()
+  for folder, _, files in os.walk(os.path.join(REPO, "robust_sparse")):  # Its own: core, nn ...
+    if "__init__.py" in files:
+      found.add(os.path.relpath(folder, REPO).replace(os.sep, "."))
   for package in PACKAGES:
     for folder, _, files in os.walk(os.path.join(REPO, package)):
       if "__init__.py" in files:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from robust_sparse.models import build_model
-from robust_sparse.measure.receptive_field import (compute_cost, computational_info, receptive_fields,
-                                           write_receptive_field_csv)
+from robust_sparse.measure.receptive_field import (compute_cost, computational_info,
+                                                   receptive_fields, write_receptive_field_csv)
 
 # Spec 5.5's computed anchors at 32 px: the receptive field of every conv layer.
 SPEC_5_5 = {

@@ -27,8 +27,8 @@ import numpy as np
 from keras.src.models.functional import Functional
 
 from robust_sparse.nn import pruning
-from robust_sparse.nn.layers import (MASKED_LAYER_TYPES, MaskedConv2D, MaskedDense, clone_layer_pairs,
-                                  enforce_masks)
+from robust_sparse.nn.layers import (MASKED_LAYER_TYPES, MaskedConv2D, MaskedDense,
+                                     clone_layer_pairs, enforce_masks)
 
 # The plain Keras layers `masked` converts, by exact type (subclasses such as
 # `Conv2DTranspose` compute otherwise).
