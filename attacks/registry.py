@@ -13,10 +13,12 @@ import numpy as np
 import tensorflow as tf
 
 from robust_sparse.attacks.apgd import apgd_ce, apgd_t
-from robust_sparse.attacks.autoattack import autoattack, check_components
+from robust_sparse.attacks.autoattack import autoattack
+from robust_sparse.attacks.fab import fab_t
 from robust_sparse.attacks.common import check_norm
 from robust_sparse.attacks.fgsm import fgsm
 from robust_sparse.attacks.pgd import pgd
+from robust_sparse.attacks.square import square
 from robust_sparse.core.hparams import AttackHparams
 from robust_sparse.core.registry import Registry
 
@@ -158,17 +160,9 @@ def _apgd_t(config: AttackConfig):
   return attack
 
 
-def _component(name):
-  """The AutoAttack component `name` (attacks/fab.py, attacks/square.py), checked to exist."""
-  from robust_sparse.attacks import autoattack as module
-  check_components((name,))
-  return module._function(next(c for c in module.COMPONENTS if c.name == name))
-
-
 @ATTACKS.register("fab_t")
 def _fab_t(config: AttackConfig):
   """FAB-T: `config.steps` iterations for each of `config.n_target_classes` targets."""
-  fab_t = _component("fab_t")
 
   def attack(model, x, y=None, seed=None):
     return fab_t(model, x, y, eps=config.eps, norm=config.norm, steps=config.steps,
@@ -180,7 +174,6 @@ def _fab_t(config: AttackConfig):
 @ATTACKS.register("square")
 def _square(config: AttackConfig):
   """Square: `config.n_queries` queries of the logits (no gradients)."""
-  square = _component("square")
 
   def attack(model, x, y=None, seed=None):
     return square(model, x, y, eps=config.eps, norm=config.norm, n_queries=config.n_queries,
