@@ -441,6 +441,17 @@ class AttackHparams:
   adv_train: bool = _field(False, "use adversarial training for the given attack")
   adv_mix: float = _field(0.5, "weight of the adversarial loss in adversarial training",
                           lower_bound=0.0, upper_bound=1.0)
+  adv_loss: str = _field(
+      "pgd_ce", "the adversarial training objective with --adv_train: pgd_ce (cross-entropy "
+      "on --attack's examples, mixed with the natural loss by --adv_mix), trades (Zhang et al. "
+      "2019: natural cross-entropy + --trades_beta x KL(natural || adversarial), the inner "
+      "maximisation of that KL), mart (Wang et al. 2020: boosted cross-entropy on adversarial "
+      "examples + --mart_beta x KL weighted by 1 - p_y(natural))",
+      choices=lambda: ["pgd_ce", "trades", "mart"])
+  trades_beta: float = _field(6.0, "--adv_loss=trades: weight of the KL term (the paper's "
+                              "1/lambda; 6.0 in its CIFAR-10 runs)", lower_bound=0.0)
+  mart_beta: float = _field(6.0, "--adv_loss=mart: weight of the misclassification-aware KL "
+                            "term (6.0 in the paper's CIFAR-10 runs)", lower_bound=0.0)
   masking_checks: Optional[bool] = _field(
       None, "at the end of every level, attack the final network with the gradient-masking "
       "checks (FGSM, PGD, PGD with 5x the steps and 5 restarts, PGD at eps 1; true labels) "
