@@ -461,6 +461,18 @@ class AttackHparams:
   masking_examples: int = _field(
       500, "test images the gradient-masking checks attack (the first N). Does not change "
       "the run folder", lower_bound=1)
+  eps_sweep: Tuple[float, ...] = _field(
+      (), "robust accuracy against epsilon: at the end of every level, attack each trial's "
+      "final network with --eps_sweep_attack at each of these budgets (e.g. "
+      "0,0.05,0.1,0.2,0.3; increasing) on the first --eps_sweep_examples test images, true "
+      "labels, into the level's eps_sweep.json; run_analysis draws the curves and their area "
+      "(experiments/eps_sweep.py)")
+  eps_sweep_attack: str = _field(
+      "pgd", "--eps_sweep's attack, an --eval_attacks spec without eps (e.g. pgd, "
+      "pgd(steps=50,restarts=5), apgd_ce, autoattack); its step size scales with the budget "
+      "(step_size x eps / --eps)")
+  eps_sweep_examples: int = _field(1000, "test images --eps_sweep attacks (the first N)",
+                                   lower_bound=1)
 
 
 @dataclasses.dataclass(frozen=True)

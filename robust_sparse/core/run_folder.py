@@ -21,6 +21,7 @@ from robust_sparse.core.hparams import Hparams
 HPARAMS_FILE = "hparams.json"
 METADATA_FILE = "metadata.json"
 CHECKPOINTS = "checkpoints"  # --save_every_epochs' folder in a level.
+EPS_SWEEP_FILE = "eps_sweep.json"  # --eps_sweep's robust accuracies of a level (experiments/eps_sweep.py).
 TRIAL_DIR = re.compile(r"^trial_(\d+)$")
 LEVEL_DIR = re.compile(r"^prune_iter_(\d+)$")
 
