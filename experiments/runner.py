@@ -15,6 +15,7 @@ Layout (`run_dir = hparams.run_dir(base_dir)`):
     masking.json masking_examples.npz
                                    --masking_checks: the gradient-masking checks'
                                    attacks on the final network (experiments/masking_checks.py)
+    eps_sweep.json                 --eps_sweep: robust accuracy at each budget (experiments/eps_sweep.py)
     metadata.json                  written last: the level is finished (or diverged)
 
 Each stage checks for its own output first: finished levels are skipped, and an
@@ -42,7 +43,7 @@ from tqdm import tqdm
 
 from robust_sparse.attacks import make_attack
 from robust_sparse.data import augment as augment_lib
-from robust_sparse.experiments import build, masking_checks
+from robust_sparse.experiments import build, eps_sweep, masking_checks
 from robust_sparse.experiments.phd_lab import check_probe_settings, fit_probes
 from robust_sparse.experiments.registry import EXPERIMENTS, Defaults
 from robust_sparse.models import build_model, normalization_mean
@@ -234,6 +235,7 @@ def check_hparams(hp: Hparams, num_train: int):
   if hp.adv_train and hp.attack == "none":
     raise ValueError("--adv_train needs an --attack (fgsm or pgd), got --attack=none")
   masking_checks.check_options(hp)
+  eps_sweep.check_options(hp)
   if hp.batch_size > num_train:
     raise ValueError(f"--batch_size={hp.batch_size} is larger than the {num_train} "
                      "training images")
@@ -728,6 +730,10 @@ class Runner:
     _save_layer_arrays(directory, "post_kernels", _kernels(layers))
     files.save_arrays(os.path.join(directory, "weights_final.npz"), model_weights(model))
     self._masking_checks(model, trial, level, directory)
+    if eps_sweep.enabled(self.hparams):
+      eps_sweep.sweep_level(
+          model, self.dataset, self.hparams, trial, directory,
+          desc=f"trial {trial} prune_iter {level} eps sweep" if self.progress else None)
     remaining = int(sum(m.sum() for m in masks.values()))
     total = int(sum(m.size for m in masks.values()))
     files.write_json(os.path.join(directory, "metadata.json"), {
