@@ -24,6 +24,7 @@ Layout of `out_dir`:
   tables/<dataset>_activation_sparsity_table.{csv,md}
   tables/<dataset>_<model>_relu_{points,pareto}.csv
   tables/gradient_masking.{csv,md}, figures/gradient_masking.<format>   with masking_options
+  tables/robustness_curves.{csv,md}, figures/robustness_{curves,area}.<format>   --eps_sweep runs
   figures/<dataset>_<model>_augmented_flatness_<run hash>.<format>   augmented_flatness runs
 """
 
@@ -40,6 +41,7 @@ from robust_sparse.analysis import flatness
 from robust_sparse.analysis import layers
 from robust_sparse.analysis import load
 from robust_sparse.analysis import masking
+from robust_sparse.analysis import robustness_curves
 from robust_sparse.analysis import metrics
 from robust_sparse.analysis import relu
 from robust_sparse.analysis import tables
@@ -345,6 +347,8 @@ def write_analysis(study: load.Study, out_dir: str,
   masking_sections = (masking.sections(study, source, out_dir, formats, _save, TABLES_DIR,
                                        masking_options)
                       if masking_options is not None else [])
+  masking_sections += robustness_curves.sections(study, source, out_dir, formats, _save,
+                                                 TABLES_DIR)
   if not study.diverged.empty:
     study.diverged.to_csv(os.path.join(out_dir, TABLES_DIR, "diverged.csv"),
                           index=False)
