@@ -545,7 +545,7 @@ class Runner:
       stops = sorted(set(stops) | set(refresh_points))
     save_points = self._save_points(start, total)
     stops = sorted(set(stops) | set(save_points))
-    stream = engine.batches(data_seed, iteration)
+    stream = engine.batches(data_seed, iteration, drop_last=hp.drop_last)
     percent = pruning.percent_remaining(masks)
     bar = tqdm(total=total - start, initial=iteration - start,
                desc=f"trial {trial} prune_iter {level} ({percent:.1f}%)",

@@ -21,6 +21,6 @@ fi
 python -m run_experiments --dataset=cifar10 --data_dir="$data_dir" --model=resnet18 \
   --experiment=train "${size[@]}" --trials=1 --seed=1234 --batch_size=128 --valid_size=0 \
   --optimizer=sgd -lr=0.05 --momentum=0.9 --weight_decay=5e-4 --lr_schedule=cosine \
-  --augment=crop,flip --normalize=cifar_ssam --label_smoothing=0 --attack=none \
+  --augment=crop,flip --normalize=cifar_ssam --label_smoothing=0 --drop_last --attack=none \
   --noprogress --base_dir="$base_dir"
 python -m run_analysis --base_dir="$base_dir"

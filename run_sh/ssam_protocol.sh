@@ -25,7 +25,7 @@ fi
 common=(--dataset="$dataset" --data_dir="$data_dir" --experiment=train "${size[@]}" --trials=1
         --seed=1234 --batch_size=128 --valid_size=0 -lr=0.05 --momentum=0.9
         --lr_schedule=cosine --augment=crop,flip,cutout --normalize=cifar_ssam
-        --label_smoothing=0 --attack=none --noprogress --base_dir="$base_dir")
+        --label_smoothing=0 --drop_last --attack=none --noprogress --base_dir="$base_dir")
 sam=(--weight_decay=1e-3 --rho=0.2)
 fisher=(--num_samples="$samples" --update_freq=1)
 run() { python -m run_experiments "${common[@]}" "$@"; }

@@ -21,8 +21,9 @@ STOPS = (5, 7, 1, 9, 8)  # Train calls: stops at an epoch's last batch and right
 RESUME_AT = 20
 
 
-def _recorded_batches(context, mode):
-  """The rows and batch sizes the engine's step trained on, in order."""
+def _recorded_batches(context, mode, drop_last=False):
+  """The rows and batch sizes the engine's step trained on, in order (`drop_last`: the
+  engine's `--drop_last` batches)."""
   import tensorflow as tf
   import keras
   from robust_sparse.training.engine import Engine, batches_per_epoch, epoch_permutation
@@ -52,31 +53,33 @@ def _recorded_batches(context, mode):
   engine = Engine(model, recording, [OptimizerGroup("weights", make_optimizer("sgd", 0.0))],
                   x_train=x, y_train=y, batch_size=BATCH, attack=None, compile=mode)
   engine.reset(0)
-  stream, done = engine.batches(seed), 0
+  stream, done = engine.batches(seed, drop_last=drop_last), 0
   for count in STOPS:
     if done == RESUME_AT:  # A killed run resumes with a fresh stream at its iteration.
-      stream = engine.batches(seed, done)
+      stream = engine.batches(seed, done, drop_last=drop_last)
     engine.train(stream, count)
     done += count
   written = int(cursor.numpy()[0])
-  per_epoch, _ = batches_per_epoch(n, BATCH)
+  per_epoch = n // BATCH if drop_last else batches_per_epoch(n, BATCH)[0]
   epochs = -(-steps // per_epoch)
   permutations = np.stack([epoch_permutation(n, seed, e).numpy() for e in range(epochs)])
   inputs = {"permutations": permutations, "batch_size": np.array(BATCH),
-            "steps": np.array(steps)}
+            "steps": np.array(steps), "drop_last": np.array(drop_last)}
   return inputs, {"rows": rows.numpy()[:written], "sizes": sizes.numpy()}
 
 
 def dataloader_batches(inputs):
-  """NumPy re-derivation of PyTorch's BatchSampler(sampler, B, drop_last=False) per epoch."""
+  """NumPy re-derivation of PyTorch's BatchSampler(sampler, B, drop_last) per epoch."""
   permutations = inputs["permutations"]
   size, steps = int(inputs["batch_size"]), int(inputs["steps"])
+  drop_last = bool(inputs.get("drop_last", False))
   n = permutations.shape[1]
   batches = []
   for order in permutations:
     if not np.array_equal(np.sort(order), np.arange(n)):
       raise ValueError("an epoch's order is not a permutation of the training set")
-    batches += [order[start:start + size] for start in range(0, n, size)]
+    end = n - n % size if drop_last else n
+    batches += [order[start:start + size] for start in range(0, end, size)]
   batches = batches[:steps]
   return {"rows": np.concatenate(batches), "sizes": np.array([len(b) for b in batches])}
 
@@ -93,5 +96,13 @@ CHECKS = [
     Check(name="epoch data order: batches vs torch's BatchSampler",
           reference="torch.utils.data.BatchSampler(drop_last=False) over the permutations",
           tolerance=0.5, ours=lambda context: _recorded_batches(context, "xla_loop"),
+          peer="benchmarks.peers.fidelity_data_order:batch_sampler"),
+    Check(name="epoch data order with --drop_last: full batches only (graph step, resumed)",
+          reference="NumPy re-derivation of torch DataLoader(drop_last=True) batches",
+          tolerance=0.5, ours=lambda context: _recorded_batches(context, "graph", True),
+          numpy_reference=dataloader_batches),
+    Check(name="epoch data order with --drop_last: batches vs torch's BatchSampler",
+          reference="torch.utils.data.BatchSampler(drop_last=True) over the permutations",
+          tolerance=0.5, ours=lambda context: _recorded_batches(context, "xla_loop", True),
           peer="benchmarks.peers.fidelity_data_order:batch_sampler"),
 ]

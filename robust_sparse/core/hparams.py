@@ -147,7 +147,12 @@ class TrainingHparams:
   train_iters: int = _field(50000, "training iterations per prune iteration", lower_bound=1)
   epochs: Optional[float] = _field(
       None, "train for this many epochs instead of --train_iters (an epoch is "
-      "ceil(training images / batch size) iterations)", lower_bound=0.0)
+      "ceil(training images / batch size) iterations; floor with --drop_last)",
+      lower_bound=0.0)
+  drop_last: bool = _field(
+      False, "drop each epoch's last, smaller batch: floor(n / B) full batches per epoch, "
+      "as PyTorch's DataLoader(drop_last=True), which SSAM's loader uses (its seed default); "
+      "default: every example once per epoch, the last batch smaller")
   eval_every: Optional[int] = _field(
       None, "evaluate on the full validation and test sets every this many "
       "iterations (default: 500, or once per epoch with --epochs)", lower_bound=1)
@@ -566,6 +571,8 @@ class Hparams(RunHparams, DistributionHparams, AttackHparams, FlatnessHparams, R
 
   # ---- length ----------------------------------------------------------------
   def steps_per_epoch(self, num_train: int) -> int:
+    if self.drop_last:
+      return max(1, num_train // self.batch_size)
     return max(1, math.ceil(num_train / self.batch_size))
 
   def total_iterations(self, num_train: int) -> int:

@@ -39,8 +39,9 @@ def _all(*predicates):
 
 # SSAM's training recipe (Mi-Peng/Systematic-Investigation-of-Sparse-Perturbed-Sharpness-
 # Aware-Minimization-Optimizer, README "Training" and configs/defaulf_cfg.py).
+# Its train loader drops each epoch's last batch (data/build.py, --drop_last default True).
 _SSAM_RECIPE = {"learning_rate": 0.05, "momentum": 0.9, "batch_size": 128,
-                "lr_schedule": "cosine"}
+                "lr_schedule": "cosine", "drop_last": True}
 
 RULES: List[Rule] = [
     Rule("ssam", "Mi-Peng/Systematic-Investigation...: README.md Training (ssamf-sgd), "

@@ -378,19 +378,26 @@ class Engine:
     return {name: float(rate.numpy()) for name, rate in rates.items()}
 
   # ---- training --------------------------------------------------------------------
-  def batches(self, seed: int, start_iteration: int = 0) -> EpochBatches:
+  def batches(self, seed: int, start_iteration: int = 0, *,
+              drop_last: bool = False) -> EpochBatches:
     """The training batches from `start_iteration` on, for `train`: whole epochs.
 
     Every epoch visits each training example exactly once, in the order of
     `index_stream(..., whole_epochs=True)`: ceil(n / B) batches, the last of
     the n - (ceil(n / B) - 1) B examples left (PyTorch's DataLoader with
-    drop_last=False, Keras' `fit`). In-memory data: batches of indices (the
+    drop_last=False, Keras' `fit`). With `drop_last`, an epoch is its
+    permutation's floor(n / B) full batches and the rest of it is not seen
+    (PyTorch's drop_last=True). In-memory data: batches of indices (the
     step gathers the images). File paths: decoded (images, labels) batches,
     read in parallel, in order.
     """
     n, size = self.num_train, self.batch_size
     per_epoch, last_size = batches_per_epoch(n, size)
     full_per_epoch = n // size  # per_epoch - 1 when the last batch is smaller.
+    if drop_last:
+      if full_per_epoch < 1:
+        raise ValueError(f"drop_last with {n} training examples < batch size {size}")
+      per_epoch, last_size = full_per_epoch, size
     epoch, within = divmod(start_iteration, per_epoch)
     # The full batches only: starting at an epoch's last batch, the next full one is the
     # next epoch's first.
