@@ -11,6 +11,7 @@ May import: everything below it (`robust_sparse.core`, `nn`, `training`, `measur
 import robust_sparse  # noqa: F401  First: a quiet TensorFlow start-up (robust_sparse/core/startup.py).
 
 from robust_sparse.experiments import flatness  # noqa: F401
+from robust_sparse.experiments import hydra  # noqa: F401
 from robust_sparse.experiments import phd_lab  # noqa: F401
 from robust_sparse.experiments import relu_reduction  # noqa: F401
 from robust_sparse.experiments import sparsify  # noqa: F401

@@ -222,7 +222,8 @@ class SharpnessHparams:
   sam_bn_stats: str = _field(
       "first", "batch-norm statistics of SAM's clean pass (first), perturbed pass "
       "(second) or both in turn (the SSAM seed)", choices=lambda: ["first", "second", "both"])
-  sparsity: float = _field(0.2, "SSAM: fraction of the weights NOT perturbed",
+  sparsity: float = _field(0.2, "SSAM: fraction of the weights NOT perturbed; "
+                           "--experiment=hydra: fraction of each masked layer's weights pruned",
                            lower_bound=0.0, upper_bound=1.0)
   num_samples: int = _field(1024, "SSAM-F: training examples per Fisher estimate",
                             lower_bound=1)
@@ -338,6 +339,10 @@ class PruningHparams:
       None, "random_reinit / random_prune: the reinit_orig run folder DIR whose masks "
       "(random_reinit: with a fresh initialisation) or per-layer counts (random_prune: "
       "random masks from the original initialisation) each level takes")
+  score_lr: float = _field(
+      0.1, "hydra: SGD learning rate of the importance scores in the score phase (prune_iter_0, "
+      "--mask_epochs long, cosine; --momentum, --nesterov and --weight_decay as the weights')",
+      lower_bound=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,7 +357,7 @@ class ReLUHparams:
   """
   pretrained_run: Optional[str] = _field(
       None, "the finished run folder DIR (its trial 0, level 0) whose final weights "
-      "relu_prune starts from, or probes analyses")
+      "relu_prune and hydra start from, or probes analyses")
   relu_sparsity: Optional[float] = _field(
       None, "relu_prune: fraction of the ReLUs to remove (target density 1 - s); or give "
       "--relu_count", lower_bound=0.0, upper_bound=1.0)
@@ -361,7 +366,8 @@ class ReLUHparams:
       "= 1000 * count / the model's ReLUs", lower_bound=0.0)
   mask_epochs: float = _field(
       10.0, "relu_prune phase 1: epochs of mask training (Adam on the mask logits with "
-      "the density penalty, then SGD on the weights, per batch)", lower_bound=0.0)
+      "the density penalty, then SGD on the weights, per batch); hydra: epochs of the score "
+      "phase", lower_bound=0.0)
   relu_replacement: str = _field(
       "identity", "relu_prune: what a closed ReLU computes: identity, identity_relu_grad "
       "(spgrad), poly, autopoly1, autopoly2, trainable_poly, trainable_poly1",

@@ -64,6 +64,13 @@ RULES: List[Rule] = [
           "eta_min": 1e-5, "epochs": 100.0, "optimizer": "sgd", "learning_rate": 0.01,
           "weight_decay": 1e-3, "lr_schedule": "cosine", "momentum": 0.9,
           "mask_dropout": 0.01, "batch_size": 128}),
+    Rule("HYDRA", "inspire-group/hydra: README.md Pruning (--exp-mode prune --epochs 20, "
+         "the configs' --lr 0.1) and Fine-tuning (--exp-mode finetune --lr 0.01) commands, "
+         "configs/configs.yml (sgd, momentum 0.9, wd 1e-4, cosine, batch 128)",
+         _experiment("hydra"),
+         {"mask_epochs": 20.0, "score_lr": 0.1, "epochs": 20.0, "optimizer": "sgd",
+          "learning_rate": 0.01, "lr_schedule": "cosine", "momentum": 0.9,
+          "weight_decay": 1e-4, "batch_size": 128}),
     Rule("activation_sparsity", "cdgyp/sparsity: codes/scripts/imagenet1k/"
          "augmented_flatness_cifar10.sh", _all(_experiment("augmented_flatness"),
                                                lambda hp: hp.get("dataset") == "cifar10"),
