@@ -11,9 +11,11 @@ checkpoints are w_j = ceil(p_j N), p_0 = 0, p_1 = 0.22, p_{j+1} = p_j +
 max(p_j - p_{j-1} - 0.03, 0.06), in the integer form of the reference code.
 
 The implementation follows the reference (fra31/auto-attack, as ported by
-torchattacks) with one deliberate difference: the first window's count of
-loss increases starts from the loss at the random start, where the reference
-compares with an unwritten (zero) entry of its loss history.
+torchattacks) with one deliberate difference by default: the first window's
+count of loss increases starts from the loss at the random start (the
+paper's Algorithm 1, `first_window="paper"`), where the reference compares
+with an unwritten (zero) entry of its loss history (`first_window="fra31"`,
+to reproduce fra31's and torchattacks' numbers).
 
 `search` takes the loss as an argument (cross-entropy by default), so
 APGD-T (`apgd_t`: targeted, with the DLR loss of `attacks/dlr.py`) runs the
@@ -34,10 +36,14 @@ from robust_sparse.attacks.common import (attack_labels, check_budget, check_nor
 
 # The weight of the new step against the previous one (the paper's alpha).
 MOMENTUM = 0.75
+# What the first window's first loss increase is counted against: the random start's loss
+# (the paper's Algorithm 1, the default) or zero (fra31/auto-attack's and torchattacks' code,
+# which read an unwritten entry of their loss history).
+FIRST_WINDOWS = ("paper", "fra31")
 
 
 def apgd_ce(model, x, y=None, *, eps, steps=100, clip_min=0.0, clip_max=1.0, seed=None,
-            norm=np.inf, rho=0.75):
+            norm=np.inf, rho=0.75, first_window="paper"):
   """APGD-CE: `steps` iterations (one forward and backward pass each) of adaptive PGD.
 
   Keeps the best point per example: the last misclassified iterate if any
@@ -57,20 +63,23 @@ def apgd_ce(model, x, y=None, *, eps, steps=100, clip_min=0.0, clip_max=1.0, see
       stateless (reproducible) random start.
     norm: np.inf (L-infinity) or 2 (L2).
     rho: the fraction of increasing steps below which the step size halves.
+    first_window: "paper" (the first window counts loss increases from the
+      random start's loss) or "fra31" (from zero, as fra31's and torchattacks' code).
 
   Returns:
     The adversarial batch, same shape and dtype as `x`.
 
   Raises:
-    ValueError: a negative budget or step count, a bad norm, or rho outside [0, 1].
+    ValueError: a negative budget or step count, a bad norm, rho outside [0, 1],
+      or an unknown first_window.
   """
   static = check_arguments(eps=eps, steps=steps, clip_min=clip_min, clip_max=clip_max,
-                           norm=norm, rho=rho)
+                           norm=norm, rho=rho, first_window=first_window)
   return compiled.run(_apgd_ce, model, x, y, seed, static, random=True)
 
 
 def apgd_t(model, x, y=None, *, eps, steps=100, n_target_classes=9, clip_min=0.0,
-           clip_max=1.0, seed=None, norm=np.inf, rho=0.75):
+           clip_max=1.0, seed=None, norm=np.inf, rho=0.75, first_window="paper"):
   """APGD-T: APGD with the targeted DLR loss, once per target class (AutoAttack's second).
 
   For k = 1 .. `n_target_classes` the target of each example is the class of
@@ -100,6 +109,7 @@ def apgd_t(model, x, y=None, *, eps, steps=100, n_target_classes=9, clip_min=0.0
     seed: None for stateful randomness, or a shape-[2] integer tensor.
     norm: np.inf (L-infinity) or 2 (L2).
     rho: the fraction of increasing steps below which the step size halves.
+    first_window: "paper" or "fra31", as for `apgd_ce`.
 
   Returns:
     The adversarial batch: the last misclassified iterate of the first target
@@ -108,18 +118,19 @@ def apgd_t(model, x, y=None, *, eps, steps=100, n_target_classes=9, clip_min=0.0
     misclassified already is returned as it is.
 
   Raises:
-    ValueError: a bad budget, step count, norm or rho, n_target_classes < 1, or
-      a model with fewer than 4 classes.
+    ValueError: a bad budget, step count, norm, rho or first_window,
+      n_target_classes < 1, or a model with fewer than 4 classes.
   """
   static = check_arguments(eps=eps, steps=steps, clip_min=clip_min, clip_max=clip_max,
-                           norm=norm, rho=rho)
+                           norm=norm, rho=rho, first_window=first_window)
   if n_target_classes < 1 or int(n_target_classes) != n_target_classes:
     raise ValueError(f"n_target_classes must be an integer >= 1, got {n_target_classes}")
   static["n_target_classes"] = int(n_target_classes)
   return compiled.run(_apgd_t, model, x, y, seed, static, random=True)
 
 
-def _apgd_t(model, x, y, seed, *, eps, steps, n_target_classes, clip_min, clip_max, norm, rho):
+def _apgd_t(model, x, y, seed, *, eps, steps, n_target_classes, clip_min, clip_max, norm, rho,
+            first_window):
   y = attack_labels(model, x, y)
   logits = tf.cast(model(x, training=False), tf.float32)
   classes = logits.shape[-1]
@@ -130,7 +141,8 @@ def _apgd_t(model, x, y, seed, *, eps, steps, n_target_classes, clip_min, clip_m
   targets = ranked_classes(logits, count)
   robust = ~misclassified(logits, y)
   eps_t = tf.cast(eps, x.dtype)
-  budget = dict(eps=eps, steps=steps, clip_min=clip_min, clip_max=clip_max, norm=norm, rho=rho)
+  budget = dict(eps=eps, steps=steps, clip_min=clip_min, clip_max=clip_max, norm=norm, rho=rho,
+                first_window=first_window)
 
   gather = gathers_subsets()
 
@@ -174,15 +186,24 @@ def gathers_subsets() -> bool:
   return not control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
 
 
-def check_arguments(*, eps, steps, clip_min, clip_max, norm, rho):
+def check_arguments(*, eps, steps, clip_min, clip_max, norm, rho, first_window="paper"):
   """The static arguments of an APGD attack, checked; a `ValueError` for a bad one."""
   check_budget(eps, clip_min, clip_max)
   if steps < 0 or int(steps) != steps:
     raise ValueError(f"steps must be an integer >= 0, got {steps}")
   if not 0.0 <= rho <= 1.0:
     raise ValueError(f"rho must be in [0, 1], got {rho}")
+  check_first_window(first_window)
   return dict(eps=eps, steps=int(steps), clip_min=clip_min, clip_max=clip_max,
-              norm=check_norm(norm), rho=rho)
+              norm=check_norm(norm), rho=rho, first_window=first_window)
+
+
+def check_first_window(first_window):
+  """`first_window` if one of `FIRST_WINDOWS`, else a `ValueError` listing them."""
+  if first_window not in FIRST_WINDOWS:
+    raise ValueError(f"first_window must be one of {', '.join(FIRST_WINDOWS)}, got "
+                     f"{first_window!r}")
+  return first_window
 
 
 def checkpoint_schedule(steps):
@@ -218,11 +239,11 @@ def random_start(x, eps, norm, seed):
   return x + eps * l2_normalize(t)
 
 
-def _apgd_ce(model, x, y, seed, *, eps, steps, clip_min, clip_max, norm, rho):
+def _apgd_ce(model, x, y, seed, *, eps, steps, clip_min, clip_max, norm, rho, first_window):
   labels_given = y is not None
   y = attack_labels(model, x, y)
   state = search(model, x, y, seed, eps=eps, steps=steps, clip_min=clip_min,
-                 clip_max=clip_max, norm=norm, rho=rho)
+                 clip_max=clip_max, norm=norm, rho=rho, first_window=first_window)
   x_adv = tf.where(per_example(state["fooled"], x), state["x_fooled"], state["x_best"])
   if labels_given:
     # A clean point that is misclassified already is its own worst case.
@@ -247,7 +268,7 @@ def _loss_logits_gradient(model, x, y, loss_fn):
 
 
 def search(model, x, y, seed, *, eps, steps, clip_min, clip_max, norm, rho, loss=None,
-           start=None):
+           start=None, first_window="paper"):
   """The APGD iterations as graph code; returns the final state (a dict of tensors).
 
   Among others: "x_best" and "loss_best" (the highest-loss iterate), "fooled"
@@ -258,11 +279,13 @@ def search(model, x, y, seed, *, eps, steps, clip_min, clip_max, norm, rho, loss
       increases (float32 logits); None: the cross-entropy (APGD-CE).
     start: the unclipped starting point; None draws it from `seed`
       (`random_start`).
+    first_window: "paper": the first step's loss counts as an increase when
+      it exceeds the start's loss; "fra31": when it exceeds zero.
   """
   loss_fn = cross_entropy if loss is None else loss
   dtype = x.dtype
   eps_t = tf.cast(eps, dtype)
-  first_window, window_decrease, smallest_window = checkpoint_schedule(steps)
+  first_length, window_decrease, smallest_window = checkpoint_schedule(steps)
 
   if norm == np.inf:
     lower = tf.maximum(x - eps_t, clip_min)
@@ -290,8 +313,9 @@ def search(model, x, y, seed, *, eps, steps, clip_min, clip_max, norm, rho, loss
       step_size=tf.fill(batch, 2.0 * tf.cast(eps, tf.float32)),
       x_best=x_start, grad_best=grad, loss_best=loss,
       x_fooled=x_start, fooled=misclassified(logits, y),
-      loss_previous=loss, increases=tf.zeros(batch, tf.int32),
-      since_check=tf.constant(0), window=tf.constant(first_window),
+      loss_previous=loss if check_first_window(first_window) == "paper" else tf.zeros_like(loss),
+      increases=tf.zeros(batch, tf.int32),
+      since_check=tf.constant(0), window=tf.constant(first_length),
       loss_best_last_check=loss, reduced_last_check=tf.ones(batch, tf.bool))
 
   def iteration(i, s):

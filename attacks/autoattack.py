@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from robust_sparse.attacks import compiled
-from robust_sparse.attacks.apgd import gathers_subsets
+from robust_sparse.attacks.apgd import check_first_window, gathers_subsets
 from robust_sparse.attacks.common import (attack_labels, check_budget, check_norm,
                                           misclassified, per_example)
 
@@ -41,7 +41,7 @@ class Component:
     module: the module that defines it, under `robust_sparse.attacks`.
     function: the attack's function there: `function(model, x, y, seed=..., **kwargs)`.
     kwargs: `kwargs(budget) -> dict`: its keyword arguments from AutoAttack's budget
-      (eps, norm, clip_min, clip_max, steps, n_target_classes, n_queries).
+      (eps, norm, clip_min, clip_max, steps, n_target_classes, n_queries, first_window).
   """
   name: str
   module: str
@@ -55,9 +55,11 @@ def _box(b):
 
 # The standard version's sequence, in order: the one place that lists it.
 COMPONENTS: Tuple[Component, ...] = (
-    Component("apgd_ce", "apgd", "apgd_ce", lambda b: dict(_box(b), steps=b["steps"])),
+    Component("apgd_ce", "apgd", "apgd_ce",
+              lambda b: dict(_box(b), steps=b["steps"], first_window=b["first_window"])),
     Component("apgd_t", "apgd", "apgd_t",
-              lambda b: dict(_box(b), steps=b["steps"], n_target_classes=b["n_target_classes"])),
+              lambda b: dict(_box(b), steps=b["steps"], n_target_classes=b["n_target_classes"],
+                             first_window=b["first_window"])),
     Component("fab_t", "fab", "fab_t",
               lambda b: dict(_box(b), steps=b["steps"], n_target_classes=b["n_target_classes"])),
     Component("square", "square", "square", lambda b: dict(_box(b), n_queries=b["n_queries"])),
@@ -109,7 +111,8 @@ def check_components(components) -> Tuple[str, ...]:
 
 
 def autoattack(model, x, y=None, *, eps, norm=np.inf, steps=100, n_target_classes=9,
-               n_queries=5000, clip_min=0.0, clip_max=1.0, seed=None, components=None):
+               n_queries=5000, clip_min=0.0, clip_max=1.0, seed=None, components=None,
+               first_window="paper"):
   """The standard AutoAttack: each component on the examples still robust; worst case per example.
 
   Graph code inside a `tf.function`; called eagerly it compiles itself once
@@ -131,6 +134,8 @@ def autoattack(model, x, y=None, *, eps, norm=np.inf, steps=100, n_target_classe
       c (0, 1, ... in the standard order) gets `stateless_fold_in(seed, c)`.
     components: names of `NAMES` to run (in the standard order whatever the
       order given); None runs every available component.
+    first_window: APGD-CE's and APGD-T's first checkpoint window, "paper" or
+      "fra31" (`attacks.apgd.search`).
 
   Returns:
     The adversarial batch: for each example broken, the point of the first
@@ -142,11 +147,12 @@ def autoattack(model, x, y=None, *, eps, norm=np.inf, steps=100, n_target_classe
   return autoattack_report(model, x, y, eps=eps, norm=norm, steps=steps,
                            n_target_classes=n_target_classes, n_queries=n_queries,
                            clip_min=clip_min, clip_max=clip_max, seed=seed,
-                           components=components)[0]
+                           components=components, first_window=first_window)[0]
 
 
 def autoattack_report(model, x, y=None, *, eps, norm=np.inf, steps=100, n_target_classes=9,
-                      n_queries=5000, clip_min=0.0, clip_max=1.0, seed=None, components=None):
+                      n_queries=5000, clip_min=0.0, clip_max=1.0, seed=None, components=None,
+                      first_window="paper"):
   """`autoattack`, and which component broke which example.
 
   Returns:
@@ -163,7 +169,7 @@ def autoattack_report(model, x, y=None, *, eps, norm=np.inf, steps=100, n_target
       raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
   static = dict(eps=eps, norm=check_norm(norm), steps=int(steps),
                 n_target_classes=int(n_target_classes), n_queries=int(n_queries),
-                clip_min=clip_min, clip_max=clip_max,
+                clip_min=clip_min, clip_max=clip_max, first_window=check_first_window(first_window),
                 components=check_components(components))
   return compiled.run(_autoattack, model, x, y, seed, static, random=True)
 

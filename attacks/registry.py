@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from robust_sparse.attacks.apgd import apgd_ce, apgd_t
+from robust_sparse.attacks.apgd import apgd_ce, apgd_t, check_first_window
 from robust_sparse.attacks.autoattack import autoattack
 from robust_sparse.attacks.fab import fab_t
 from robust_sparse.attacks.common import check_norm
@@ -49,6 +49,9 @@ class AttackConfig:
       ignores, or uses, the labels its callers always pass.
     n_target_classes: APGD-T's and FAB-T's targets (AutoAttack's standard: 9).
     n_queries: Square's queries (AutoAttack's standard: 5000).
+    first_window: APGD's (and AutoAttack's APGD components') first checkpoint
+      window: "paper" (loss increases counted from the start's loss) or "fra31"
+      (from zero, as fra31's and torchattacks' code).
   """
   name: str = _RUN.attack
   eps: float = _RUN.eps
@@ -63,6 +66,7 @@ class AttackConfig:
   labels: str = _RUN.attack_labels
   n_target_classes: int = 9
   n_queries: int = 5000
+  first_window: str = "paper"
 
   def __post_init__(self):
     ATTACKS.get(self.name)
@@ -82,6 +86,7 @@ class AttackConfig:
       raise ValueError(f"attack n_target_classes must be >= 1, got {self.n_target_classes}")
     if self.n_queries < 1:
       raise ValueError(f"attack n_queries must be >= 1, got {self.n_queries}")
+    check_first_window(self.first_window)
     object.__setattr__(self, "norm", check_norm(self.norm))
     if self.name == "fgsm" and self.norm != np.inf:
       raise ValueError(f"fgsm is L-infinity only, got norm={self.norm}")
@@ -145,7 +150,7 @@ def _apgd_ce(config: AttackConfig):
   def attack(model, x, y=None, seed=None):
     return apgd_ce(model, x, y, eps=config.eps, steps=config.steps,
                    clip_min=config.clip_min, clip_max=config.clip_max, seed=seed,
-                   norm=config.norm)
+                   norm=config.norm, first_window=config.first_window)
   return attack
 
 
@@ -156,7 +161,8 @@ def _apgd_t(config: AttackConfig):
   def attack(model, x, y=None, seed=None):
     return apgd_t(model, x, y, eps=config.eps, steps=config.steps,
                   n_target_classes=config.n_target_classes, clip_min=config.clip_min,
-                  clip_max=config.clip_max, seed=seed, norm=config.norm)
+                  clip_max=config.clip_max, seed=seed, norm=config.norm,
+                  first_window=config.first_window)
   return attack
 
 
@@ -188,7 +194,8 @@ def _autoattack(config: AttackConfig):
   def attack(model, x, y=None, seed=None):
     return autoattack(model, x, y, eps=config.eps, norm=config.norm, steps=config.steps,
                       n_target_classes=config.n_target_classes, n_queries=config.n_queries,
-                      clip_min=config.clip_min, clip_max=config.clip_max, seed=seed)
+                      clip_min=config.clip_min, clip_max=config.clip_max, seed=seed,
+                      first_window=config.first_window)
   return attack
 
 

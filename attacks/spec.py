@@ -1,19 +1,19 @@
 """Evaluation-attack specs (`--eval_attacks`): strings like `pgd(steps=50,restarts=5)`.
 
 The syntax is that of the activation specs (`robust_sparse/nn/activations.py`):
-a name, optionally with keyword parameters. Values are numbers, or `inf` for
-the norm:
+a name, optionally with keyword parameters. Values are numbers, `inf` for
+the norm, or `paper`/`fra31` for APGD's `first_window` (`attacks/apgd.py`):
 
   fgsm                      pgd                        pgd(steps=50,restarts=5)
   pgd(norm=2,eps=1.5)       apgd_ce                    apgd_ce(steps=100,eps=0.03)
   apgd_t                    fab_t(norm=2,eps=0.5)      square(n_queries=1000)
-  autoattack                autoattack(norm=2,eps=0.5)
+  autoattack                autoattack(norm=2,eps=0.5) apgd_ce(first_window=fra31)
 
 Unspecified parameters take the run's values (`AttackConfig`: eps, PGD step
 size and steps, random start, data range); `restarts` defaults to 1, `norm`
 to L-infinity, and the AutoAttack parameters to its standard version's:
 `steps` 100 for `apgd_ce`, `apgd_t`, `fab_t` and `autoattack`,
-`n_target_classes` 9 and `n_queries` 5000. Spec attacks are
+`n_target_classes` 9, `n_queries` 5000 and `first_window` paper. Spec attacks are
 always the native implementation. Each spec has a canonical column name, safe
 in a CSV header: the attack and the parameters given, in a fixed order
 (`pgd_steps50_restarts5`, `pgd_norm2_eps1.5`, `apgd_ce`).
@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
+from robust_sparse.attacks.apgd import FIRST_WINDOWS
 from robust_sparse.attacks.registry import AttackConfig, make_attack
 from robust_sparse.core import specs
 
@@ -58,6 +59,12 @@ def _flag(text):
   return text == "1"
 
 
+def _first_window(text):
+  if text not in FIRST_WINDOWS:
+    raise ValueError(f"must be one of {', '.join(FIRST_WINDOWS)}")
+  return text
+
+
 def _norm(text):
   if text in ("inf", "linf"):
     return np.inf
@@ -71,14 +78,16 @@ _PARAMETERS: Dict[str, Dict[str, Callable]] = {
     "fgsm": {"eps": _non_negative_float},
     "pgd": {"norm": _norm, "eps": _non_negative_float, "step_size": _non_negative_float,
             "steps": _count(0), "restarts": _count(1), "random_start": _flag},
-    "apgd_ce": {"norm": _norm, "eps": _non_negative_float, "steps": _count(0)},
+    "apgd_ce": {"norm": _norm, "eps": _non_negative_float, "steps": _count(0),
+                "first_window": _first_window},
     "apgd_t": {"norm": _norm, "eps": _non_negative_float, "steps": _count(0),
-               "n_target_classes": _count(1)},
+               "n_target_classes": _count(1), "first_window": _first_window},
     "fab_t": {"norm": _norm, "eps": _non_negative_float, "steps": _count(0),
               "n_target_classes": _count(1)},
     "square": {"norm": _norm, "eps": _non_negative_float, "n_queries": _count(1)},
     "autoattack": {"norm": _norm, "eps": _non_negative_float, "steps": _count(0),
-                   "n_target_classes": _count(1), "n_queries": _count(1)},
+                   "n_target_classes": _count(1), "n_queries": _count(1),
+                   "first_window": _first_window},
 }
 
 
@@ -107,6 +116,8 @@ def _parse(spec: str) -> Tuple[str, Dict[str, str]]:
 
 
 def _format(value) -> str:
+  if isinstance(value, str):
+    return value
   if isinstance(value, bool):
     return str(int(value))
   if value == np.inf:

@@ -1,19 +1,22 @@
 """APGD-T, the DLR losses and the AutoAttack sequence: the ball, the loss, the worst case."""
 
+import importlib
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from robust_sparse.attacks import autoattack as autoattack_lib
 from robust_sparse.attacks import compiled
-from robust_sparse.attacks.apgd import apgd_t
+from robust_sparse.attacks.apgd import apgd_ce, apgd_t, checkpoints, search
 from robust_sparse.attacks.autoattack import autoattack, autoattack_report
 from robust_sparse.attacks.dlr import dlr_loss, dlr_loss_targeted, ranked_classes
 from robust_sparse.attacks.spec import parse_attack_specs, resolve_attack_spec
 from robust_sparse.attacks.registry import AttackConfig
 
 SEED = tf.constant([3, 4], tf.int32)
+# The module itself: `robust_sparse.attacks.autoattack` as an attribute is the exported function.
+autoattack_lib = importlib.import_module("robust_sparse.attacks.autoattack")
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +155,22 @@ def test_each_component_attacks_only_the_examples_still_robust(monkeypatch, jit)
   np.testing.assert_array_equal(np.flatnonzero(robust), [1, 5, 11])
 
 
+@pytest.mark.parametrize("first_window, halvings_skipped", [("paper", 0), ("fra31", 1)])
+def test_first_window_counts_from_the_start_or_from_zero(first_window, halvings_skipped):
+  """A constant model (loss log 3 everywhere) with rho 0: every checkpoint halves the step,
+  except the first one under fra31's rule, whose first step counts log 3 > 0 as an increase."""
+  model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, kernel_initializer="zeros")])
+  x = tf.constant(np.random.default_rng(0).random((4, 6)), tf.float32)
+  y = tf.zeros(4, tf.int64)
+  state = tf.function(lambda x: search(model, x, y, SEED, eps=0.1, steps=20, clip_min=0.0,
+                                       clip_max=1.0, norm=np.inf, rho=0.0,
+                                       first_window=first_window))(x)
+  halvings = len(checkpoints(20)) - halvings_skipped
+  np.testing.assert_allclose(state["step_size"].numpy(), 0.2 / 2 ** halvings, rtol=1e-6)
+  with pytest.raises(ValueError, match="first_window must be one of paper, fra31"):
+    apgd_ce(model, x, y, eps=0.1, first_window="zero")
+
+
 def test_specs_take_the_standard_budgets_and_reject_bad_ones():
   defaults = AttackConfig("pgd", eps=0.1, steps=7)
   column, config = resolve_attack_spec("apgd_t", defaults)
@@ -161,11 +180,15 @@ def test_specs_take_the_standard_budgets_and_reject_bad_ones():
       "autoattack_norm2_eps0.5", 2, 0.5, 100, 5000)
   _, config = resolve_attack_spec("square(n_queries=100)", defaults)
   assert config.n_queries == 100
+  assert defaults.first_window == "paper"
+  column, config = resolve_attack_spec("autoattack(first_window=fra31)", defaults)
+  assert (column, config.first_window) == ("autoattack_first_windowfra31", "fra31")
   names = [c for c, _ in parse_attack_specs("apgd_t,fab_t,square,autoattack", defaults)]
   assert names == ["apgd_t", "fab_t", "square", "autoattack"]
   for spec, message in [("square(steps=3)", "square has no parameter 'steps'"),
                         ("apgd_t(n_target_classes=0)", "must be an integer >= 1"),
-                        ("autoattack(norm=1)", "norm must be 2 or inf")]:
+                        ("autoattack(norm=1)", "norm must be 2 or inf"),
+                        ("apgd_ce(first_window=zero)", "must be one of paper, fra31")]:
     with pytest.raises(ValueError, match=r"^--eval_attacks .*" + message) as error:
       resolve_attack_spec(spec, defaults)
     assert "\n" not in str(error.value)
