@@ -32,6 +32,7 @@ import tensorflow as tf
 import keras
 from absl import logging
 
+from robust_sparse.training import adversarial_losses
 from robust_sparse.training import arrays
 from robust_sparse.training import compilation
 from robust_sparse.training import distribute
@@ -195,6 +196,11 @@ class Engine:
     adv_train, adv_mix: to report the evaluation `loss` as the training
       objective (the mixed loss with adversarial training); with `adv_train`,
       "auto" compiles a call per step, not a loop (`compilation.choose`).
+    adv_loss, trades_beta, mart_beta: the adversarial objective that
+      `loss_grad_fn` trains (`steps.standard_loss_grad_fn`'s keywords of the
+      same names), checked here and kept as attributes; the evaluation `loss`
+      stays the `adv_mix` mix of the natural and the evaluation attack's
+      cross-entropy for every objective.
     augment: `augment(x, y, seed) -> (x, y)` applied to training batches, or None.
     prepare: the data set's `prepare(x, seed) -> x` (resizing, random
       positioning), applied to every training and evaluation batch, or None.
@@ -233,7 +239,8 @@ class Engine:
 
   def __init__(self, model: keras.Model, loss_grad_fn, groups: Sequence[OptimizerGroup], *,
                x_train: np.ndarray, y_train: np.ndarray, batch_size: int, attack: Callable,
-               adv_train: bool = False, adv_mix: float = 0.5,
+               adv_train: bool = False, adv_mix: float = 0.5, adv_loss: str = "pgd_ce",
+               trades_beta: float = 6.0, mart_beta: float = 6.0,
                augment: Optional[Callable] = None, prepare: Optional[Callable] = None,
                decode: Optional[Callable] = None, decode_eval: Optional[Callable] = None,
                grad_clip_norm: Optional[float] = None,
@@ -257,6 +264,8 @@ class Engine:
     self.batch_size = batch_size
     self.adv_train = adv_train
     self.adv_mix = adv_mix
+    self.adv_loss = adversarial_losses.check(adv_loss, trades_beta, mart_beta)
+    self.trades_beta, self.mart_beta = trades_beta, mart_beta
     self.top5 = top5
     self.loss_scale = loss_scale
     self.eval_batch_size = eval_batch_size

@@ -35,6 +35,9 @@ class RobustModel(keras.Model):
     label_smoothing: of the training loss.
     attack: `attack(model, x, y, seed)`: adversarial training with `adv_mix`,
       and robust accuracy in `evaluate`.
+    adv_loss, trades_beta, mart_beta, budget: the adversarial objective
+      ("pgd_ce" on `attack`'s examples, or "trades" / "mart" with their own
+      inner maximisation from `budget`; see `steps.standard_loss_grad_fn`).
     teacher, distill_temperature: knowledge distillation.
     augment: `augment(x, y, seed) -> (x, y)` for training batches (see
       `data.augment.build`).
@@ -52,12 +55,14 @@ class RobustModel(keras.Model):
 
   Raises:
     ValueError: for a network wrapped by `SaturationCallback.wrap` (pass
-      `measurement=` instead).
+      `measurement=` instead); an invalid adversarial objective (see
+      `steps.standard_loss_grad_fn`).
   """
 
   def __init__(self, network: keras.Model, *, num_classes: Optional[int] = None,
                label_smoothing: float = 0.0, attack: Optional[Callable] = None,
-               adv_mix: float = 0.5, teacher: Optional[keras.Model] = None,
+               adv_mix: float = 0.5, adv_loss: str = "pgd_ce", trades_beta: float = 6.0,
+               mart_beta: float = 6.0, budget=None, teacher: Optional[keras.Model] = None,
                distill_temperature: float = 4.0, augment: Optional[Callable] = None,
                grad_clip_norm: Optional[float] = None,
                loss_scale: Optional[steps_lib.LossScale] = None,
@@ -75,7 +80,8 @@ class RobustModel(keras.Model):
     self.attack = attack
     self.loss_grad_fn = steps_lib.standard_loss_grad_fn(
         network, num_classes=self.num_classes, label_smoothing=label_smoothing,
-        attack=attack, adv_mix=adv_mix, teacher=teacher,
+        attack=attack, adv_mix=adv_mix, adv_loss=adv_loss, trades_beta=trades_beta,
+        mart_beta=mart_beta, budget=budget, teacher=teacher,
         distill_temperature=distill_temperature, loss_scale=loss_scale,
         sharpness=sharpness, taps=taps)
     self.augment = augment

@@ -10,8 +10,9 @@ functional steps, in Keras 3 terms):
    tensors, so that a wrapper can evaluate the model at other weights (SAM's
    `w + e`) or throw a pass's batch-norm statistics away without touching the
    variables. `loss_and_gradients` is the base; `adversarial` wraps one (crafts
-   `x_adv` once and trains on both halves in one pass); the sharpness wrappers
-   (SAM, SSAM) wrap one too;
+   `x_adv` once and trains on both halves in one pass; TRADES and MART are
+   `adversarial_losses.paired` with their own inner maximisation); the
+   sharpness wrappers (SAM, SSAM) wrap one too;
 3. `make_train_step`, which applies the gradients through optimizer groups
    (each a set of variables with its own optimizer and learning-rate schedule),
    after clipping and, under mixed precision, dynamic loss scaling.
@@ -36,7 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from robust_sparse.training import distribute
+from robust_sparse.training import adversarial_losses, distribute
 from robust_sparse.nn import layers as layers_lib
 from robust_sparse.training.optimizers import AdamL2, TorchSGD
 
@@ -605,7 +606,9 @@ def evaluation_sums(model: keras.Model, attack: Callable, x, y, seed, top5: bool
 
 def standard_loss_grad_fn(model: keras.Model, *, num_classes: int,
                           label_smoothing: float = 0.0, attack: Optional[Callable] = None,
-                          adv_mix: float = 0.5, teacher: Optional[keras.Model] = None,
+                          adv_mix: float = 0.5, adv_loss: str = "pgd_ce",
+                          trades_beta: float = 6.0, mart_beta: float = 6.0, budget=None,
+                          teacher: Optional[keras.Model] = None,
                           distill_temperature: float = 4.0,
                           loss_scale: Optional[LossScale] = None,
                           sharpness: Optional[Callable] = None,
@@ -615,15 +618,40 @@ def standard_loss_grad_fn(model: keras.Model, *, num_classes: int,
 
   Args:
     attack: `attack(model, x, y, seed)`; adversarial training when given.
+    adv_mix: `pgd_ce`'s weight of the adversarial loss.
+    adv_loss: the adversarial objective (`adversarial_losses.ADV_LOSSES`):
+      "pgd_ce" trains on `attack`'s examples (`adversarial`); "trades" and
+      "mart" craft their own with their paper's inner maximisation from
+      `budget` (`attack` then only says that training is adversarial).
+    trades_beta, mart_beta: the KL terms' weights of TRADES and MART.
+    budget: TRADES' and MART's L-infinity PGD: an `adversarial_losses.Budget`
+      or any object with `eps`, `step_size`, `steps` (and `clip_min`,
+      `clip_max`), e.g. the run's `AttackConfig`.
     teacher: a model to distil from, evaluated in inference mode.
     sharpness: `LossGradFn -> LossGradFn`, e.g. a partial of
       `robust_sparse.training.sharpness.sam.sharpness_aware`; inside the adversarial
       wrapper, so both of its passes see the same adversarial batch.
     taps: a tap model for measurements (see `loss_and_gradients`).
+
+  Raises:
+    ValueError: an unknown `adv_loss` or a negative beta; "trades" or "mart"
+      without an attack (adversarial training) or without a budget.
   """
+  adversarial_losses.check(adv_loss, trades_beta, mart_beta)
   loss = cross_entropy(num_classes, label_smoothing)
   if teacher is not None:
     loss = distillation(loss, teacher, distill_temperature)
+  if adv_loss != "pgd_ce":
+    if attack is None:
+      raise ValueError(f"--adv_loss={adv_loss} is an adversarial training objective: it "
+                       "needs --adv_train (an attack)")
+    if budget is None:
+      raise ValueError(f"--adv_loss={adv_loss} needs its inner maximisation's budget "
+                       "(budget=: eps, step_size, steps)")
+    return adversarial_losses.loss_grad_fn(
+        lambda objective: loss_and_gradients(model, objective, loss_scale, taps=taps),
+        model, loss, adv_loss, budget, trades_beta=trades_beta, mart_beta=mart_beta,
+        wrap=sharpness)
   fn = loss_and_gradients(model, loss, loss_scale, taps=taps)
   if sharpness is not None:
     fn = sharpness(fn)
