@@ -267,17 +267,12 @@ class _Builder:
 
   def model(self, hp, dataset, trial: int, level: int):
     # pylint: disable=import-outside-toplevel  Heavy: TensorFlow, which reading runs never needs.
+    from robust_sparse.experiments import build
     from robust_sparse.experiments.registry import EXPERIMENTS
-    from robust_sparse.experiments.runner import set_precision
-    from robust_sparse.models import build_model
-    set_precision(hp.mixed_precision)
-    experiment = EXPERIMENTS.get(hp.experiment)(hp)
-    num_train = hp.train_examples or len(dataset.x_train)
-    options = {**hp.model_options(), **experiment.model_options(level, num_train)}
-    model = build_model(hp.model, dataset.input_shape, dataset.num_classes,
-                        activation=experiment.activation(level, num_train), l1_reg=hp.l1_reg,
-                        normalize=hp.normalize, dropout=hp.dropout, **options)
-    model = experiment.transform_model(model, trial, level)
+    build.set_precision(hp.mixed_precision)
+    model = build.model(hp, dataset.input_shape, dataset.num_classes,
+                        EXPERIMENTS.get(hp.experiment)(hp), trial, level,
+                        hp.train_examples or len(dataset.x_train))
     signature = _model_signature(model)
     if signature is None:
       return model

@@ -1,8 +1,9 @@
 """The experiments (`--experiment`) and the loop that runs them.
 
 Importing an experiment family's module registers it in EXPERIMENTS. The runner
-(runner.py) is the loop; build.py turns hyper-parameters into objects; the run
-folder's files are named by `robust_sparse.core.run_folder`.
+(runner.py) is the loop; build.py turns hyper-parameters into objects;
+level_log.py writes a level's log; the run folder's files are named by
+`robust_sparse.core.run_folder`.
 
 May import: everything below it (`robust_sparse.core`, `nn`, `training`, `measure`,
 `robust_sparse.data`, `attacks`, `models`, `custom_ops`); never `analysis` nor the entry points.

@@ -56,6 +56,7 @@ from robust_sparse.core import files
 from robust_sparse.measure import flatness as flatness_lib
 from robust_sparse.core.hparams import ModelHparams
 from robust_sparse.core.run_folder import checkpoints, finished_run, level_dir
+from robust_sparse.core.streams import Stream
 from robust_sparse.models import normalization_mean
 from robust_sparse.nn.weights import assign_weights
 from robust_sparse.training.engine import index_stream
@@ -68,8 +69,6 @@ FIGURE = "augmented_flatness.png"
 # data set and every model field (the model options too) but the L1 penalty.
 MATCHED = ("dataset", "resolution") + tuple(
     field.name for field in dataclasses.fields(ModelHparams) if field.name != "l1_reg")
-# Test-batch preparation's stream (`steps.stream_seed`), as the engine's.
-TEST_PREPARATION_STREAM = 6
 
 
 def checkpoint_csv(run_dir, iteration) -> str:
@@ -92,7 +91,7 @@ def evaluation_batches(dataset, batch_size: int, seed: int) -> tf.data.Dataset:
   if dataset.prepare is not None:
     prepare = dataset.prepare
     batches = batches.enumerate().map(
-        lambda index, batch: (prepare(batch[0], stream_seed(seed, 0, TEST_PREPARATION_STREAM,
+        lambda index, batch: (prepare(batch[0], stream_seed(seed, 0, Stream.TEST_PREPARE,
                                                             index)), batch[1]))
   return batches.prefetch(tf.data.AUTOTUNE)
 
@@ -102,8 +101,8 @@ def training_batches(dataset, batch_size: int, seed: int, augment=None,
   """Training batches as the engine's steps see them: (x, y) of `batch_size`, one epoch.
 
   Batch i holds the indices the engine's stream gives iteration i for `seed`
-  (`engine.index_stream`), decoded, prepared (stream 4) and augmented
-  (stream 3) with that iteration's seeds; soft labels where the augmentation
+  (`engine.index_stream`), decoded, prepared (`Stream.TRAIN_PREPARE`) and
+  augmented (`Stream.AUGMENT`) with that iteration's seeds; soft labels where the augmentation
   mixes them. Full batches only: floor(n / batch_size) of them, or
   `max_iterations`.
   """
@@ -123,9 +122,9 @@ def training_batches(dataset, batch_size: int, seed: int, augment=None,
       x = tf.map_fn(decode, x, fn_output_signature=tf.float32)
     y = tf.gather(y_train, indices)
     if dataset.prepare is not None:
-      x = dataset.prepare(x, stream_seed(seed, iteration, 4))
+      x = dataset.prepare(x, stream_seed(seed, iteration, Stream.TRAIN_PREPARE))
     if augment is not None:
-      x, y = augment(x, y, stream_seed(seed, iteration, 3))
+      x, y = augment(x, y, stream_seed(seed, iteration, Stream.AUGMENT))
     return x, y
 
   return (index_stream(len(dataset.y_train), batch_size, seed).take(steps).enumerate()
@@ -229,13 +228,8 @@ class AugmentedFlatness(Measurement):
     if not hp.pretrained_run:
       raise ValueError("augmented_flatness needs --pretrained_run=DIR, the finished run whose "
                        "checkpoints to measure")
-    source, _ = finished_run(hp.pretrained_run, "--pretrained_run")
-    for name in MATCHED:
-      if getattr(source, name) != getattr(hp, name):
-        raise ValueError(f"--pretrained_run={hp.pretrained_run} was trained with "
-                         f"--{name}={getattr(source, name)}, not --{name}="
-                         f"{getattr(hp, name)}")
-    self._source = source
+    self._source, _ = finished_run(hp.pretrained_run, "--pretrained_run", matches=hp,
+                                   fields=MATCHED)
     self._level = level_dir(hp.pretrained_run, 0, 0)
     by_iteration = {}
     for iteration, path in checkpoints(self._level):

@@ -50,6 +50,7 @@ from tqdm import tqdm
 from robust_sparse.attacks import AttackConfig, make_attack
 from robust_sparse.core import files
 from robust_sparse.core.run_folder import derived_seed
+from robust_sparse.core.streams import Stream
 
 RESULTS_FILE = "masking.json"
 EXAMPLES_FILE = "masking_examples.npz"
@@ -113,8 +114,10 @@ def test_images(dataset, count: int) -> Tuple[np.ndarray, np.ndarray]:
   if dataset.decode_eval is not None:
     x = np.stack([dataset.decode_eval(tf.constant(path)).numpy() for path in x])
   if dataset.prepare is not None:
-    # A fixed seed: the runner's evaluation seeds its random positioning per batch.
-    x = dataset.prepare(tf.constant(x, tf.float32), tf.constant([0, 7], tf.int64)).numpy()
+    # A fixed seed (the raw pair [0, FIXED_SET_PREPARE], not a `stream_seed`): the
+    # runner's evaluation seeds its random positioning per batch.
+    x = dataset.prepare(tf.constant(x, tf.float32),
+                        tf.constant([0, int(Stream.FIXED_SET_PREPARE)], tf.int64)).numpy()
   return np.asarray(x, np.float32), y.astype(np.int64)
 
 

@@ -80,12 +80,9 @@ class Probes(Measurement):
     hp = self.hparams
     if not hp.pretrained_run:
       raise ValueError("probes needs --pretrained_run=DIR, the finished run to probe")
-    source, self._weights = finished_run(hp.pretrained_run, "--pretrained_run")
-    for name in ("model", "dataset", "resolution", "normalize", "activation", "dropout"):
-      if getattr(source, name) != getattr(hp, name):
-        raise ValueError(f"--pretrained_run={hp.pretrained_run} was trained with "
-                         f"--{name}={getattr(source, name)}, not --{name}="
-                         f"{getattr(hp, name)}")
+    _, self._weights = finished_run(
+        hp.pretrained_run, "--pretrained_run", matches=hp,
+        fields=("model", "dataset", "resolution", "normalize", "activation", "dropout"))
     check_probe_settings(hp, dataset)
 
   def after_run(self, runner):

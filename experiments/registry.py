@@ -11,19 +11,21 @@ order and the learning-rate schedule there).
 The lottery experiments need nothing else. An experiment that is not weight
 pruning (ReLU reduction, say) overrides the other hooks of `Experiment`,
 each a no-op by default: the runner asks them how to build a level's model,
-its optimizer groups and loss, how long it trains, what to measure at each
-evaluation and what to record when it finishes; levels of one `phase` share
+its optimizer groups and loss, how long it trains, which weights to save
+on the way, what to measure at each evaluation and what to record when it
+finishes; levels of one `phase` share
 one compiled engine. The experiment never copies the runner's loop.
 """
 
 import os
-from typing import Callable, NamedTuple
+from typing import Callable, Dict, NamedTuple
 
 import numpy as np
 
 from robust_sparse.nn import pruning
 from robust_sparse.core.registry import Registry
-from robust_sparse.core.run_folder import derived_seed, level_dir, read_hparams
+from robust_sparse.core.run_folder import (REWIND_WEIGHTS, check_matches, derived_seed,
+                                           level_dir, read_hparams)
 
 EXPERIMENTS = Registry("experiment")
 REWIND_TARGETS = ("init", "trained_dense")
@@ -101,6 +103,11 @@ class Experiment:
     """The level's `LossGradFn` (of the groups without their own)."""
     return defaults.loss_grad_fn()
 
+  def snapshots(self, level) -> Dict[int, str]:
+    """{iteration: file name}: weights the loop saves in the level's folder when it
+    reaches the iteration (every model variable by path, as `weights_final.npz`)."""
+    return {}
+
   def measure(self, level, model) -> dict:
     """Values of `columns` at each evaluation."""
     return {}
@@ -128,22 +135,13 @@ class Measurement(Experiment):
     pass
 
 
-@EXPERIMENTS.register("no_pruning")
-class NoPruning(Experiment):
-  """Trains the dense network once (prune iteration 0 only)."""
-
-  def levels(self):
-    return 1
-
-  def start(self, level, history, fresh):
-    return None, 0
-
-
 @EXPERIMENTS.register("train")
+@EXPERIMENTS.register("no_pruning")
 class Train(Experiment):
-  """Plain training: one level, no pruning (the CIFAR protocols' baselines).
+  """Plain training: the dense network once, one level, no pruning.
 
-  The same as `no_pruning`; the name says what the non-lottery studies do.
+  Registered twice: `no_pruning` (the lottery studies' dense baseline) and
+  `train` (the name the non-lottery studies, e.g. the CIFAR protocols, use).
   """
 
   def levels(self):
@@ -193,7 +191,11 @@ class Rewind(Experiment):
 
   Pruned levels restart from those weights with a fresh optimiser and train from
   `rewind_iteration` to `train_iters`, seeing the same data order as the dense run.
+  The dense level saves them (`snapshots`).
   """
+
+  def snapshots(self, level):
+    return {self.hparams.rewind_iteration: REWIND_WEIGHTS} if level == 0 else {}
 
   def start(self, level, history, fresh):
     if level == 0:
@@ -217,10 +219,8 @@ class _TicketControl(Experiment):
     if not hp.ticket_run:
       raise ValueError(f"{name} needs --ticket_run=DIR, a reinit_orig run folder")
     ticket = read_hparams(hp.ticket_run, "--ticket_run")
-    for field in ("dataset", "model", "resolution", "activation", "normalize"):
-      if getattr(ticket, field) != getattr(hp, field):
-        raise ValueError(f"--ticket_run={hp.ticket_run} was trained with --{field}="
-                         f"{getattr(ticket, field)}, not --{field}={getattr(hp, field)}")
+    check_matches(ticket, hp, ("dataset", "model", "resolution", "activation", "normalize"),
+                  f"--ticket_run={hp.ticket_run}")
     if ticket.prune_iters < hp.prune_iters or ticket.trials < hp.trials:
       raise ValueError(f"--ticket_run={hp.ticket_run} has {ticket.trials} trials of "
                        f"{ticket.prune_iters} pruning iterations; --trials={hp.trials} "

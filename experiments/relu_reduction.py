@@ -43,10 +43,10 @@ import numpy as np
 from absl import logging
 from keras import ops
 
+from robust_sparse.experiments import build
 from robust_sparse.experiments.registry import EXPERIMENTS, Experiment, Measurement
 from robust_sparse.core import files
 from robust_sparse.core.run_folder import finished_run
-from robust_sparse.models import build_model
 from robust_sparse.nn import relu_masks as relu_lib
 from robust_sparse.nn.weights import model_weights
 from robust_sparse.training.optimizers import AdamL2, TorchSGD
@@ -135,16 +135,10 @@ class ReLUPrune(Experiment):
       logging.warning("--mask_dropout=%g has no effect with --relu_replacement=%s (AutoReP "
                       "drops out to relu only in its spgrad, poly and autopoly modules)",
                       hp.mask_dropout, hp.relu_replacement)
-    pretrained_hp, weights = finished_run(hp.pretrained_run, "--pretrained_run")
-    for name in ("model", "dataset", "resolution", "normalize", "activation", "dropout"):
-      theirs, ours = getattr(pretrained_hp, name), getattr(hp, name)
-      if theirs != ours:
-        raise ValueError(f"--pretrained_run={hp.pretrained_run} was trained with "
-                         f"--{name}={theirs}, not --{name}={ours}")
-    self._pretrained = weights
-    base = build_model(hp.model, dataset.input_shape, dataset.num_classes,
-                       activation=hp.activation, normalize=hp.normalize, dropout=hp.dropout,
-                       **hp.model_options())
+    _, self._pretrained = finished_run(
+        hp.pretrained_run, "--pretrained_run", matches=hp,
+        fields=("model", "dataset", "resolution", "normalize", "activation", "dropout"))
+    base = build.model(hp, dataset.input_shape, dataset.num_classes)
     self._total = relu_lib.relu_counts(base).total
     if hp.relu_count is not None:
       budget = int(round(hp.relu_count * 1000))

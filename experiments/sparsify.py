@@ -63,12 +63,8 @@ class SparsifyFinetune(Experiment):
     if hp.vit_variant == "sparsified" or hp.model.endswith("_sparsified"):
       raise ValueError("sparsify_finetune builds the sparsified model from the vanilla "
                        "one: give the vanilla --model / --vit_variant of --pretrained_run")
-    pretrained_hp, self._pretrained = finished_run(hp.pretrained_run, "--pretrained_run")
-    for name in ("dataset", "resolution", "normalize"):
-      theirs, ours = getattr(pretrained_hp, name), getattr(hp, name)
-      if theirs != ours:
-        raise ValueError(f"--pretrained_run={hp.pretrained_run} was trained with "
-                         f"--{name}={theirs}, not --{name}={ours}")
+    _, self._pretrained = finished_run(hp.pretrained_run, "--pretrained_run", matches=hp,
+                                       fields=("dataset", "resolution", "normalize"))
     self._steps_per_epoch = hp.steps_per_epoch(num_train)
 
   def _steps(self, epochs):

@@ -488,3 +488,33 @@ def test_an_epoch_visits_every_example_exactly_once(digits, mode):
     expected = np.zeros(n, np.int32)
     expected[np.concatenate(reference[start:start + 3])] = 1
     np.testing.assert_array_equal(seen.numpy(), expected)
+
+
+def test_evaluation_sums_are_named_by_metric(digits):
+  """`evaluate`'s values sit under the right names: natural loss and accuracy from the
+  model's own logits, and an attack that returns x unchanged gives the same adversarial
+  and robust values (a swapped position would put a loss under an accuracy)."""
+  def identity(model, x, y, seed):
+    return x
+
+  identity.labels = "true"
+  model = build_model("dense-300-100", digits.input_shape, digits.num_classes)
+  engine = Engine(model, standard_loss_grad_fn(model, num_classes=10),
+                  [OptimizerGroup("weights", make_optimizer("adam", 1e-3))],
+                  x_train=digits.x_train, y_train=digits.y_train, batch_size=32,
+                  attack=identity, eval_batch_size=64, top5=True, compile="graph",
+                  eval_attacks=[("same", identity)])
+  engine.reset(0)
+  x, y = digits.x_valid[:150], digits.y_valid[:150]
+  logits = model(x, training=False).numpy()
+  loss = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits).numpy().mean()
+  acc = (logits.argmax(-1) == y).mean()
+  top5 = np.mean([label in np.argsort(row)[-5:] for row, label in zip(logits, y)])
+  results = engine.evaluate(x, y)
+  np.testing.assert_allclose([results["nat_loss"], results["adv_loss"], results["loss"]],
+                             [loss] * 3, rtol=1e-5)
+  np.testing.assert_allclose([results[m] for m in ("acc", "adv_acc", "adv_acc_same")],
+                             [acc] * 3, rtol=1e-6)
+  np.testing.assert_allclose(results["top5"], top5, rtol=1e-6)
+  # Untrained: accuracy, top-5 and loss differ, so a swap of names would show.
+  assert acc < top5 and not np.isclose(loss, acc) and not np.isclose(loss, top5)

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 
+from robust_sparse.experiments.registry import EXPERIMENTS
 from robust_sparse.experiments.runner import Runner, level_dir
 from robust_sparse.core import files
 from robust_sparse.core.hparams import Hparams
@@ -79,3 +80,16 @@ def test_no_pruning_trains_one_level(tmp_path, digits):
   run_dir, _ = _run(tmp_path, digits, experiment="no_pruning")
   assert os.path.exists(os.path.join(level_dir(run_dir, 0, 0), "metadata.json"))
   assert not os.path.exists(level_dir(run_dir, 0, 1))
+
+
+def test_train_and_no_pruning_are_one_experiment():
+  assert EXPERIMENTS.get("train") is EXPERIMENTS.get("no_pruning")
+
+
+def test_only_rewind_asks_the_loop_for_a_snapshot():
+  """The loop saves what an experiment's `snapshots` name, never by experiment name."""
+  hp = Hparams(**{**TINY, "experiment": "rewind", "rewind_iteration": 4})
+  assert EXPERIMENTS.get("rewind")(hp).snapshots(0) == {4: "weights_rewind.npz"}
+  assert EXPERIMENTS.get("rewind")(hp).snapshots(1) == {}
+  for name in ("reinit_orig", "reinit_none", "train"):
+    assert EXPERIMENTS.get(name)(hp).snapshots(0) == {}

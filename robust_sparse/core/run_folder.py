@@ -21,6 +21,7 @@ from robust_sparse.core.hparams import Hparams
 HPARAMS_FILE = "hparams.json"
 METADATA_FILE = "metadata.json"
 CHECKPOINTS = "checkpoints"  # --save_every_epochs' folder in a level.
+REWIND_WEIGHTS = "weights_rewind.npz"  # The rewind experiment's snapshot of the dense level.
 EPS_SWEEP_FILE = "eps_sweep.json"  # --eps_sweep's robust accuracies of a level (experiments/eps_sweep.py).
 TRIAL_DIR = re.compile(r"^trial_(\d+)$")
 LEVEL_DIR = re.compile(r"^prune_iter_(\d+)$")
@@ -91,7 +92,7 @@ class LevelHistory:
     return self.weights(level, "weights_final.npz")
 
   def rewind_weights(self, level):
-    return self.weights(level, "weights_rewind.npz")
+    return self.weights(level, REWIND_WEIGHTS)
 
 
 def read_hparams(run_dir: str, flag: str) -> Hparams:
@@ -109,20 +110,43 @@ def read_hparams(run_dir: str, flag: str) -> Hparams:
     raise ValueError(f"{flag}={run_dir}: not a readable run folder ({e})") from None
 
 
-def finished_run(run_dir: str, flag: str):
+def check_matches(source: Hparams, hparams: Hparams, fields, named: str):
+  """Checks that a run `hparams` builds on was made with the same `fields`.
+
+  Args:
+    source: the hyper-parameters of the run built on (a ticket, a pretrained run).
+    named: how errors name that run, e.g. "--pretrained_run=DIR".
+
+  Raises:
+    ValueError: the first field that differs, both values named.
+  """
+  for field in fields:
+    theirs, ours = getattr(source, field), getattr(hparams, field)
+    if theirs != ours:
+      raise ValueError(f"{named} was trained with --{field}={theirs}, not --{field}={ours}")
+
+
+def finished_run(run_dir: str, flag: str, matches: Hparams = None, fields=()):
   """The hyper-parameters and final weights of trial 0, level 0 of the run folder `run_dir`.
+
+  The one loader of a finished run that another run builds on (a teacher, a
+  pretrained network, checkpoints to measure).
 
   Args:
     flag: the flag that named the folder, for error messages.
+    matches, fields: with `matches`, the run must have been made with its
+      values of `fields` (`check_matches`).
 
   Returns:
     (Hparams, {variable path: array}).
 
   Raises:
-    ValueError: not a run folder, or its level 0 is unfinished.
+    ValueError: not a run folder, its level 0 is unfinished, or a field differs.
   """
   run_hp = read_hparams(run_dir, flag)
   directory = level_dir(run_dir, 0, 0)
   if not is_finished(directory):
     raise ValueError(f"{flag}={run_dir}: trial_0/prune_iter_0 is not finished")
+  if matches is not None:
+    check_matches(run_hp, matches, fields, f"{flag}={run_dir}")
   return run_hp, files.load_arrays(os.path.join(directory, "weights_final.npz"))

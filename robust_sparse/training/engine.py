@@ -32,6 +32,7 @@ import tensorflow as tf
 import keras
 from absl import logging
 
+from robust_sparse.core.streams import PREPARE_OFFSET, Stream
 from robust_sparse.training import adversarial_losses
 from robust_sparse.training import arrays
 from robust_sparse.training import compilation
@@ -44,6 +45,11 @@ from robust_sparse.training.steps import METRICS, OptimizerGroup
 # Re-exported: the engine's XLA rules live in `robust_sparse.training.compilation`.
 supports_xla = compilation.supports_xla
 xla_pays_off = compilation.xla_pays_off
+
+
+# The sums of one evaluation batch, by name, in the order `steps.evaluation_sums`
+# stacks them (then one robust count per evaluation attack, `adv_acc_<name>`).
+EVAL_SUMS = ("nat_loss", "acc", "adv_acc", "adv_loss", "top5")
 
 
 # The most steps one call of the XLA training loop runs (`Engine.loop_in_xla`):
@@ -224,7 +230,7 @@ class Engine:
       built with `taps=` of `steps.loss_and_gradients`), `update(outputs,
       split)` and `variables` (checkpointed under `engine/measure/<i>`).
       Training batches feed "train" (natural examples); evaluation batches of
-      the test set (stream 2) feed "eval".
+      the test set (`Stream.TEST_ATTACK`) feed "eval".
     eval_attacks: [(name, attack)] evaluated beside `attack`: `evaluate`
       reports `adv_acc_<name>`, the fraction of examples classified correctly
       both clean and under that attack.
@@ -460,12 +466,14 @@ class Engine:
     x, y = self.stored_examples(indices)
     if augment_iteration is None:
       if self.prepare is not None:
-        x = self.prepare(x, steps_lib.stream_seed(self.seed, 0, 7))
+        x = self.prepare(x, steps_lib.stream_seed(self.seed, 0, Stream.FIXED_SET_PREPARE))
       return x, y
     if self.prepare is not None:
-      x = self.prepare(x, steps_lib.stream_seed(self.seed, augment_iteration, 4))
+      x = self.prepare(x, steps_lib.stream_seed(self.seed, augment_iteration,
+                                                Stream.TRAIN_PREPARE))
     if self.augment is not None:
-      x, y = self.augment(x, y, steps_lib.stream_seed(self.seed, augment_iteration, 3))
+      x, y = self.augment(x, y, steps_lib.stream_seed(self.seed, augment_iteration,
+                                                      Stream.AUGMENT))
     return x, y
 
   def _train_step_fn(self, element):
@@ -555,7 +563,7 @@ class Engine:
       total, done = total + sums.numpy(), done + int(ran)
     return {name: float(v) / done for name, v in zip(METRICS, total)}
 
-  def warm_up(self, x, y, stream: int = 1):
+  def warm_up(self, x, y, stream: int = Stream.VALID_ATTACK):
     """Compiles training and evaluation at once, in two threads; changes nothing.
 
     The first `train` and `evaluate` calls trace and compile their functions
@@ -579,7 +587,7 @@ class Engine:
     def evaluation():
       try:
         evaluate(x, np.asarray(y[:self.eval_batch_size], np.int32),
-                 tf.constant(stream, tf.int64))
+                 tf.constant(int(stream), tf.int64))
       except Exception as e:  # pylint: disable=broad-except; raised below, in this thread.
         failed.append(e)
 
@@ -604,7 +612,7 @@ class Engine:
   # ---- evaluation -----------------------------------------------------------------
   def _sharpness_fn(self, x, y, rho, batch_size):
     if self.prepare is not None:
-      x = self.prepare(x, steps_lib.stream_seed(self.seed, 0, 7))
+      x = self.prepare(x, steps_lib.stream_seed(self.seed, 0, Stream.FIXED_SET_PREPARE))
     with layers_lib.masks_hold():
       return sharpness_lib.measure_sharpness(self.model, x, y, rho=rho, batch_size=batch_size)
 
@@ -620,9 +628,17 @@ class Engine:
                              tf.constant(rho, tf.float32), int(batch_size))
     return {name: float(value.numpy()) for name, value in values.items()}
 
+  def _eval_sum_names(self):
+    return EVAL_SUMS + tuple(f"adv_acc_{name}" for name, _ in self.eval_attacks)
+
+  def _eval_zeros(self):
+    return {name: tf.zeros([]) for name in self._eval_sum_names()}
+
   def _eval_batch_fn(self, x, y, index, stream):
+    """{sum name: its sum over the batch} (`EVAL_SUMS`, then `adv_acc_<name>`)."""
     if self.prepare is not None:
-      x = self.prepare(x, steps_lib.stream_seed(self.seed, self.iteration, stream + 4, index))
+      x = self.prepare(x, steps_lib.stream_seed(self.seed, self.iteration,
+                                                stream + PREPARE_OFFSET, index))
     taps, on_taps = None, None
     if self.measurement is not None:
       taps = self.measurement.tap_model
@@ -631,7 +647,7 @@ class Engine:
         def feed():
           self.measurement.update(outputs, "eval")
           return tf.constant(True)
-        tf.cond(tf.equal(stream, 2), feed, lambda: tf.constant(False))
+        tf.cond(tf.equal(stream, int(Stream.TEST_ATTACK)), feed, lambda: tf.constant(False))
 
     seed = steps_lib.stream_seed(self.seed, self.iteration, stream, index)
 
@@ -642,9 +658,11 @@ class Engine:
             eval_attacks=[fn for _, fn in self.eval_attacks])
 
     if self.distribution is None:
-      return sums(x, y, seed)
-    return self.distribution.sum(self.distribution.run_sharded(
-        distribute.compile_on_replica(sums, self.jit_compile), (x, y), seed))
+      stacked = sums(x, y, seed)
+    else:
+      stacked = self.distribution.sum(self.distribution.run_sharded(
+          distribute.compile_on_replica(sums, self.jit_compile), (x, y), seed))
+    return dict(zip(self._eval_sum_names(), tf.unstack(stacked)))
 
   def _eval_tensors_fn(self, x, y, stream):
     """Sums over batches of in-memory (x, y), sliced in a `tf.while_loop`.
@@ -658,10 +676,10 @@ class Engine:
 
     def body(index, sums):
       rows = slice(index * size, (index + 1) * size)
-      return index + 1, sums + self._eval_batch(x[rows], y[rows], index, stream)
+      return index + 1, _add(sums, self._eval_batch(x[rows], y[rows], index, stream))
 
     return tf.while_loop(lambda index, _: index < batches, body,
-                         (tf.constant(0, tf.int64), tf.zeros([5 + len(self.eval_attacks)])))[1]
+                         (tf.constant(0, tf.int64), self._eval_zeros()))[1]
 
   def _eval_tensors_for(self, x):
     """The traced `_eval_tensors_fn` for evaluation sets shaped as `x` (any length)."""
@@ -676,24 +694,22 @@ class Engine:
 
     def add(sums, element):
       index, (x, y) = element
-      return sums + self._eval_batch(x, y, index, stream)
+      return _add(sums, self._eval_batch(x, y, index, stream))
 
-    return dataset.enumerate().reduce(tf.zeros([5 + len(self.eval_attacks)]), add)
+    return dataset.enumerate().reduce(self._eval_zeros(), add)
 
-  def evaluate(self, x: np.ndarray, y: np.ndarray, stream: int = 1) -> Dict[str, float]:
+  def evaluate(self, x: np.ndarray, y: np.ndarray,
+               stream: int = Stream.VALID_ATTACK) -> Dict[str, float]:
     """Natural and adversarial loss and accuracy on all of (x, y).
 
     Args:
       x, y: the evaluation set.
-      stream: distinguishes the attack randomness of different sets (1 valid, 2 test).
+      stream: the attack randomness of the set (`Stream.VALID_ATTACK` or `TEST_ATTACK`).
     """
-    names = [f"adv_acc_{name}" for name, _ in self.eval_attacks]
     if len(x) == 0:  # No validation split (--valid_size=0).
-      nan = float("nan")
-      return {m: nan for m in ("loss", "acc", "adv_acc", "nat_loss", "adv_loss", "top5",
-                               *names)}
+      return {m: float("nan") for m in ("loss",) + self._eval_sum_names()}
     self._enforce_masks()
-    stream = tf.constant(stream, tf.int64)
+    stream = tf.constant(int(stream), tf.int64)
     if self.decode_eval is None:
       x = arrays.as_tensor(x)
       sums = self._eval_tensors_for(x)(x, np.asarray(y, np.int32), stream)
@@ -704,11 +720,14 @@ class Engine:
                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                  .batch(self.eval_batch_size).prefetch(tf.data.AUTOTUNE))
       sums = self._eval_dataset(dataset, stream)
-    sums = sums.numpy() / len(x)
-    nat_loss, correct, adv_correct, adv_loss, top5 = sums[:5]
-    loss = ((1 - self.adv_mix) * nat_loss + self.adv_mix * adv_loss if self.adv_train
-            else nat_loss)
-    return {"loss": float(loss), "acc": float(correct), "adv_acc": float(adv_correct),
-            "nat_loss": float(nat_loss), "adv_loss": float(adv_loss),
-            "top5": float(top5) if self.top5 else float("nan"),
-            **{name: float(value) for name, value in zip(names, sums[5:])}}
+    # Means in float32, as the sums are.
+    means = {name: total.numpy() / np.float32(len(x)) for name, total in sums.items()}
+    loss = ((1 - self.adv_mix) * means["nat_loss"] + self.adv_mix * means["adv_loss"]
+            if self.adv_train else means["nat_loss"])
+    if not self.top5:
+      means["top5"] = np.nan
+    return {"loss": float(loss), **{name: float(value) for name, value in means.items()}}
+
+
+def _add(sums: Dict[str, tf.Tensor], more: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+  return {name: sums[name] + more[name] for name in sums}
