@@ -126,8 +126,7 @@ class Runner:
     if self.hparams.probes and self.experiment.levels() > 0:
       last = self.experiment.levels() - 1  # Probes of trial 0's final network.
       model = self.build(0, last)
-      assign_weights(model, files.load_arrays(
-          os.path.join(level_dir(self.run_dir, 0, last), "weights_final.npz")),
+      assign_weights(model, LevelHistory(self.run_dir, 0).final_weights(last),
                      "the final weights")
       self.summary = fit_probes(self.hparams, model, self.dataset, self.run_dir)
     return self.run_dir
