@@ -12,7 +12,7 @@ single run with the targeted DLR loss). Compared: each example's verdict
 successive iterates' losses, `benchmarks/fidelity/attacks.py`).
 
 The whole AutoAttack sequence, FAB-T and Square are compared on robust
-accuracy with their own random draws by `python -m benchmarks.check_autoattack`.
+accuracy with their own random draws by `python -m benchmarks.bench_autoattack`.
 """
 
 import numpy as np

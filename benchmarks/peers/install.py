@@ -1,10 +1,10 @@
 """The peers' packages, installed into a folder of their own, never into the toolkit's environment.
 
-torch, torchattacks and delve are the PyTorch peers' only: installed beside
+torch, torchattacks, delve and ART are the PyTorch peers' only: installed beside
 the toolkit they would break `pip check` (torchattacks pins `requests~=2.25`
 and wants torchvision, which its attacks never import; delve wants torch).
 `ensure` installs what is missing into `folder` with `pip install --target`
-(torchattacks and delve without their dependencies) and returns the
+(torchattacks, delve and ART without their dependencies) and returns the
 environment that puts `folder` first on the peers' `PYTHONPATH`; a torch
 already installed system-wide is used as it is.
 """
@@ -25,6 +25,13 @@ PACKAGES = {
     # are the toolkit's own (requirements.txt, seen by the peers' process), torch is above,
     # and tensorboardX is optional (delve imports it in a try).
     "delve": ("delve==0.1.50", False),
+  # ART's AutoAttack, the second peer of `benchmarks.bench_autoattack` (over the PyTorch port).
+  # Without its dependencies: numpy, scipy, scikit-learn, six, tqdm and setuptools are the
+  # toolkit's own or torch's.
+  "art": ("adversarial-robustness-toolbox==1.20.1", False),
+  # ART's AutoAttack imports it (for its optional process pool) on every run; with its one
+  # dependency, dill.
+  "multiprocess": ("multiprocess==0.70.19", True),
 }
 
 
