@@ -233,6 +233,8 @@ def engine(hp: Hparams, network, dataset, experiment, level: int, *, num_train: 
     return standard_loss_grad_fn(
         network, num_classes=dataset.num_classes, label_smoothing=hp.label_smoothing,
         attack=attack if hp.adv_train else None, adv_mix=hp.adv_mix,
+        adv_loss=hp.adv_loss, trades_beta=hp.trades_beta, mart_beta=hp.mart_beta,
+        budget=attack_config(hp) if hp.adv_train and hp.adv_loss != "pgd_ce" else None,
         teacher=teacher_fn() if distill else None,
         distill_temperature=hp.distill_temperature, loss_scale=loss_scale,
         sharpness=sharpness_wrapper(hp, network, masks),
@@ -244,6 +246,7 @@ def engine(hp: Hparams, network, dataset, experiment, level: int, *, num_train: 
   return LevelEngine(Engine(
       network, loss_grad_fn, groups, x_train=dataset.x_train, y_train=dataset.y_train,
       batch_size=hp.batch_size, attack=attack, adv_train=hp.adv_train, adv_mix=hp.adv_mix,
+      adv_loss=hp.adv_loss, trades_beta=hp.trades_beta, mart_beta=hp.mart_beta,
       augment=augment, prepare=dataset.prepare, decode=dataset.decode,
       decode_eval=dataset.decode_eval, grad_clip_norm=hp.grad_clip_norm,
       loss_scale=loss_scale, top5=top5,
@@ -280,6 +283,9 @@ def check_hparams(hp: Hparams, num_train: int):
   """
   check_distribution(hp)
   measurements_lib.check_names(hp.measure)
+  if hp.adv_loss != "pgd_ce" and not hp.adv_train:
+    raise ValueError(f"--adv_loss={hp.adv_loss} is an adversarial training objective: it needs "
+                     "--adv_train")
   if hp.log_every < 1:
     raise ValueError(f"--log_every must be a positive integer, got --log_every={hp.log_every}")
   saturation_lib.check_delta(hp.delta)
