@@ -13,7 +13,7 @@ variables and identical logits. One line per model with its trainable
 parameter count and seconds, then `model zoo: N models ok`; a failing model
 prints why, and the command exits non-zero.
 
-`check_model` is the same check for one built model; tests/test_model_zoo.py
+`check_model` is the same check for one built model; tests/models/test_model_zoo.py
 runs it on miniatures of every family.
 """
 

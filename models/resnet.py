@@ -18,7 +18,7 @@ All have widths 64/128/256/512 (times 4 after a bottleneck), strides 1/2/2/2,
 a 1x1 conv (no bias) + BN projection shortcut where the shape changes,
 global average pooling and a dense layer to the logits. `resnet18` has
 11,173,962 trainable weights for 10 classes (the masks are extra
-non-trainable weights); tests/test_model_zoo.py pins every model's count
+non-trainable weights); tests/models/test_model_zoo.py pins every model's count
 against the PyTorch original.
 
 Seeds: `resnet18/34/50` are SSAM's `models/resnet.py` (kuangliu's

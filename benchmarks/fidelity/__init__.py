@@ -13,7 +13,7 @@ all keys is at most `tolerance`.
 Each module of this package adds its checks to a module-level `CHECKS`
 list; `checks()` collects them all. `python -m benchmarks.check_fidelity`
 runs them and prints the table; the checks whose reference needs no peer
-package also run in the test suite (`tests/test_fidelity.py`).
+package also run in the test suite (`tests/benchmarks/test_fidelity.py`).
 """
 
 import dataclasses

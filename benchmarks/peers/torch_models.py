@@ -3,7 +3,7 @@
 Written from the Keras zoo (`models/`), layer for layer: the same widths,
 strides, padding, pooling, normalisation and activations, so a training step
 does the same arithmetic in both frameworks and the trainable parameter
-counts are equal (the benchmark asserts it; `tests/test_bench_models.py` too).
+counts are equal (the benchmark asserts it; `tests/benchmarks/test_bench_models.py` too).
 Images are NCHW here (PyTorch's default, what the seeds use), NHWC in Keras.
 
 | name | Keras source | PyTorch seed it follows |

@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from robust_sparse.core.hparams import Hparams
-from tests.test_engine import _counting_engine
+from tests.training.test_engine import _counting_engine
 
 
 def test_an_epoch_is_its_permutations_full_batches(digits):

@@ -17,7 +17,7 @@ from tests.conftest import REPO, one_line_error, run_cli_batch, run_module
 SMALL = ["--dataset=sklearn_digits", "--experiment=reinit_orig", "--attack=pgd", "--adv_train",
          "--trials=1", "--prune_iters=2", "--train_iters=60", "--eval_every=20",
          "--batch_size=32", "--pgd_steps=3", "--noprogress",
-         # The end-of-level gradient-masking checks (tests/test_masking_analysis.py tests
+         # The end-of-level gradient-masking checks (tests/analysis/test_masking_analysis.py tests
          # them) and sharpness on 1000 images cost more than the training; kept small.
          "--nomasking_checks", "--sharpness_examples=64"]
 
@@ -97,7 +97,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
   base = tmp_path / "b"
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
   # Killed in the pruned level: the resume re-reads the finished dense level's kernels and
-  # masks too (tests/test_engine.py kills a first level at random points).
+  # masks too (tests/training/test_engine.py kills a first level at random points).
   for kill_at in ("prune_iter_1",):
     process = subprocess.Popen([sys.executable, "-m", "run_experiments", *args,
                                 f"--base_dir={base}"], cwd=REPO, env=env,

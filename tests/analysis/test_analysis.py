@@ -30,7 +30,7 @@ from robust_sparse.analysis import report
 from robust_sparse.analysis import tables
 from tests import analysis_fixtures as fixtures
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEED_COUNTS = (266200, 213057, 170532, 136503, 109272, 87480, 70040, 56081,
                44909, 35967, 28809, 23079, 18490, 14816, 11874, 9518, 7631,
                6119, 4908, 3938, 3160)

@@ -12,7 +12,7 @@ from robust_sparse.training import arrays
 from robust_sparse.training.engine import Engine
 from robust_sparse.training.optimizers import make_optimizer
 from robust_sparse.training.steps import OptimizerGroup, standard_loss_grad_fn
-from tests.test_datasets import _write_idx  # The official IDX format.
+from tests.data.test_datasets import _write_idx  # The official IDX format.
 
 
 def _frozen(values):

@@ -27,7 +27,7 @@ from robust_sparse.models import build_model
 from robust_sparse.core import files
 from robust_sparse.core.hparams import Hparams
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = dict(dataset="sklearn_digits", model="dense-300-100", trials=2, valid_size=300,
             sharpness_examples=0)
 PGD_RUN = dict(BASE, experiment="reinit_orig", prune_iters=1, train_iters=150,

@@ -15,7 +15,7 @@ from robust_sparse.nn.layers import MaskedConv2D, MaskedDense, masked_layers
 CIFAR = (32, 32, 3)
 MNIST = (28, 28, 1)
 # The cheap models, built here at both shapes. The zoo (ResNets, wide ResNets,
-# VGGs) is built once per model in tests/test_model_zoo.py; building it again
+# VGGs) is built once per model in tests/models/test_model_zoo.py; building it again
 # at two shapes would cost minutes.
 SMALL = ["conv-2", "conv-4", "conv-6", "conv-bn", "dense-300-100", "lenet5"]
 

@@ -1,0 +1,1 @@
+"""Tests of robust_sparse.measure: saturation, probes, receptive fields, flatness."""

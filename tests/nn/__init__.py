@@ -1,0 +1,1 @@
+"""Tests of robust_sparse.nn: masked layers, activations, pruning, ReLU masks."""

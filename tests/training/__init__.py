@@ -1,0 +1,1 @@
+"""Tests of robust_sparse.training: steps, the engine, optimizers, schedules, sharpness."""
