@@ -266,3 +266,24 @@ def test_each_package_says_what_lives_there(module):
   with open(MODULES[module], encoding="utf-8") as f:
     docstring = ast.get_docstring(ast.parse(f.read()))
   assert docstring and len(docstring.split()) >= 8, module
+
+
+def test_tests_mirror_the_packages():
+  """Every test file sits in the folder of the package it tests (tools/mirror_tests.py's map)."""
+  result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "mirror_tests.py"), "--check",
+                           REPO], capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "0 change(s)" in result.stdout
+
+
+def test_mirror_check_sees_a_misplaced_test(tmp_path):
+  """The check above can fail: a test file outside its package's folder is a change to make."""
+  subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+  os.makedirs(tmp_path / "tests")
+  (tmp_path / "tests" / "__init__.py").write_text("")
+  (tmp_path / "tests" / "test_layers.py").write_text("def test_x():\n  pass\n")
+  subprocess.run(["git", "-C", str(tmp_path), "add", "-A"], check=True)
+  result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "mirror_tests.py"), "--check",
+                           str(tmp_path)], capture_output=True, text=True, check=False)
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert "tests/nn/test_layers.py" in result.stdout
