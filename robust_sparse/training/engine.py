@@ -47,9 +47,9 @@ supports_xla = compilation.supports_xla
 xla_pays_off = compilation.xla_pays_off
 
 
-# The sums of one evaluation batch, by name, in the order `steps.evaluation_sums`
-# stacks them (then one robust count per evaluation attack, `adv_acc_<name>`).
-EVAL_SUMS = ("nat_loss", "acc", "adv_acc", "adv_loss", "top5")
+# The sums of one evaluation batch, by name (then one robust count per evaluation
+# attack, `adv_acc_<name>`): `steps.evaluation_sums`' keys.
+EVAL_SUMS = steps_lib.EVAL_SUMS
 
 
 # The most steps one call of the XLA training loop runs (`Engine.loop_in_xla`):
@@ -655,14 +655,12 @@ class Engine:
       with layers_lib.masks_hold():
         return steps_lib.evaluation_sums(
             self.model, self.attack, x, y, seed, self.top5, taps=taps, on_taps=on_taps,
-            eval_attacks=[fn for _, fn in self.eval_attacks])
+            eval_attacks=dict(self.eval_attacks))
 
     if self.distribution is None:
-      stacked = sums(x, y, seed)
-    else:
-      stacked = self.distribution.sum(self.distribution.run_sharded(
-          distribute.compile_on_replica(sums, self.jit_compile), (x, y), seed))
-    return dict(zip(self._eval_sum_names(), tf.unstack(stacked)))
+      return sums(x, y, seed)
+    return self.distribution.sum(self.distribution.run_sharded(
+        distribute.compile_on_replica(sums, self.jit_compile), (x, y), seed))
 
   def _eval_tensors_fn(self, x, y, stream):
     """Sums over batches of in-memory (x, y), sliced in a `tf.while_loop`.

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import keras
 import tensorflow as tf
 
+from robust_sparse.core.streams import Stream
 from robust_sparse.measure.saturation import SaturationModel
 from robust_sparse.training import steps as steps_lib
 from robust_sparse.training.compilation import supports_xla, xla_pays_off
@@ -145,13 +146,13 @@ class RobustModel(keras.Model):
     x, y = data[0], tf.cast(data[1], tf.int32)
     sums = steps_lib.evaluation_sums(
         self.network, self.attack, x, y,
-        steps_lib.stream_seed(self.seed, self.step_iteration, 1), self.top5,
+        steps_lib.stream_seed(self.seed, self.step_iteration, Stream.VALID_ATTACK), self.top5,
         taps=None if self.measurement is None else self.measurement.tap_model,
         on_taps=None if self.measurement is None else (
             lambda outputs: self.measurement.update(outputs, "eval")))
     count = tf.cast(tf.shape(y)[0], tf.float32)
-    values = dict(loss=sums[0] / count, nat_loss=sums[0] / count, acc=sums[1] / count,
-                  adv_acc=sums[2] / count, adv_loss=sums[3] / count, top5=sums[4] / count)
+    values = {name: value / count for name, value in sums.items()}
+    values["loss"] = values["nat_loss"]
     for name in self._names:
       self._trackers[name].update_state(values[name], sample_weight=count)
     return {name: tracker.result() for name, tracker in self._trackers.items()}

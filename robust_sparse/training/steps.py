@@ -37,6 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from robust_sparse.core.streams import Stream
 from robust_sparse.training import adversarial_losses, distribute
 from robust_sparse.nn import layers as layers_lib
 from robust_sparse.training.optimizers import AdamL2, TorchSGD
@@ -381,9 +382,9 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
   """One training step: `step(x, y, seed, iteration) -> {metric: scalar}`.
 
   Applies the data set's `prepare(x, seed) -> x` (resizing, random
-  positioning; stream 4), then `augment(x, y, seed) -> (x, y)` (stream 3; `y`
-  may come back as soft labels [N, classes], e.g. from MixUp), calls
-  `loss_grad_fn` on the model's current values (attack seed: stream 0),
+  positioning; `Stream.TRAIN_PREPARE`), then `augment(x, y, seed) -> (x, y)`
+  (`Stream.AUGMENT`; `y` may come back as soft labels [N, classes], e.g. from MixUp), calls
+  `loss_grad_fn` on the model's current values (attack seed: `Stream.TRAIN_ATTACK`),
   writes the new non-trainable values (batch-norm statistics) back, clips,
   and applies each group's gradients at its scheduled learning rate. When a
   group has its own `loss_grad_fn`, the groups are updated in order, each
@@ -470,9 +471,9 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
 
   def step(x, y, seed, iteration):
     if prepare is not None:
-      x = prepare(x, stream_seed(seed, iteration, 4))
+      x = prepare(x, stream_seed(seed, iteration, Stream.TRAIN_PREPARE))
     if augment is not None:
-      x, y = augment(x, y, stream_seed(seed, iteration, 3))
+      x, y = augment(x, y, stream_seed(seed, iteration, Stream.AUGMENT))
     if distribution is None:
       batch_size = tf.shape(y)[0]
       return replica_step(x, y, seed, iteration,
@@ -492,7 +493,7 @@ def make_train_step(model: keras.Model, loss_grad_fn, groups: Sequence[Optimizer
   def replica_step(x, y, seed, iteration, weight):
     """The step on (a replica's shard of) the prepared batch; `weight` per example."""
     batch_size = tf.shape(y)[0]
-    batch = dict(x=x, y=y, weight=weight, seed=stream_seed(seed, iteration, 0))
+    batch = dict(x=x, y=y, weight=weight, seed=stream_seed(seed, iteration, Stream.TRAIN_ATTACK))
     rates = learning_rates(groups, iteration)
     if sequential:
       # Metrics come from the last pass (the weights' objective, as AutoReP logs).
@@ -557,11 +558,17 @@ def _mean_of_changed(current, new):
   return out
 
 
+# The sums of one evaluation batch, by name (`evaluation_sums`' keys before the
+# evaluation attacks' `adv_acc_<name>`).
+EVAL_SUMS = ("nat_loss", "acc", "adv_acc", "adv_loss", "top5")
+
+
 def evaluation_sums(model: keras.Model, attack: Callable, x, y, seed, top5: bool = False,
                     taps: Optional[keras.Model] = None, on_taps: Optional[Callable] = None,
-                    eval_attacks: Sequence[Callable] = ()):
-  """Sums over one evaluation batch: natural and adversarial loss, correct, top-5,
-  then one robust count per attack of `eval_attacks`.
+                    eval_attacks: Optional[Dict[str, Callable]] = None) -> Dict[str, tf.Tensor]:
+  """Sums over one evaluation batch, by name: `EVAL_SUMS` (natural loss, correct,
+  adversarially correct, adversarial loss, top-5 correct), then `adv_acc_<name>`,
+  the robust count of each attack of `eval_attacks` ({name: attack}, in order).
 
   Evaluation losses use plain labels; the attack runs at `seed` (and is given
   the labels; see `attacks.make_attack`); with an attack of the true labels
@@ -583,10 +590,9 @@ def evaluation_sums(model: keras.Model, attack: Callable, x, y, seed, top5: bool
   num_classes = tf.shape(logits)[-1]
   labels = tf.one_hot(y, num_classes)
   nat = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-  sums = [tf.reduce_sum(nat), tf.reduce_sum(_correct(logits, y))]
+  sums = dict(nat_loss=tf.reduce_sum(nat), acc=tf.reduce_sum(_correct(logits, y)))
   if attack is None:
-    nan = tf.constant(np.nan, tf.float32)
-    sums += [nan, nan]
+    sums["adv_acc"] = sums["adv_loss"] = tf.constant(np.nan, tf.float32)
   else:
     x_adv = attack(model, x, y, seed)
     adv_logits = tf.cast(model(x_adv, training=False), tf.float32)
@@ -594,14 +600,14 @@ def evaluation_sums(model: keras.Model, attack: Callable, x, y, seed, top5: bool
     adv_correct = _correct(adv_logits, y)
     if getattr(attack, "labels", "predicted") == "true":  # Robust accuracy: clean correct too.
       adv_correct *= _correct(logits, y)
-    sums += [tf.reduce_sum(adv_correct), tf.reduce_sum(adv)]
-  sums.append(tf.reduce_sum(_top5(logits, y)) if top5 else tf.constant(0.0))
+    sums["adv_acc"], sums["adv_loss"] = tf.reduce_sum(adv_correct), tf.reduce_sum(adv)
+  sums["top5"] = tf.reduce_sum(_top5(logits, y)) if top5 else tf.constant(0.0)
   correct = _correct(logits, y)
-  for k, extra in enumerate(eval_attacks):
+  for k, (name, extra) in enumerate((eval_attacks or {}).items()):
     x_k = extra(model, x, y, seed + k + 1)
     robust = correct * _correct(tf.cast(model(x_k, training=False), tf.float32), y)
-    sums.append(tf.reduce_sum(robust))
-  return tf.stack(sums)
+    sums[f"adv_acc_{name}"] = tf.reduce_sum(robust)
+  return sums
 
 
 def standard_loss_grad_fn(model: keras.Model, *, num_classes: int,

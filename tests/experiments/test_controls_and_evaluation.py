@@ -148,7 +148,7 @@ def test_with_true_labels_a_misclassified_clean_example_never_counts_as_robust()
   for labels, expected in (("true", 2.0), ("predicted", 3.0)):
     moves_to_the_truth.labels = labels
     sums = evaluation_sums(Flip(), moves_to_the_truth, x, y, seed)
-    assert float(sums[2]) == expected
+    assert float(sums["adv_acc"]) == expected
   real = make_attack(AttackConfig(name="pgd", eps=0.5, step_size=0.1, steps=5, labels="true"))
   assert real.labels == "true"
-  assert float(evaluation_sums(Flip(), real, x, y, seed)[2]) <= 2.0
+  assert float(evaluation_sums(Flip(), real, x, y, seed)["adv_acc"]) <= 2.0
