@@ -13,7 +13,6 @@ import dataclasses
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import keras
-import tensorflow as tf
 
 from robust_sparse.attacks import make_attack, spec
 from robust_sparse.attacks.registry import AttackConfig
@@ -29,10 +28,9 @@ from robust_sparse.training import distribute
 from robust_sparse.training.engine import Engine
 from robust_sparse.training.optimizers import make_optimizer, split_optimizer
 from robust_sparse.training.schedules import make_schedule
-from robust_sparse.training.sharpness import ssam
+from robust_sparse.training.sharpness import PERTURBATIONS, MaskContext, Perturbation
 from robust_sparse.training.sharpness.sam import check_options as check_sharpness_options
 from robust_sparse.training.sharpness.sam import sharpness_aware
-from robust_sparse.training.sharpness.sparse_perturbation import DynamicMasks, FisherMasks
 from robust_sparse.training.steps import (LossScale, OptimizerGroup, cross_entropy,
                                           loss_and_gradients, standard_loss_grad_fn)
 
@@ -134,55 +132,40 @@ def optimizer_groups(hp: Hparams, num_train: int):
   return [OptimizerGroup("weights", optimizer, schedule)]
 
 
+def perturbation(hp: Hparams) -> Optional[Perturbation]:
+  """The SAM-family method of `--optimizer=<perturbation>-<base>` (`sharpness.PERTURBATIONS`),
+  or None for a plain optimizer."""
+  name, _ = split_optimizer(hp.optimizer)
+  return None if name is None else PERTURBATIONS.get(name)()
+
+
 def sharpness_wrapper(hp: Hparams, network, masks=None):
   """`LossGradFn -> LossGradFn` for `--optimizer=<perturbation>-<base>`, else None.
 
   Args:
-    masks: SSAM's `PerturbationMasks` (their current values restrict `e`).
+    masks: the method's `PerturbationMasks` (their current values restrict `e`).
   """
-  perturbation, _ = split_optimizer(hp.optimizer)
-  if perturbation is None:
+  method = perturbation(hp)
+  if method is None:
     return None
-  values = masks.values if masks is not None else None
-  return lambda inner: sharpness_aware(
-      inner, network, rho=hp.rho, adaptive=perturbation == "asam", eta=hp.asam_eta,
-      asam_rule=hp.asam_rule, ssam_norm=hp.ssam_norm, bn_stats=hp.sam_bn_stats,
-      batch_splits=hp.sam_batch_splits,
-      mask_fn=None if hp.implicit else values,
-      implicit_mask_fn=values if hp.implicit else None, sync=hp.sam_sync)
+  options = method.options(hp, masks)
+  return lambda inner: sharpness_aware(inner, network, **options)
 
 
 def has_perturbation_masks(hp: Hparams) -> bool:
-  """SSAM-F, SSAM-D or implicit sparse perturbation: masks refreshed during training."""
-  return split_optimizer(hp.optimizer)[0] in ("ssamf", "ssamd") or hp.implicit
+  """Whether the method keeps masks refreshed during training (SSAM-F, SSAM-D, `--implicit`)."""
+  method = perturbation(hp)
+  return method is not None and method.has_masks(hp)
 
 
 def perturbation_masks(hp: Hparams, network, num_classes, augment, num_train):
-  """SSAM-F / implicit (Fisher) or SSAM-D masks when `has_perturbation_masks`, else None."""
-  perturbation, _ = split_optimizer(hp.optimizer)
-  if perturbation == "ssamf" or hp.implicit:
-    return FisherMasks(network, cross_entropy(num_classes, hp.label_smoothing),
-                       augment=augment, num_samples=hp.num_samples, sparsity=hp.sparsity,
-                       pattern=hp.pattern, n=hp.n_structured, m=hp.m_structured,
-                       nm_conv_layout=hp.nm_conv_layout, update_freq=hp.update_freq,
-                       implicit=hp.implicit)
-  if perturbation == "ssamd":
-    base = loss_and_gradients(network, cross_entropy(num_classes, hp.label_smoothing))
-
-    @tf.function
-    def clean_grads(x, y):
-      weight = tf.fill([tf.shape(y)[0]], 1.0 / tf.cast(tf.shape(y)[0], tf.float32))
-      grads, _, _ = base(
-          [tf.convert_to_tensor(v.value) for v in network.trainable_variables],
-          [tf.convert_to_tensor(v.value) for v in network.non_trainable_variables],
-          dict(x=x, y=y, weight=weight, seed=tf.zeros([2], tf.int64)))
-      return grads
-
-    epochs = hp.total_iterations(num_train) / hp.steps_per_epoch(num_train)
-    return DynamicMasks(network, clean_grads, sparsity=hp.sparsity, epochs=epochs,
-                        drop_rate=hp.drop_rate, drop_strategy=hp.drop_strategy,
-                        growth_strategy=hp.growth_strategy, update_freq=hp.update_freq)
-  return None
+  """The method's perturbation masks when `has_perturbation_masks`, else None."""
+  if not has_perturbation_masks(hp):
+    return None
+  loss = cross_entropy(num_classes, hp.label_smoothing)
+  return perturbation(hp).masks(hp, MaskContext(
+      network=network, loss=loss, loss_grad_fn=loss_and_gradients(network, loss),
+      augment=augment, num_train=num_train))
 
 
 def measurement(hp: Hparams, network):
@@ -306,22 +289,15 @@ def check_hparams(hp: Hparams, num_train: int):
 
 
 def _check_perturbation(hp: Hparams):
-  """`--optimizer=<perturbation>-<base>`, `--implicit` and their options."""
-  perturbation = split_optimizer(hp.optimizer)[0]
-  if hp.implicit:
-    if perturbation not in ("sam", "asam"):
-      raise ValueError(f"--implicit needs --optimizer=sam-<base> or asam-<base>, got "
-                       f"--optimizer={hp.optimizer}")
-    if hp.pattern not in ("structured", "nm"):
-      raise ValueError(f"--implicit needs a mask: --pattern=structured or nm, got "
-                       f"--pattern={hp.pattern}")
-    if hp.pattern == "nm":
-      ssam.check_nm(hp.n_structured, hp.m_structured)
-  if perturbation in ("ssamf", "ssamd"):
-    ssam.check_sparsity(hp.sparsity)
-    if perturbation == "ssamf" and hp.pattern == "nm":
-      ssam.check_nm(hp.n_structured, hp.m_structured)
-  if perturbation is not None:
+  """`--optimizer=<perturbation>-<base>`, `--implicit` and their options: the method's own
+  checks (`Perturbation.check`), then the options every method shares."""
+  method = perturbation(hp)
+  if hp.implicit and not (method is not None and method.implicit):
+    takes = " or ".join(f"{name}-<base>" for name in PERTURBATIONS.names()
+                        if PERTURBATIONS.get(name).implicit)
+    raise ValueError(f"--implicit needs --optimizer={takes}, got --optimizer={hp.optimizer}")
+  if method is not None:
+    method.check(hp)
     check_sharpness_options(rho=hp.rho, bn_stats=hp.sam_bn_stats,
                             batch_splits=hp.sam_batch_splits, batch_size=hp.batch_size,
                             asam_rule=hp.asam_rule, ssam_norm=hp.ssam_norm)

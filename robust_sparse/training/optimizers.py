@@ -32,6 +32,7 @@ import keras
 from keras import ops
 
 from robust_sparse.core.registry import Registry
+from robust_sparse.training.sharpness import PERTURBATIONS
 
 OPTIMIZERS: Registry[Callable[..., keras.optimizers.Optimizer]] = Registry("optimizer")
 
@@ -187,25 +188,24 @@ def _adamw(learning_rate, *, momentum, nesterov, weight_decay, beta_1, beta_2, e
                                 **_adam_kwargs(beta_1, beta_2, epsilon))
 
 
-# Sharpness-aware perturbations an `--optimizer` name may start with (the
-# seed's `<perturbation>-<base>` names); see `robust_sparse.training.sharpness.sam`.
-PERTURBATIONS = ("sam", "asam", "ssamf", "ssamd")
-
-
 def split_optimizer(name: str):
   """`"sam-sgd"` -> `("sam", "sgd")`; `"sgd"` -> `(None, "sgd")`.
+
+  The perturbations (the seed's `<perturbation>-<base>` names) are the SAM
+  family's registry, `robust_sparse.training.sharpness.PERTURBATIONS`.
 
   Raises:
     ValueError: an unknown perturbation or base optimizer, naming `--optimizer`.
   """
   perturbation, _, base = name.rpartition("-")
+  perturbations = PERTURBATIONS.names()
   if perturbation and perturbation not in PERTURBATIONS:
     raise ValueError(f"--optimizer={name}: unknown perturbation {perturbation!r}; known: "
-                     f"{', '.join(PERTURBATIONS)}")
+                     f"{', '.join(perturbations)}")
   if base not in OPTIMIZERS.names():
     raise ValueError(f"--optimizer={name}: unknown optimizer {base!r}; known: "
                      f"{', '.join(OPTIMIZERS.names())}, each optionally prefixed by "
-                     f"{' or '.join(p + '-' for p in PERTURBATIONS)}")
+                     f"{' or '.join(p + '-' for p in perturbations)}")
   return perturbation or None, base
 
 

@@ -143,6 +143,41 @@ def test_split_optimizer_names():
     split_optimizer("sam-rmsprop")
 
 
+def test_the_sam_family_registry_says_what_build_decided_by_name():
+  from robust_sparse.core.hparams import Hparams
+  from robust_sparse.training.sharpness import PERTURBATIONS
+  from robust_sparse.training.sharpness.sparse_perturbation import PerturbationMasks
+
+  assert PERTURBATIONS.names() == ["asam", "sam", "ssamd", "ssamf"]
+  methods = {name: PERTURBATIONS.get(name)() for name in PERTURBATIONS.names()}
+  assert [n for n, m in methods.items() if m.adaptive] == ["asam"]
+  assert [n for n, m in methods.items() if m.implicit] == ["asam", "sam"]
+  plain, implicit = Hparams(), Hparams(implicit=True, pattern="structured")
+  assert [n for n, m in methods.items() if m.has_masks(plain)] == ["ssamd", "ssamf"]
+  assert [n for n, m in methods.items() if m.has_masks(implicit)] == [
+      "asam", "sam", "ssamd", "ssamf"]
+
+  class Masks(PerturbationMasks):
+
+    def __init__(self):  # pylint: disable=super-init-not-called
+      pass
+
+  masks = Masks()
+  options = methods["ssamf"].options(plain, masks)
+  assert options["mask_fn"] == masks.values and options["implicit_mask_fn"] is None
+  options = methods["sam"].options(implicit, masks)
+  assert options["mask_fn"] is None and options["implicit_mask_fn"] == masks.values
+  assert methods["asam"].options(plain, None)["adaptive"]
+  assert methods["sam"].options(plain, None) == dict(
+      rho=0.05, adaptive=False, eta=0.01, asam_rule="official", ssam_norm="full",
+      bn_stats="first", batch_splits=1, mask_fn=None, implicit_mask_fn=None, sync=False)
+  with pytest.raises(ValueError, match="--implicit needs a mask: --pattern=structured or nm"):
+    methods["sam"].check(Hparams(implicit=True))
+  with pytest.raises(ValueError, match="--pattern=nm needs --n_structured"):
+    methods["ssamf"].check(Hparams(pattern="nm"))
+  methods["ssamd"].check(Hparams(pattern="nm"))  # SSAM-D has no pattern.
+
+
 def test_lottery_ticket_with_sam_adam_and_adversarial_training_end_to_end(tmp_path, data_dir):
   from robust_sparse.experiments.runner import level_dir
   result = run_module(

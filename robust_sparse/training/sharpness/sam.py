@@ -16,6 +16,10 @@ into one that returns the gradient at the perturbed weights `w + e`:
    float32 `(w + e) - e != w` for about 0.1 % of the weights);
 4. the caller's update applies `g'` to `w` with the base optimizer.
 
+The registry entries `sam` and `asam` (`--optimizer=sam-<base>`,
+`asam-<base>`, see `registry.py`) are at the end of this module, with their
+option `--implicit`.
+
 The seed's released code zeroes `g'` before the base step (spec 4.1 [BUG]);
 that is not offered: standard SAM is what its paper and every peer run.
 
@@ -39,8 +43,11 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
-from robust_sparse.training import distribute
+from robust_sparse.core.hparams import Hparams
 from robust_sparse.nn import layers as layers_lib
+from robust_sparse.training import distribute
+from robust_sparse.training.sharpness import sparse_perturbation, ssam
+from robust_sparse.training.sharpness.registry import PERTURBATIONS, MaskContext, Perturbation
 
 BN_STATS = ("first", "second", "both")
 ASAM_RULES = ("official", "davda54")
@@ -374,3 +381,41 @@ def measure_sharpness(model, x, y, *, rho: float, batch_size: int):
                                 y[b * size:(b + 1) * size])
   return {"sharpness": (total_perturbed - total_loss) / used,
           "m_sharpness": m_sum / float(batches)}
+
+
+# ---- the registry entries: --optimizer=sam-<base>, asam-<base> -------------------------
+@PERTURBATIONS.register("sam")
+class SAM(Perturbation):
+  """SAM (Foret et al.); with `--implicit`, implicit sparse perturbation (spec 4.4): the
+  ascent pass back-propagates through the conv kernels times a Fisher mask
+  (`sparse_perturbation.FisherMasks(implicit=True)`) while `e` stays dense."""
+
+  implicit = True
+
+  def check(self, hp: Hparams) -> None:
+    if not hp.implicit:
+      return
+    if hp.pattern not in ("structured", "nm"):
+      raise ValueError(f"--implicit needs a mask: --pattern=structured or nm, got "
+                       f"--pattern={hp.pattern}")
+    if hp.pattern == "nm":
+      ssam.check_nm(hp.n_structured, hp.m_structured)
+
+  def has_masks(self, hp: Hparams) -> bool:
+    return hp.implicit
+
+  def masks(self, hp: Hparams, context: MaskContext):
+    return sparse_perturbation.build_fisher_masks(hp, context, implicit=True) if hp.implicit else None
+
+  def options(self, hp: Hparams, masks) -> dict:
+    options = super().options(hp, masks)
+    if hp.implicit:
+      options.update(mask_fn=None, implicit_mask_fn=options["mask_fn"])
+    return options
+
+
+@PERTURBATIONS.register("asam")
+class ASAM(SAM):
+  """ASAM (Kwon et al.): SAM with `T^2 g` (see `perturbation`); `--implicit` as SAM's."""
+
+  adaptive = True

@@ -29,6 +29,9 @@ Fisher mask), and its masks start at ones, as the seed's SAMConv.
   gradient here is taken after it (one optimizer step later): an approximation
   whose effect on a mask chosen by |grad| ranks is small, and the random
   strategies do not use the gradient at all.
+
+The registry entries `ssamf` and `ssamd` (`--optimizer=ssamf-<base>`,
+`ssamd-<base>`, see `registry.py`) are at the end of this module.
 """
 
 from typing import Callable, List, Optional
@@ -36,7 +39,9 @@ from typing import Callable, List, Optional
 import numpy as np
 import tensorflow as tf
 
+from robust_sparse.core.hparams import Hparams
 from robust_sparse.training.sharpness import ssam
+from robust_sparse.training.sharpness.registry import PERTURBATIONS, MaskContext, Perturbation
 
 
 def _mask_variables(model) -> List[tf.Variable]:
@@ -185,3 +190,56 @@ class DynamicMasks(PerturbationMasks):
                                      epochs=self.epochs,
                                      seed=tf.constant([seed, epoch], tf.int64),
                                      **self.options))
+
+
+def build_fisher_masks(hp: Hparams, context: MaskContext, *, implicit: bool) -> FisherMasks:
+  """The `FisherMasks` of the flags: SSAM-F's, or (`implicit`) those of `--implicit`."""
+  return FisherMasks(context.network, context.loss, augment=context.augment,
+                     num_samples=hp.num_samples, sparsity=hp.sparsity, pattern=hp.pattern,
+                     n=hp.n_structured, m=hp.m_structured, nm_conv_layout=hp.nm_conv_layout,
+                     update_freq=hp.update_freq, implicit=implicit)
+
+
+# ---- the registry entries: --optimizer=ssamf-<base>, ssamd-<base> ----------------------
+@PERTURBATIONS.register("ssamf")
+class SSAMF(Perturbation):
+  """SSAM-F: SAM whose `e` is zero outside a Fisher mask (`FisherMasks`)."""
+
+  def check(self, hp: Hparams) -> None:
+    ssam.check_sparsity(hp.sparsity)
+    if hp.pattern == "nm":
+      ssam.check_nm(hp.n_structured, hp.m_structured)
+
+  def has_masks(self, hp: Hparams) -> bool:
+    return True
+
+  def masks(self, hp: Hparams, context: MaskContext):
+    return build_fisher_masks(hp, context, implicit=False)
+
+
+@PERTURBATIONS.register("ssamd")
+class SSAMD(Perturbation):
+  """SSAM-D: SAM whose `e` is zero outside a dynamic mask (`DynamicMasks`)."""
+
+  def check(self, hp: Hparams) -> None:
+    ssam.check_sparsity(hp.sparsity)
+
+  def has_masks(self, hp: Hparams) -> bool:
+    return True
+
+  def masks(self, hp: Hparams, context: MaskContext):
+    network, base = context.network, context.loss_grad_fn
+
+    @tf.function
+    def clean_grads(x, y):
+      weight = tf.fill([tf.shape(y)[0]], 1.0 / tf.cast(tf.shape(y)[0], tf.float32))
+      grads, _, _ = base(
+          [tf.convert_to_tensor(v.value) for v in network.trainable_variables],
+          [tf.convert_to_tensor(v.value) for v in network.non_trainable_variables],
+          dict(x=x, y=y, weight=weight, seed=tf.zeros([2], tf.int64)))
+      return grads
+
+    epochs = hp.total_iterations(context.num_train) / hp.steps_per_epoch(context.num_train)
+    return DynamicMasks(network, clean_grads, sparsity=hp.sparsity, epochs=epochs,
+                        drop_rate=hp.drop_rate, drop_strategy=hp.drop_strategy,
+                        growth_strategy=hp.growth_strategy, update_freq=hp.update_freq)
