@@ -49,6 +49,11 @@ Three ways to use them, all graph-safe (usable inside a compiled
       callback = ActivationSparsityCallback((x_sample, y_sample), log_every=100)
       model.fit(train, epochs=5, callbacks=[callback, keras.callbacks.CSVLogger("log.csv")])
       callback.history  # [(step, {"train/activation_sparsity/average": ..., ...}), ...]
+
+The registry entry of `--measure=activation_sparsity`,
+`effective_gradient_sparsity` and `spectral_increase` (`Activation`, one
+family behind one `ActivationTap`, see `registry.py`) is at the end of this
+module.
 """
 
 import numbers
@@ -58,6 +63,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from robust_sparse.measure.registry import MEASUREMENTS as REGISTRY
+from robust_sparse.measure.registry import Measurement, MeasureOptions
 from robust_sparse.nn import activations as activations_lib
 
 THRESHOLDS = (1e-9, 1e-6, 1e-3)
@@ -592,3 +599,104 @@ class ActivationSparsityCallback(keras.callbacks.Callback):
     results = self.measure_now()
     if logs is not None:
       logs.update(results)
+
+
+# ---- the registry entry: --measure=activation_sparsity, ... --------------------------------
+def _column(split: str, key: str) -> str:
+  metric, layer = key.rsplit("/", 1)
+  return f"{split}-{metric.replace('/', '_')}_{layer}"
+
+
+@REGISTRY.register("activation")
+class Activation(Measurement):
+  """`--measure=activation_sparsity`, `effective_gradient_sparsity`, `spectral_increase`.
+
+  `ActivationStatistics` of every activation layer (layers with a `habitat`),
+  tapping each one's input, then each one's output. Training batches feed
+  "train" (the first `max_samples` examples, every `log_every`-th step counted
+  from the last `reset()`, i.e. from each evaluation), with the gradients at
+  the activation outputs (`gradient_taps`) when a gradient measurement is
+  chosen; test-set evaluation batches feed "eval" with the forward
+  measurements only, as evaluation has no backward pass. Columns per split
+  `train`/`eval`: the `ActivationStatistics` metrics with '/' read as '_'
+  (`train-activation_sparsity_<layer>`, ..., `<layer>` = `average` too).
+
+  Attributes:
+    statistics: {"train": ActivationStatistics, "eval": ...}; a split is
+      absent when none of its measurements is chosen.
+    layer_names: the tapped activation layers' names.
+
+  Raises:
+    ValueError: the model has no activation layers.
+  """
+
+  position = 1
+  names = MEASUREMENTS
+
+  def __init__(self, model, chosen: Sequence[str], options: MeasureOptions):
+    activations = activation_layers(model)
+    if not activations:
+      raise ValueError(f"--measure={','.join(chosen)}: model {model.name!r} has no "
+                       "activation layers (layers with a habitat) to measure")
+    self._tap = ActivationTap(model, activations)
+    self.layer_names = self._tap.names
+    self.log_every = options.log_every
+    count = len(activations)
+    self.taps = [layer.input for layer in activations] + [layer.output for layer in activations]
+    self.statistics = {"train": self._tap.statistics(measure=chosen,
+                                                     max_samples=options.max_samples)}
+    forward = [name for name in chosen if name not in _NEEDS_GRADIENTS]
+    if forward:
+      self.statistics["eval"] = self._tap.statistics(measure=forward,
+                                                     max_samples=options.max_samples)
+    if len(forward) < len(chosen):
+      self.gradient_taps = tuple(range(count, 2 * count))  # At the outputs.
+    self._step = keras.Variable(0, dtype="int64", trainable=False,
+                                name="activation_measure_step")
+
+  @property
+  def variables(self) -> list:
+    variables = []
+    for split in ("train", "eval"):
+      if split in self.statistics:
+        variables += self.statistics[split].variables()
+    return variables + [self._step]
+
+  def update(self, taps, gradients, split) -> None:
+    count = len(taps) // 2
+    pre, post = taps[:count], taps[count:]
+    statistics = self.statistics.get(split)
+    if statistics is None:
+      return
+    if split == "eval":
+      statistics.update(pre, outputs=post)
+      return
+
+    def feed():
+      statistics.update(pre, outputs=post, output_gradients=gradients,
+                        key_kernels=self._tap.key_kernels() if gradients is not None else None)
+      return tf.constant(True)
+
+    if self.log_every == 1:
+      feed()
+    else:
+      due = tf.equal(tf.math.floormod(tf.convert_to_tensor(self._step), self.log_every), 0)
+      tf.cond(due, feed, lambda: tf.constant(False))
+    self._step.assign_add(1)
+
+  def _splits(self):
+    return [(split, self.statistics[split]) for split in ("train", "eval")
+            if split in self.statistics]
+
+  def columns(self) -> List[str]:
+    return [_column(split, key) for split, statistics in self._splits()
+            for key in statistics.result_tensors()]
+
+  def results(self) -> Dict[str, float]:
+    return {_column(split, key): value for split, statistics in self._splits()
+            for key, value in statistics.results().items()}
+
+  def reset(self) -> None:
+    for statistics in self.statistics.values():
+      statistics.reset()
+    self._step.assign(0)

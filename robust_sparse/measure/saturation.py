@@ -64,7 +64,9 @@ Two front-ends feed the same `SaturationTracker`:
     `tracker.reset()` starts the next epoch; `SaturationCallback(tracker=
     tracker).on_epoch_end(epoch, logs)` does both.
 
-`write_phd_lab_csv` writes the seed's per-epoch `;`-separated CSV.
+`write_phd_lab_csv` writes the seed's per-epoch `;`-separated CSV. The
+registry entry of `--measure=saturation` (`Saturation`, see `registry.py`) is
+at the end of this module.
 """
 
 import math
@@ -79,6 +81,7 @@ import tensorflow as tf
 from keras.src.models.functional import Functional
 
 from robust_sparse.core.files import atomic_open
+from robust_sparse.measure.registry import MEASUREMENTS, Measurement, MeasureOptions
 
 SPLITS = ("train", "eval")
 
@@ -728,3 +731,40 @@ def write_phd_lab_csv(path: str, epoch: int, row: Mapping[str, float]):
     frame = pd.concat([previous, frame])
   with atomic_open(path) as f:
     frame.to_csv(f, sep=";")
+
+
+# ---- the registry entry: --measure=saturation --------------------------------------------
+@MEASUREMENTS.register("saturation")
+class Saturation(Measurement):
+  """`--measure=saturation`: a `SaturationTracker` of every conv and dense layer (train
+  and eval splits, every batch), tapping their outputs.
+
+  Attributes:
+    tracker: the `SaturationTracker`.
+  """
+
+  position = 0
+
+  def __init__(self, model, chosen: Sequence[str], options: MeasureOptions):
+    del chosen
+    self.tracker = SaturationTracker.for_model(model, delta=options.delta,
+                                               downsampling=options.downsampling,
+                                               rule=options.rule)
+    self.taps = [layer.output for layer in tapped_layers(model)]
+
+  @property
+  def variables(self) -> list:
+    return list(self.tracker.variables)
+
+  def update(self, taps, gradients, split) -> None:
+    del gradients
+    self.tracker.update(taps, split)
+
+  def columns(self) -> List[str]:
+    return list(self.tracker.columns())
+
+  def results(self) -> Dict[str, float]:
+    return dict(self.tracker.results())
+
+  def reset(self) -> None:
+    self.tracker.reset()

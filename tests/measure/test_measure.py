@@ -53,6 +53,57 @@ def test_runner_saturation_equals_numpy_on_the_batches_it_trained_on(tmp_path, r
     assert second[f"eval-saturation_{name}"] == pytest.approx(value)
 
 
+def test_measurements_compose_the_registered_families_by_their_declared_taps(monkeypatch):
+  from robust_sparse.core.registry import Registry
+  from robust_sparse.measure import activation_stats, measurements, registry
+  from robust_sparse.models import build_model
+
+  fed = {}
+
+  class Logits(registry.Measurement):
+    """Taps the logits' producer (the last dense layer) and asks for its gradient."""
+
+    def __init__(self, model, chosen, options):
+      del chosen, options
+      self.taps = [model.get_layer("hidden_2").output, model.get_layer("output").output]
+      self.gradient_taps = (1,)
+
+    def update(self, taps, gradients, split):
+      fed[split] = (len(taps), None if gradients is None else len(gradients))
+
+    def columns(self):
+      return ["logits_tapped"]
+
+    def results(self):
+      return {"logits_tapped": 1.0}
+
+    def reset(self):
+      pass
+
+  fresh = Registry("measurement")
+  fresh.register("saturation")(saturation.Saturation)
+  fresh.register("activation")(activation_stats.Activation)
+  fresh.register("logits")(Logits)
+  monkeypatch.setattr(registry, "MEASUREMENTS", fresh)
+  assert registry.known() == ("saturation", "activation_sparsity",
+                              "effective_gradient_sparsity", "spectral_increase", "logits")
+  network = build_model("dense-300-100", (64,), 10)
+  m = measurements.Measurements(network, ["logits", "spectral_increase", "saturation"])
+  assert list(m.parts) == ["saturation", "activation", "logits"]
+  # 3 saturation taps, 2 + 2 activation inputs / outputs, then the 2 of `logits`.
+  assert len(m.tap_model.outputs) == 1 + 3 + 4 + 2
+  assert m.tap_model.gradient_taps == (5, 6, 8)
+  assert m.columns()[-1] == "logits_tapped" and m.results()["logits_tapped"] == 1.0
+  x = tf.zeros([4, 64])
+  outputs = m.tap_model(x, training=False)[1:]
+  m.update(outputs, "eval")
+  assert fed["eval"] == (2, None)
+  m.update(outputs + [tf.zeros_like(outputs[i]) for i in m.tap_model.gradient_taps], "train")
+  assert fed["train"] == (2, 1)
+  with pytest.raises(ValueError, match="need the gradients at 3 taps"):
+    m.update(outputs, "train")
+
+
 def test_bad_measure_settings_name_the_flag(tmp_path):
   digits = load_dataset("sklearn_digits", None, 300)
   with pytest.raises(ValueError, match="--measure"):
