@@ -75,7 +75,10 @@ def fgsm(inputs):
   net = network(inputs)
   x = _nchw(inputs["x"])
   attack = torchattacks.FGSM(net, eps=_scalar(inputs, "eps"))
-  return {"x_adv": _nhwc(attack(x, _labels(net, inputs, x)))}
+  x_adv = _nhwc(attack(x, _labels(net, inputs, x)))
+  if "decisive" in inputs:  # The coordinates compared (see benchmarks/fidelity/attacks.py).
+    x_adv = x_adv * inputs["decisive"]
+  return {"x_adv": x_adv}
 
 
 def pgd_no_random_start(inputs):

@@ -27,13 +27,32 @@ Arrays come in the toolkit's layout (NHWC, alpha HWC) and are transposed to
 AutoReP's NCHW / CHW here, and back.
 """
 
+import functools
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-torch.set_default_dtype(torch.float64)
+
+def _in_float64(reference):
+  """Runs `reference` with PyTorch's default dtype float64, restored afterwards.
+
+  The peers' process runs every check's reference in turn: a global default
+  set at import would leak into the others (torchattacks' FAB and Square then
+  mix float64 draws with float32 models).
+  """
+
+  @functools.wraps(reference)
+  def run(inputs):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+      return reference(inputs)
+    finally:
+      torch.set_default_dtype(previous)
+
+  return run
 
 DROPOUT_REPLACEMENTS = ("identity_relu_grad", "poly", "autopoly1", "autopoly2")
 AUTOPOLY2 = {"after_bn": (0.2, 0.5, 0.2), "after_residual": (0.1414, 0.5, 0.2828)}
@@ -136,6 +155,7 @@ def _hwc(a):
   return np.moveaxis(a, 0, -1) if a.ndim == 3 else a
 
 
+@_in_float64
 def masked_relu(inputs):
   """Output, dL/dx, dL/dalpha (and dL/dw of trainable polynomials) for L = sum(G * y),
   and the state mask after the call, at one site."""
@@ -158,6 +178,7 @@ def masked_relu(inputs):
   return outputs
 
 
+@_in_float64
 def two_phase_step(inputs):
   """AutoReP's mask-phase steps on Linear -> BatchNorm1d -> masked relu -> Linear."""
   x = _f64(inputs["x"])
@@ -217,6 +238,7 @@ def two_phase_step(inputs):
           "state": update_mask(state, alpha, threshold).numpy()}
 
 
+@_in_float64
 def dropout_everywhere(inputs):
   """`masked_relu` with p = 1 for each replacement of the "<name>/<key>" inputs."""
   names = sorted({key.split("/")[0] for key in inputs})

@@ -19,6 +19,17 @@ import traceback
 import numpy as np
 
 
+def _default_dtype():
+  torch = sys.modules.get("torch")
+  return None if torch is None else torch.get_default_dtype()
+
+
+def _restore_default_dtype(dtype):
+  torch = sys.modules.get("torch")
+  if torch is not None:
+    torch.set_default_dtype(torch.float32 if dtype is None else dtype)
+
+
 def main(exchange):
   for spec_path in sorted(glob.glob(os.path.join(exchange, "*.json"))):
     stem = spec_path[:-len(".json")]
@@ -29,7 +40,11 @@ def main(exchange):
       function = getattr(importlib.import_module(module_name), function_name)
       with np.load(stem + ".in.npz") as data:
         inputs = {k: data[k] for k in data.files}
-      outputs = function(inputs)
+      dtype = _default_dtype()
+      try:
+        outputs = function(inputs)
+      finally:
+        _restore_default_dtype(dtype)  # No reference's global setting reaches the next.
       np.savez(stem + ".ref.npz", **{k: np.asarray(v) for k, v in outputs.items()})
     except Exception:  # noqa: BLE001 -- reported per check by the caller
       with open(stem + ".error.txt", "w") as f:
