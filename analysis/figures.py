@@ -32,6 +32,8 @@ EXPERIMENT_LABELS = {
     "random_reinit": "ticket's masks, random init",
     "random_prune": "random masks, original init",
     "rewind": "rewind",
+    "hydra": "HYDRA (scores + fine-tuning)",
+    "hydra_score": "HYDRA score phase (no fine-tuning)",
     "no_pruning": "no pruning",
     "train": "plain training",
 }
@@ -43,6 +45,8 @@ EXPERIMENT_DASHES = {
     "random_reinit": (0, (3, 1, 1, 1)),
     "random_prune": (0, (1, 2)),
     "rewind": (0, (5, 1, 1, 1)),
+    "hydra": (None, None),
+    "hydra_score": (0, (2, 1)),
     "no_pruning": (0, (4, 1)),
     "train": (0, (4, 1)),
 }
@@ -53,12 +57,15 @@ EXPERIMENT_COLOURS = {
     "random_reinit": "tab:purple",
     "random_prune": "tab:olive",
     "rewind": "tab:red",
+    "hydra": "tab:cyan",
+    "hydra_score": "tab:pink",
     "no_pruning": "tab:gray",
     "train": "tab:brown",
 }
 EXPERIMENT_MARKERS = {
     "reinit_orig": "o", "reinit_rand": "s", "reinit_none": "^",
     "random_reinit": "v", "random_prune": "X", "rewind": "D", "no_pruning": "*", "train": "P",
+    "hydra": "h", "hydra_score": "d",
 }
 EXPERIMENT_ORDER = metrics.EXPERIMENT_ORDER
 TRAINING_MODES = ("natural", "adversarial")
@@ -334,8 +341,11 @@ def _shared_legend(figure, axes):
         labels.append(label)
   if not handles:
     return None
+  # Two entries per column of panels at most, so that a one-column figure's legend
+  # (long names such as HYDRA's score phase) stays inside its width.
+  columns = np.atleast_2d(axes).shape[1]
   return figure.legend([handles[l] for l in labels], labels,
-                       loc="outside lower center", ncol=min(len(labels), 4),
+                       loc="outside lower center", ncol=min(len(labels), 4, 2 * columns),
                        frameon=False, fontsize=9.5)
 
 

@@ -58,6 +58,11 @@ NOT_DISTINGUISHING_KEYS = frozenset(
      "force"))
 # Experiments that train once, without pruning levels.
 SINGLE_LEVEL_EXPERIMENTS = ("no_pruning", "train")
+# Levels that are a phase of a method at one sparsity rather than a pruning level: the
+# evaluations give each its own series name, {(experiment, level): series}. HYDRA's
+# prune_iter_0 is its score phase (masks learned, pretrained weights frozen), as sparse as
+# its prune_iter_1 (robust fine-tuning, HYDRA's result); neither is a dense level.
+PHASE_SERIES = {("hydra", 0): "hydra_score"}
 # How a setting label shows a field that a run lacks and that has no default.
 UNSET = "unset"
 
@@ -107,6 +112,12 @@ EVALUATION_COLUMNS = (
     "training_mode", "setting", "trial", "prune_iteration",
     "percent_weights_remaining", "weights_remaining", "weights_total", "split",
 ) + CSV_COLUMNS
+
+
+def level_experiment(experiment: str, prune_iteration: int) -> str:
+  """The series a run's level is drawn and tabulated as: `PHASE_SERIES`'s name for a
+  phase level (HYDRA's score phase: `hydra_score`), else the run's experiment."""
+  return PHASE_SERIES.get((experiment, int(prune_iteration)), experiment)
 
 
 def training_mode(adv_train: bool) -> str:
@@ -410,15 +421,18 @@ def _load_run(run_dir: str, hparams: dict, problems: List[str],
     return np.repeat([get(label) for label in labels],
                      [label[-1] for label in labels])
 
+  prune_iterations = repeated(lambda label: label[1]).astype(int)
+  experiment = str(hparams.get("experiment", "?"))
   run = pd.DataFrame({
       "run_dir": run_dir,
       "dataset": str(hparams.get("dataset", "?")),
       "model": str(hparams.get("model", "?")),
-      "experiment": str(hparams.get("experiment", "?")),
+      # A phase level (HYDRA's score phase) is its own series, not the method's level.
+      "experiment": [level_experiment(experiment, k) for k in prune_iterations],
       "attack": str(hparams.get("attack", "?")),
       "adv_train": bool(hparams.get("adv_train", False)),
       "trial": repeated(lambda label: label[0]).astype(int),
-      "prune_iteration": repeated(lambda label: label[1]).astype(int),
+      "prune_iteration": prune_iterations,
       "percent_weights_remaining": repeated(
           lambda label: label[2]["percent_weights_remaining"]).astype(float),
       "weights_remaining": repeated(

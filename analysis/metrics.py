@@ -20,7 +20,9 @@ SERIES_KEYS = ("dataset", "model", "attack", "training_mode", "experiment",
 NETWORK_KEYS = ("run_dir", "trial", "prune_iteration")
 # The order in which experiments are listed and drawn.
 EXPERIMENT_ORDER = ("reinit_orig", "reinit_rand", "reinit_none", "random_reinit", "random_prune",
-                    "rewind", "no_pruning", "train")
+                    "rewind", "hydra", "hydra_score", "no_pruning", "train")
+# A level counts as dense when it keeps this percent of the weights or more.
+DENSE_PERCENT = 99.999
 DENSE_TOLERANCE_POINTS = 1.0
 
 
@@ -129,9 +131,10 @@ def best_sparsity_summary(evaluations: pd.DataFrame,
   """Finds, per run, the sparsest level whose accuracy stays near the dense one.
 
   Uses the mean final test accuracy over trials. A level qualifies when its
-  mean is at least the dense (prune iteration 0) mean minus `tolerance_points`
-  percentage points; the smallest qualifying percent of weights remaining wins
-  (levels in between need not qualify).
+  mean is at least the dense (prune iteration 0, all weights) mean minus
+  `tolerance_points` percentage points; the smallest qualifying percent of weights
+  remaining wins (levels in between need not qualify). A run without a dense level
+  (HYDRA: its score phase and fine-tuning are both sparse) gets NaNs.
 
   Returns:
     One row per run: the series keys, `run_dir`, `trials`, the dense and best
@@ -142,8 +145,10 @@ def best_sparsity_summary(evaluations: pd.DataFrame,
   levels = summarize(final, ["run_dir", "prune_iteration"], ["acc"])
   rows = []
   for run_dir, run_levels in levels.groupby("run_dir", sort=True):
-    run = final[final["run_dir"] == run_dir].iloc[0]
-    dense = run_levels[run_levels["prune_iteration"] == 0]
+    # The run's last level names it (HYDRA's level 0 is its score-phase series).
+    run = final[final["run_dir"] == run_dir].sort_values("prune_iteration").iloc[-1]
+    dense = run_levels[(run_levels["prune_iteration"] == 0)
+                       & (run_levels["percent_weights_remaining"] >= DENSE_PERCENT)]
     row = {key: run[key] for key in SERIES_KEYS}
     row["run_dir"] = run_dir
     row["trials"] = int(final[final["run_dir"] == run_dir]["trial"].nunique())

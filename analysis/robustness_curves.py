@@ -17,7 +17,7 @@ their range (trapezoids): the mean robust accuracy over [eps_min, eps_max], in
 """
 
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import matplotlib
 
@@ -48,13 +48,19 @@ def area(eps: Sequence[float], accuracy: Sequence[float]) -> float:
   return float(np.trapezoid(accuracy, eps) / (eps[-1] - eps[0]))
 
 
-def method_label(run: Dict) -> str:
-  """`experiment / attack / training mode [setting]`, as the other tables name a run."""
-  label = " / ".join(str(run.get(key, "?")) for key in ("experiment", "attack"))
+def method_label(run: Dict, prune_iteration: Optional[int] = None) -> str:
+  """`method / attack / training mode [setting]`, the method as the figures name it; with
+  `prune_iteration`, a phase level is its own method (HYDRA's score phase, level 0, is not
+  HYDRA's result: `load.level_experiment`)."""
+  experiment = str(run.get("experiment", "?"))
+  if prune_iteration is not None:
+    experiment = load.level_experiment(experiment, prune_iteration)
+  label = f"{figures.experiment_label(experiment)} / {run.get('attack', '?')}"
   label += " / " + load.training_mode(bool(run.get("adv_train", False)))
-  if run.get("adv_train") and run.get("adv_loss", "pgd_ce") != "pgd_ce":
-    label += f" ({run['adv_loss']})"
   setting = run.get("setting") or ""
+  if (run.get("adv_train") and run.get("adv_loss", "pgd_ce") != "pgd_ce"
+      and "adv_loss=" not in setting):  # The setting may name the loss already.
+    label += f" ({run['adv_loss']})"
   return label + (f" [{setting}]" if setting else "")
 
 
@@ -76,7 +82,8 @@ def collect(study: load.Study) -> pd.DataFrame:
     sweep = files.read_json(path)
     for eps, accuracy in zip(sweep["eps"], sweep["accuracy"]):
       rows.append({"run_dir": level.run_dir, "dataset": run["dataset"], "model": run["model"],
-                   "method": method_label(run), "trial": int(level.trial),
+                   "method": method_label(run, int(level.prune_iteration)),
+                   "trial": int(level.trial),
                    "prune_iteration": int(level.prune_iteration),
                    "percent_weights_remaining": float(level.percent_weights_remaining),
                    "attack": sweep["attack"], "examples": int(sweep["examples"]),
@@ -148,8 +155,9 @@ def plot_curves(frame: pd.DataFrame):
                           alpha=0.15, linewidth=0)
     dataset, model = group["dataset"].iloc[0], group["model"].iloc[0]
     axis.set_title(f"{dataset} / {model}\n{method}", fontsize=9)
-    axis.set_xlabel(f"eps ({group['attack'].iloc[0]}, {int(group['examples'].iloc[0])} "
-                    "test images)")
+    # The attack's spec may be long (autoattack(steps=50,...)): a line of its own.
+    axis.set_xlabel(f"eps ({int(group['examples'].iloc[0])} test images)\n"
+                    f"{group['attack'].iloc[0]}", fontsize=9)
     axis.set_ylabel("robust accuracy (%)")
     axis.set_ylim(-2, 102)
     axis.grid(alpha=0.3)

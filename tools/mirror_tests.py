@@ -48,7 +48,7 @@ HOMES = {
                     "test_work_sharing", "test_eps_sweep", "test_hydra", "test_level_log",
                     "test_runner"],
     "analysis": ["test_analysis", "test_analysis_labels", "test_activation_analysis",
-                 "test_masking_analysis", "test_figure_ticks"],
+                 "test_masking_analysis", "test_figure_ticks", "test_hydra_phases"],
     "benchmarks": ["test_bench_jobs", "test_bench_models", "test_bench_protocols",
                    "test_fidelity"],
 }
