@@ -45,7 +45,7 @@ import numpy as np
 from robust_sparse.core import files
 from robust_sparse.core.run_folder import finished_run
 from robust_sparse.core.hparams import MODEL_OPTIONS
-from robust_sparse.experiments.registry import EXPERIMENTS, Experiment
+from robust_sparse.experiments.registry import EXPERIMENTS, MaskPhaseExperiment
 from robust_sparse.nn import pruning
 from robust_sparse.nn import scores as scores_lib
 from robust_sparse.training.optimizers import TorchSGD, split_optimizer
@@ -63,7 +63,7 @@ def _kernel_path(score_path: str) -> str:
 
 
 @EXPERIMENTS.register("hydra")
-class Hydra(Experiment):
+class Hydra(MaskPhaseExperiment):
   """HYDRA's score phase then robust fine-tuning (see the module docstring)."""
   prunes = False
 
@@ -151,16 +151,8 @@ class Hydra(Experiment):
       return None  # The pretrained network's own (dense); the scores select within them.
     return {layer.name: self._fine_tune_masks[layer.name] for layer in layers}
 
-  def total_iterations(self, level, num_train):
-    hp = self.hparams
-    if level == 0:
-      return max(1, int(round(hp.mask_epochs * hp.steps_per_epoch(num_train))))
-    return hp.total_iterations(num_train)
-
   # ---- training -------------------------------------------------------------------
-  def optimizer_groups(self, level, model, num_train, defaults):
-    if level == 1:
-      return defaults.groups()
+  def mask_phase_groups(self, model, num_train, defaults):
     hp = self.hparams
     schedule = make_schedule(
         "cosine", hp.score_lr, total_iterations=self.total_iterations(0, num_train),

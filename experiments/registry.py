@@ -124,6 +124,29 @@ class Experiment:
     return None
 
 
+class MaskPhaseExperiment(Experiment):
+  """Two levels: a mask phase of `--mask_epochs` (level 0), then fine-tuning (level 1).
+
+  The shape of ReLU reduction (AutoReP) and HYDRA: level 0 learns which units
+  or weights to keep, with its own optimizer groups; level 1 trains the kept
+  ones for the run's epochs with the usual groups.
+  """
+
+  def total_iterations(self, level, num_train) -> int:
+    hp = self.hparams
+    if level == 0:
+      return max(1, int(round(hp.mask_epochs * hp.steps_per_epoch(num_train))))
+    return hp.total_iterations(num_train)
+
+  def optimizer_groups(self, level, model, num_train, defaults: Defaults):
+    if level == 1:
+      return defaults.groups()
+    return self.mask_phase_groups(model, num_train, defaults)
+
+  def mask_phase_groups(self, model, num_train, defaults: Defaults):
+    """Level 0's optimizer groups."""
+    raise NotImplementedError
+
 class Measurement(Experiment):
   """An experiment with no training level: its work is done in `after_run`."""
   prunes = False

@@ -44,7 +44,7 @@ from absl import logging
 from keras import ops
 
 from robust_sparse.experiments import build
-from robust_sparse.experiments.registry import EXPERIMENTS, Experiment, Measurement
+from robust_sparse.experiments.registry import EXPERIMENTS, MaskPhaseExperiment, Measurement
 from robust_sparse.core import files
 from robust_sparse.core.run_folder import finished_run
 from robust_sparse.nn import relu_masks as relu_lib
@@ -107,7 +107,7 @@ class ReLUCount(Measurement):
 
 
 @EXPERIMENTS.register("relu_prune")
-class ReLUPrune(Experiment):
+class ReLUPrune(MaskPhaseExperiment):
   """AutoReP's two phases on a pretrained network (see the module docstring)."""
   prunes = False
   columns = ("relu_count", "relu_density")
@@ -187,16 +187,8 @@ class ReLUPrune(Experiment):
       return history.weights(0, "weights_best.npz"), 0
     return history.final_weights(0), 0
 
-  def total_iterations(self, level, num_train):
-    hp = self.hparams
-    if level == 0:
-      return max(1, int(round(hp.mask_epochs * hp.steps_per_epoch(num_train))))
-    return hp.total_iterations(num_train)
-
   # ---- training -------------------------------------------------------------------
-  def optimizer_groups(self, level, model, num_train, defaults):
-    if level == 1:
-      return defaults.groups()
+  def mask_phase_groups(self, model, num_train, defaults):
     hp = self.hparams
     total = self.total_iterations(0, num_train)
     steps = hp.steps_per_epoch(num_train)
