@@ -187,13 +187,34 @@ def _numbered_subdirs(folder: str, pattern: re.Pattern) -> Dict[int, str]:
   return numbered
 
 
-def expected_prune_iterations(hparams: dict) -> int:
+def _recorded_levels(run_dir: Optional[str]) -> Optional[int]:
+  """The level count a finished level's metadata.json records (`"levels"`), if any."""
+  if run_dir is None:
+    return None
+  for trial_dir in _numbered_subdirs(run_dir, _TRIAL_DIR).values():
+    for level_dir_ in _numbered_subdirs(trial_dir, _PRUNE_ITER_DIR).values():
+      try:
+        with open(os.path.join(level_dir_, METADATA_FILE)) as f:
+          levels = json.load(f).get("levels")
+      except (OSError, ValueError):
+        continue
+      if isinstance(levels, int) and not isinstance(levels, bool) and levels >= 0:
+        return levels
+  return None
+
+
+def expected_prune_iterations(hparams: dict, run_dir: Optional[str] = None) -> int:
   """Returns how many prune iterations (levels) a finished run has per trial.
 
-  Asks the experiment registry (`levels()`), which knows every experiment;
-  an experiment it does not know (a run from another version) has
+  A run's level metadata records it (`"levels"`, written by the runner), so
+  reading runs needs no TensorFlow. Runs made before that ask the experiment
+  registry (`levels()`, which imports the experiments and TensorFlow); an
+  experiment it does not know (a run from another version) has
   `prune_iters + 1` levels unless it is one of `SINGLE_LEVEL_EXPERIMENTS`.
   """
+  recorded = _recorded_levels(run_dir)
+  if recorded is not None:
+    return recorded
   try:
     # pylint: disable=g-import-not-at-top,import-outside-toplevel  Heavy: TensorFlow.
     from robust_sparse.experiments.registry import EXPERIMENTS
@@ -359,7 +380,7 @@ def _load_run(run_dir: str, hparams: dict, problems: List[str],
     The run's evaluations, or None if it has no finished level (skipped).
   """
   trials = int(hparams.get("trials", 1))
-  prune_iterations = expected_prune_iterations(hparams)
+  prune_iterations = expected_prune_iterations(hparams, run_dir)
   trial_dirs = _numbered_subdirs(run_dir, _TRIAL_DIR)
   blocks, labels = [], []
   for trial in range(max(trials, max(trial_dirs, default=-1) + 1)):
@@ -737,7 +758,7 @@ def load_study(base_dir: str,
   diverged: List[dict] = []
   for run_dir, hparams in matching:
     filled = {**get_defaults(), **hparams}
-    if expected_prune_iterations(filled) == 0:
+    if expected_prune_iterations(filled, run_dir) == 0:
       continue  # Trains nothing (relu_count): no evaluations to load.
     try:
       frame = _load_run(run_dir, filled, problems, diverged)
@@ -752,7 +773,7 @@ def load_study(base_dir: str,
       row = {key: value for key, value in filled.items() if key != "run_dir"}
       run_rows.append({"run_dir": run_dir, **row,
                        "config_id": config_id(config),
-                       "expected_levels": expected_prune_iterations(filled)})
+                       "expected_levels": expected_prune_iterations(filled, run_dir)})
   _log(problems)
   diverged_frame = pd.DataFrame(diverged, columns=list(DIVERGED_COLUMNS))
   if not run_frames:

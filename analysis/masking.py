@@ -52,6 +52,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 import time
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -65,7 +66,7 @@ import numpy as np
 import pandas as pd
 
 from robust_sparse.analysis import load
-from robust_sparse.core import files
+from robust_sparse.core import files, masking_store
 from robust_sparse.core.hparams import Hparams
 from robust_sparse.core.run_folder import level_dir
 from robust_sparse.nn.weights import assign_weights
@@ -113,12 +114,10 @@ _CSV_COLUMNS = (["run", "label", "prune_iteration", "percent_weights_remaining",
 
 def _budgets() -> dict:
   """The checks' fixed budgets, by the names `CHECKS` and `measure_headings` format."""
-  # pylint: disable=import-outside-toplevel  Heavy: TensorFlow, which reading runs never needs.
-  from robust_sparse.experiments import masking_checks
-  return dict(factor=masking_checks.STRONG_STEPS_FACTOR,
-              restarts=masking_checks.STRONG_RESTARTS, large_eps=masking_checks.LARGE_EPS,
-              large_eps_step=masking_checks.LARGE_EPS_STEP_SIZE,
-              large_eps_steps=masking_checks.LARGE_EPS_STEPS,
+  return dict(factor=masking_store.STRONG_STEPS_FACTOR,
+              restarts=masking_store.STRONG_RESTARTS, large_eps=masking_store.LARGE_EPS,
+              large_eps_step=masking_store.LARGE_EPS_STEP_SIZE,
+              large_eps_steps=masking_store.LARGE_EPS_STEPS,
               bound=100 * LARGE_EPS_MAX_ACCURACY)
 
 
@@ -329,16 +328,14 @@ class _Run:
   def level_checks(self, level: int, trials: Sequence[int]) -> List[dict]:
     """Each trial's accuracies at `level` (`MEASURES`, "transfer_from"): read where stored,
     else made once and stored (see the module docstring)."""
-    # pylint: disable=import-outside-toplevel  Heavy: TensorFlow, which reading runs never needs.
-    from robust_sparse.experiments import masking_checks
     hp = self.hp
     directories = {trial: level_dir(self.run_dir, trial, level) for trial in trials}
     wanted = self._options.examples
     if wanted is None:  # What is stored, if the trials agree; else the run's own number.
       counts = {stored["examples"] for stored in
-                (masking_checks.load_level(d, hp) for d in directories.values()) if stored}
+                (masking_store.load_level(d, hp) for d in directories.values()) if stored}
       wanted = counts.pop() if len(counts) == 1 else hp.masking_examples
-    stored = {trial: masking_checks.load_level(directory, hp, wanted)
+    stored = {trial: masking_store.load_level(directory, hp, wanted)
               for trial, directory in directories.items()}
     for trial in trials:
       if stored[trial] is not None:
@@ -349,6 +346,8 @@ class _Run:
       dataset = self.dataset()
       if isinstance(dataset, str):
         raise _DataMissing(dataset)
+      # pylint: disable=import-outside-toplevel  Heavy: TensorFlow, which stored checks never need.
+      from robust_sparse.experiments import masking_checks
       stored[trial] = masking_checks.check_level(
           hp, self.model(trial, level), dataset, trial, directories[trial], examples=wanted,
           desc=f"masking checks: {place}")
@@ -358,17 +357,23 @@ class _Run:
                  transfer=float("nan"), transfer_from=-1)
       if len(trials) > 1:
         source = trials[(index + 1) % len(trials)]
-        row.update(transfer_from=source, transfer=masking_checks.transfer(
+        row.update(transfer_from=source, transfer=masking_store.transfer(
             directories[trial], directories[source], source,
-            lambda trial=trial: self._transfer_model(trial, source, level)))
+            lambda trial=trial, source=source: self._transfer(trial, source, level)))
       rows.append(row)
     return rows
 
-  def _transfer_model(self, trial: int, source: int, level: int):
+  def _transfer(self, trial: int, source: int, level: int) -> float:
+    """Trial `trial`'s accuracy on `source`'s stored pgd examples (not cached yet)."""
     logging.info("gradient-masking checks: transfer attack of %s trial %d prune_iter %d from "
                  "trial %d (a forward pass; cached in its folder)", self.shown, trial, level,
                  source)
-    return self.model(trial, level)
+    # pylint: disable=import-outside-toplevel  Heavy: TensorFlow, which stored checks never need.
+    from robust_sparse.experiments import masking_checks
+    return masking_checks.transfer_accuracy(
+        self.model(trial, level),
+        masking_store.load_examples(level_dir(self.run_dir, trial, level)),
+        masking_store.load_examples(level_dir(self.run_dir, source, level)))
 
 
 class _DataMissing(Exception):
@@ -438,9 +443,9 @@ def check_study(study: load.Study, options: Options, source: str = "") -> pd.Dat
   runs = study.runs[study.runs["attack"].astype(str) != "none"]
   if runs.empty:
     return pd.DataFrame(columns=_CSV_COLUMNS)
-  # pylint: disable=import-outside-toplevel  Heavy: TensorFlow, which reading runs never needs.
-  import keras
-  policy = keras.mixed_precision.global_policy()
+  # Keras (TensorFlow) only where a check is computed: stored results need neither.
+  keras = sys.modules.get("keras")
+  policy = keras.mixed_precision.global_policy() if keras is not None else None
   builder, datasets, rows = _Builder(), {}, []
   began = time.time()
   try:
@@ -451,7 +456,9 @@ def check_study(study: load.Study, options: Options, source: str = "") -> pd.Dat
       for row in check_run(run_dir, options, builder, datasets, shown):
         rows.append({"run": shown, "label": _run_label(run), **row})
   finally:
-    keras.mixed_precision.set_global_policy(policy)
+    keras = sys.modules.get("keras")
+    if keras is not None:  # A mixed-precision run's model may have set another.
+      keras.mixed_precision.set_global_policy(policy or "float32")
   logging.info("gradient-masking checks of %d runs took %.1f s", len(runs),
                time.time() - began)
   frame = pd.DataFrame(rows, columns=_CSV_COLUMNS)

@@ -102,9 +102,6 @@ class Hydra(MaskPhaseExperiment):
                          f"--{name}={theirs}, not --{name}={ours}")
     self._pretrained = weights
 
-  def levels(self):
-    return 1 if self.hparams.epochs == 0 else 2
-
   def phase(self, level):
     return "score" if level == 0 else "finetune"
 

@@ -132,6 +132,9 @@ class MaskPhaseExperiment(Experiment):
   ones for the run's epochs with the usual groups.
   """
 
+  def levels(self) -> int:
+    return 1 if self.hparams.epochs == 0 else 2  # --epochs=0: the mask phase alone.
+
   def total_iterations(self, level, num_train) -> int:
     hp = self.hparams
     if level == 0:

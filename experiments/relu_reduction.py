@@ -151,9 +151,6 @@ class ReLUPrune(MaskPhaseExperiment):
     # Replacing fails early here (a non-relu activation, an autopoly without sites).
     relu_lib.replace_activations(base, **self._masked_relu_kwargs(0, 0))
 
-  def levels(self):
-    return 1 if self.hparams.epochs == 0 else 2
-
   def phase(self, level):
     return "mask" if level == 0 else "finetune"
 

@@ -365,7 +365,8 @@ class Runner:
       eps_sweep.sweep_level(model, self.dataset, self.hparams, trial, directory,
                             desc=f"{desc} eps sweep" if self.progress else None)
     log.finish(trial, level, masks, iteration, began, engine.compile_mode,
-               self.experiment.metadata(level, model, directory, log.rows))
+               {"levels": self.experiment.levels(),
+                **self.experiment.metadata(level, model, directory, log.rows)})
 
   def _diverged_message(self, trial, level, iteration):
     return (f"training diverged (non-finite loss) in {self.run_dir}, trial {trial}, "

@@ -643,3 +643,15 @@ def test_final_epoch_is_shown_for_runs_of_epochs_only(tmp_path):
   epochs = dict(zip(table["label"], table["epoch"]))
   assert epochs[label[by_epochs]] == pytest.approx(6.0)
   assert np.isnan(epochs[label[by_iterations]])
+
+
+def test_level_count_comes_from_the_runs_metadata_before_the_registry(tmp_path):
+  """A run records its level count (metadata.json "levels"); reading it needs no experiment import."""
+  hparams = {**load.hparam_defaults(), "experiment": "hydra", "prune_iters": 5, "epochs": 3}
+  assert load.expected_prune_iterations(hparams, str(tmp_path)) == 2  # No metadata: the registry.
+  level = tmp_path / "trial_0" / "prune_iter_0"
+  level.mkdir(parents=True)
+  (level / "metadata.json").write_text(json.dumps({"completed": True, "levels": 7}))
+  assert load.expected_prune_iterations(hparams, str(tmp_path)) == 7
+  (level / "metadata.json").write_text(json.dumps({"completed": True, "levels": "x"}))
+  assert load.expected_prune_iterations(hparams, str(tmp_path)) == 2  # Unreadable: the registry.
