@@ -65,6 +65,8 @@ def _kernel_path(score_path: str) -> str:
 @EXPERIMENTS.register("hydra")
 class Hydra(MaskPhaseExperiment):
   """HYDRA's score phase then robust fine-tuning (see the module docstring)."""
+
+  mask_phase = "the score phase"
   prunes = False
 
   def __init__(self, hparams):
@@ -78,11 +80,8 @@ class Hydra(MaskPhaseExperiment):
 
   # ---- checks -------------------------------------------------------------------
   def check(self, dataset, num_train):
+    super().check(dataset, num_train)
     hp = self.hparams
-    if hp.epochs is not None and hp.epochs < 0:
-      raise ValueError(f"--epochs must be >= 0 (0: no fine-tuning), got {hp.epochs}")
-    if not hp.mask_epochs > 0:
-      raise ValueError(f"--mask_epochs (the score phase) must be > 0, got {hp.mask_epochs}")
     if not 0.0 < hp.sparsity < 1.0:
       raise ValueError(f"--sparsity (hydra: the fraction of the weights pruned) must be in "
                        f"(0, 1), got {hp.sparsity}")

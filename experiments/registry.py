@@ -132,8 +132,18 @@ class MaskPhaseExperiment(Experiment):
   ones for the run's epochs with the usual groups.
   """
 
+  # How `--mask_epochs`' error message names the mask phase.
+  mask_phase = "the mask phase"
+
   def levels(self) -> int:
     return 1 if self.hparams.epochs == 0 else 2  # --epochs=0: the mask phase alone.
+
+  def check(self, dataset, num_train):
+    hp = self.hparams
+    if hp.epochs is not None and hp.epochs < 0:
+      raise ValueError(f"--epochs must be >= 0 (0: no fine-tuning), got {hp.epochs}")
+    if not hp.mask_epochs > 0:
+      raise ValueError(f"--mask_epochs ({self.mask_phase}) must be > 0, got {hp.mask_epochs}")
 
   def total_iterations(self, level, num_train) -> int:
     hp = self.hparams

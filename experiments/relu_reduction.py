@@ -120,11 +120,8 @@ class ReLUPrune(MaskPhaseExperiment):
 
   # ---- checks -------------------------------------------------------------------
   def check(self, dataset, num_train):
+    super().check(dataset, num_train)
     hp = self.hparams
-    if hp.epochs is not None and hp.epochs < 0:
-      raise ValueError(f"--epochs must be >= 0 (0: no fine-tuning), got {hp.epochs}")
-    if not hp.mask_epochs > 0:
-      raise ValueError(f"--mask_epochs must be > 0, got {hp.mask_epochs}")
     if (hp.relu_sparsity is None) == (hp.relu_count is None):
       raise ValueError("relu_prune needs exactly one of --relu_sparsity and --relu_count")
     if hp.relu_sparsity is not None and not 0.0 <= hp.relu_sparsity < 1.0:
