@@ -49,20 +49,13 @@ from tqdm import tqdm
 
 from robust_sparse.attacks import AttackConfig, make_attack
 from robust_sparse.core import files, masking_store
+# The files, settings and budgets live in core (read without TensorFlow); re-exported here.
+from robust_sparse.core.masking_store import (  # noqa: F401  pylint: disable=unused-import
+    ATTACKS, BATCH_SIZE, EXAMPLES_FILE, LARGE_EPS, LARGE_EPS_STEP_SIZE, LARGE_EPS_STEPS,
+    RESULTS_FILE, STRONG_RESTARTS, STRONG_STEPS_FACTOR, TRANSFER_FILE, Budget, load_examples,
+    load_level)
 from robust_sparse.core.run_folder import derived_seed
 from robust_sparse.core.streams import Stream
-
-# The files, settings and budgets: robust_sparse/core/masking_store.py (read without TensorFlow).
-RESULTS_FILE, EXAMPLES_FILE, TRANSFER_FILE = (masking_store.RESULTS_FILE,
-                                              masking_store.EXAMPLES_FILE,
-                                              masking_store.TRANSFER_FILE)
-ATTACKS, BATCH_SIZE, Budget = masking_store.ATTACKS, masking_store.BATCH_SIZE, masking_store.Budget
-STRONG_STEPS_FACTOR, STRONG_RESTARTS = (masking_store.STRONG_STEPS_FACTOR,
-                                        masking_store.STRONG_RESTARTS)
-LARGE_EPS, LARGE_EPS_STEP_SIZE, LARGE_EPS_STEPS = (masking_store.LARGE_EPS,
-                                                   masking_store.LARGE_EPS_STEP_SIZE,
-                                                   masking_store.LARGE_EPS_STEPS)
-load_level, load_examples = masking_store.load_level, masking_store.load_examples
 
 
 def enabled(hp) -> bool:
