@@ -9,6 +9,9 @@ defaults between cases) and reports (status, stderr) per case. A handful of
 tests still run the real command in its own process.
 
   echo '[["--dataset=sklearn_digits", "--trials=0"]]' | python -m tests.cli_batch
+
+Each pytest worker keeps one such process for all its test files (`--serve`):
+TensorFlow is imported once per worker, not once per file.
 """
 
 import contextlib
@@ -48,6 +51,19 @@ def run_case(argv):
 
 
 def main():
+  """One JSON list of cases on stdin, their results on stdout; with `--serve`, one such
+  list per line and one line of results each, until stdin closes (the tests' shared
+  process, `tests.conftest.run_cli_batch`)."""
+  if sys.argv[1:] == ["--serve"]:
+    # The results go to a copy of fd 1; fd 1 itself goes to stderr, so that nothing else
+    # written there (a C++ log line, a child process) can break a line of results.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    for line in sys.stdin:
+      results = [run_case(argv) for argv in json.loads(line)]
+      out.write(json.dumps(results) + "\n")
+      out.flush()
+    return
   cases = json.load(sys.stdin)
   results = [run_case(argv) for argv in cases]
   sys.stdout.write(json.dumps(results))

@@ -1,8 +1,12 @@
 """Shared test helpers: the repository root, the real-data folder and the CLI runner."""
 
+import atexit
+import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 
 import pytest
 
@@ -38,20 +42,67 @@ def run_module(module, *args, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
-def run_cli_batch(cases, timeout=900):
-  """{tuple(argv): (status, stderr)} of `run_experiments` for each argv, in one process.
+class _CliServer:
+  """This pytest worker's one `python -m tests.cli_batch --serve` process, started on
+  first use and ended with the worker (its stderr in a temporary file)."""
 
-  See `tests/cli_batch.py`: the same parsing and `main` as the command line,
-  TensorFlow imported once.
+  def __init__(self):
+    self.process, self.stderr, self.lock = None, None, threading.Lock()
+
+  def run(self, cases, timeout):
+    with self.lock:
+      if self.process is None or self.process.poll() is not None:
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.cli_batch", "--serve"], cwd=REPO, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        atexit.register(self.close)
+      timer = threading.Timer(timeout, self.process.kill)
+      timer.start()
+      try:
+        self.process.stdin.write(json.dumps(cases) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+      finally:
+        timer.cancel()
+      if not line:
+        self.process.wait()
+        self.stderr.seek(0)
+        raise AssertionError(f"tests.cli_batch ended (status {self.process.returncode}):\n"
+                             + self.stderr.read()[-3000:])
+      return json.loads(line)
+
+  def close(self):
+    if self.process is not None and self.process.poll() is None:
+      self.process.stdin.close()
+      try:
+        self.process.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        self.process.kill()
+
+
+_CLI_SERVER = _CliServer()
+
+
+def run_cli_batch(cases, timeout=900, fresh=False):
+  """{tuple(argv): (status, stderr)} of `run_experiments` for each argv.
+
+  See `tests/cli_batch.py`: the same parsing and `main` as the command line, in
+  this worker's one shared process (TensorFlow imported once per worker), or with
+  `fresh` in a new process of its own (cases that need TensorFlow not yet started).
   """
-  import json
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
-  result = subprocess.run([sys.executable, "-m", "tests.cli_batch"], cwd=REPO, env=env,
-                          input=json.dumps([list(c) for c in cases]), capture_output=True,
-                          text=True, timeout=timeout)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return {tuple(case): tuple(outcome)
-          for case, outcome in zip(cases, json.loads(result.stdout))}
+  cases = [list(c) for c in cases]
+  if fresh:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, "-m", "tests.cli_batch"], cwd=REPO, env=env,
+                            input=json.dumps(cases), capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads(result.stdout)
+  else:
+    outcomes = _CLI_SERVER.run(cases, timeout)
+  return {tuple(case): tuple(outcome) for case, outcome in zip(cases, outcomes)}
 
 
 def one_line_error(status, stderr, message):

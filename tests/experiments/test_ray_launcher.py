@@ -79,7 +79,9 @@ def test_bad_launcher_settings_are_one_line_errors(tmp_path):
   common = ["--dataset=sklearn_digits", "--trials=1", "--train_iters=2",
             f"--base_dir={tmp_path}"]
   cases = [
-      (["--launcher=ray", "--ray_address=203.0.113.1:6379"], "--ray_address=203.0.113.1:6379"),
+      # Nothing listens on this machine's port 9: refused at once. (A TEST-NET address
+      # can look reachable behind a sandbox's proxy, and then Ray retries for 20 s.)
+      (["--launcher=ray", "--ray_address=127.0.0.1:9"], "--ray_address=127.0.0.1:9"),
       (["--launcher=slurm"], "--launcher"),
       (["--gpus_per_trial=-1", "--launcher=ray"], "--gpus_per_trial"),
   ]

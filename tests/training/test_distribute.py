@@ -108,7 +108,8 @@ def runs(tmp_path_factory):
   bad = [["--dataset=sklearn_digits", "--noprogress", "--train_iters=5", *args,
           f"--base_dir={os.path.join(base, 'bad')}"] for args, _ in BAD_FLAGS]
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    batch = pool.submit(run_cli_batch, cases + bad)
+    # Its own process: the first case makes the devices before TensorFlow starts them.
+    batch = pool.submit(run_cli_batch, cases + bad, fresh=True)
     resumed = pool.submit(_interrupted_then_resumed, os.path.join(base, "resumed"))
     outcomes = batch.result()
     folders = dict(zip(("resumed", "interrupted_at"), resumed.result()))
