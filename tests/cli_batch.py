@@ -28,7 +28,8 @@ from robust_sparse import run_experiments  # noqa: E402
 
 
 def run_case(argv):
-  """(exit status, stderr) of `run_experiments` with `argv`, as `app.run` would give."""
+  """(exit status, stderr, stdout) of `run_experiments` with `argv`, as `app.run` would
+  give."""
   flag_values = flags.FLAGS
   flag_values.unparse_flags()
   stderr, stdout = io.StringIO(), io.StringIO()
@@ -38,7 +39,7 @@ def run_case(argv):
     except flags.Error as e:
       print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
       print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
-      return 1, stderr.getvalue()
+      return 1, stderr.getvalue(), stdout.getvalue()
     try:
       status = run_experiments.main(remaining)
     except SystemExit as e:
@@ -47,7 +48,7 @@ def run_case(argv):
       import traceback
       traceback.print_exc()
       status = 1
-  return int(status or 0), stderr.getvalue()
+  return int(status or 0), stderr.getvalue(), stdout.getvalue()
 
 
 def main():

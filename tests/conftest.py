@@ -102,7 +102,16 @@ def run_cli_batch(cases, timeout=900, fresh=False):
     outcomes = json.loads(result.stdout)
   else:
     outcomes = _CLI_SERVER.run(cases, timeout)
-  return {tuple(case): tuple(outcome) for case, outcome in zip(cases, outcomes)}
+  return {tuple(case): (status, stderr) for case, (status, stderr, _) in zip(cases, outcomes)}
+
+
+def run_cli(*argv, timeout=900):
+  """`python -m run_experiments argv` in this worker's shared process (`run_cli_batch`):
+  an object with `returncode`, `stdout` and `stderr`, as `run_module` returns. For
+  runs whose result a test compares or checks; a process of its own (`run_module`)
+  where the test is about the process (killed, resumed across processes, its start)."""
+  [(status, stderr, stdout)] = _CLI_SERVER.run([list(argv)], timeout)
+  return subprocess.CompletedProcess(["run_experiments", *argv], status, stdout, stderr)
 
 
 def one_line_error(status, stderr, message):

@@ -137,7 +137,9 @@ def test_the_console_scripts_run_and_analyse_a_study(venv, tmp_path):
   env["TF_CPP_MIN_LOG_LEVEL"] = "3"
   run = _run([str(venv / "bin" / "robust-sparse-run"), "--dataset=sklearn_digits",
               "--experiment=train", "--trials=1", "--train_iters=10", "--eval_every=10",
-              "--noprogress", "--base_dir=output"], tmp_path, env)
+              "--noprogress", "--base_dir=output",
+              # About the scripts, not the measurements: no attack, no sharpness.
+              "--attack=none", "--sharpness_examples=0"], tmp_path, env)
   run_dir = run.stdout.strip().splitlines()[-1]
   assert (tmp_path / run_dir / "hparams.json").is_file(), run.stdout[-2000:]
   _run([str(venv / "bin" / "robust-sparse-analyze"), "--base_dir=output", "--nomasking_checks"],

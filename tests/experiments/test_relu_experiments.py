@@ -17,7 +17,7 @@ from robust_sparse.experiments.runner import Runner, level_dir
 from robust_sparse.core import files
 from robust_sparse.core.hparams import Hparams
 from robust_sparse.training.steps import OptimizerGroup, make_train_step
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, run_cli
 
 BASE = dict(dataset="sklearn_digits", model="dense-300-100", trials=1, batch_size=60,
             attack="fgsm", eps=0.1, sharpness_examples=0)
@@ -33,8 +33,8 @@ def baseline(digits, tmp_path_factory):
 
 
 def test_relu_count_command_writes_the_csv_and_prints_the_total_last(tmp_path, data_dir):
-  result = run_module("run_experiments", "--experiment=relu_count", "--model=resnet18_maxpool",
-                      "--dataset=cifar10", f"--data_dir={data_dir}", f"--base_dir={tmp_path}")
+  result = run_cli("--experiment=relu_count", "--model=resnet18_maxpool",
+                   "--dataset=cifar10", f"--data_dir={data_dir}", f"--base_dir={tmp_path}")
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().splitlines()[-1] == "relu count: 188416"
   [path] = glob.glob(str(tmp_path / "**" / "relu_counts.csv"), recursive=True)
@@ -130,7 +130,7 @@ def test_relu_prune_resumes_after_kill_9_in_either_phase(digits, baseline, tmp_p
     time.sleep(0.5)
     process.send_signal(signal.SIGKILL)
     process.wait()
-  resumed = run_module("run_experiments", *args, f"--base_dir={base}")
+  resumed = run_cli(*args, f"--base_dir={base}")
   assert resumed.returncode == 0, resumed.stderr[-2000:]
 
   def tree(root):
@@ -172,9 +172,9 @@ def test_bad_relu_prune_settings_name_the_flag(digits, baseline, tmp_path, chang
 
 
 def test_bad_relu_prune_input_fails_in_one_line(baseline, tmp_path):
-  result = run_module("run_experiments", "--dataset=sklearn_digits", "--experiment=relu_prune",
-                      "--noprogress", f"--pretrained_run={baseline}", "--relu_count=0.5",
-                      f"--base_dir={tmp_path}")
+  result = run_cli("--dataset=sklearn_digits", "--experiment=relu_prune",
+                   "--noprogress", f"--pretrained_run={baseline}", "--relu_count=0.5",
+                   f"--base_dir={tmp_path}")
   assert result.returncode != 0
   assert "Traceback" not in result.stderr
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

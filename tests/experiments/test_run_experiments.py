@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, one_line_error, run_cli_batch, run_module
+from tests.conftest import REPO, one_line_error, run_cli, run_cli_batch
 
 SMALL = ["--dataset=sklearn_digits", "--experiment=reinit_orig", "--attack=pgd", "--adv_train",
          "--trials=1", "--prune_iters=2", "--train_iters=60", "--eval_every=20",
@@ -44,7 +44,7 @@ def _tree(run_dir):
 
 
 def test_small_run_writes_the_tree(tmp_path):
-  result = run_module("run_experiments", *SMALL, f"--base_dir={tmp_path}")
+  result = run_cli(*SMALL, f"--base_dir={tmp_path}")
   assert result.returncode == 0, result.stderr[-2000:]
   run_dir = _run_dir(tmp_path)
   hparams = json.load(open(os.path.join(run_dir, "hparams.json")))
@@ -68,12 +68,12 @@ def test_small_run_writes_the_tree(tmp_path):
     assert not os.path.exists(os.path.join(level_dir, "checkpoint.npz"))
   # Re-running a finished command changes nothing.
   before = _tree(run_dir)
-  again = run_module("run_experiments", *SMALL, f"--base_dir={tmp_path}")
+  again = run_cli(*SMALL, f"--base_dir={tmp_path}")
   assert again.returncode == 0 and _tree(run_dir) == before
 
 
 def test_real_mnist_weights_remaining(tmp_path, data_dir):
-  result = run_module("run_experiments", "--dataset=digits", f"--data_dir={data_dir}",
+  result = run_cli("--dataset=digits", f"--data_dir={data_dir}",
                       "--experiment=reinit_orig", "--attack=fgsm", "--trials=1",
                       "--train_iters=2", "--prune_iters=2", "--eval_every=2", "--noprogress",
                       # About the masks: no sharpness, and the 10000 test images attacked
@@ -91,7 +91,7 @@ def test_real_mnist_weights_remaining(tmp_path, data_dir):
 def test_killed_run_resumes_to_the_same_results(tmp_path):
   # Not about compilation (test_small_run_writes_the_tree runs the default "auto").
   args = [*SMALL, "--train_iters=240", "--eval_every=20", "--prune_iters=1", "--compile=graph"]
-  reference = run_module("run_experiments", *args, f"--base_dir={tmp_path / 'a'}")
+  reference = run_cli(*args, f"--base_dir={tmp_path / 'a'}")
   assert reference.returncode == 0, reference.stderr[-2000:]
 
   base = tmp_path / "b"
@@ -110,7 +110,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
     time.sleep(0.3)
     process.send_signal(signal.SIGKILL)
     process.wait()
-  resumed = run_module("run_experiments", *args, f"--base_dir={base}")
+  resumed = run_cli(*args, f"--base_dir={base}")
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   expected, actual = _tree(_run_dir(tmp_path / "a")), _tree(_run_dir(base))
   assert expected.keys() == actual.keys()

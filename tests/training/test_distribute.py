@@ -33,8 +33,7 @@ SAM = ["--attack=none", "--optimizer=sam-sgd", "--learning_rate=0.05"]
 RUNS = {
     "natural": ["--attack=none"],
     "natural_mirrored": ["--attack=none", *MIRRORED],
-    "fgsm": ["--attack=fgsm", "--adv_train"],
-    "fgsm_mirrored": ["--attack=fgsm", "--adv_train", *MIRRORED],
+    # Adversarial training with PGD (the README's mirrored example below runs FGSM's).
     # PGD's random start: each replica takes its rows of the global batch's draw.
     "pgd": ["--attack=pgd", "--adv_train", "--pgd_steps=3"],
     "pgd_mirrored": ["--attack=pgd", "--adv_train", "--pgd_steps=3", *MIRRORED],
@@ -140,7 +139,6 @@ def max_difference(a, b):
 
 
 @pytest.mark.parametrize("single,mirrored", [("natural", "natural_mirrored"),
-                                             ("fgsm", "fgsm_mirrored"),
                                              ("pgd", "pgd_mirrored"),
                                              ("sam", "sam_sync_mirrored")])
 def test_two_replicas_train_the_single_device_weights(runs, single, mirrored):

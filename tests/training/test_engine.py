@@ -27,7 +27,7 @@ from robust_sparse.training.keras_model import RobustModel
 from robust_sparse.training.optimizers import make_optimizer
 from robust_sparse.training.schedules import make_schedule
 from robust_sparse.training.steps import LossScale, OptimizerGroup, standard_loss_grad_fn
-from tests.conftest import REPO, one_line_error, run_cli_batch, run_module
+from tests.conftest import REPO, one_line_error, run_cli, run_cli_batch
 
 
 def test_bn_lottery_run_on_cifar_rewinds_bn_statistics(tmp_path, data_dir):
@@ -234,7 +234,7 @@ def test_kill_9_anywhere_resumes_exactly_bn_augment_sgd_cosine(tmp_path):
           "--weight_decay=5e-4", "-lr=0.05", "--lr_schedule=cosine", "--warmup_epochs=1",
           "--augment=crop,flip", "--attack=pgd", "--pgd_steps=2", "--adv_train",
           "--noprogress", "--nomasking_checks", "--sharpness_examples=64"]
-  reference = run_module("run_experiments", *args, f"--base_dir={tmp_path / 'a'}")
+  reference = run_cli(*args, f"--base_dir={tmp_path / 'a'}")
   assert reference.returncode == 0, reference.stderr[-2000:]
   base = tmp_path / "b"
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
@@ -255,7 +255,7 @@ def test_kill_9_anywhere_resumes_exactly_bn_augment_sgd_cosine(tmp_path):
       kills += 1
     process.wait()
   assert kills >= 1
-  resumed = run_module("run_experiments", *args, f"--base_dir={base}")
+  resumed = run_cli(*args, f"--base_dir={base}")
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   expected = _tree(os.path.dirname(glob.glob(str(tmp_path / "a" / "**" / "hparams.json"),
                                              recursive=True)[0]))

@@ -15,7 +15,7 @@ from robust_sparse.training.sharpness.sam import (_merge, _split, is_asam_weight
                                     sharpness_aware)
 from robust_sparse.training.steps import (OptimizerGroup, cross_entropy, loss_and_gradients,
                                  make_train_step)
-from tests.conftest import one_line_error, run_cli_batch, run_module
+from tests.conftest import one_line_error, run_cli, run_cli_batch
 
 CURVATURE = np.array([[1.0], [3.0]], np.float32)
 
@@ -180,8 +180,8 @@ def test_the_sam_family_registry_says_what_build_decided_by_name():
 
 def test_lottery_ticket_with_sam_adam_and_adversarial_training_end_to_end(tmp_path, data_dir):
   from robust_sparse.experiments.runner import level_dir
-  result = run_module(
-      "run_experiments", "--dataset=digits", f"--data_dir={data_dir}",
+  result = run_cli(
+      "--dataset=digits", f"--data_dir={data_dir}",
       "--experiment=reinit_orig", "--optimizer=sam-adam", "--adv_train", "--attack=fgsm",
       "--train_examples=600", "--valid_size=200", "--train_iters=40", "--eval_every=20",
       "--prune_iters=1", "--trials=1", "--noprogress", f"--base_dir={tmp_path}",
