@@ -372,15 +372,15 @@ def _iteration_text(value) -> str:
 _RESERVED_COLUMNS = frozenset(EVALUATION_COLUMNS) - frozenset(CSV_COLUMNS)
 
 
-def _load_run(run_dir: str, hparams: dict, problems: List[str],
+def _load_run(run_dir: str, hparams: dict, prune_iterations: int, problems: List[str],
               diverged: List[dict]) -> Optional[pd.DataFrame]:
-  """Loads one run; appends its problems and diverged levels.
+  """Loads one run of `prune_iterations` levels per trial; appends its problems and
+  diverged levels.
 
   Returns:
     The run's evaluations, or None if it has no finished level (skipped).
   """
   trials = int(hparams.get("trials", 1))
-  prune_iterations = expected_prune_iterations(hparams, run_dir)
   trial_dirs = _numbered_subdirs(run_dir, _TRIAL_DIR)
   blocks, labels = [], []
   for trial in range(max(trials, max(trial_dirs, default=-1) + 1)):
@@ -758,10 +758,11 @@ def load_study(base_dir: str,
   diverged: List[dict] = []
   for run_dir, hparams in matching:
     filled = {**get_defaults(), **hparams}
-    if expected_prune_iterations(filled, run_dir) == 0:
+    levels = expected_prune_iterations(filled, run_dir)
+    if levels == 0:
       continue  # Trains nothing (relu_count): no evaluations to load.
     try:
-      frame = _load_run(run_dir, filled, problems, diverged)
+      frame = _load_run(run_dir, filled, levels, problems, diverged)
     except _CorruptFile as error:
       problems.append(f"{error.path}: corrupt ({error.reason}); run "
                       f"{run_dir} skipped")
@@ -773,7 +774,7 @@ def load_study(base_dir: str,
       row = {key: value for key, value in filled.items() if key != "run_dir"}
       run_rows.append({"run_dir": run_dir, **row,
                        "config_id": config_id(config),
-                       "expected_levels": expected_prune_iterations(filled, run_dir)})
+                       "expected_levels": levels})
   _log(problems)
   diverged_frame = pd.DataFrame(diverged, columns=list(DIVERGED_COLUMNS))
   if not run_frames:

@@ -30,7 +30,7 @@ run redoes them):
   masking_examples.npz   `adversarial` (the pgd examples), `labels`, `predictions` (clean)
 
 The transfer check then needs only a forward pass of trial t on trial
-(t + 1) mod T's stored examples (`transfer`), cached in trial t's
+(t + 1) mod T's stored examples (`masking_store.transfer`), cached in trial t's
 `masking_transfer.json`. `run_analysis` reads these files; for levels without
 them (runs finished before, or `--nomasking_checks`) it calls `check_level`
 once and the files are written as the runner writes them.
@@ -48,7 +48,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from robust_sparse.attacks import AttackConfig, make_attack
-from robust_sparse.core import files, masking_store
+from robust_sparse.core import files
 # The files, settings and budgets live in core (read without TensorFlow); re-exported here.
 from robust_sparse.core.masking_store import (  # noqa: F401  pylint: disable=unused-import
     ATTACKS, BATCH_SIZE, EXAMPLES_FILE, LARGE_EPS, LARGE_EPS_STEP_SIZE, LARGE_EPS_STEPS,
@@ -267,23 +267,3 @@ def check_level(hp, model, dataset, trial: int, directory: str, *,
                ", ".join(f"{name} {value:.4f}" for name, value in accuracies.items()))
   return results
 
-
-def transfer(target_dir: str, source_dir: str, source_trial: int,
-             model_of_target: Callable[[], object]) -> float:
-  """Trial t's accuracy on the stored pgd examples of `source_trial`, at one level.
-
-  Read from the target's `TRANSFER_FILE` when it holds the result for these
-  two levels' stored files; else computed (`transfer_accuracy`) and added to it
-  (`masking_store.transfer`).
-
-  Args:
-    target_dir: the target trial's level folder (with its stored results).
-    source_dir: the source trial's level folder (with its stored results).
-    source_trial: the source's trial number (the cache's key).
-    model_of_target: returns the target's network holding its final weights;
-      called only when the result is not cached.
-  """
-  return masking_store.transfer(
-      target_dir, source_dir, source_trial,
-      lambda: transfer_accuracy(model_of_target(), load_examples(target_dir),
-                                load_examples(source_dir)))

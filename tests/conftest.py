@@ -35,9 +35,15 @@ def digits():
   return load_dataset("sklearn_digits", None, 300)
 
 
+def child_env():
+  """A child process's environment: this one's, TensorFlow's C++ logs quiet, the checkout
+  importable."""
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+
+
 def run_module(module, *args, timeout=600):
   """Runs `python -m module args` in the repository root; returns the CompletedProcess."""
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+  env = child_env()
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -48,16 +54,16 @@ class _CliServer:
 
   def __init__(self):
     self.process, self.stderr, self.lock = None, None, threading.Lock()
+    atexit.register(self.close)
 
   def run(self, cases, timeout):
     with self.lock:
       if self.process is None or self.process.poll() is not None:
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+        env = child_env()
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.cli_batch", "--serve"], cwd=REPO, env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
-        atexit.register(self.close)
       timer = threading.Timer(timeout, self.process.kill)
       timer.start()
       try:
@@ -94,7 +100,7 @@ def run_cli_batch(cases, timeout=900, fresh=False):
   """
   cases = [list(c) for c in cases]
   if fresh:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+    env = child_env()
     result = subprocess.run([sys.executable, "-m", "tests.cli_batch"], cwd=REPO, env=env,
                             input=json.dumps(cases), capture_output=True, text=True,
                             timeout=timeout)

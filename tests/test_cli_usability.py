@@ -12,9 +12,9 @@ import pytest
 
 from robust_sparse.data import DataError, load_dataset
 from robust_sparse.data import registry
-from tests.conftest import REPO
+from tests.conftest import REPO, child_env
 
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+ENV = child_env()
 
 
 # ---- --data_dir: $ROBUST_SPARSE_DATA_DIR ------------------------------------------------------

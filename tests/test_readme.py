@@ -6,7 +6,7 @@ import shlex
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, child_env
 
 
 def _block_after(marker):
@@ -27,7 +27,7 @@ def test_quickstart_runs_as_written(tmp_path):
   command = _block_after("<!-- readme-test: quickstart -->")
   parts = [p.strip() for p in command.split("&&")]
   assert parts[0] == "pip install -r requirements.txt"
-  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  env = child_env()
   for part in parts[1:]:
     argv = shlex.split(part)
     assert argv[0] == "python"
@@ -48,7 +48,7 @@ def test_fit_example_runs_as_written(tmp_path):
   text = open(os.path.join(REPO, "README.md")).read()
   match = re.search(r"<!-- readme-test: fit -->\s*```python\n(.*?)```", text, re.S)
   assert match, "README has no fit example"
-  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  env = child_env()
   result = subprocess.run([sys.executable, "-c", match.group(1)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -59,7 +59,7 @@ def test_fit_example_runs_as_written(tmp_path):
 
 def test_relu_reduction_example_runs_as_written(tmp_path):
   script = _block_after("<!-- readme-test: relu -->")
-  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  env = child_env()
   result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]

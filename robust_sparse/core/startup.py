@@ -154,6 +154,13 @@ def lazy_modules(names=LAZY_MODULES):
     sys.meta_path.remove(finder)
 
 
+def _environment_defaults():
+  """TensorFlow's settings, read when it starts, unless the user has set them: no INFO
+  or WARNING lines from C++, and oneDNN's kernels on every x86 CPU (module docstring)."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
 def import_tensorflow():
   """Imports TensorFlow and Keras quietly and lazily (see the module docstring).
 
@@ -167,8 +174,7 @@ def import_tensorflow():
   # This import is the quiet one: a pending `import_tensorflow_when_needed` hook (installed
   # by importing the `robust_sparse` package) must not wrap it a second time.
   sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _OnFirstImport)]
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+  _environment_defaults()
   with _quiet_and_lazy():
     # Heavy: TensorFlow, imported by this function only, never by importing this module.
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -239,8 +245,7 @@ def import_tensorflow_when_needed():
   """The first `import tensorflow` of this process (if any) will be `import_tensorflow`'s."""
   if "tensorflow" not in sys.modules and not any(
       isinstance(finder, _OnFirstImport) for finder in sys.meta_path):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    _environment_defaults()
     sys.meta_path.insert(0, _OnFirstImport())
 
 

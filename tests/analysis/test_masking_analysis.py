@@ -26,8 +26,8 @@ from robust_sparse.experiments.runner import Runner, assign_weights, level_dir
 from robust_sparse.models import build_model
 from robust_sparse.core import files
 from robust_sparse.core.hparams import Hparams
+from tests.conftest import REPO, child_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = dict(dataset="sklearn_digits", model="dense-300-100", trials=2, valid_size=300,
             sharpness_examples=0)
 PGD_RUN = dict(BASE, experiment="reinit_orig", prune_iters=1, train_iters=150,
@@ -358,7 +358,7 @@ def _run_analysis(base_dir, out_dir, *args):
   return subprocess.run(
       [sys.executable, "-m", "run_analysis", f"--base_dir={base_dir}", f"--out_dir={out_dir}",
        *args], cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO))
+      env=child_env())
 
 
 def test_run_analysis_makes_missing_checks_once_with_progress_then_reads_them(study_dir,

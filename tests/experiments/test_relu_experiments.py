@@ -17,7 +17,7 @@ from robust_sparse.experiments.runner import Runner, level_dir
 from robust_sparse.core import files
 from robust_sparse.core.hparams import Hparams
 from robust_sparse.training.steps import OptimizerGroup, make_train_step
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, child_env, run_cli
 
 BASE = dict(dataset="sklearn_digits", model="dense-300-100", trials=1, batch_size=60,
             attack="fgsm", eps=0.1, sharpness_examples=0)
@@ -116,7 +116,7 @@ def test_relu_prune_resumes_after_kill_9_in_either_phase(digits, baseline, tmp_p
                          "compile": "graph"})
   Runner(reference, digits, str(tmp_path / "a"), progress=False).run()
   base = tmp_path / "b"
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+  env = child_env()
   for kill_at in ("prune_iter_0", "prune_iter_1"):
     process = subprocess.Popen([sys.executable, "-m", "run_experiments", *args,
                                 f"--base_dir={base}"], cwd=REPO, env=env,

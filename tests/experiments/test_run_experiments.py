@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, one_line_error, run_cli, run_cli_batch
+from tests.conftest import REPO, child_env, one_line_error, run_cli, run_cli_batch
 
 SMALL = ["--dataset=sklearn_digits", "--experiment=reinit_orig", "--attack=pgd", "--adv_train",
          "--trials=1", "--prune_iters=2", "--train_iters=60", "--eval_every=20",
@@ -95,7 +95,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
   assert reference.returncode == 0, reference.stderr[-2000:]
 
   base = tmp_path / "b"
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+  env = child_env()
   # Killed in the pruned level: the resume re-reads the finished dense level's kernels and
   # masks too (tests/training/test_engine.py kills a first level at random points).
   for kill_at in ("prune_iter_1",):

@@ -8,7 +8,7 @@ import sys
 import time
 
 from robust_sparse.core import claims
-from tests.conftest import REPO
+from tests.conftest import REPO, child_env
 
 
 def test_a_live_claim_is_respected_and_a_dead_or_silent_one_taken_over(tmp_path):
@@ -44,7 +44,7 @@ def test_two_processes_on_one_command_share_the_levels(tmp_path):
           "--experiment=reinit_orig", "--trials=4", "--prune_iters=1", "--train_iters=300",
           "--eval_every=300", "--attack=none", "--sharpness_examples=0", "--noprogress",
           f"--base_dir={tmp_path}"]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+  env = child_env()
   processes = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
   outputs = [p.communicate(timeout=600) for p in processes]

@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, one_line_error, run_cli_batch, run_module
+from tests.conftest import REPO, child_env, one_line_error, run_cli_batch, run_module
 
 # dense-300-100 (no batch norm), 30 steps of 32 on 512 sklearn digits.
 BASE = ["--dataset=sklearn_digits", "--experiment=train", "--trials=1", "--train_iters=30",
@@ -82,7 +82,7 @@ def _interrupted_then_resumed(base_dir):
   hparams = dict(dataset="sklearn_digits", experiment="train", trials=1, train_iters=30,
                  eval_every=15, batch_size=32, train_examples=512, sharpness_examples=0,
                  valid_size=300, attack="none", distribution="mirrored", cpu_replicas=2)
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+  env = child_env()
   first = subprocess.run([sys.executable, "-c", INTERRUPTED, json.dumps(hparams), base_dir],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert first.returncode == 3, first.stderr[-3000:]
@@ -209,7 +209,7 @@ def test_readme_mirrored_example_runs_as_written(tmp_path):
   assert match, "README has no mirrored example"
   argv = shlex.split(match.group(1).strip())
   assert argv[:3] == ["python", "-m", "run_experiments"] and "--distribution=mirrored" in argv
-  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  env = child_env()
   result = subprocess.run([sys.executable, *argv[1:], "--noprogress"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]

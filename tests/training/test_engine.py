@@ -27,7 +27,7 @@ from robust_sparse.training.keras_model import RobustModel
 from robust_sparse.training.optimizers import make_optimizer
 from robust_sparse.training.schedules import make_schedule
 from robust_sparse.training.steps import LossScale, OptimizerGroup, standard_loss_grad_fn
-from tests.conftest import REPO, one_line_error, run_cli, run_cli_batch
+from tests.conftest import REPO, child_env, one_line_error, run_cli, run_cli_batch
 
 
 def test_bn_lottery_run_on_cifar_rewinds_bn_statistics(tmp_path, data_dir):
@@ -74,9 +74,9 @@ def _engine_and_fit_models(digits):
 
 
 def _dense_bn_models(digits):
-  """Two equal dense nets with batch norm, for the XLA modes: XLA compiles them in about
-  a second, where a conv net takes many on a CPU; batch norm's moving statistics are
-  state the loop must carry, and the augmentation still acts on the images."""
+  """Two equal dense nets with batch norm, for the XLA modes: XLA compiles them faster
+  than a conv net on a CPU; batch norm's moving statistics are state the loop must
+  carry, and the augmentation still acts on the images."""
   keras.utils.set_random_seed(3)
 
   def build():
@@ -208,10 +208,10 @@ def test_diverging_run_cli_one_line_error_and_force(tmp_path):
           "--eval_every=20", "--optimizer=sgd", "-lr=1e38", "--noprogress",
           "--sharpness_examples=0", f"--base_dir={tmp_path}"]
   # Diverges; run again: the diverged level is not retrained; --force: retrained.
-  for case in ([*args], [*args], [*args, "--force"]):
-    [(status, stderr)] = run_cli_batch([case]).values()
-    assert status == 1 and "Traceback" not in stderr
-    errors = [l for l in stderr.splitlines() if l.startswith("error:")]
+  for extra in ([], [], ["--force"]):
+    result = run_cli(*args, *extra)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "diverged" in errors[0] and "prune_iter 0" in errors[0]
 
 
@@ -237,7 +237,7 @@ def test_kill_9_anywhere_resumes_exactly_bn_augment_sgd_cosine(tmp_path):
   reference = run_cli(*args, f"--base_dir={tmp_path / 'a'}")
   assert reference.returncode == 0, reference.stderr[-2000:]
   base = tmp_path / "b"
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+  env = child_env()
   rng = np.random.default_rng(0)
   kills = 0
   for _ in range(3):
