@@ -22,6 +22,8 @@ set's default). `load_dataset` holds out the validation split and returns a
 
 import dataclasses
 import glob
+import gzip
+import importlib.util
 import os
 import socket
 from typing import Callable, Optional, Tuple
@@ -245,14 +247,27 @@ def _read_cifar100(data_dir):
   return x_train, y_train, x_test, y_test
 
 
+def _sklearn_digits_file() -> str:
+  """scikit-learn's `digits.csv.gz`, found without importing scikit-learn (which takes a
+  second and a half: scipy and its own modules)."""
+  spec = importlib.util.find_spec("sklearn")
+  if spec is None or not spec.submodule_search_locations:
+    raise DataError("--dataset=sklearn_digits needs scikit-learn: pip install scikit-learn")
+  return os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+
+
 def _read_sklearn_digits(data_dir):
-  """scikit-learn's embedded 8x8 digits (no download): last 360 images test."""
+  """scikit-learn's embedded 8x8 digits (no download): last 360 images test.
+
+  Read as `sklearn.datasets.load_digits` reads them: 1797 rows of 64 pixels (0..16)
+  and the label, comma-separated (tests/data check the two agree).
+  """
   del data_dir
-  from sklearn.datasets import load_digits  # Heavy (a second): only for this data set.
-  digits = load_digits()
+  with gzip.open(_sklearn_digits_file(), "rt") as f:
+    table = np.loadtxt(f, delimiter=",")
   # Pixel values are 0..16; scale to bytes so every reader returns uint8.
-  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-  labels = digits.target.astype(np.int64)
+  images = np.round(table[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  labels = table[:, -1].astype(np.int64)
   return images[:-360], labels[:-360], images[-360:], labels[-360:]
 
 

@@ -7,6 +7,7 @@ files), so only the last test needs the real data.
 
 import gzip
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from robust_sparse.data import (DataError, Dataset, decoded_batches, decoded_ind
                                 load_dataset)
 from robust_sparse.data import folders
 from robust_sparse.data import prepare as prepare_lib
+from robust_sparse.data import registry
 from robust_sparse.data.files import read_cifar100_binary
 
 SEED = tf.constant([3, 7], tf.int64)
@@ -426,3 +428,17 @@ def test_cifar10_random_positioning_on_the_real_data(data_dir):
                for t in range(33) for l in range(33))
   default = load_dataset("cifar10_random_positioning", data_dir, valid_size=0)
   assert default.input_shape == (160, 160, 3)
+
+
+def test_sklearn_digits_are_scikit_learns_without_importing_it(monkeypatch):
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  digits = load_digits()
+  # Read with scikit-learn's modules unloaded: the reader never imports them.
+  for module in [name for name in sys.modules if name.split(".")[0] == "sklearn"]:
+    monkeypatch.delitem(sys.modules, module)
+  x_train, y_train, x_test, y_test = registry._read_sklearn_digits(None)
+  assert "sklearn" not in sys.modules
+  images = np.concatenate([x_train, x_test])[..., 0]
+  assert images.dtype == np.uint8 and len(x_test) == 360
+  np.testing.assert_array_equal(images, np.round(digits.images * (255.0 / 16.0)))
+  np.testing.assert_array_equal(np.concatenate([y_train, y_test]), digits.target)
