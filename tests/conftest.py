@@ -3,6 +3,7 @@
 import atexit
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -11,6 +12,17 @@ import threading
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# XLA's CPU backend at LLVM -O0 in the tests and the processes they start: the suite
+# compiles hundreds of small XLA functions and runs each a few steps, so compiling is most
+# of their time (tests/attacks and the fidelity checks: 103 s at the default -O3, 69 s at
+# -O0). The optimisation level changes how fast the machine code runs, not what it
+# computes (no fast-math either way). A user's own XLA_FLAGS win.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# TensorFlow's start-up lines that robust_sparse/core/startup.py filters: the same lines
+# in any process, any time.
+NOISE_RE = re.compile(r"absl::InitializeLog|port\.cc:\d+\] oneDNN|cudart_stub\.cc|"
+                      r"cuda_platform\.cc:\d+\] failed call to cuInit")
 
 
 @pytest.fixture(scope="session")

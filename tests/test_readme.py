@@ -6,7 +6,8 @@ import shlex
 import subprocess
 import sys
 
-from tests.conftest import REPO, child_env
+from robust_sparse.core import startup
+from tests.conftest import NOISE_RE, REPO, child_env
 
 
 def _block_after(marker):
@@ -24,20 +25,24 @@ def test_test_command_is_what_ci_runs():
 
 
 def test_quickstart_runs_as_written(tmp_path):
+  """As a user runs it: a terminal's environment (no TF_CPP_MIN_LOG_LEVEL), the progress
+  bar on; no CUDA, oneDNN or absl start-up line before the progress bar or anywhere."""
   command = _block_after("<!-- readme-test: quickstart -->")
   parts = [p.strip() for p in command.split("&&")]
   assert parts[0] == "pip install -r requirements.txt"
-  env = child_env()
+  env = {k: v for k, v in child_env().items()
+         if k not in ("TF_CPP_MIN_LOG_LEVEL", startup.VERBOSE_ENV)}
   for part in parts[1:]:
     argv = shlex.split(part)
     assert argv[0] == "python"
-    result = subprocess.run([sys.executable, *argv[1:], "--noprogress"]
-                            if "run_experiments" in part else [sys.executable, *argv[1:]],
-                            cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert not NOISE_RE.search(result.stderr), result.stderr[-3000:]
     # analysis.figures.save names any saved figure whose axis has no tick labels.
     assert "no tick labels" not in result.stderr, result.stderr[-2000:]
+    if "run_experiments" in part:
+      assert "trial 0 prune_iter 0" in result.stderr, result.stderr[-3000:]  # The bar.
   report = tmp_path / "output" / "analysis" / "report.md"
   assert report.exists()
   figures = list((tmp_path / "output" / "analysis").rglob("*.png"))

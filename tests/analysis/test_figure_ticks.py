@@ -3,7 +3,8 @@
 The studies are synthetic (`tests/analysis_fixtures.py`) in the layouts that used to
 lose them: only adversarially trained runs (the quick start's), only naturally
 trained runs, a study without the ticket, and runs without pruning levels. Every
-figure `report.write_analysis` saves is checked before it is closed.
+figure `report.write_analysis` saves is checked as `figures.save` checks it, once
+saving has drawn it.
 """
 
 import pytest
@@ -21,14 +22,21 @@ DEFAULTS = {"weight_decay": 0.0, "optimizer": "adam", "prune_iters": 20,
 
 def _drawn_figures(base_dir, out_dir, monkeypatch):
   """{file stem: tick-label problems} of every figure the analysis saves."""
-  checked = {}
-  save = figures.save
+  checked, saving = {}, []
+  save, missing_tick_labels = figures.save, figures.missing_tick_labels
 
-  def checking_save(figure, folder, stem, formats):
-    checked[stem] = figures.missing_tick_labels(figure)
+  def recording_save(figure, folder, stem, formats):
+    saving.append(stem)
     return save(figure, folder, stem, formats)
 
-  monkeypatch.setattr(figures, "save", checking_save)
+  def recording_check(figure, draw=True):
+    # `save` checks each figure it has just drawn (draw=False): record its verdict.
+    assert not draw, "save should check the figure its savefig drew"
+    checked[saving[-1]] = missing_tick_labels(figure, draw=False)
+    return checked[saving[-1]]
+
+  monkeypatch.setattr(figures, "save", recording_save)
+  monkeypatch.setattr(figures, "missing_tick_labels", recording_check)
   study = load.load_study(base_dir, defaults=DEFAULTS)
   report.write_analysis(study, out_dir, ["png"], source=base_dir)
   return checked

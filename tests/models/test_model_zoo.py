@@ -116,6 +116,19 @@ NORMAL_INITS = {
     "vgg11": [("block1_conv1", np.sqrt(2 / (9 * 64))), ("head_dense", 0.01)],
 }
 
+# Big models whose layers (and names) come from the same code path as a smaller one's,
+# only deeper or wider: the smaller one's second build checks their names.
+BUILT_BY_THE_CODE_OF = {"vit_b16": "vit_tiny", "vit_b16_sparsified": "vit_tiny_sparsified",
+                        "resnet34": "resnet18", "resnet34_imagenet": "resnet18_imagenet",
+                        "resnet34_pc": "resnet18_pc", "resnet50_imagenet": "resnet50",
+                        "wideresnet34x10": "wideresnet28x10", "vgg19": "vgg16",
+                        "vgg19_bn": "vgg16_bn"}
+
+
+def test_the_name_checks_stand_ins_are_checked():
+  assert set(BUILT_BY_THE_CODE_OF.values()) <= set(PARAMETERS) - set(BUILT_BY_THE_CODE_OF)
+
+
 def _producer(layer):
   """The layer whose output `layer` takes (functional models, single input)."""
   return layer.input._keras_history.operation
@@ -142,10 +155,11 @@ def test_registered_model_counts_names_sites_and_shapes(name):
   assert len(set(paths)) == len(paths), "variable paths must be unique within a model"
   # Keras numbers unnamed layers (and seed generators) per process, so a second
   # build differs unless every name is explicit; the engine matches by path.
-  again = build_model(name, CIFAR, 10)
-  assert [layer.name for layer in again.layers] == [layer.name for layer in model.layers]
-  assert [v.path for v in again.variables] == paths
-  del again
+  if name not in BUILT_BY_THE_CODE_OF:
+    again = build_model(name, CIFAR, 10)
+    assert [layer.name for layer in again.layers] == [layer.name for layer in model.layers]
+    assert [v.path for v in again.variables] == paths
+    del again
   assert all(isinstance(layer, (MaskedConv2D, MaskedDense)) for layer in model.layers
              if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)))
 
