@@ -15,10 +15,13 @@ TensorFlow is imported once per worker, not once per file.
 """
 
 import contextlib
+import glob
 import io
 import json
 import os
 import sys
+
+import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -27,9 +30,70 @@ from absl import flags  # noqa: E402
 from robust_sparse import run_experiments  # noqa: E402
 
 
+class _Interrupted(SystemExit):
+  pass
+
+
+@contextlib.contextmanager
+def _interrupted_after(evaluations):
+  """Every Runner made inside stops its run with status 3 at the end of its
+  `evaluations`-th evaluation period, as a killed process stops (its checkpoint
+  written, the level unfinished). None: no interruption."""
+  if evaluations is None:
+    yield
+    return
+  import keras  # pylint: disable=import-outside-toplevel
+  from robust_sparse.experiments.runner import Runner  # pylint: disable=import-outside-toplevel
+
+  class Interrupt(keras.callbacks.Callback):
+    left = evaluations
+
+    def __init__(self, run_dir):
+      super().__init__()
+      self.run_dir = run_dir
+
+    def on_epoch_end(self, epoch, logs=None):
+      Interrupt.left -= 1
+      if Interrupt.left == 0:
+        # What the stopped run leaves, on stdout's last line: each checkpoint's iteration
+        # and the final weights written (none, when stopped inside its only level).
+        left = {"checkpoints": {}, "final_weights": []}
+        for path in glob.glob(os.path.join(self.run_dir, "**", "*.npz"), recursive=True):
+          name = os.path.relpath(path, self.run_dir)
+          if path.endswith("checkpoint.npz"):
+            with np.load(path) as arrays:
+              left["checkpoints"][name] = int(arrays["engine/iteration"])
+          elif path.endswith("weights_final.npz"):
+            left["final_weights"].append(name)
+        print(json.dumps(left))
+        raise _Interrupted(3)
+
+  init = Runner.__init__
+
+  def interrupted_init(self, hparams, dataset, base_dir, *args, callbacks=None, **kwargs):
+    interrupt = Interrupt(hparams.run_dir(base_dir))
+    init(self, hparams, dataset, base_dir, *args, callbacks=[*(callbacks or []), interrupt],
+         **kwargs)
+
+  Runner.__init__ = interrupted_init
+  try:
+    yield
+  finally:
+    Runner.__init__ = init
+
+
 def run_case(argv):
   """(exit status, stderr, stdout) of `run_experiments` with `argv`, as `app.run` would
-  give."""
+  give. `argv` may also be {"argv": [...], "interrupt_after": k}: the run stops with
+  status 3 after its k-th evaluation, as if killed there (`_interrupted_after`)."""
+  interrupt_after = None
+  if isinstance(argv, dict):
+    argv, interrupt_after = argv["argv"], argv.get("interrupt_after")
+  with _interrupted_after(interrupt_after):
+    return _run_case(argv)
+
+
+def _run_case(argv):
   flag_values = flags.FLAGS
   flag_values.unparse_flags()
   stderr, stdout = io.StringIO(), io.StringIO()

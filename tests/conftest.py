@@ -16,9 +16,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # XLA's CPU backend at LLVM -O0 in the tests and the processes they start: the suite
 # compiles hundreds of small XLA functions and runs each a few steps, so compiling is most
 # of their time (tests/attacks and the fidelity checks: 103 s at the default -O3, 69 s at
-# -O0). The optimisation level changes how fast the machine code runs, not what it
-# computes (no fast-math either way). A user's own XLA_FLAGS win.
+# -O0; the whole suite 19 min -> under 13). -O0 computes the same operations but rounds
+# some differently (a 30-step dense-300-100 run ends within 2e-4 of -O3's weights, where
+# -O3 and TensorFlow's graph kernels agree within 2e-7: ReLU units flip). A test that
+# compares runs at a tighter tolerance than that runs its process at the users' level
+# (`DEFAULT_XLA_ENV`). A user's own XLA_FLAGS win.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+DEFAULT_XLA_ENV = {"XLA_FLAGS": ""}  # XLA's own default level (what users run).
 # TensorFlow's start-up lines that robust_sparse/core/startup.py filters: the same lines
 # in any process, any time.
 NOISE_RE = re.compile(r"absl::InitializeLog|port\.cc:\d+\] oneDNN|cudart_stub\.cc|"
@@ -51,6 +55,13 @@ def child_env():
   """A child process's environment: this one's, TensorFlow's C++ logs quiet, the checkout
   importable."""
   return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+
+
+def user_env():
+  """A user's terminal: `child_env` without the variables that quiet or unquiet
+  TensorFlow's start-up, so a test sees what robust_sparse/core/startup.py leaves."""
+  return {k: v for k, v in child_env().items()
+          if k not in ("TF_CPP_MIN_LOG_LEVEL", "ROBUST_SPARSE_VERBOSE_STARTUP")}
 
 
 def run_module(module, *args, timeout=600):
@@ -111,16 +122,25 @@ def run_cli_batch(cases, timeout=900, fresh=False):
   `fresh` in a new process of its own (cases that need TensorFlow not yet started).
   """
   cases = [list(c) for c in cases]
+  outcomes = run_cli_cases(cases, timeout, fresh)
+  return {tuple(case): (status, stderr) for case, (status, stderr, _) in zip(cases, outcomes)}
+
+
+def run_cli_cases(cases, timeout=900, fresh=False, env=None):
+  """[(status, stderr, stdout)] of each case, in order: an argv list, or a dict
+  {"argv": [...], "interrupt_after": k} for a run stopped after its k-th evaluation
+  as a killed one stops (`tests/cli_batch.py`). `fresh` as in `run_cli_batch`; `env`:
+  variables to set in the fresh process (e.g. `DEFAULT_XLA_ENV`)."""
+  if env is not None and not fresh:
+    raise ValueError("env needs a fresh process")
   if fresh:
-    env = child_env()
+    env = dict(child_env(), **(env or {}))
     result = subprocess.run([sys.executable, "-m", "tests.cli_batch"], cwd=REPO, env=env,
                             input=json.dumps(cases), capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
-    outcomes = json.loads(result.stdout)
-  else:
-    outcomes = _CLI_SERVER.run(cases, timeout)
-  return {tuple(case): (status, stderr) for case, (status, stderr, _) in zip(cases, outcomes)}
+    return [tuple(outcome) for outcome in json.loads(result.stdout)]
+  return [tuple(outcome) for outcome in _CLI_SERVER.run(cases, timeout)]
 
 
 def run_cli(*argv, timeout=900):

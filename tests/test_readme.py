@@ -6,8 +6,7 @@ import shlex
 import subprocess
 import sys
 
-from robust_sparse.core import startup
-from tests.conftest import NOISE_RE, REPO, child_env
+from tests.conftest import NOISE_RE, REPO, child_env, user_env
 
 
 def _block_after(marker):
@@ -30,8 +29,7 @@ def test_quickstart_runs_as_written(tmp_path):
   command = _block_after("<!-- readme-test: quickstart -->")
   parts = [p.strip() for p in command.split("&&")]
   assert parts[0] == "pip install -r requirements.txt"
-  env = {k: v for k, v in child_env().items()
-         if k not in ("TF_CPP_MIN_LOG_LEVEL", startup.VERBOSE_ENV)}
+  env = user_env()
   for part in parts[1:]:
     argv = shlex.split(part)
     assert argv[0] == "python"

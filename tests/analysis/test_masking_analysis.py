@@ -26,7 +26,7 @@ from robust_sparse.experiments.runner import Runner, assign_weights, level_dir
 from robust_sparse.models import build_model
 from robust_sparse.core import files
 from robust_sparse.core.hparams import Hparams
-from tests.conftest import REPO, child_env
+from tests.conftest import NOISE_RE, REPO, user_env
 
 BASE = dict(dataset="sklearn_digits", model="dense-300-100", trials=2, valid_size=300,
             sharpness_examples=0)
@@ -355,10 +355,11 @@ def test_unloadable_data_gets_a_row_saying_so_and_unattacked_runs_none(study_dir
 
 
 def _run_analysis(base_dir, out_dir, *args):
+  """`python -m run_analysis` as a user runs it (TensorFlow's start-up lines not hidden)."""
   return subprocess.run(
       [sys.executable, "-m", "run_analysis", f"--base_dir={base_dir}", f"--out_dir={out_dir}",
        *args], cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-      env=child_env())
+      env=user_env())
 
 
 def test_run_analysis_makes_missing_checks_once_with_progress_then_reads_them(study_dir,
@@ -372,6 +373,8 @@ def test_run_analysis_makes_missing_checks_once_with_progress_then_reads_them(st
   result = _run_analysis(base_dir, out_dir, "--masking_tolerance=0.02")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "fgsm_run trial 0 prune_iter 0" in result.stderr  # Progress names what it attacks.
+  # It imported TensorFlow for the checks, quietly (robust_sparse/core/startup.py).
+  assert not NOISE_RE.search(result.stderr), result.stderr[-3000:]
   stored = os.path.join(level_dir(run_dir, 0, 0), masking_checks.RESULTS_FILE)
   modified = os.stat(stored).st_mtime_ns
   frame = pd.read_csv(os.path.join(out_dir, "tables", "gradient_masking.csv"))

@@ -15,7 +15,7 @@ from robust_sparse.experiments import launch
 from robust_sparse.experiments.runner import Runner, level_dir
 from robust_sparse.core import claims
 from robust_sparse.core.hparams import Hparams
-from tests.conftest import one_line_error, run_cli_batch
+from tests.conftest import NOISE_RE, one_line_error, run_cli_batch
 
 # Two trials on Ray's two CPUs (one of them killed); not about compilation: "graph"
 # spares each Ray worker an XLA compile.
@@ -42,7 +42,11 @@ def _kill_one_worker_mid_level(run_dir, killed, stop):
     time.sleep(0.05)
 
 
-def test_ray_trials_equal_the_sequential_run_and_a_killed_worker_is_retried(tmp_path):
+def test_ray_trials_equal_the_sequential_run_and_a_killed_worker_is_retried(tmp_path, capfd,
+                                                                          monkeypatch):
+  # Workers started as a user's are (TensorFlow's start-up lines not hidden): what they
+  # print reaches this driver (log_to_driver), without those lines.
+  monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
   try:
     launch.start(None, num_cpus=2)
   except ValueError as error:
@@ -73,6 +77,8 @@ def test_ray_trials_equal_the_sequential_run_and_a_killed_worker_is_retried(tmp_
   assert meta["completed"] and meta["worker"]["pid"] != killed[0]
   assert not glob.glob(os.path.join(parallel_dir, "**", claims.CLAIM_FILE), recursive=True)
   launch.import_ray().shutdown()
+  printed = capfd.readouterr()
+  assert not NOISE_RE.search(printed.out + printed.err), printed.err[-3000:]
 
 
 def test_bad_launcher_settings_are_one_line_errors(tmp_path):
