@@ -13,6 +13,8 @@ engine steps/s over the faster fit's steps/s; target >= 1.0.
 Not a test: timings depend on the machine; only the ratio is meaningful.
 """
 
+import sys
+
 from robust_sparse.core import startup
 
 startup.import_tensorflow()  # Quietly: robust_sparse/core/startup.py.
@@ -23,7 +25,7 @@ from absl import app, flags  # noqa: E402
 
 from robust_sparse.attacks import AttackConfig, make_attack  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
-from robust_sparse.data import load_dataset  # noqa: E402
+from robust_sparse.data import DataError, load_dataset  # noqa: E402
 from robust_sparse.models import build_model  # noqa: E402
 from robust_sparse.training.engine import Engine, index_stream  # noqa: E402
 from robust_sparse.training.optimizers import make_optimizer  # noqa: E402
@@ -75,11 +77,16 @@ def ratio(model_name, dataset, steps, batch_size, optimizer):
 
 
 def main(_):
-  mnist = load_dataset("digits", FLAGS.data_dir)
+  try:
+    mnist = load_dataset("digits", FLAGS.data_dir)
+    cifar = load_dataset("cifar10", FLAGS.data_dir, 500)
+  except (DataError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   dense = ratio("dense-300-100", mnist, FLAGS.dense_steps, 60, "adam")
-  cifar = load_dataset("cifar10", FLAGS.data_dir, 500)
   resnet = ratio("resnet18", cifar, FLAGS.resnet_steps, FLAGS.resnet_batch, "sgd")
   print(f"engine vs keras fit steps/s: dense-300-100 {dense:.2f}, resnet18 {resnet:.2f}")
+  return 0
 
 
 if __name__ == "__main__":
