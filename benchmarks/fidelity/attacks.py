@@ -251,11 +251,12 @@ def _mnist_robust_accuracy_case(attack, norm, eps, steps, step_size=0.0, restart
   return ours
 
 
-# A coordinate whose input gradient is below this fraction of its example's
-# largest is a rounding-level tie: its sign is float32 noise on either side. So is
-# every coordinate of an example classified with 1 - p(top) below `_SURE`: float32
-# holds p(top) to about 6e-8, so its softmax - onehot, hence its whole gradient,
-# is mostly rounding.
+# A coordinate is a rounding-level tie, its sign float32 noise on either side, when
+# its exact (float64) input gradient is below `_TIE` of the sum of the absolute terms
+# that cancel into it (float32 sums of a few hundred terms err by up to about 1e-5 of
+# that sum), or below `_TIE` of its example's largest. So is every coordinate of an
+# example classified with 1 - p(top) below `_SURE`: float32 holds p(top) to about
+# 6e-8, so its softmax - onehot, hence its whole gradient, is mostly rounding.
 _TIE, _SURE = 1e-5, 1e-4
 
 
@@ -265,24 +266,46 @@ def _mnist_fgsm(context, eps=0.1):
   Where a trained network is confident, the input gradient of some pixels is a
   sum of terms that cancel to rounding noise, and its sign (hence the FGSM
   step, +-eps) differs between two correct float32 implementations. Those
-  coordinates (below `_TIE` of their example's largest gradient, by our
-  gradient), and every coordinate of an example the network is sure of (1 -
-  p(top) below `_SURE`), are left out on both sides; every other one must agree
-  exactly.
+  coordinates (judged on the exact float64 gradient of the same weights, so that
+  neither implementation's rounding decides, see `_TIE`), and every coordinate of
+  an example the network is sure of (1 - p(top) below `_SURE`), are left out on
+  both sides; every other one must agree exactly.
   """
   model, x, _ = _mnist(context.data_dir, context.seed)
-  x_t = tf.convert_to_tensor(x)
-  with tf.GradientTape() as tape:
-    tape.watch(x_t)
-    logits = model(x_t, training=False)
-    labels = tf.argmax(logits, -1)
-    loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-  g = np.abs(tape.gradient(loss, x_t).numpy()).reshape(len(x), -1)
-  unsure = 1.0 - tf.reduce_max(tf.nn.softmax(logits), -1).numpy() > _SURE
-  decisive = (g > _TIE * g.max(1, keepdims=True)) & unsure[:, None]
+  weights = _weights(model)
+  layers = _np_layers(weights)
+  labels = np.argmax(model(x).numpy(), -1)  # FGSM's labels: the float32 predictions.
+  logits, loss_and_gradient = np_loss_and_gradient(layers, x)
+  g = np.abs(loss_and_gradient(labels)[1]).reshape(len(x), -1)
+  terms = _np_absolute_terms(layers, x, labels).reshape(len(x), -1)
+  shifted = logits - logits.max(1, keepdims=True)
+  p_top = 1.0 / np.exp(shifted).sum(1)
+  unsure = 1.0 - p_top > _SURE
+  decisive = ((g > _TIE * g.max(1, keepdims=True)) & (g > _TIE * terms)) & unsure[:, None]
   decisive = decisive.reshape(x.shape).astype(np.float32)
-  inputs = dict(_weights(model), x=x, decisive=decisive, **_scalars(eps=eps))
+  inputs = dict(weights, x=x, decisive=decisive, **_scalars(eps=eps))
   return inputs, {"x_adv": fgsm(model, x, eps=eps).numpy() * decisive}
+
+
+def _np_absolute_terms(layers, x, labels):
+  """For each input coordinate, the sum of the absolute values of the terms whose
+  sum is its input gradient (backpropagation through |W| of |softmax - onehot|):
+  the scale of float32's rounding error in that gradient."""
+  h = x.reshape(len(x), -1).astype(np.float64)
+  pre = []
+  for i, (kernel, bias) in enumerate(layers):
+    z = h @ kernel + bias
+    pre.append(z)
+    h = np.maximum(z, 0.0) if i < len(layers) - 1 else z
+  shifted = h - h.max(1, keepdims=True)
+  g = np.exp(shifted) / np.exp(shifted).sum(1, keepdims=True)
+  g[np.arange(len(x)), labels] -= 1.0
+  g = np.abs(g)
+  for i in range(len(layers) - 1, -1, -1):
+    if i < len(layers) - 1:
+      g = g * (pre[i] > 0)
+    g = g @ np.abs(layers[i][0]).T
+  return g.reshape(x.shape)
 
 
 # ----------------------------------------------------------------------------
