@@ -46,15 +46,15 @@ def _interrupted_after(evaluations):
   from robust_sparse.experiments.runner import Runner  # pylint: disable=import-outside-toplevel
 
   class Interrupt(keras.callbacks.Callback):
-    left = evaluations
+    """Counts one Runner's evaluation periods; stops it at the `evaluations`-th."""
 
     def __init__(self, run_dir):
       super().__init__()
-      self.run_dir = run_dir
+      self.run_dir, self.left = run_dir, evaluations
 
     def on_epoch_end(self, epoch, logs=None):
-      Interrupt.left -= 1
-      if Interrupt.left == 0:
+      self.left -= 1
+      if self.left == 0:
         # What the stopped run leaves, on stdout's last line: each checkpoint's iteration
         # and the final weights written (none, when stopped inside its only level).
         left = {"checkpoints": {}, "final_weights": []}

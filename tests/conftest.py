@@ -11,6 +11,8 @@ import threading
 
 import pytest
 
+from robust_sparse.core import startup  # Pure Python: imports no TensorFlow.
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # XLA's CPU backend at LLVM -O0 in the tests and the processes they start: the suite
@@ -61,7 +63,7 @@ def user_env():
   """A user's terminal: `child_env` without the variables that quiet or unquiet
   TensorFlow's start-up, so a test sees what robust_sparse/core/startup.py leaves."""
   return {k: v for k, v in child_env().items()
-          if k not in ("TF_CPP_MIN_LOG_LEVEL", "ROBUST_SPARSE_VERBOSE_STARTUP")}
+          if k not in ("TF_CPP_MIN_LOG_LEVEL", startup.VERBOSE_ENV)}
 
 
 def run_module(module, *args, timeout=600):

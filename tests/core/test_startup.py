@@ -76,16 +76,6 @@ def test_lazy_modules_run_on_first_use(tmp_path, monkeypatch):
   assert os.environ["LAZY_PROBE_RAN"] == "1"
 
 
-def _cli(module, *args, verbose=False):
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("TF_CPP_MIN_LOG_LEVEL", startup.VERBOSE_ENV)}
-  env["PYTHONPATH"] = REPO
-  if verbose:
-    env[startup.VERBOSE_ENV] = "1"
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
-
-
 def test_the_escape_hatch_keeps_tensorflows_lines(tmp_path):
   """ROBUST_SPARSE_VERBOSE_STARTUP=1 keeps the lines the filter drops (where this build
   prints any). That the entry points start quietly without it is checked where they
@@ -93,10 +83,12 @@ def test_the_escape_hatch_keeps_tensorflows_lines(tmp_path):
   (tests/test_readme.py), run_analysis making gradient-masking checks, which imports
   TensorFlow (tests/analysis/test_masking_analysis.py)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  verbose = _cli("run_experiments", "--dataset=sklearn_digits", "--experiment=train",
-                 "--trials=1", "--train_iters=2", "--eval_every=2", "--attack=none",
-                 "--sharpness_examples=0", f"--base_dir={tmp_path / 'verbose'}", "--noprogress",
-                 verbose=True)
+  verbose = subprocess.run(
+      [sys.executable, "-m", "run_experiments", "--dataset=sklearn_digits",
+       "--experiment=train", "--trials=1", "--train_iters=2", "--eval_every=2",
+       "--attack=none", "--sharpness_examples=0", f"--base_dir={tmp_path / 'verbose'}",
+       "--noprogress"], cwd=REPO, env=dict(user_env(), **{startup.VERBOSE_ENV: "1"}),
+      capture_output=True, text=True, timeout=600)
   assert verbose.returncode == 0, verbose.stderr[-3000:]
   if tf.sysconfig.get_build_info().get("is_cuda_build") and not startup.has_nvidia_driver():
     assert "cudart_stub.cc" in verbose.stderr, verbose.stderr[-3000:]

@@ -74,12 +74,12 @@ def test_small_run_writes_the_tree(tmp_path):
 
 def test_real_mnist_weights_remaining(tmp_path, data_dir):
   result = run_cli("--dataset=digits", f"--data_dir={data_dir}",
-                      "--experiment=reinit_orig", "--attack=fgsm", "--trials=1",
-                      "--train_iters=2", "--prune_iters=2", "--eval_every=2", "--noprogress",
-                      # About the masks: no sharpness, and the 10000 test images attacked
-                      # only at the last evaluation (not the first) of each level.
-                      "--sharpness_examples=0", "--eval_examples=100",
-                      f"--base_dir={tmp_path}")
+                   "--experiment=reinit_orig", "--attack=fgsm", "--trials=1",
+                   "--train_iters=2", "--prune_iters=2", "--eval_every=2", "--noprogress",
+                   # About the masks: no sharpness, and the 10000 test images attacked
+                   # only at the last evaluation (not the first) of each level.
+                   "--sharpness_examples=0", "--eval_examples=100",
+                   f"--base_dir={tmp_path}")
   assert result.returncode == 0, result.stderr[-2000:]
   run_dir = _run_dir(tmp_path)
   percents = [json.load(open(os.path.join(run_dir, "trial_0", f"prune_iter_{k}",
