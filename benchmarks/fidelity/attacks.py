@@ -277,7 +277,7 @@ def _mnist_fgsm(context, eps=0.1):
   labels = np.argmax(model(x).numpy(), -1)  # FGSM's labels: the float32 predictions.
   logits, loss_and_gradient = np_loss_and_gradient(layers, x)
   g = np.abs(loss_and_gradient(labels)[1]).reshape(len(x), -1)
-  terms = _np_absolute_terms(layers, x, labels).reshape(len(x), -1)
+  terms = loss_and_gradient(labels, absolute=True)[1].reshape(len(x), -1)
   shifted = logits - logits.max(1, keepdims=True)
   p_top = 1.0 / np.exp(shifted).sum(1)
   unsure = 1.0 - p_top > _SURE
@@ -285,27 +285,6 @@ def _mnist_fgsm(context, eps=0.1):
   decisive = decisive.reshape(x.shape).astype(np.float32)
   inputs = dict(weights, x=x, decisive=decisive, **_scalars(eps=eps))
   return inputs, {"x_adv": fgsm(model, x, eps=eps).numpy() * decisive}
-
-
-def _np_absolute_terms(layers, x, labels):
-  """For each input coordinate, the sum of the absolute values of the terms whose
-  sum is its input gradient (backpropagation through |W| of |softmax - onehot|):
-  the scale of float32's rounding error in that gradient."""
-  h = x.reshape(len(x), -1).astype(np.float64)
-  pre = []
-  for i, (kernel, bias) in enumerate(layers):
-    z = h @ kernel + bias
-    pre.append(z)
-    h = np.maximum(z, 0.0) if i < len(layers) - 1 else z
-  shifted = h - h.max(1, keepdims=True)
-  g = np.exp(shifted) / np.exp(shifted).sum(1, keepdims=True)
-  g[np.arange(len(x)), labels] -= 1.0
-  g = np.abs(g)
-  for i in range(len(layers) - 1, -1, -1):
-    if i < len(layers) - 1:
-      g = g * (pre[i] > 0)
-    g = g @ np.abs(layers[i][0]).T
-  return g.reshape(x.shape)
 
 
 # ----------------------------------------------------------------------------
@@ -331,15 +310,21 @@ def np_loss_and_gradient(layers, x):
   shifted = logits - logits.max(axis=1, keepdims=True)
   log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
-  def loss_and_gradient(y):
+  def loss_and_gradient(y, absolute=False):
+    """(CE per example, its input gradient); with `absolute`, in place of the gradient
+    the sum of the absolute values of the terms that add up to it (the same backward
+    pass through |softmax - one_hot| and |W|: the scale of float32's rounding error
+    in the gradient)."""
     rows = np.arange(len(x))
     loss = -log_p[rows, y]
     g = np.exp(log_p)
     g[rows, y] -= 1.0  # d CE / d logits = softmax - one_hot.
+    if absolute:
+      g = np.abs(g)
     for i in range(len(layers) - 1, -1, -1):
       if i < len(layers) - 1:
         g = g * (pre[i] > 0)
-      g = g @ layers[i][0].T
+      g = g @ (np.abs(layers[i][0]) if absolute else layers[i][0]).T
     return loss, g.reshape(x.shape)
   return logits, loss_and_gradient
 
