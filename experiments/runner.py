@@ -365,7 +365,8 @@ class Runner:
       eps_sweep.sweep_level(model, self.dataset, self.hparams, trial, directory,
                             desc=f"{desc} eps sweep" if self.progress else None)
     log.finish(trial, level, masks, iteration, began, engine.compile_mode,
-               {"levels": self.experiment.levels(),
+               {"eval_compile": "xla" if engine.eval_jit_compile else "graph",
+                "levels": self.experiment.levels(),
                 **self.experiment.metadata(level, model, directory, log.rows)})
 
   def _diverged_message(self, trial, level, iteration):

@@ -11,15 +11,24 @@ Three ways, each a `tf.function`:
 (docs/scaling.md has the numbers):
   * layers without an XLA kernel (the compiled JSReLU op) or augmentation
     without one (RandAugment's projective transforms): "graph";
-  * a model with convolutions or pooling: "graph" on a CPU-only machine,
-    "xla_step" on a GPU. XLA's CPU backend runs convolutions on Eigen, not
-    oneDNN, and pooling gradients as select-and-scatter (a ResNet-18 with a
-    max-pool stem trained 10x slower compiled); inside one XLA loop it was
-    worse still: conv-bn (CIFAR-10, batch 32, 2 cores) ran 2.3 steps/s as
-    one loop against 27 as a call per step and 29 as a graph, and a
-    ResNet-18's loop had not compiled after 17 minutes. No GPU has measured
-    the loop, so conv nets there keep the per-step XLA call that Keras' own
-    `jit_compile` uses;
+  * on a CPU-only machine, a model with max pooling: "graph". XLA's CPU
+    backend runs pooling gradients as select-and-scatter: at batch 8 a
+    ResNet-18 with a max-pool stem trained at 1.30 steps/s compiled against
+    5.91 as a graph, a VGG-16-BN at 1.09 against 3.02;
+  * on a CPU-only machine, a model with convolutions: "xla_step" for natural
+    training at a per-replica batch of at most `XLA_CONV_BATCH` (8), else
+    "graph". XLA runs convolutions on Eigen, not oneDNN: at batch 8 XLA's
+    fusions win (an XLA call per step against a graph, steps/s: ResNet-18
+    3.44 / 3.11, WideResNet-16-4 5.84 / 5.44, conv-bn 291 / 237, ViT-Tiny
+    26.4 / 22.3), at 16 they tie (ResNet-18 1.68 / 1.67, conv-bn 132 / 145)
+    and at 32 oneDNN wins (ResNet-18 0.36 / 0.55, conv-bn 27 / 29). An
+    attack's loop inside the step is slower compiled at any batch (PGD-10 at
+    batch 8: conv-bn 11.5 / 29.4, ResNet-18 0.20 / 0.38), and so is one
+    XLA loop over a chunk of steps (conv-bn, batch 32: 2.3 steps/s against
+    27 as a call per step; a ResNet-18's loop had not compiled after 17
+    minutes). Evaluation (batches of 1000, with its attacks) is a graph.
+    No GPU has measured the loop, so conv nets there keep the per-step XLA
+    call that Keras' own `jit_compile` uses;
   * else (dense layers, attention, normalisation), natural training on
     in-memory data: "xla_loop" (dense-300-100, batch 60: 406 steps/s against
     370 as a call per step and 200 as a graph); adversarial training or data
@@ -40,31 +49,50 @@ def supports_xla(model) -> bool:
              for layer in model._flatten_layers(include_self=True))
 
 
-_SLOW_ON_XLA_CPU = ("Conv", "Pool")  # Layer class names (Keras' and the zoo's own).
+_CONVOLUTION = ("Conv", "Pool")  # Layer class names (Keras' and the zoo's own).
+_MAX_POOLING = "MaxPool"
+# The largest per-replica batch at which XLA's convolutions beat oneDNN's on a CPU
+# (natural training; see the module docstring).
+XLA_CONV_BATCH = 8
 
 
 def on_gpu() -> bool:
   return bool(tf.config.list_logical_devices("GPU"))
 
 
+def _class_names(model):
+  return [type(layer).__name__ for layer in model._flatten_layers(include_self=True)]
+
+
 def has_convolutions(model) -> bool:
   """Whether any layer is a convolution or a pooling (class name with "Conv" or "Pool")."""
-  return any(part in type(layer).__name__ for layer in model._flatten_layers(include_self=True)
-             for part in _SLOW_ON_XLA_CPU)
+  return any(part in name for name in _class_names(model) for part in _CONVOLUTION)
 
 
-def xla_pays_off(model) -> bool:
-  """Whether XLA makes this model faster on this machine (see the module docstring).
+def has_max_pooling(model) -> bool:
+  """Whether any layer is a max pooling (class name with "MaxPool", Keras' or the zoo's)."""
+  return any(_MAX_POOLING in name for name in _class_names(model))
 
-  False on a CPU-only machine for a model with a convolution or pooling layer
-  (Keras' and the masked ones); True on a GPU, and for models of dense
-  layers, attention and normalisation.
+
+def xla_pays_off(model, batch_size: Optional[int] = None, attack_loop: bool = False) -> bool:
+  """Whether XLA makes `model`'s steps faster on this machine (the module docstring's rules).
+
+  True on a GPU, and for models of dense layers, attention and normalisation.
+  On a CPU-only machine, for a model with a convolution or pooling layer (Keras'
+  and the masked ones), True only for natural training (no `attack_loop`) at a
+  per-replica `batch_size` of at most `XLA_CONV_BATCH` without max pooling;
+  an unknown batch size (None) counts as large.
   """
-  return on_gpu() or not has_convolutions(model)
+  if on_gpu() or not has_convolutions(model):
+    return True
+  if attack_loop or has_max_pooling(model) or batch_size is None:
+    return False
+  return batch_size <= XLA_CONV_BATCH
 
 
 def choose(model, mode: str = "auto", *, augment: Optional[Callable] = None,
-           in_memory: bool = True, adv_train: bool = False) -> str:
+           in_memory: bool = True, adv_train: bool = False,
+           batch_size: Optional[int] = None) -> str:
   """The way to compile `model`'s training: "xla_loop", "xla_step" or "graph".
 
   Args:
@@ -73,6 +101,7 @@ def choose(model, mode: str = "auto", *, augment: Optional[Callable] = None,
     augment: the training augmentation (its `supports_jit` attribute, default True).
     in_memory: training images are in memory (not decoded from files).
     adv_train: adversarial training (a nested attack loop in each step).
+    batch_size: the per-replica training batch size (None: unknown, counted as large).
 
   Raises:
     ValueError: an unknown mode, XLA asked for a model or augmentation that
@@ -82,7 +111,7 @@ def choose(model, mode: str = "auto", *, augment: Optional[Callable] = None,
     raise ValueError(f"--compile={mode} is not one of {', '.join(MODES)}")
   xla_possible = supports_xla(model) and getattr(augment, "supports_jit", True)
   if mode == "auto":
-    if not (xla_possible and xla_pays_off(model)):
+    if not (xla_possible and xla_pays_off(model, batch_size, attack_loop=adv_train)):
       return "graph"
     loop = in_memory and not adv_train and not has_convolutions(model)
     return "xla_loop" if loop else "xla_step"
@@ -93,3 +122,19 @@ def choose(model, mode: str = "auto", *, augment: Optional[Callable] = None,
     raise ValueError("--compile=xla_loop needs the training set in memory; use --compile="
                      "xla_step for data read from files")
   return mode
+
+
+def evaluation_uses_xla(model, mode: str, chosen: str, batch_size: int) -> bool:
+  """Whether evaluation (its attacks included) is XLA-compiled.
+
+  Args:
+    model: the Keras model evaluated.
+    mode: the mode asked for (`--compile`); a named mode holds for evaluation too.
+    chosen: the training's mode, as `choose` returned it.
+    batch_size: the per-replica evaluation batch size.
+  """
+  if chosen == "graph":
+    return False
+  if mode != "auto":
+    return True
+  return xla_pays_off(model, batch_size, attack_loop=True)

@@ -293,11 +293,15 @@ class Engine:
     if jit_compile is not None and compile == "auto":
       compile = (("xla_loop" if decode is None and not adv_train else "xla_step")
                  if jit_compile else "graph")
+    replicas = 1 if distribution is None else distribution.num_replicas
     mode = compilation.choose(model, compile, augment=augment, in_memory=decode is None,
-                              adv_train=adv_train)
+                              adv_train=adv_train, batch_size=batch_size // replicas)
     if distribution is not None and mode == "xla_loop":
       mode = "xla_step"  # Each replica's pass is compiled, not the loop (below).
     self.compile_mode = mode
+    # Evaluation chooses on its own batch size (and its attacks' loops).
+    self.eval_jit_compile = compilation.evaluation_uses_xla(
+        model, compile, mode, max(1, eval_batch_size // replicas))
     jit_compile = mode != "graph"
     self._step = steps_lib.make_train_step(
         model, loss_grad_fn, self.groups, grad_clip_norm=grad_clip_norm,
@@ -320,7 +324,8 @@ class Engine:
     self._train_step = _Traced(self._train_step_fn, jit_compile=jit_compile)
     self._train_loop = _Traced(self._train_loop_fn, jit_compile=True)
     self._train_chunk = _Traced(self._train_chunk_fn)
-    self._eval_batch = _Traced(self._eval_batch_fn, jit_compile=jit_compile)
+    self._eval_batch = _Traced(self._eval_batch_fn,
+                               jit_compile=self.eval_jit_compile and distribution is None)
     self._eval_dataset = _Traced(self._eval_dataset_fn)  # Files, decoded by tf.data.
     self._eval_tensors = {}  # In-memory sets: (image shape, dtype) -> traced function.
     self._enforce_masks = _Traced(lambda: layers_lib.enforce_masks(model))
@@ -660,7 +665,7 @@ class Engine:
     if self.distribution is None:
       return sums(x, y, seed)
     return self.distribution.sum(self.distribution.run_sharded(
-        distribute.compile_on_replica(sums, self.jit_compile), (x, y), seed))
+        distribute.compile_on_replica(sums, self.eval_jit_compile), (x, y), seed))
 
   def _eval_tensors_fn(self, x, y, stream):
     """Sums over batches of in-memory (x, y), sliced in a `tf.while_loop`.

@@ -431,19 +431,30 @@ def test_code_that_needs_autograph_is_traced_with_it(digits):
   assert engine._train_loop.autograph and not engine._train_chunk.autograph
 
 
-def test_xla_is_skipped_on_a_cpu_for_max_pooling_models_only(digits):
-  """XLA's CPU max-pool gradient is many times slower than TensorFlow's kernel."""
+def test_engine_compiles_by_the_cpu_rules_training_and_evaluation_apart(digits):
+  """On a CPU: max pooling never in XLA (its gradient is many times slower than TensorFlow's
+  kernel), other conv nets in XLA only for natural training at batch <= 8, evaluated (batches
+  of 1000) as graphs; dense nets in XLA throughout. `metadata.json` records both choices."""
   assert not tf.config.list_logical_devices("GPU")  # This test is about CPU-only machines.
   pooled = build_model("conv-2", (32, 32, 3), 10)
+  conv = build_model("conv-bn", (32, 32, 3), 10)
   plain = build_model("dense-300-100", digits.input_shape, digits.num_classes)
-  assert not engine_lib.xla_pays_off(pooled) and engine_lib.xla_pays_off(plain)
+  assert not engine_lib.xla_pays_off(pooled, 8) and engine_lib.xla_pays_off(plain)
   attack = make_attack(AttackConfig("fgsm", eps=0.1))
-  for model, expected in ((pooled, False), (plain, True)):
+  cases = [(pooled, 8, False, "graph", False), (conv, 8, False, "xla_step", False),
+           (conv, 8, True, "graph", False), (conv, 32, False, "graph", False),
+           (plain, 32, False, "xla_loop", True), (plain, 32, True, "xla_step", True)]
+  for model, batch_size, adv_train, mode, eval_xla in cases:
     engine = Engine(model, standard_loss_grad_fn(model, num_classes=10),
                     [OptimizerGroup("weights", make_optimizer("sgd", 0.1))],
                     x_train=np.zeros((64,) + tuple(model.input_shape[1:]), np.float32),
-                    y_train=np.zeros(64, np.int32), batch_size=32, attack=attack)
-    assert engine.jit_compile is expected
+                    y_train=np.zeros(64, np.int32), batch_size=batch_size, attack=attack,
+                    adv_train=adv_train)
+    case = (model.name, batch_size, adv_train)
+    assert engine.compile_mode == mode, case
+    assert engine.jit_compile is (mode != "graph"), case
+    assert engine.eval_jit_compile is eval_xla, case
+    assert engine._eval_batch._options["jit_compile"] is eval_xla, case
 
 
 def _counting_engine(digits, mode, n=None):
