@@ -14,13 +14,14 @@ Three ways, each a `tf.function`:
   * on a CPU-only machine, a model with max pooling: "graph". XLA's CPU
     backend runs pooling gradients as select-and-scatter: at batch 8 a
     ResNet-18 with a max-pool stem trained at 1.30 steps/s compiled against
-    5.91 as a graph, a VGG-16-BN at 1.09 against 3.02;
+    5.31-5.91 as a graph, a VGG-16-BN at 1.06-1.09 against 2.47-3.02;
   * on a CPU-only machine, a model with convolutions: "xla_step" for natural
     training at a per-replica batch of at most `XLA_CONV_BATCH` (8), else
     "graph". XLA runs convolutions on Eigen, not oneDNN: at batch 8 XLA's
-    fusions win (an XLA call per step against a graph, steps/s: ResNet-18
-    3.44 / 3.11, WideResNet-16-4 5.84 / 5.44, conv-bn 291 / 237, ViT-Tiny
-    26.4 / 22.3), at 16 they tie (ResNet-18 1.68 / 1.67, conv-bn 132 / 145)
+    fusions win or tie (an XLA call per step against a graph, steps/s, two
+    runs: ResNet-18 3.44 / 3.11 and 3.10 / 3.11, WideResNet-16-4 5.84 / 5.44
+    and 5.03 / 3.63, conv-bn 291 / 237 and 321 / 331, ViT-Tiny 26.4 / 22.3
+    and 21.1 / 18.1), at 16 they tie (ResNet-18 1.68 / 1.67, conv-bn 132 / 145)
     and at 32 oneDNN wins (ResNet-18 0.36 / 0.55, conv-bn 27 / 29). An
     attack's loop inside the step is slower compiled at any batch (PGD-10 at
     batch 8: conv-bn 11.5 / 29.4, ResNet-18 0.20 / 0.38), and so is one
