@@ -64,7 +64,7 @@ def run_checks(selected, context, peers_dir, install_missing=True, log=print):
     if check.numpy_reference is not None:
       try:
         reference = check.numpy_reference(inputs)
-        results[index] = (fidelity.max_difference(outputs, reference), "")
+        results[index] = (check.compare(outputs, reference), "")
       except Exception as error:  # noqa: BLE001
         results[index] = (None, f"reference failed: {type(error).__name__}: {error}"[:200])
       log(f"  {check.name}: {time.perf_counter() - start:.1f} s")
@@ -92,7 +92,7 @@ def run_checks(selected, context, peers_dir, install_missing=True, log=print):
           continue
         with np.load(stem + ".ref.npz") as data:
           reference = {k: data[k] for k in data.files}
-        results[index] = (fidelity.max_difference(outputs, reference), "")
+        results[index] = (check.compare(outputs, reference), "")
   return [(check, *results[i]) for i, check in enumerate(selected)]
 
 
@@ -101,7 +101,7 @@ def agrees(check, difference):
 
 
 def table(results, markdown=False):
-  rows = [("algorithm", "reference", "max difference", "tolerance", "agrees")]
+  rows = [("algorithm", "reference", "difference", "tolerance", "agrees")]
   for check, difference, note in results:
     shown = note if difference is None else f"{difference:.2e}"
     rows.append((check.name, check.reference, shown, f"{check.tolerance:.0e}",

@@ -11,6 +11,19 @@ single run with the targeted DLR loss). Compared: each example's verdict
 `DRIFT`, for the reason the APGD-CE checks give: float32 ties between
 successive iterates' losses, `benchmarks/fidelity/attacks.py`).
 
+On the trained MNIST network the loss is compared on 99 % of the examples
+(`quantile_difference`), every verdict on all of them. Its gradients have
+coordinates whose exact value is a rounding-level tie, whose sign (hence
+APGD's step on that pixel, +-2 eps at first) is float32 noise that two
+correct implementations round differently; the example's two runs then
+part. Measured (seed 0, 500 images): 2 examples' losses ended 7.4e-2 and
+3.4e-2 apart, the other 498 within 1.1e-3. The first of them left the
+reference's path at iteration 4 of the first target's run, on one pixel,
+(10, 10), whose float64 gradient at iteration 3 is -3.0e-9, 1.1e-8 of the
+example's largest (9e-10 of the sum of the absolute terms that cancel
+into it); the reference itself, re-run in float64, stays within 1e-7 of
+its float32 run there (it rounds that tie the same way both times).
+
 The whole AutoAttack sequence, FAB-T and Square are compared on robust
 accuracy with their own random draws by `python -m benchmarks.bench_autoattack`.
 """
@@ -18,7 +31,7 @@ accuracy with their own random draws by `python -m benchmarks.bench_autoattack`.
 import numpy as np
 import tensorflow as tf
 
-from benchmarks.fidelity import Check
+from benchmarks.fidelity import Check, quantile_difference
 from benchmarks.fidelity.attacks import (DRIFT, _MNIST, _masked_network, _images, _mnist, _outcome,
                                          _scalars, _seed, _true_labels, _weights, apgd_start)
 from robust_sparse.attacks.apgd import apgd_t
@@ -72,9 +85,11 @@ CHECKS = [
           f"{_TA} APGD single runs with APGDT's targeted DLR, per-example L2 steps", DRIFT,
           _apgd_t_case(2, 0.2, true_labels=True), peer=f"{PEER}:apgd_t",
           needs=("torchattacks",)),
+    # A trained network's sign ties part a few examples' runs (the module docstring).
     Check("attack APGD-T L-inf eps 0.05, 9 targets x 100 steps, " + _STARTS + ": " + _MNIST
-          + ", true labels",
+          + ", true labels, every verdict, the loss of 99 % of the examples",
           f"{_TA} APGDT.perturb, first window from the start's loss (paper)", DRIFT,
           _apgd_t_case(np.inf, 0.05, true_labels=True, data="mnist"), peer=f"{PEER}:apgd_t",
-          needs=("torchattacks",), needs_data=True),
+          needs=("torchattacks",), needs_data=True,
+          difference=quantile_difference("loss", 0.99)),
 ]

@@ -36,7 +36,7 @@ from robust_sparse.attacks import compiled
 from robust_sparse.attacks.fab import fab_t
 from robust_sparse.attacks.square import (square, square_draws, square_initial_draws,
                                           square_sizes)
-from benchmarks.fidelity import Check
+from benchmarks.fidelity import Check, quantile_difference
 from benchmarks.fidelity.attacks import (_images, _masked_network, _mnist, _scalars, _seed,
                                          _true_labels, _weights)
 
@@ -162,7 +162,13 @@ def _square_own_draws_case(norm, eps, n_queries, p_init=0.8):
 # 64 examples took another path by 400 queries, 4 by 1000), so the shared-draw
 # check runs 100 queries.
 # FAB_DRIFT: FAB's distances on the trained MNIST network, whose gradients
-# are larger and boundaries steeper: 1.5e-4 apart (L-infinity, eps 0.1).
+# are larger and boundaries steeper: 1.5e-4 apart (L-infinity, eps 0.1),
+# held on 99 % of its examples; every verdict on all. On that network a few
+# examples' runs part at float32 rounding, whichever two implementations
+# run them: the toolkit's own FAB-T compiled as a graph (oneDNN kernels)
+# instead of XLA ended 5 of 500 examples 3.9e-3 to 1.6e-2 apart from
+# itself (the same verdicts), and XLA's run 1 example 6.3e-3 apart from
+# torchattacks' (seed 0; the next 2.2e-4).
 ROUNDING, L2_DRIFT, FAB_DRIFT, SAMPLE = 1e-4, 1e-5, 1e-3, 0.02
 _SAME = "the toolkit's random choices given"
 
@@ -182,10 +188,12 @@ CHECKS = [
           _square_case(2, 0.3, 100, true_labels=True), peer=f"{PEER}:square_injected",
           needs=("torchattacks",)),
     # Real MNIST.
-    Check("attack FAB-T L-inf eps 0.1, 100 steps, 9 targets: " + _MNIST + ", true labels",
+    Check("attack FAB-T L-inf eps 0.1, 100 steps, 9 targets: " + _MNIST + ", true labels, "
+          "every verdict, the distance of 99 % of the examples",
           f"{_TA} FAB(multi_targeted=True), same steps", FAB_DRIFT,
           _fab_case(_INF, 0.1, true_labels=True, data="mnist"),
-          peer=f"{PEER}:fab_t", needs=("torchattacks",), needs_data=True),
+          peer=f"{PEER}:fab_t", needs=("torchattacks",), needs_data=True,
+          difference=quantile_difference("distance", 0.99)),
     Check("attack Square L-inf eps 0.05, 5000 queries: " + _MNIST + ", robust accuracy",
           f"{_TA} Square (own random draws)", SAMPLE,
           _square_own_draws_case(_INF, 0.05, 5000), peer=f"{PEER}:square_own_draws",

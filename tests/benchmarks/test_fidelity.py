@@ -21,7 +21,7 @@ def test_every_check_has_a_reference_and_a_tolerance():
 def test_numpy_check_agrees(check):
   inputs, outputs = check.ours(fidelity.Context())
   reference = check.numpy_reference(inputs)
-  difference = fidelity.max_difference(outputs, reference)
+  difference = check.compare(outputs, reference)
   assert difference <= check.tolerance, (check.name, difference)
 
 
@@ -30,3 +30,19 @@ def test_max_difference_sees_missing_keys_and_shapes():
   assert fidelity.max_difference({"a": np.zeros(2)}, {"a": np.ones(2)}) == 1.0
   assert fidelity.max_difference({"a": np.zeros(2)}, {"b": np.zeros(2)}) == float("inf")
   assert fidelity.max_difference({"a": np.zeros(2)}, {"a": np.zeros(3)}) == float("inf")
+
+
+def test_quantile_difference_lets_a_few_examples_part_but_no_verdict():
+  import numpy as np
+  difference = fidelity.quantile_difference("loss", 0.99)
+  loss = np.zeros(200)
+  robust = np.ones(200)
+  apart = loss.copy()
+  apart[:2] = 0.5  # 1 % of the examples part.
+  assert difference({"loss": loss, "robust": robust}, {"loss": apart, "robust": robust}) == 0.0
+  apart[:3] = 0.5  # 1.5 %: the 99 % quantile sees it.
+  assert difference({"loss": loss, "robust": robust}, {"loss": apart, "robust": robust}) == 0.5
+  flipped = robust.copy()
+  flipped[7] = 0.0  # One verdict differs: the whole difference.
+  assert difference({"loss": loss, "robust": robust}, {"loss": loss, "robust": flipped}) == 1.0
+  assert difference({"loss": loss}, {"robust": robust}) == float("inf")
