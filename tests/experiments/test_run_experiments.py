@@ -65,6 +65,7 @@ def test_small_run_writes_the_tree(tmp_path):
     meta = json.load(open(os.path.join(level_dir, "metadata.json")))
     assert meta["completed"] and meta["prune_iteration"] == level
     assert meta["compile"] == "xla_step"  # An MLP, adversarially trained: an XLA call per step.
+    assert meta["eval_compile"] == "xla"  # Its evaluation too (no convolution).
     assert not os.path.exists(os.path.join(level_dir, "checkpoint.npz"))
   # Re-running a finished command changes nothing.
   before = _tree(run_dir)
