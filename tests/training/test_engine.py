@@ -434,7 +434,8 @@ def test_code_that_needs_autograph_is_traced_with_it(digits):
 def test_engine_compiles_by_the_cpu_rules_training_and_evaluation_apart(digits):
   """On a CPU: max pooling never in XLA (its gradient is many times slower than TensorFlow's
   kernel), other conv nets in XLA only for natural training at batch <= 8, evaluated (batches
-  of 1000) as graphs; dense nets in XLA throughout. `metadata.json` records both choices."""
+  of 1000) as graphs; dense nets in XLA throughout (`metadata.json`'s record of both:
+  tests/experiments/test_run_experiments.py)."""
   assert not tf.config.list_logical_devices("GPU")  # This test is about CPU-only machines.
   pooled = build_model("conv-2", (32, 32, 3), 10)
   conv = build_model("conv-bn", (32, 32, 3), 10)
