@@ -230,7 +230,7 @@ def _tree(run_dir):
 
 def test_kill_9_anywhere_resumes_exactly_bn_augment_sgd_cosine(tmp_path):
   args = ["--dataset=sklearn_digits", "--model=conv-bn", "--experiment=train", "--trials=1",
-          "--epochs=8", "--batch_size=32", "--optimizer=sgd", "--momentum=0.9",
+          "--epochs=4", "--batch_size=32", "--optimizer=sgd", "--momentum=0.9",
           "--weight_decay=5e-4", "-lr=0.05", "--lr_schedule=cosine", "--warmup_epochs=1",
           "--augment=crop,flip", "--attack=pgd", "--pgd_steps=2", "--adv_train",
           "--noprogress", "--nomasking_checks", "--sharpness_examples=64"]
