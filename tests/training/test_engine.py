@@ -206,7 +206,7 @@ def test_diverging_level_stops_and_is_not_retrained(tmp_path, digits):
 def test_diverging_run_cli_one_line_error_and_force(tmp_path):
   args = ["--dataset=sklearn_digits", "--experiment=train", "--trials=1", "--train_iters=40",
           "--eval_every=20", "--optimizer=sgd", "-lr=1e38", "--noprogress",
-          "--sharpness_examples=0", f"--base_dir={tmp_path}"]
+          "--sharpness_examples=0", "--compile=graph", f"--base_dir={tmp_path}"]
   # Diverges; run again: the diverged level is not retrained; --force: retrained.
   for extra in ([], [], ["--force"]):
     result = run_cli(*args, *extra)
