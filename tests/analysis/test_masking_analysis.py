@@ -28,8 +28,10 @@ from robust_sparse.core import files
 from robust_sparse.core.hparams import Hparams
 from tests.conftest import NOISE_RE, REPO, user_env
 
+# Graphs, no XLA compile per level: about the checks, not compilation (the README's quick
+# start runs them after the default XLA training).
 BASE = dict(dataset="sklearn_digits", model="dense-300-100", trials=2, valid_size=300,
-            sharpness_examples=0)
+            sharpness_examples=0, compile="graph")
 PGD_RUN = dict(BASE, experiment="reinit_orig", prune_iters=1, train_iters=150,
                eval_every=150, attack="pgd", eps=0.1, pgd_step_size=0.025)
 FGSM_TRAINED = dict(BASE, experiment="train", trials=1, train_iters=150, eval_every=150,

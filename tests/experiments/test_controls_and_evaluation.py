@@ -11,8 +11,11 @@ from robust_sparse.core import files
 from robust_sparse.core.hparams import Hparams
 from tests.conftest import one_line_error, run_cli_batch
 
+# About what the experiments keep and evaluate, not compilation: graphs, no XLA compile
+# per level (tests/training/test_engine.py tests the compile modes).
 BASE = dict(dataset="sklearn_digits", model="dense-300-100", trials=1, prune_iters=2,
-            train_iters=30, eval_every=30, attack="fgsm", eps=0.1, sharpness_examples=0)
+            train_iters=30, eval_every=30, attack="fgsm", eps=0.1, sharpness_examples=0,
+            compile="graph")
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,9 @@ from robust_sparse.core.hparams import Hparams
 from robust_sparse.training.steps import OptimizerGroup, make_train_step
 from tests.conftest import REPO, child_env, run_cli
 
+# Graphs, no XLA compile per level (the README's ReLU example runs the default XLA choice).
 BASE = dict(dataset="sklearn_digits", model="dense-300-100", trials=1, batch_size=60,
-            attack="fgsm", eps=0.1, sharpness_examples=0)
+            attack="fgsm", eps=0.1, sharpness_examples=0, compile="graph")
 PRUNE = dict(BASE, experiment="relu_prune", relu_sparsity=0.5, mask_epochs=6.0,
              alpha_lr=0.01, epochs=2.0, optimizer="sgd", learning_rate=0.01, momentum=0.9)
 
