@@ -43,6 +43,7 @@ def test_two_processes_on_one_command_share_the_levels(tmp_path):
   args = [sys.executable, "-m", "run_experiments", "--dataset=sklearn_digits",
           "--experiment=reinit_orig", "--trials=4", "--prune_iters=1", "--train_iters=300",
           "--eval_every=300", "--attack=none", "--sharpness_examples=0", "--noprogress",
+          "--compile=graph",  # About sharing the levels: no XLA compile per level.
           f"--base_dir={tmp_path}"]
   env = child_env()
   processes = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,

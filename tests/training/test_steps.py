@@ -213,7 +213,8 @@ def test_distillation_adds_temperature_scaled_kl():
 def test_distillation_from_a_finished_run_folder(tmp_path):
   digits = load_dataset("sklearn_digits", None, 300)
   common = dict(dataset="sklearn_digits", experiment="train", trials=1, train_iters=20,
-                eval_every=20, valid_size=300, batch_size=32, sharpness_examples=0)
+                eval_every=20, valid_size=300, batch_size=32, sharpness_examples=0,
+                compile="graph")  # The teacher MLP too: no XLA compile (lenet5 is a graph).
   teacher_dir = Runner(Hparams(**common), digits, str(tmp_path / "t"), progress=False).run()
   student = Hparams(**common, model="lenet5", teacher_dir=teacher_dir)
   run_dir = Runner(student, digits, str(tmp_path / "s"), progress=False).run()
