@@ -113,8 +113,7 @@ def test_relu_prune_resumes_after_kill_9_in_either_phase(digits, baseline, tmp_p
   reference = Hparams.with_seed_defaults(**{**PRUNE, "mask_epochs": 4.0, "alpha_lr": 0.02, "epochs": 3.0,
                          "eval_every": 10,
                          "hysteresis_threshold": 0.01, "mask_dropout": 0.2,
-                         "relu_replacement": "identity_relu_grad", "pretrained_run": baseline,
-                         "compile": "graph"})
+                         "relu_replacement": "identity_relu_grad", "pretrained_run": baseline})
   Runner(reference, digits, str(tmp_path / "a"), progress=False).run()
   base = tmp_path / "b"
   env = child_env()
