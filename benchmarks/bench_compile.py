@@ -7,7 +7,8 @@ computation), "xla_step" (an XLA call per step) and "graph" (a `tf.function`
 per step, TensorFlow's own kernels). Printed per model and mode: the first
 call's seconds (tracing and compilation, with `--warm_steps` steps) and the
 steps/s after it (round-robin medians, `benchmarks/timing.py`). The rows are
-the evidence for `compilation.choose`'s rules; the last line says how auto's
+the evidence for `compilation.choose`'s rules (where they measured a tie,
+auto times the tied modes itself: "auto (timed)"); the last line says how auto's
 choice compares with the fastest mode of each model (compilation that takes
 minutes is a defect of that mode on this machine, and shows in the first
 call's seconds):
@@ -76,7 +77,9 @@ def measure(model_name, dataset, batch_size, steps):
   keras.utils.set_random_seed(0)
   weights = build_model(model_name, dataset.input_shape, dataset.num_classes).get_weights()
   engines, streams, results = {}, {}, {}
-  auto = _engine(model_name, dataset, batch_size, "auto", weights).compile_mode
+  auto_engine = _engine(model_name, dataset, batch_size, "auto", weights)
+  timed = bool(auto_engine.compile_candidates)  # Auto times its candidates on this machine.
+  auto = auto_engine.settle_compile()
   for mode in FLAGS.modes:
     engine = _engine(model_name, dataset, batch_size, mode, weights)
     stream = iter(index_stream(len(dataset.x_train), batch_size, seed=0))
@@ -91,7 +94,8 @@ def measure(model_name, dataset, batch_size, steps):
   for mode in FLAGS.modes:
     first, rate = results[mode]
     print(f"{model_name:>16} {mode:>9}: first call {first:7.1f} s, {rate:9.2f} steps/s"
-            f"{'  <- auto' if mode == auto else ''}", flush=True)
+            f"{('  <- auto (timed)' if timed else '  <- auto') if mode == auto else ''}",
+          flush=True)
   return results, auto
 
 

@@ -28,8 +28,9 @@ from tqdm import tqdm
 
 from robust_sparse.core import claims, files
 from robust_sparse.core.hparams import Hparams
-from robust_sparse.core.run_folder import (LevelHistory, checkpoint_path, derived_seed,
-                                           is_finished, level_dir, read_metadata)
+from robust_sparse.core.run_folder import (COMPILE_FILE, LevelHistory, checkpoint_path,
+                                           derived_seed, is_finished, level_dir,
+                                           read_metadata)
 from robust_sparse.core.streams import Stream
 from robust_sparse.experiments import build, eps_sweep, level_log, masking_checks
 from robust_sparse.experiments.build import check_distribution  # noqa: F401  Re-exported.
@@ -99,6 +100,7 @@ class Runner:
     # One model and engine serve every level of a phase (every level of the
     # lottery experiments), so each compiles only once.
     self._engines = {}
+    self._compile_record = None  # COMPILE_FILE's contents, where "auto" timed its modes.
     self._log = None  # The level's log, set by run_level.
     self._perturbation_masks = None
     self._teacher = None
@@ -259,6 +261,7 @@ class Runner:
     steps_per_epoch = hp.steps_per_epoch(self.num_train)
     self._log = log = LevelLog(self.run_dir, directory, trial, level, self.columns,
                                self.train_columns)
+    self._settle_compile(engine)
     self._warm_up(engine)
     if log.resume(engine):
       logging.info("resuming %s at iteration %d", directory, int(engine.iteration.numpy()))
@@ -366,6 +369,8 @@ class Runner:
                             desc=f"{desc} eps sweep" if self.progress else None)
     log.finish(trial, level, masks, iteration, began, engine.compile_mode,
                {"eval_compile": "xla" if engine.eval_jit_compile else "graph",
+                **({"compile_timed": self._compile_record["steps_per_second"]}
+                   if self._compile_record else {}),
                 "levels": self.experiment.levels(),
                 **self.experiment.metadata(level, model, directory, log.rows)})
 
@@ -379,6 +384,20 @@ class Runner:
     return level_log.row(names or self.columns, iteration, metrics,
                          steps_per_epoch=self.hparams.steps_per_epoch(self.num_train),
                          learning_rates=engine.learning_rates(max(iteration - 1, 0)))
+
+  def _settle_compile(self, engine):
+    """`--compile=auto`'s timed choice (`Engine.settle_compile`), made once per run: the
+    first process to time the modes records the faster in the run folder's
+    COMPILE_FILE, and every level, resumed run and worker sharing the folder trains
+    as it says (a level resumed as another mode would not resume exactly)."""
+    if not engine.compile_candidates:
+      return
+    path = os.path.join(self.run_dir, COMPILE_FILE)
+    if not os.path.exists(path):
+      mode, timing = engine.fastest_compile_mode()
+      files.write_json_once(path, {"compile": mode, "steps_per_second": timing})
+    self._compile_record = files.read_json(path)  # Another worker's, where it was first.
+    engine.settle_compile(self._compile_record["compile"])
 
   def _warm_up(self, engine):
     """Compiles the engine's training and evaluation at once (`Engine.warm_up`), with the

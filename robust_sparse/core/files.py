@@ -32,6 +32,27 @@ def write_json(path, obj):
     f.write("\n")
 
 
+def write_json_once(path, obj) -> bool:
+  """Writes `path` whole (as `write_json`) unless it exists; False if it did.
+
+  Two processes racing to write it leave the first one's: the file is
+  written beside `path` and linked into place, which fails where `path` exists.
+  """
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+      f.write("\n")
+    os.link(tmp, path)
+    return True
+  except FileExistsError:
+    return False
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+
+
 def read_json(path):
   with open(path) as f:
     return json.load(f)

@@ -20,6 +20,8 @@ from robust_sparse.core.hparams import Hparams
 
 HPARAMS_FILE = "hparams.json"
 METADATA_FILE = "metadata.json"
+# --compile=auto's timed choice, made once for the whole run (`Runner._settle_compile`).
+COMPILE_FILE = "compile.json"
 CHECKPOINTS = "checkpoints"  # --save_every_epochs' folder in a level.
 REWIND_WEIGHTS = "weights_rewind.npz"  # The rewind experiment's snapshot of the dense level.
 EPS_SWEEP_FILE = "eps_sweep.json"  # --eps_sweep's robust accuracies of a level (experiments/eps_sweep.py).

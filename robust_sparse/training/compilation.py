@@ -15,14 +15,17 @@ Three ways, each a `tf.function`:
     backend runs pooling gradients as select-and-scatter: at batch 8 a
     ResNet-18 with a max-pool stem trained at 1.30 steps/s compiled against
     5.31-5.91 as a graph, a VGG-16-BN at 1.06-1.09 against 2.47-3.02;
-  * on a CPU-only machine, a model with convolutions: "xla_step" for natural
-    training at a per-replica batch of at most `XLA_CONV_BATCH` (8), else
-    "graph". XLA runs convolutions on Eigen, not oneDNN: at batch 8 XLA's
-    fusions win or tie (an XLA call per step against a graph, steps/s, two
-    runs: ResNet-18 3.44 / 3.11 and 3.10 / 3.11, WideResNet-16-4 5.84 / 5.44
-    and 5.03 / 3.63, conv-bn 291 / 237 and 321 / 331, ViT-Tiny 26.4 / 22.3
-    and 21.1 / 18.1), at 16 they tie (ResNet-18 1.68 / 1.67, conv-bn 132 / 145)
-    and at 32 oneDNN wins (ResNet-18 0.36 / 0.55, conv-bn 27 / 29). An
+  * on a CPU-only machine, a model with convolutions: "graph", except for
+    natural training at a per-replica batch of at most `XLA_CONV_BATCH` (8),
+    where "xla_step" and "graph" are both timed on a few of the run's own
+    steps and the faster is kept (`timed_candidates`). XLA runs convolutions
+    on Eigen, not oneDNN: at batch 8 XLA's fusions win or tie on one VM (an
+    XLA call per step against a graph, steps/s, two runs: ResNet-18 3.44 /
+    3.11 and 3.10 / 3.11, WideResNet-16-4 5.84 / 5.44 and 5.03 / 3.63,
+    conv-bn 291 / 237 and 321 / 331, ViT-Tiny 26.4 / 22.3 and 21.1 / 18.1)
+    and lose on another of the same kind (Keras' fit on ResNet-18, XLA on
+    and off: 4.81 / 5.37); at 16 they tie (ResNet-18 1.68 / 1.67, conv-bn
+    132 / 145) and at 32 oneDNN wins (ResNet-18 0.36 / 0.55, conv-bn 27 / 29). An
     attack's loop inside the step is slower compiled at any batch (PGD-10 at
     batch 8: conv-bn 11.5 / 29.4, ResNet-18 0.20 / 0.38), and so is one
     XLA loop over a chunk of steps (conv-bn, batch 32: 2.3 steps/s against
@@ -37,7 +40,7 @@ Three ways, each a `tf.function`:
     5-11 % slower).
 """
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import tensorflow as tf
 
@@ -123,6 +126,31 @@ def choose(model, mode: str = "auto", *, augment: Optional[Callable] = None,
     raise ValueError("--compile=xla_loop needs the training set in memory; use --compile="
                      "xla_step for data read from files")
   return mode
+
+
+def timed_candidates(model, mode: str, chosen: str, *, adv_train: bool = False,
+                     batch_size: Optional[int] = None) -> Tuple[str, ...]:
+  """The modes that "auto" times on this machine before choosing, or () to keep `chosen`.
+
+  On a CPU-only machine, natural training of a convolutional model without
+  max pooling at a per-replica batch of at most `XLA_CONV_BATCH` is where the
+  rules' measurements tie and swap sides from one machine to another (batch 8,
+  steps/s, an XLA call per step against a graph: ResNet-18 3.44 / 3.11 on one
+  2-core VM and Keras' fit 4.81 / 5.37 on another): there both are timed on a
+  few of the run's own steps (`Engine.settle_compile`). Elsewhere one side wins
+  by far and the rule stands.
+
+  Args:
+    model: the Keras model trained.
+    mode: the mode asked for (`--compile`); only "auto" is ever timed.
+    chosen: what `choose` returned for it.
+    adv_train, batch_size: as for `choose`.
+  """
+  if (mode != "auto" or chosen != "xla_step" or adv_train or on_gpu()
+      or not has_convolutions(model) or has_max_pooling(model)
+      or batch_size is None or batch_size > XLA_CONV_BATCH):
+    return ()
+  return ("xla_step", "graph")
 
 
 def evaluation_uses_xla(model, mode: str, chosen: str, batch_size: int) -> bool:

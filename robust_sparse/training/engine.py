@@ -24,7 +24,9 @@ control flow on tensors, e.g. in a user's own loss) is retraced with it
 and evaluation sets of any size reuse it.
 """
 
+import math
 import threading
+import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -56,6 +58,12 @@ EVAL_SUMS = steps_lib.EVAL_SUMS
 # its batches' indices are an input of this fixed shape, so chunks of any
 # length share one compiled loop.
 XLA_CHUNK = 512
+
+# `Engine.time_compile_modes`: the first round's steps per mode, the rounds, and the
+# time the later rounds aim at (per mode).
+TIMED_STEPS = 2
+TIMED_ROUNDS = 3
+TIMED_ROUND_SECONDS = 0.25
 
 
 def _autotune(enabled: bool) -> tf.data.Options:
@@ -299,6 +307,9 @@ class Engine:
     if distribution is not None and mode == "xla_loop":
       mode = "xla_step"  # Each replica's pass is compiled, not the loop (below).
     self.compile_mode = mode
+    # "auto"'s modes to time on this machine before the first step (`settle_compile`).
+    self.compile_candidates = () if distribution is not None else compilation.timed_candidates(
+        model, compile, mode, adv_train=adv_train, batch_size=batch_size // replicas)
     # Evaluation chooses on its own batch size (and its attacks' loops).
     self.eval_jit_compile = compilation.evaluation_uses_xla(
         model, compile, mode, max(1, eval_batch_size // replicas))
@@ -324,6 +335,7 @@ class Engine:
     self._train_step = _Traced(self._train_step_fn, jit_compile=jit_compile)
     self._train_loop = _Traced(self._train_loop_fn, jit_compile=True)
     self._train_chunk = _Traced(self._train_chunk_fn)
+    self._traced_modes = {mode: (self._train_step, self._train_chunk)}
     self._eval_batch = _Traced(self._eval_batch_fn,
                                jit_compile=self.eval_jit_compile and distribution is None)
     self._eval_dataset = _Traced(self._eval_dataset_fn)  # Files, decoded by tf.data.
@@ -396,6 +408,87 @@ class Engine:
       iteration = max(int(self.iteration.numpy()) - 1, 0)
     rates = steps_lib.learning_rates(self.groups, tf.constant(iteration, tf.int64))
     return {name: float(rate.numpy()) for name, rate in rates.items()}
+
+  # ---- compile mode ----------------------------------------------------------------
+  def _use_mode(self, mode: str):
+    """Trains as `mode` ("xla_step" or "graph": a call per step) from now on; each
+    mode's traced functions are kept, so switching back compiles nothing again."""
+    if mode not in self._traced_modes:
+      self._traced_modes[mode] = (_Traced(self._train_step_fn, jit_compile=mode != "graph"),
+                                  _Traced(self._train_chunk_fn))
+    self._train_step, self._train_chunk = self._traced_modes[mode]
+    self.compile_mode, self.jit_compile = mode, mode != "graph"
+
+  def time_compile_modes(self) -> Dict[str, float]:
+    """{mode: training steps/s} of each of `compile_candidates`, on this engine's own
+    training batches; every change is then undone (`get_state` / `set_state`).
+
+    Each mode first runs a step untimed (its trace and compile), then rounds of
+    steps alternate between the modes; a mode's time is its best round's time
+    per step. The first round has `TIMED_STEPS` steps, the others as many as
+    take about `TIMED_ROUND_SECONDS`. {} where nothing is timed.
+    """
+    candidates, initial = self.compile_candidates, self.compile_mode
+    if not candidates:
+      return {}
+    state = self.get_state()
+    batches = self.batches(seed=0)
+    seconds = {mode: math.inf for mode in candidates}
+    self.compile_candidates = ()  # So that `train` below does not settle.
+    try:
+      for mode in candidates:
+        self._use_mode(mode)
+        self.train(batches, 1)
+      steps = TIMED_STEPS
+      for _ in range(TIMED_ROUNDS):
+        for mode in candidates:
+          self._use_mode(mode)
+          begin = time.perf_counter()
+          self.train(batches, steps)
+          seconds[mode] = min(seconds[mode], (time.perf_counter() - begin) / steps)
+        steps = int(np.clip(TIMED_ROUND_SECONDS / min(seconds.values()), TIMED_STEPS, 64))
+    except Diverged:
+      pass  # Training proper will say so; the modes timed so far decide.
+    finally:
+      self.compile_candidates = candidates
+      self._use_mode(initial)
+      self.set_state(state)
+    return {mode: 1.0 / s for mode, s in seconds.items() if math.isfinite(s)}
+
+  def fastest_compile_mode(self) -> Tuple[str, Dict[str, float]]:
+    """(the faster of `compile_candidates`, `time_compile_modes()`), logged; the rules'
+    `compile_mode` where nothing was timed. Settles nothing."""
+    timing = self.time_compile_modes()
+    mode = max(timing, key=timing.get) if timing else self.compile_mode
+    if timing:
+      logging.info("--compile=auto timed training steps/s: %s; training as %s",
+                   ", ".join(f"{m} {v:.3g}" for m, v in timing.items()), mode)
+    return mode, timing
+
+  def settle_compile(self, mode: Optional[str] = None) -> str:
+    """Settles "auto"'s timed choice (`compilation.timed_candidates`) and returns
+    `compile_mode`.
+
+    Args:
+      mode: the mode to train as (one of `compile_candidates`: a choice
+        recorded earlier, say by the run being resumed); None: the faster of
+        `time_compile_modes` (`fastest_compile_mode`). Ignored once settled or
+        where nothing is timed (`compile_candidates` empty): the rules' choice
+        stands.
+
+    Raises:
+      ValueError: `mode` is not a candidate.
+    """
+    candidates = self.compile_candidates
+    if not candidates:
+      return self.compile_mode
+    if mode is None:
+      mode, _ = self.fastest_compile_mode()
+    elif mode not in candidates:
+      raise ValueError(f"compile mode {mode!r} is not one of {', '.join(candidates)}")
+    self.compile_candidates = ()
+    self._use_mode(mode)
+    return mode
 
   # ---- training --------------------------------------------------------------------
   def batches(self, seed: int, start_iteration: int = 0, *,
@@ -541,6 +634,8 @@ class Engine:
     Raises:
       Diverged: the loss became NaN or infinite; training stopped at that step.
     """
+    if self.compile_candidates:  # "auto" times its modes before the first step.
+      self.settle_compile()
     # The promise the step is traced under (`layers.masks_hold`): kernels zero
     # where masked, whatever was assigned since the last chunk.
     self._enforce_masks()
@@ -581,6 +676,7 @@ class Engine:
     exactly). Returns once both are compiled; does nothing a second time, with
     a distribution or a measurement, or for data read from files.
     """
+    self.settle_compile()  # Before tracing training: "auto" may time its modes first.
     if (self._warmed_up or self.distribution is not None or self.measurement is not None
         or self.decode is not None or len(x) == 0):
       return

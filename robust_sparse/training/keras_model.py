@@ -116,9 +116,10 @@ class RobustModel(keras.Model):
         stateless random draws (PGD's random start) differ between XLA and
         plain TensorFlow, and `fit` should train exactly as the runner does.
         The batch size is not known here, so it counts as large: on a CPU the
-        runner also trains a conv net without max pooling with XLA at a batch
-        of at most 8 (natural training); pass `jit_compile=True` to train such
-        a run as the runner does.
+        runner may also train a conv net without max pooling with XLA at a
+        batch of at most 8 (natural training), where it times both and keeps
+        the faster (its run folder's `compile.json` says which); pass
+        `jit_compile=True` to train such a run as the runner does.
     """
     kwargs.setdefault("jit_compile", supports_xla(self.network)
                       and xla_pays_off(self.network)
