@@ -37,17 +37,26 @@ def write_json_once(path, obj) -> bool:
 
   Two processes racing to write it leave the first one's: the file is
   written beside `path` and linked into place, which fails where `path` exists.
+  On a file system without hard links, `path` is created exclusively instead
+  (a reader racing the writer may then see it before it is whole).
   """
+  text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
   try:
     with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-      f.write("\n")
-    os.link(tmp, path)
+      f.write(text)
+    try:
+      os.link(tmp, path)
+    except FileExistsError:
+      return False
+    except OSError:  # No hard links here.
+      try:
+        with open(path, "x") as f:
+          f.write(text)
+      except FileExistsError:
+        return False
     return True
-  except FileExistsError:
-    return False
   finally:
     with contextlib.suppress(OSError):
       os.remove(tmp)

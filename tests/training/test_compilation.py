@@ -177,6 +177,18 @@ def test_a_json_written_once_keeps_the_first_writers(tmp_path):
   assert os.listdir(tmp_path / "folder") == ["record.json"]  # No temporary file left.
 
 
+def test_a_json_written_once_without_hard_links_is_created_exclusively(tmp_path, monkeypatch):
+  def no_links(source, target):
+    raise PermissionError(1, "Operation not permitted", target)
+
+  monkeypatch.setattr(os, "link", no_links)
+  path = str(tmp_path / "record.json")
+  assert files.write_json_once(path, {"compile": "xla_step"})
+  assert not files.write_json_once(path, {"compile": "graph"})
+  assert files.read_json(path) == {"compile": "xla_step"}
+  assert os.listdir(tmp_path) == ["record.json"]
+
+
 @pytest.mark.skipif(compilation.on_gpu(), reason="the CPU rule; on a GPU convolutions use XLA")
 def test_the_runner_times_once_per_run_and_a_resumed_run_keeps_the_recorded_mode(tmp_path,
                                                                                   digits):
