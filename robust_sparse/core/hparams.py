@@ -516,7 +516,8 @@ class RunHparams:
       "auto", "how training and evaluation compile (robust_sparse/training/compilation.py): "
       "xla_loop (a chunk of steps is one XLA loop), xla_step (an XLA call per step), graph "
       "(a tf.function per step, TensorFlow's own kernels), auto (no XLA for convolutions on "
-      "a CPU; metadata.json records the choice)",
+      "a CPU, except natural training at batch <= 8, where it times xla_step against graph "
+      "and keeps the faster in the run's compile.json; metadata.json records the choice)",
       choices=lambda: ["auto", "xla_loop", "xla_step", "graph"])
 
 
