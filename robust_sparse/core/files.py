@@ -6,60 +6,58 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
 
 
 @contextlib.contextmanager
-def atomic_open(path, mode="w"):
-  """Writes to a temporary file beside `path`, then renames it into place."""
+def atomic_open(path, mode="w", exclusive=False):
+  """Writes to a temporary file beside `path`, then renames it into place.
+
+  With `exclusive`, it is linked into place instead, which raises
+  FileExistsError where `path` exists: of two processes racing to write it,
+  the first one's file stays whole. On a file system without hard links,
+  `path` is then created exclusively and the file copied in (a reader racing
+  the writer may see it before it is whole).
+  """
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
   try:
     with os.fdopen(fd, mode) as f:
       yield f
-    os.replace(tmp, path)
-  except BaseException:
+    if not exclusive:
+      os.replace(tmp, path)
+      return
+    try:
+      os.link(tmp, path)
+    except FileExistsError:
+      raise
+    except OSError:  # No hard links here.
+      with open(tmp, "rb") as source, open(path, "xb") as target:
+        shutil.copyfileobj(source, target)
+  finally:
     with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
+      os.remove(tmp)  # Gone already where it was renamed into place.
 
 
-def write_json(path, obj):
-  with atomic_open(path) as f:
+def write_json(path, obj, exclusive=False):
+  """`obj` as indented JSON; `exclusive`: as `atomic_open`'s (FileExistsError if `path`
+  exists)."""
+  with atomic_open(path, exclusive=exclusive) as f:
     json.dump(obj, f, indent=2, sort_keys=True)
     f.write("\n")
 
 
 def write_json_once(path, obj) -> bool:
-  """Writes `path` whole (as `write_json`) unless it exists; False if it did.
-
-  Two processes racing to write it leave the first one's: the file is
-  written beside `path` and linked into place, which fails where `path` exists.
-  On a file system without hard links, `path` is created exclusively instead
-  (a reader racing the writer may then see it before it is whole).
-  """
-  text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+  """Writes `path` whole (as `write_json`) unless it exists; False if it did (the first
+  of two racing writers wins, `atomic_open`'s `exclusive`)."""
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    try:
-      os.link(tmp, path)
-    except FileExistsError:
-      return False
-    except OSError:  # No hard links here.
-      try:
-        with open(path, "x") as f:
-          f.write(text)
-      except FileExistsError:
-        return False
+    write_json(path, obj, exclusive=True)
     return True
-  finally:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
+  except FileExistsError:
+    return False
 
 
 def read_json(path):

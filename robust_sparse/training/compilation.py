@@ -128,27 +128,24 @@ def choose(model, mode: str = "auto", *, augment: Optional[Callable] = None,
   return mode
 
 
-def timed_candidates(model, mode: str, chosen: str, *, adv_train: bool = False,
-                     batch_size: Optional[int] = None) -> Tuple[str, ...]:
+def timed_candidates(model, mode: str, chosen: str) -> Tuple[str, ...]:
   """The modes that "auto" times on this machine before choosing, or () to keep `chosen`.
 
-  On a CPU-only machine, natural training of a convolutional model without
-  max pooling at a per-replica batch of at most `XLA_CONV_BATCH` is where the
-  rules' measurements tie and swap sides from one machine to another (batch 8,
-  steps/s, an XLA call per step against a graph: ResNet-18 3.44 / 3.11 on one
-  2-core VM and Keras' fit 4.81 / 5.37 on another): there both are timed on a
-  few of the run's own steps (`Engine.settle_compile`). Elsewhere one side wins
-  by far and the rule stands.
+  On a CPU-only machine, the one place where `choose` compiles a model with
+  convolutions ("xla_step": natural training at a per-replica batch of at most
+  `XLA_CONV_BATCH`, no max pooling) is where the rules' measurements tie and
+  swap sides from one machine to another (batch 8, steps/s, an XLA call per
+  step against a graph: ResNet-18 3.44 / 3.11 on one 2-core VM and Keras' fit
+  4.81 / 5.37 on another): there both are timed on a few of the run's own
+  steps (`Engine.settle_compile`). Elsewhere one side wins by far and the rule
+  stands.
 
   Args:
     model: the Keras model trained.
     mode: the mode asked for (`--compile`); only "auto" is ever timed.
     chosen: what `choose` returned for it.
-    adv_train, batch_size: as for `choose`.
   """
-  if (mode != "auto" or chosen != "xla_step" or adv_train or on_gpu()
-      or not has_convolutions(model) or has_max_pooling(model)
-      or batch_size is None or batch_size > XLA_CONV_BATCH):
+  if mode != "auto" or chosen != "xla_step" or on_gpu() or not has_convolutions(model):
     return ()
   return ("xla_step", "graph")
 

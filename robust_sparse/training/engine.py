@@ -308,8 +308,8 @@ class Engine:
       mode = "xla_step"  # Each replica's pass is compiled, not the loop (below).
     self.compile_mode = mode
     # "auto"'s modes to time on this machine before the first step (`settle_compile`).
-    self.compile_candidates = () if distribution is not None else compilation.timed_candidates(
-        model, compile, mode, adv_train=adv_train, batch_size=batch_size // replicas)
+    self.compile_candidates = (() if distribution is not None
+                               else compilation.timed_candidates(model, compile, mode))
     # Evaluation chooses on its own batch size (and its attacks' loops).
     self.eval_jit_compile = compilation.evaluation_uses_xla(
         model, compile, mode, max(1, eval_batch_size // replicas))

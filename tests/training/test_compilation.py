@@ -104,16 +104,18 @@ def test_bad_modes_are_refused_with_the_flag_named():
 @pytest.mark.skipif(compilation.on_gpu(), reason="the CPU rule; on a GPU convolutions use XLA")
 def test_auto_times_xla_and_graph_only_where_the_rules_measured_them_tied():
   model, small = _conv(), compilation.XLA_CONV_BATCH
-  chosen = compilation.choose(model, batch_size=small)
-  assert compilation.timed_candidates(model, "auto", chosen, batch_size=small) == (
-      "xla_step", "graph")
-  assert compilation.timed_candidates(model, "xla_step", "xla_step", batch_size=small) == ()
-  assert compilation.timed_candidates(model, "auto", "graph", batch_size=small + 1) == ()
-  assert compilation.timed_candidates(model, "auto", "xla_step", batch_size=None) == ()
-  assert compilation.timed_candidates(model, "auto", "xla_step", adv_train=True,
-                                      batch_size=small) == ()
-  assert compilation.timed_candidates(_max_pool(), "auto", "xla_step", batch_size=small) == ()
-  assert compilation.timed_candidates(_mlp(), "auto", "xla_step", batch_size=small) == ()
+
+  def timed(network, mode="auto", **options):
+    return compilation.timed_candidates(network, mode,
+                                        compilation.choose(network, mode, **options))
+
+  assert timed(model, batch_size=small) == ("xla_step", "graph")
+  assert timed(model, "xla_step", batch_size=small) == ()
+  assert timed(model, batch_size=small + 1) == ()
+  assert timed(model) == ()  # Batch size unknown: counted as large.
+  assert timed(model, adv_train=True, batch_size=small) == ()
+  assert timed(_max_pool(), batch_size=small) == ()
+  assert timed(_mlp(), batch_size=small) == ()
 
 
 def _digits_conv(seed):
